@@ -1,0 +1,215 @@
+#include "micromix/model/llama.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "micromix/common/error.h"
+
+namespace micromix::model {
+
+const char* linear_slot_name(LinearSlot slot) {
+  switch (slot) {
+    case LinearSlot::QKV: return "qkv";
+    case LinearSlot::O: return "o";
+    case LinearSlot::GateUp: return "gate_up";
+    case LinearSlot::Down: return "down";
+  }
+  return "?";
+}
+
+void ModelConfig::validate() const {
+  auto fail = [](const std::string& what) { throw FormatError("model config: " + what); };
+  if (n_layers <= 0 || n_layers > 1024) fail("layer count " + std::to_string(n_layers) + " out of range");
+  if (hidden <= 0 || hidden > 65536) fail("hidden size " + std::to_string(hidden) + " out of range");
+  if (ffn <= 0 || ffn > 1 << 18) fail("feed-forward size " + std::to_string(ffn) + " out of range");
+  if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0)
+    fail("head counts " + std::to_string(n_heads) + "/" + std::to_string(n_kv_heads) + " are inconsistent");
+  if (head_dim <= 0 || head_dim % 2 != 0 || head_dim > 1024) fail("head dim " + std::to_string(head_dim) + " invalid");
+  if (vocab <= 0 || vocab > 1 << 22) fail("vocabulary size " + std::to_string(vocab) + " out of range");
+  if (!(rms_eps > 0 && rms_eps < 1)) fail("rms epsilon out of range");
+  if (!(rope_theta > 0)) fail("rope theta must be positive");
+}
+
+int64_t ModelWeights::parameter_count() const {
+  int64_t n = static_cast<int64_t>(token_embedding.size() + output_norm.size() + lm_head.size());
+  for (const auto& l : layers) {
+    n += static_cast<int64_t>(l.attn_norm.size() + l.ffn_norm.size());
+    for (const auto& lin : l.linear) n += static_cast<int64_t>(lin.weight.size() + lin.bias.size());
+  }
+  return n;
+}
+
+namespace {
+
+void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) {
+#pragma omp parallel for schedule(static) if (rows > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += double(xr[i]) * xr[i];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / double(n) + double(eps)));
+    float* yr = y + r * n;
+    for (int64_t i = 0; i < n; ++i) yr[i] = xr[i] * inv * w[i];
+  }
+}
+
+// y[rows, out] (+)= x[rows, in] * W[out, in]^T (+ bias)
+void linear_forward(const Linear& lin, const float* x, int64_t rows, float* y, bool accumulate) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows), static_cast<int>(lin.out),
+              static_cast<int>(lin.in), 1.0f, x, static_cast<int>(lin.in), lin.weight.data(), static_cast<int>(lin.in),
+              accumulate ? 1.0f : 0.0f, y, static_cast<int>(lin.out));
+  if (!lin.bias.empty())
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t o = 0; o < lin.out; ++o) y[r * lin.out + o] += lin.bias[o];
+}
+
+std::vector<float> rope_frequencies(const ModelConfig& c) {
+  const int half = c.head_dim / 2;
+  std::vector<float> inv(half);
+  for (int i = 0; i < half; ++i) {
+    double f = std::pow(double(c.rope_theta), -2.0 * i / c.head_dim);
+    if (c.rope_scaling.type == "llama3") {
+      const auto& s = c.rope_scaling;
+      const double low_wavelen = s.original_context / s.low_freq_factor;
+      const double high_wavelen = s.original_context / s.high_freq_factor;
+      const double wavelen = 2 * M_PI / f;
+      if (wavelen > low_wavelen) {
+        f = f / s.factor;
+      } else if (wavelen >= high_wavelen) {
+        const double smooth = (s.original_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        f = (1 - smooth) * f / s.factor + smooth * f;
+      }
+    }
+    inv[i] = static_cast<float>(f);
+  }
+  return inv;
+}
+
+void apply_rope(float* v, int head_dim, bool neox, const float* inv_freq, int position) {
+  const int half = head_dim / 2;
+  for (int i = 0; i < half; ++i) {
+    const double angle = double(position) * inv_freq[i];
+    const float c = static_cast<float>(std::cos(angle)), s = static_cast<float>(std::sin(angle));
+    float& a = neox ? v[i] : v[2 * i];
+    float& b = neox ? v[i + half] : v[2 * i + 1];
+    const float x0 = a, x1 = b;
+    a = x0 * c - x1 * s;
+    b = x0 * s + x1 * c;
+  }
+}
+
+}  // namespace
+
+CpuRuntime::CpuRuntime(const ModelWeights& weights, int max_context) : w_(weights), max_context_(max_context) {
+  const auto& c = w_.config;
+  c.validate();
+  if (max_context <= 0) throw std::invalid_argument("max context must be positive");
+  const size_t per_layer = static_cast<size_t>(c.n_kv_heads) * max_context * c.head_dim;
+  k_cache_.assign(per_layer * c.n_layers, 0.0f);
+  v_cache_.assign(per_layer * c.n_layers, 0.0f);
+  rope_inv_freq_ = rope_frequencies(c);
+}
+
+CpuRuntime::~CpuRuntime() = default;
+
+void CpuRuntime::attention(int layer, const float* qkv, int64_t n, float* out) {
+  const auto& c = w_.config;
+  const int hd = c.head_dim, q_dim = c.q_dim(), kv_dim = c.kv_dim();
+  const int64_t stride = q_dim + 2 * kv_dim;
+  const int ctx = position_ + static_cast<int>(n);
+  const size_t per_layer = static_cast<size_t>(c.n_kv_heads) * max_context_ * hd;
+  const float* kc = k_cache_.data() + layer * per_layer;
+  const float* vc = v_cache_.data() + layer * per_layer;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  std::vector<float> scores(static_cast<size_t>(n) * ctx);
+  const int group = c.n_heads / c.n_kv_heads;
+  for (int h = 0; h < c.n_heads; ++h) {
+    const int kvh = h / group;
+    const float* k = kc + static_cast<size_t>(kvh) * max_context_ * hd;
+    const float* v = vc + static_cast<size_t>(kvh) * max_context_ * hd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), ctx, hd, scale, qkv + h * hd,
+                static_cast<int>(stride), k, hd, 0.0f, scores.data(), ctx);
+#pragma omp parallel for schedule(static) if (n > 1)
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = scores.data() + i * ctx;
+      const int visible = position_ + static_cast<int>(i) + 1;  // causal: keys 0 .. own position
+      float mx = -INFINITY;
+      for (int j = 0; j < visible; ++j) mx = std::max(mx, row[j]);
+      double sum = 0;
+      for (int j = 0; j < visible; ++j) {
+        row[j] = std::exp(row[j] - mx);
+        sum += row[j];
+      }
+      const float inv = static_cast<float>(1.0 / sum);
+      for (int j = 0; j < visible; ++j) row[j] *= inv;
+      for (int j = visible; j < ctx; ++j) row[j] = 0.0f;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), hd, ctx, 1.0f, scores.data(), ctx, v,
+                hd, 0.0f, out + h * hd, q_dim);
+  }
+}
+
+void CpuRuntime::forward(std::span<const int32_t> tokens, float* logits, bool all_logits) {
+  const auto& c = w_.config;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n == 0) return;
+  if (position_ + n > max_context_)
+    throw std::length_error("context overflow: " + std::to_string(position_ + n) + " tokens > " +
+                            std::to_string(max_context_));
+  const int64_t H = c.hidden, q_dim = c.q_dim(), kv_dim = c.kv_dim(), F = c.ffn;
+  const int64_t qkv_dim = q_dim + 2 * kv_dim;
+  std::vector<float> x(n * H), xn(n * H), qkv(n * qkv_dim), attn(n * q_dim), gate_up(n * 2 * F), act(n * F);
+  for (int64_t t = 0; t < n; ++t) {
+    if (tokens[t] < 0 || tokens[t] >= c.vocab)
+      throw std::out_of_range("token id " + std::to_string(tokens[t]) + " outside the vocabulary");
+    std::copy_n(w_.token_embedding.data() + static_cast<int64_t>(tokens[t]) * H, H, x.data() + t * H);
+  }
+  const size_t per_layer = static_cast<size_t>(c.n_kv_heads) * max_context_ * c.head_dim;
+  for (int l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& L = w_.layers[l];
+    rms_norm(x.data(), L.attn_norm.data(), xn.data(), n, H, c.rms_eps);
+    if (hook_) hook_(l, LinearSlot::QKV, xn.data(), n, H);
+    linear_forward(L.slot(LinearSlot::QKV), xn.data(), n, qkv.data(), false);
+#pragma omp parallel for schedule(static) if (n > 1)
+    for (int64_t t = 0; t < n; ++t) {
+      float* row = qkv.data() + t * qkv_dim;
+      const int pos = position_ + static_cast<int>(t);
+      for (int h = 0; h < c.n_heads; ++h) apply_rope(row + h * c.head_dim, c.head_dim, c.rope_neox, rope_inv_freq_.data(), pos);
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        float* k = row + q_dim + h * c.head_dim;
+        apply_rope(k, c.head_dim, c.rope_neox, rope_inv_freq_.data(), pos);
+        const size_t at = l * per_layer + (static_cast<size_t>(h) * max_context_ + pos) * c.head_dim;
+        std::copy_n(k, c.head_dim, k_cache_.data() + at);
+        std::copy_n(row + q_dim + kv_dim + h * c.head_dim, c.head_dim, v_cache_.data() + at);
+      }
+    }
+    attention(l, qkv.data(), n, attn.data());
+    if (hook_) hook_(l, LinearSlot::O, attn.data(), n, q_dim);
+    linear_forward(L.slot(LinearSlot::O), attn.data(), n, x.data(), true);
+
+    rms_norm(x.data(), L.ffn_norm.data(), xn.data(), n, H, c.rms_eps);
+    if (hook_) hook_(l, LinearSlot::GateUp, xn.data(), n, H);
+    linear_forward(L.slot(LinearSlot::GateUp), xn.data(), n, gate_up.data(), false);
+#pragma omp parallel for schedule(static) if (n > 1)
+    for (int64_t t = 0; t < n; ++t) {
+      const float* g = gate_up.data() + t * 2 * F;
+      const float* u = g + F;
+      float* a = act.data() + t * F;
+      for (int64_t i = 0; i < F; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+    if (hook_) hook_(l, LinearSlot::Down, act.data(), n, F);
+    linear_forward(L.slot(LinearSlot::Down), act.data(), n, x.data(), true);
+  }
+  position_ += static_cast<int>(n);
+  if (!logits) return;
+  const int64_t first = all_logits ? 0 : n - 1, rows = n - first;
+  rms_norm(x.data() + first * H, w_.output_norm.data(), xn.data(), rows, H, c.rms_eps);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows), c.vocab, static_cast<int>(H), 1.0f,
+              xn.data(), static_cast<int>(H), w_.lm_head_data(), static_cast<int>(H), 0.0f, logits, c.vocab);
+}
+
+}  // namespace micromix::model
