@@ -3,7 +3,7 @@
 #include <filesystem>
 
 #include "micromix/model/gguf.h"
-#include "micromix/model/llama.h"
+#include "micromix/model/loader.h"
 
 namespace micromix::model {
 

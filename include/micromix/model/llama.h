@@ -103,12 +103,4 @@ class CpuRuntime {
   LinearInputHook hook_;
 };
 
-// Loads a model file: GGUF (any dequantizable tensor types) or a safetensors file/folder
-// with config.json. Throws FormatError for malformed or unsupported files.
-ModelWeights load_model(const std::string& path);
-ModelWeights load_gguf_model(const std::string& path);
-
-// The default model: $MICROMIX_MODEL, else the cache path fetched by scripts/fetch-model.sh.
-std::string default_model_path();
-
 }  // namespace micromix::model

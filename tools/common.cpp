@@ -1,0 +1,82 @@
+#include "common.h"
+
+#include <omp.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "micromix/model/gguf.h"
+#include "micromix/model/tokenizer_gguf.h"
+#include "micromix/mx/tensor.h"
+
+namespace micromix::cli {
+
+std::vector<OptionSpec> model_options() {
+  return {
+      {"model", "FILE", "", "model file: GGUF, safetensors (+config.json) or a micromix checkpoint (default: SmolLM2-135M-Instruct)"},
+      {"quant", "MODE", "fp32", "fp32, bf16, fp8, mxint8, mxfp8, mxfp6, mxfp4, micromix"},
+      {"scale-rule", "R", "ceil", "MX scale rule: floor (OCP) or ceil (MicroMix)"},
+      {"plan", "FILE", "", "MicroMix plan from 'micromix calibrate' (for --quant micromix)"},
+      {"threads", "N", "", "CPU threads (default: all cores)"},
+  };
+}
+
+LoadedModel load_model_from_args(const ParsedArgs& args, bool need_quant) {
+  if (args.given("threads")) {
+    const int64_t t = args.integer("threads");
+    if (t <= 0 || t > 1024) throw UsageError("--threads must be between 1 and 1024");
+    omp_set_num_threads(static_cast<int>(t));
+  }
+  LoadedModel m;
+  m.path = args.given("model") ? args.str("model") : model::default_model_path();
+  if (!std::filesystem::exists(m.path)) {
+    if (!args.given("model"))
+      throw std::runtime_error("default model not found at " + m.path + " (run scripts/fetch-model.sh)");
+    throw std::runtime_error("model file not found: " + m.path);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  m.weights = model::load_model(m.path);
+  m.tokenizer = std::make_unique<model::Tokenizer>(model::load_tokenizer(m.path));
+  if (need_quant) {
+    const auto mode = quant::parse_quant_mode(args.str("quant"));
+    if (!mode) throw UsageError("unknown --quant '" + args.str("quant") + "'");
+    const auto rule = mx::parse_scale_rule(args.str("scale-rule"));
+    if (!rule) throw UsageError("unknown --scale-rule '" + args.str("scale-rule") + "' (floor or ceil)");
+    m.quant.mode = *mode;
+    m.quant.rule = *rule;
+    if (*mode == quant::QuantMode::MicroMix) {
+      if (!args.given("plan")) throw UsageError("--quant micromix needs --plan FILE (see 'micromix calibrate')");
+      m.quant.plan = std::make_shared<quant::QuantPlan>(quant::QuantPlan::load(args.str("plan")));
+    } else if (args.given("plan")) {
+      throw UsageError("--plan is only used with --quant micromix");
+    }
+    quant::quantize_weights(m.weights, m.quant);
+    m.weight_bits = quant::weight_bits(m.weights, m.quant);
+  }
+  m.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return m;
+}
+
+std::string default_data_dir() {
+  if (const char* d = std::getenv("MICROMIX_DATA"); d && *d) return d;
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    // build/micromix -> <repo>/../shared/data
+    const auto candidate = exe.parent_path().parent_path().parent_path() / "shared" / "data";
+    if (std::filesystem::exists(candidate)) return candidate.string();
+  }
+  return "../shared/data";
+}
+
+double peak_memory_mib() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;
+  return 0;
+}
+
+}  // namespace micromix::cli
