@@ -10,6 +10,7 @@ The reference is the Hugging Face `tokenizers` library:
 Outputs (tests/data/tokenizer/):
   cases.json          edge-case strings with expected ids and decoded strings
   chat.json           ChatML renderings of SmolLM2's chat template (rendered with jinja2)
+  sotu.json           per State of the Union address: id count and FNV-1a-64 of the ids
   wikitext_<name>.json  WikiText-2 test: length, first/last ids, FNV-1a-64 per chunk of the
                       whole-file id sequence and per line (each line with its '\\n')
 
@@ -117,12 +118,24 @@ EDGE_CASES = [
     "<|im_start|><|im_start|>",
     "almost <|im_start special",
     "\u0000 null and \u0007 bell and \u007f del",
+    "a\u0004b c\u0004\u0004 \u0013 !\u0004! x\u001dy",
     "\u200b zero width \ufeff bom \u00ad soft",
     "\U0001D400\U0001D401\U0001D402 math bold and \U00020000 ext-B",
     "a" * 300,
     " ".join(["word"] * 50),
     "\u2581already\u2581has\u2581markers",
     " = Robert Boulter = \n",
+    "Hello\u00a0 world \u00a0x  \u00a0 y",
+    "'S 'T 'RE it''s a'b'c don't'",
+    "   \n   \n\t \n ",
+    "end with newline then space\n ",
+    "Hello <s> world </s>  <s>",
+    " <|im_end|> ",
+    "<|im_end|>\n<|im_start|>",
+    "x <unk> y",
+    "\u2581 \u2581\u2581",
+    "v1.2.3-beta+exp.sha.5114f85 0x1F 1_000_000",
+    "\U0001F1FA\U0001F1F8 \u2764\ufe0f \U0001F3F3\ufe0f\u200d\U0001F308",
     " @-@ 2 @,@ 000 @.@ 5 \n",
 ]
 
@@ -172,6 +185,18 @@ def main():
                          "rendered": tpl.render(messages=msgs, add_generation_prompt=gen)})
     with open(os.path.join(OUT, "chat.json"), "w", encoding="utf-8") as f:
         json.dump({"template": template, "cases": chat}, f, ensure_ascii=False, indent=1)
+
+    # State of the Union addresses: one id-sequence hash per file.
+    sotu_dir = os.path.join(args.data, "sotu")
+    if os.path.isdir(sotu_dir):
+        names = sorted(n for n in os.listdir(sotu_dir) if n.endswith(".txt"))
+        texts = [open(os.path.join(sotu_dir, n), "rb").read().decode("utf-8") for n in names]
+        rec = {"files": names}
+        for name, tok in tokenizers.items():
+            enc = tok.encode_batch(texts, add_special_tokens=False)
+            rec[name] = [[len(e.ids), fnv1a64(e.ids)] for e in enc]
+        with open(os.path.join(OUT, "sotu.json"), "w") as f:
+            json.dump(rec, f, separators=(",", ":"))
 
     # WikiText-2 test.
     with open(os.path.join(args.data, "wikitext-2-raw", "wiki.test.raw"), "rb") as f:
