@@ -266,6 +266,59 @@ TEST(TokenizerSentencePiece, TinyVocabulary) {
   (void)mab;
 }
 
+TEST(TokenizerHfJson, ByteLevelDefinition) {
+  // A miniature tokenizer.json in the layout of SmolLM2's: digits split, then ByteLevel.
+  const std::string text = R"({
+    "added_tokens": [{"id": 6, "content": "<|endoftext|>", "special": true},
+                     {"id": 7, "content": "<tag>", "special": false}],
+    "normalizer": null,
+    "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": true},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+    "post_processor": {"type": "ByteLevel", "trim_offsets": false},
+    "decoder": {"type": "ByteLevel"},
+    "model": {"type": "BPE", "unk_token": null, "byte_fallback": false,
+              "vocab": {"a": 0, "b": 1, "ab": 2, "Ġ": 3, "Ġab": 4, "1": 5},
+              "merges": [["a", "b"], "Ġ ab"]}
+  })";
+  const TokenizerSpec spec = micromix::model::tokenizer_spec_from_hf_json(text);
+  EXPECT_EQ(spec.kind, TokenizerKind::ByteLevelBpe);
+  EXPECT_EQ(spec.pre_tokenizer, "smollm");
+  EXPECT_EQ(spec.tokens.size(), 8u);
+  EXPECT_EQ(spec.merges, (std::vector<std::string>{"a b", "\xC4\xA0 ab"}));
+  EXPECT_EQ(spec.token_types[6], static_cast<int32_t>(micromix::model::TokenType::Control));
+  EXPECT_EQ(spec.token_types[7], static_cast<int32_t>(micromix::model::TokenType::UserDefined));
+  EXPECT_EQ(spec.bos_id, 6);
+  EXPECT_FALSE(spec.add_bos);
+  // Byte-level vocabularies normally hold all 256 bytes; bytes without a token are dropped.
+  const Tokenizer tok(spec);
+  EXPECT_EQ(tok.encode("ab ab<tag>11<|endoftext|>", true), (std::vector<int32_t>{2, 4, 7, 5, 5, 6}));
+  EXPECT_EQ(tok.decode(std::vector<int32_t>{2, 4, 7, 6}, /*skip_special=*/true), "ab ab<tag>");
+}
+
+TEST(TokenizerSentencePiece, MergeByScoreMatchesMergeRules) {
+  // GGUF SentencePiece vocabularies carry scores instead of merge rules. Scoring each token
+  // by the rank of the first rule that builds it must give the same ids as the rules.
+  if (!mistral()) GTEST_SKIP() << "no " << mistral_json_path();
+  if (!fs::exists(wikitext_path())) GTEST_SKIP() << "no " << wikitext_path();
+  TokenizerSpec spec = micromix::model::tokenizer_spec_from_hf_file(mistral_json_path());
+  spec.scores.assign(spec.tokens.size(), -1e9f);
+  const Tokenizer rules(spec);
+  for (size_t r = 0; r < spec.merges.size(); ++r) {
+    const std::string& m = spec.merges[r];
+    const size_t sp = m.find(' ', 1);
+    const int32_t id = rules.token_id(m.substr(0, sp) + m.substr(sp + 1));
+    ASSERT_GE(id, 0);
+    spec.scores[id] = std::max(spec.scores[id], -static_cast<float>(r));
+  }
+  spec.merges.clear();
+  const Tokenizer scores(spec);
+  const std::string text = read_file(wikitext_path());
+  EXPECT_TRUE(scores.encode(text, true) == rules.encode(text, true));
+  for (const char* s : {"Hello world", "  multiple   spaces", "\xE4\xBD\xA0\xE5\xA5\xBD", "x <s> y"})
+    EXPECT_EQ(show(scores.encode(s, true)), show(rules.encode(s, true))) << s;
+}
+
 TEST(TokenizerChat, ChatMlTemplate) {
   const json chat = read_json(vectors_dir() + "/chat.json");
   const std::string tpl = chat.at("template");

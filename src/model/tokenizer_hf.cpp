@@ -101,6 +101,8 @@ TokenizerSpec tokenizer_spec_from_hf_json(std::string_view json_text) {
       else
         throw FormatError("tokenizer.json: malformed merge rule");
     }
+    if (model.value("ignore_merges", false))
+      throw FormatError("tokenizer.json: BPE ignore_merges is not supported");
     spec.byte_fallback = model.value("byte_fallback", false);
     spec.fuse_unk = model.value("fuse_unk", false);
 
