@@ -162,6 +162,12 @@ TEST(TokenizerUnicode, Utf8) {
   std::string s;
   utf8_append(s, 0x1F600);
   EXPECT_EQ(s, "\xF0\x9F\x98\x80");
+  EXPECT_EQ(utf8_complete_prefix("ab\xF0\x9F\x98"), 2u);
+  EXPECT_EQ(utf8_complete_prefix("ab\xF0\x9F\x98\x80"), 6u);
+  EXPECT_EQ(utf8_complete_prefix("ab\xE4"), 2u);
+  EXPECT_EQ(utf8_complete_prefix("ab\xC3\xA9"), 4u);
+  EXPECT_EQ(utf8_complete_prefix(""), 0u);
+  EXPECT_EQ(utf8_complete_prefix("a\x80"), 2u);  // stray continuation: nothing to wait for
 }
 
 TEST(TokenizerByteLevel, TinyVocabulary) {
@@ -501,8 +507,14 @@ TEST(TokenizerSmolLM2, Metadata) {
   EXPECT_EQ(t->decode(ids), prompt);
   // Streaming decode of split multi-byte characters.
   const std::string emoji = "\xF0\x9F\x98\x80\xE4\xB8\x96";
-  std::string streamed;
-  for (int32_t id : t->encode(emoji, false)) streamed += t->token_bytes(id);
+  std::string streamed, pending;
+  for (int32_t id : t->encode(emoji, false)) {
+    pending += t->token_bytes(id);
+    const size_t n = micromix::model::unicode::utf8_complete_prefix(pending);
+    streamed += pending.substr(0, n);
+    pending.erase(0, n);
+  }
+  EXPECT_EQ(pending, "");
   EXPECT_EQ(streamed, emoji);
   // Invalid UTF-8 round trips through the byte alphabet; bytes the vocabulary has no token
   // for (0xFF, 0xC0, ... in SmolLM2) are dropped.

@@ -3,8 +3,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cstdio>
-#include <cstring>
 #include <functional>
 #include <optional>
 #include <queue>
@@ -50,6 +50,18 @@ int utf8_decode(std::string_view s, size_t i, uint32_t& cp) {
   if (v < kMin[len] || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) return 1;
   cp = v;
   return len;
+}
+
+size_t utf8_complete_prefix(std::string_view s) {
+  // Look back at most 3 bytes for the lead byte of a sequence the string cuts short.
+  const size_t n = s.size();
+  for (size_t back = 1; back <= 3 && back <= n; ++back) {
+    const auto b = static_cast<uint8_t>(s[n - back]);
+    if ((b & 0xC0) == 0x80) continue;  // continuation byte: keep looking
+    const size_t need = (b & 0xE0) == 0xC0 ? 2 : (b & 0xF0) == 0xE0 ? 3 : (b & 0xF8) == 0xF0 ? 4 : 1;
+    return need > back ? n - back : n;
+  }
+  return n;
 }
 
 void utf8_append(std::string& out, uint32_t cp) {
@@ -425,9 +437,13 @@ Tokenizer::Tokenizer(TokenizerSpec spec) : impl_(std::make_unique<Impl>()) {
         m.bytes[i] = t;
         continue;
       }
-      if (t.size() == 6 && t.starts_with("<0x") && t[5] == '>' && m.byte_ids[std::stoi(t.substr(3, 2), nullptr, 16)] == i) {
-        m.bytes[i] = std::string(1, static_cast<char>(std::stoi(t.substr(3, 2), nullptr, 16)));
-        continue;
+      if (t.size() == 6 && t.starts_with("<0x") && t[5] == '>' && std::isxdigit(static_cast<uint8_t>(t[3])) &&
+          std::isxdigit(static_cast<uint8_t>(t[4]))) {
+        const int b = std::stoi(t.substr(3, 2), nullptr, 16);
+        if (m.byte_ids[b] == i) {
+          m.bytes[i] = std::string(1, static_cast<char>(b));
+          continue;
+        }
       }
       std::string out;
       for (size_t k = 0; k < t.size();) {

@@ -120,6 +120,9 @@ bool is_whitespace(uint32_t cp);
 // truncated sequence yields length 1 and cp = 0xFFFFFFFF (never a letter/number/space).
 int utf8_decode(std::string_view s, size_t i, uint32_t& cp);
 void utf8_append(std::string& out, uint32_t cp);
+// Length of the longest prefix of s that does not end inside a multi-byte character whose
+// remaining bytes may still follow (for streaming: print that much, keep the rest).
+size_t utf8_complete_prefix(std::string_view s);
 }  // namespace unicode
 
 }  // namespace micromix::model
