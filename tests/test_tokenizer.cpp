@@ -537,6 +537,8 @@ TEST(TokenizerMistral, Metadata) {
   EXPECT_EQ(t->encode("Hello", true), (std::vector<int32_t>{1, 22557}));
   EXPECT_EQ(t->decode(t->encode("Hello world", true), true), "Hello world");
   EXPECT_EQ(t->token_bytes(t->token_id("<0x0A>")), "\n");
+  EXPECT_EQ(t->spec().chat_template, "");  // Mistral-7B v0.1 has none
+  EXPECT_THROW(t->apply_chat_template({{"user", "hi"}}, true), FormatError);
   const std::string junk = "ok \xFF\xFE\xC3 end";
   EXPECT_EQ(t->decode(t->encode(junk, false)), junk);
 }

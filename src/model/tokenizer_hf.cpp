@@ -203,11 +203,27 @@ TokenizerSpec tokenizer_spec_from_hf_file(const std::string& path) {
   if (!in) throw std::runtime_error("cannot open " + path);
   std::stringstream ss;
   ss << in.rdbuf();
+  TokenizerSpec spec;
   try {
-    return tokenizer_spec_from_hf_json(ss.str());
+    spec = tokenizer_spec_from_hf_json(ss.str());
   } catch (const FormatError& e) {
     throw FormatError(path + ": " + e.what());
   }
+  // The chat template lives in tokenizer_config.json next to tokenizer.json.
+  const size_t slash = path.find_last_of('/');
+  const std::string config = (slash == std::string::npos ? std::string() : path.substr(0, slash + 1)) +
+                             "tokenizer_config.json";
+  std::ifstream cin(config, std::ios::binary);
+  if (cin) {
+    try {
+      const json c = json::parse(cin);
+      if (c.is_object() && c.contains("chat_template") && c["chat_template"].is_string())
+        spec.chat_template = c["chat_template"].get<std::string>();
+    } catch (const json::exception& e) {
+      throw FormatError(config + ": " + e.what());
+    }
+  }
+  return spec;
 }
 
 }  // namespace micromix::model

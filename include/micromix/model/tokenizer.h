@@ -55,6 +55,8 @@ struct TokenizerSpec {
 
 // Reads a Hugging Face tokenizer.json (model type BPE; byte-level or SentencePiece style).
 TokenizerSpec tokenizer_spec_from_hf_json(std::string_view json_text);
+// The same from a file; the chat template is taken from tokenizer_config.json in the same
+// directory when there is one.
 TokenizerSpec tokenizer_spec_from_hf_file(const std::string& path);
 
 class Tokenizer {
