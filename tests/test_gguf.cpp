@@ -495,3 +495,64 @@ TEST(GgufFuzz, MutatedSmallFile) {
   EXPECT_GT(ok, 0);
   EXPECT_GT(rejected, 0);
 }
+
+// ------------------------------------------------------------------------------
+// `micromix inspect` on GGUF files.
+
+namespace {
+std::string run_command(const std::string& cmd, int* rc) {
+  std::string out;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (!p) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int status = ::pclose(p);
+  *rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return out;
+}
+}  // namespace
+
+TEST(Inspect, SmallGguf) {
+  int rc = -1;
+  const std::string text = run_command(std::string(MICROMIX_BINARY) + " inspect " + small_path(), &rc);
+  EXPECT_EQ(rc, 0);
+  EXPECT_NE(text.find("GGUF v3, alignment 64"), std::string::npos) << text;
+  EXPECT_NE(text.find("micromix-test"), std::string::npos);
+  EXPECT_NE(text.find("[-5, 6, 7] (3 x int32)"), std::string::npos);
+  EXPECT_NE(text.find("raw_q6_k"), std::string::npos);
+  EXPECT_NE(text.find("totals: 19 tensors"), std::string::npos);
+  const json j = json::parse(run_command(std::string(MICROMIX_BINARY) + " inspect --json " + small_path(), &rc));
+  EXPECT_EQ(rc, 0);
+  EXPECT_EQ(j["format"], "gguf");
+  EXPECT_EQ(j["alignment"], 64);
+  EXPECT_EQ(j["metadata"].size(), 31u);
+  EXPECT_EQ(j["tensors"].size(), 19u);
+  EXPECT_EQ(j["totals"]["tensors"], 19);
+  bool saw_nested = false;
+  for (const auto& m : j["metadata"])
+    if (m["key"] == "test.array.nested") {
+      saw_nested = true;
+      EXPECT_EQ(m["value"], json::parse("[[1,2],[3],[4,5,6]]"));
+    }
+  EXPECT_TRUE(saw_nested);
+}
+
+TEST(Inspect, ModelHyperParameters) {
+  const std::string path = model_path();
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "model not found at " << path;
+  int rc = -1;
+  const json j = json::parse(run_command(std::string(MICROMIX_BINARY) + " inspect --json '" + path + "'", &rc));
+  EXPECT_EQ(rc, 0);
+  EXPECT_EQ(j["architecture"], "llama");
+  const auto& hp = j["hyperparameters"];
+  EXPECT_EQ(hp["block_count"], 30);
+  EXPECT_EQ(hp["embedding_length"], 576);
+  EXPECT_EQ(hp["feed_forward_length"], 1536);
+  EXPECT_EQ(hp["head_count"], 9);
+  EXPECT_EQ(hp["head_count_kv"], 3);
+  EXPECT_EQ(hp["context_length"], 8192);
+  EXPECT_EQ(hp["rope_freq_base"], 100000.0);
+  EXPECT_EQ(hp["vocab_size"], 49152);
+  EXPECT_EQ(j["tensors"].size(), 272u);
+}

@@ -56,7 +56,7 @@ T load(const uint8_t* p) {
 }
 
 // Reads a JSON number that must be a non-negative integer.
-bool get_uint(const nlohmann::json& j, uint64_t* out) {
+bool get_uint(const nlohmann::ordered_json& j, uint64_t* out) {
   if (!j.is_number_unsigned()) {
     if (j.is_number_integer() && j.get<int64_t>() >= 0) {
       *out = static_cast<uint64_t>(j.get<int64_t>());
@@ -108,8 +108,8 @@ void SafetensorsFile::Impl::parse() {
   std::vector<std::set<std::string>> keys;
   bool duplicate = false;
   std::string duplicate_key;
-  nlohmann::json::parser_callback_t cb = [&](int, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
-    using E = nlohmann::json::parse_event_t;
+  nlohmann::ordered_json::parser_callback_t cb = [&](int, nlohmann::ordered_json::parse_event_t ev, nlohmann::ordered_json& parsed) {
+    using E = nlohmann::ordered_json::parse_event_t;
     if (ev == E::object_start) {
       keys.emplace_back();
     } else if (ev == E::object_end) {
@@ -122,11 +122,11 @@ void SafetensorsFile::Impl::parse() {
     }
     return true;
   };
-  nlohmann::json header;
+  nlohmann::ordered_json header;
   try {
     const char* begin = reinterpret_cast<const char*>(data + 8);
-    header = nlohmann::json::parse(begin, begin + header_size, cb);
-  } catch (const nlohmann::json::exception& e) {
+    header = nlohmann::ordered_json::parse(begin, begin + header_size, cb);
+  } catch (const nlohmann::ordered_json::exception& e) {
     fail(std::string("header is not valid JSON: ") + e.what());
   }
   if (duplicate) fail("header has duplicate key '" + duplicate_key + "'");
@@ -136,7 +136,7 @@ void SafetensorsFile::Impl::parse() {
   const uint8_t* base = data + 8 + header_size;
   for (auto it = header.begin(); it != header.end(); ++it) {
     const std::string& name = it.key();
-    const nlohmann::json& entry = it.value();
+    const nlohmann::ordered_json& entry = it.value();
     if (name == "__metadata__") {
       if (!entry.is_object()) fail("__metadata__ is not an object");
       for (auto m = entry.begin(); m != entry.end(); ++m) {
