@@ -18,6 +18,9 @@ namespace {
 constexpr uint32_t kMaxDims = 4;        // GGML_MAX_DIMS
 constexpr int kMaxArrayDepth = 16;      // nested metadata arrays
 constexpr uint64_t kDefaultAlignment = 32;
+// Bound on metadata array elements in one file (all arrays together), which bounds
+// the memory the parsed metadata takes; real tokenizer vocabularies are far smaller.
+constexpr uint64_t kMaxArrayElements = uint64_t{1} << 24;
 
 bool mul_overflow(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul_overflow(a, b, out); }
 bool add_overflow(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_add_overflow(a, b, out); }
@@ -66,6 +69,7 @@ class Reader {
   }
   size_t pos() const { return pos_; }
   uint64_t remaining() const { return size_ - pos_; }
+  uint64_t array_elements = 0;  // running total over the file
 
   void need(uint64_t n, const char* what) const {
     if (n > remaining())
@@ -130,6 +134,10 @@ GgufValue read_value(Reader& r, GgufValueType type, int depth, const std::string
         r.fail("metadata key '" + key + "': array of " + std::to_string(count) + " " +
                value_type_name(v.element_type) + " values cannot fit in the " + std::to_string(r.remaining()) +
                " bytes left");
+      r.array_elements += count;
+      if (r.array_elements > kMaxArrayElements)
+        r.fail("metadata key '" + key + "': more than " + std::to_string(kMaxArrayElements) +
+               " metadata array elements in total");
       GgufArray items;
       items.reserve(static_cast<size_t>(count));
       for (uint64_t i = 0; i < count; ++i) items.push_back(read_value(r, v.element_type, depth + 1, key));
