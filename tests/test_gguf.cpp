@@ -2,6 +2,7 @@
 // (scripts/gen_gguf_vectors.py), the SmolLM2 model when present, crafted malformed
 // files and a bounded mutation fuzz run.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <cmath>
 #include <cstdio>

@@ -1,10 +1,13 @@
 // safetensors: writer/reader round trip, crafted malformed headers, a bounded
 // mutation fuzz run and `micromix inspect` on a safetensors checkpoint.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "gguf_test_util.h"
