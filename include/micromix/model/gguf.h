@@ -69,6 +69,8 @@ class GgufFile {
   uint32_t version() const;
   uint64_t alignment() const;
   const std::string& path() const;
+  uint64_t data_offset() const;  // start of the tensor data section in the file
+  uint64_t file_size() const;
 
   const std::vector<std::pair<std::string, GgufValue>>& metadata() const;  // file order
   const GgufValue* find(std::string_view key) const;
@@ -103,6 +105,14 @@ class GgufFile {
   explicit GgufFile(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// "Q4_K" etc., or "type<N>" for an id micromix does not know.
+std::string ggml_type_name(GgmlType type);
+const char* gguf_value_type_name(GgufValueType type);
+
+// Exact IEEE half / bfloat16 to float conversions (NaN payloads kept).
+float fp16_to_fp32(uint16_t bits);
+float bf16_to_fp32(uint16_t bits);
 
 // Dequantize n elements (a multiple of the type's block size) of raw ggml data.
 void dequantize_ggml(GgmlType type, const uint8_t* data, int64_t n, float* out);
