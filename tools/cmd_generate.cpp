@@ -100,6 +100,7 @@ int run_generate(const ParsedArgs& args) {
   } else {
     std::fwrite(pending.data(), 1, pending.size(), stdout);
     std::printf("\n");
+    std::fflush(stdout);
     std::fprintf(stderr, "[%zu prompt tokens in %.2f s, %zu tokens generated at %.1f tokens/s]\n", prompt_ids.size(),
                  prefill_s, out.size(), tps);
   }

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -11,7 +12,9 @@ static void print_overview() {
   std::printf(
       "micromix: mixed-precision MXFP4/MXFP6/MXFP8 post-training quantization for LLMs\n\n"
       "usage: micromix COMMAND [options]\n\ncommands:\n");
-  for (const auto& c : registry()) std::printf("  %-12s %s\n", c.name.c_str(), c.summary.c_str());
+  auto commands = registry();
+  std::sort(commands.begin(), commands.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  for (const auto& c : commands) std::printf("  %-12s %s\n", c.name.c_str(), c.summary.c_str());
   std::printf("\n'micromix COMMAND --help' describes a command.\n");
 }
 

@@ -1,5 +1,4 @@
 // GGUF -> ModelWeights for the Llama and Qwen2 architectures.
-#include <cstdlib>
 #include <filesystem>
 
 #include "micromix/model/gguf.h"
@@ -89,16 +88,6 @@ ModelWeights load_gguf_model(const std::string& path) {
     d.weight = load_tensor(f, p + "ffn_down.weight", {F, H});
   }
   return w;
-}
-
-std::string default_model_path() {
-  if (const char* m = std::getenv("MICROMIX_MODEL"); m && *m) return m;
-  std::string cache;
-  if (const char* c = std::getenv("MICROMIX_CACHE"); c && *c)
-    cache = c;
-  else
-    cache = std::string(std::getenv("HOME") ? std::getenv("HOME") : ".") + "/.cache/micromix";
-  return cache + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 
 }  // namespace micromix::model
