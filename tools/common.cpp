@@ -10,13 +10,14 @@
 #include "micromix/model/gguf.h"
 #include "micromix/model/tokenizer_gguf.h"
 #include "micromix/mx/tensor.h"
+#include "micromix/quant/checkpoint.h"
 
 namespace micromix::cli {
 
 std::vector<OptionSpec> model_options() {
   return {
       {"model", "FILE", "", "model file: GGUF, safetensors (+config.json) or a micromix checkpoint (default: SmolLM2-135M-Instruct)"},
-      {"quant", "MODE", "fp32", "fp32, bf16, fp8, mxint8, mxfp8, mxfp6, mxfp4, micromix"},
+      {"quant", "MODE", "", "fp32, bf16, fp8, mxint8, mxfp8, mxfp6, mxfp4, micromix (default: fp32; micromix for a checkpoint)"},
       {"scale-rule", "R", "ceil", "MX scale rule: floor (OCP) or ceil (MicroMix)"},
       {"plan", "FILE", "", "MicroMix plan from 'micromix calibrate' (for --quant micromix)"},
       {"threads", "N", "", "CPU threads (default: all cores)"},
@@ -37,10 +38,24 @@ LoadedModel load_model_from_args(const ParsedArgs& args, bool need_quant) {
     throw std::runtime_error("model file not found: " + m.path);
   }
   const auto start = std::chrono::steady_clock::now();
+  if (quant::is_checkpoint(m.path)) {
+    if (args.given("quant") && args.str("quant") != "micromix")
+      throw UsageError(m.path + " is a MicroMix checkpoint: it runs as --quant micromix only");
+    if (args.given("plan")) throw UsageError("a checkpoint carries its own plan; drop --plan");
+    quant::Checkpoint ck = quant::load_checkpoint(m.path);
+    m.weights = std::move(ck.weights);
+    m.tokenizer = std::make_unique<model::Tokenizer>(std::move(ck.tokenizer));
+    m.quant.mode = quant::QuantMode::MicroMix;
+    m.quant.rule = ck.rule;
+    m.quant.plan = std::make_shared<quant::QuantPlan>(std::move(ck.plan));
+    m.weight_bits = m.quant.plan->average_bits(m.weights);
+    m.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return m;
+  }
   m.weights = model::load_model(m.path);
   m.tokenizer = std::make_unique<model::Tokenizer>(model::load_tokenizer(m.path));
   if (need_quant) {
-    const auto mode = quant::parse_quant_mode(args.str("quant"));
+    const auto mode = quant::parse_quant_mode(args.given("quant") ? args.str("quant") : "fp32");
     if (!mode) throw UsageError("unknown --quant '" + args.str("quant") + "'");
     const auto rule = mx::parse_scale_rule(args.str("scale-rule"));
     if (!rule) throw UsageError("unknown --scale-rule '" + args.str("scale-rule") + "' (floor or ceil)");

@@ -103,9 +103,20 @@ void fake_quantize_micromix_row(float* row, const LinearPlan& plan, mx::ScaleRul
 }
 
 void quantize_weights(model::ModelWeights& w, const QuantSpec& spec) {
+  if (spec.mode == QuantMode::FP32) return;
   if (spec.mode == QuantMode::MicroMix) {
     if (!spec.plan) throw std::invalid_argument("micromix quantization needs a plan (--plan)");
     spec.plan->validate(w.config);
+  }
+  // Embeddings, lm_head, norms and biases stay in BF16 in every quantized mode.
+  auto bf16 = [](std::vector<float>& v) { round_bf16(v.data(), static_cast<int64_t>(v.size())); };
+  bf16(w.token_embedding);
+  bf16(w.lm_head);
+  bf16(w.output_norm);
+  for (auto& L : w.layers) {
+    bf16(L.attn_norm);
+    bf16(L.ffn_norm);
+    for (auto& lin : L.linear) bf16(lin.bias);
   }
   for (size_t l = 0; l < w.layers.size(); ++l)
     for (int s = 0; s < model::kNumLinearSlots; ++s) {

@@ -59,6 +59,10 @@ TokenizerSpec tokenizer_spec_from_hf_json(std::string_view json_text);
 // directory when there is one.
 TokenizerSpec tokenizer_spec_from_hf_file(const std::string& path);
 
+// A TokenizerSpec as micromix's own JSON (stored inside quantized checkpoints).
+std::string tokenizer_spec_to_json(const TokenizerSpec& spec);
+TokenizerSpec tokenizer_spec_from_json(std::string_view json_text);  // FormatError when malformed
+
 class Tokenizer {
  public:
   explicit Tokenizer(TokenizerSpec spec);
