@@ -45,7 +45,7 @@ int run_ppl(const ParsedArgs& args) {
                         {"seconds", r.seconds},
                         {"load_seconds", m.load_seconds},
                         {"peak_memory_mib", peak_memory_mib()}};
-  if (m.quant.plan) out["plan"] = args.str("plan");
+  if (args.given("plan")) out["plan"] = args.str("plan");
   if (json) {
     std::cout << out.dump(2) << "\n";
   } else {

@@ -1,0 +1,97 @@
+// The micromix command on the real default model: calibrate -> quantize -> ppl, the
+// checkpoint's perplexity equal to the in-memory quantization's, generation, and
+// clear errors for bad input.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "micromix/model/loader.h"
+
+namespace {
+
+struct CliResult {
+  int status;
+  std::string out;
+};
+
+CliResult run(const std::string& args) {
+  const std::string cmd = std::string(MICROMIX_BINARY) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int status = pclose(p);
+  return {WEXITSTATUS(status), out};
+}
+
+nlohmann::json last_json(const std::string& out) { return nlohmann::json::parse(out.substr(out.find('{'))); }
+
+std::string data_dir() {
+  if (const char* d = std::getenv("MICROMIX_DATA")) return d;
+  return std::string(MICROMIX_SOURCE_DIR) + "/../shared/data";
+}
+
+}  // namespace
+
+TEST(CliEndToEnd, CalibrateQuantizeAndCheckpointPerplexity) {
+  if (!std::filesystem::exists(micromix::model::default_model_path())) GTEST_SKIP() << "default model not found";
+  const std::string calib = data_dir() + "/wikitext-2-raw/wiki.valid.raw";
+  const std::string text = data_dir() + "/wikitext-2-raw/wiki.test.raw";
+  if (!std::filesystem::exists(calib)) GTEST_SKIP() << "data folder not found";
+  const std::string dir = testing::TempDir();
+  CliResult r = run("calibrate --samples 2 --seqlen 128 --text " + calib + " -o " + dir + "/plan.json --json");
+  ASSERT_EQ(r.status, 0) << r.out;
+  const auto summary = last_json(r.out);
+  EXPECT_GT(summary["average_bits"].get<double>(), 4.25);
+  EXPECT_LT(summary["average_bits"].get<double>(), 8.25);
+  r = run("quantize --plan " + dir + "/plan.json -o " + dir + "/ck.safetensors");
+  ASSERT_EQ(r.status, 0) << r.out;
+  const std::string ppl = " --text " + text + " --seqlen 128 --max-windows 2 --json";
+  r = run("ppl --model " + dir + "/ck.safetensors" + ppl);
+  ASSERT_EQ(r.status, 0) << r.out;
+  const auto from_checkpoint = last_json(r.out);
+  r = run("ppl --quant micromix --plan " + dir + "/plan.json" + ppl);
+  ASSERT_EQ(r.status, 0) << r.out;
+  const auto in_memory = last_json(r.out);
+  EXPECT_EQ(from_checkpoint["ppl"].get<double>(), in_memory["ppl"].get<double>());
+  EXPECT_EQ(from_checkpoint["tokens"].get<int>(), 2 * 127);
+  r = run("ppl --quant fp32" + ppl);
+  ASSERT_EQ(r.status, 0) << r.out;
+  const double fp32 = last_json(r.out)["ppl"].get<double>();
+  r = run("ppl --quant mxfp4" + ppl);
+  const double fp4 = last_json(r.out)["ppl"].get<double>();
+  // MicroMix sits between full precision and uniform MXFP4.
+  EXPECT_GT(in_memory["ppl"].get<double>(), fp32 * 0.99);
+  EXPECT_LT(in_memory["ppl"].get<double>(), fp4);
+
+  r = run("generate --model " + dir + "/ck.safetensors --prompt \"What is the capital of France?\" --temperature 0 --max-tokens 12 --json");
+  ASSERT_EQ(r.status, 0) << r.out;
+  EXPECT_NE(last_json(r.out)["text"].get<std::string>().find("Paris"), std::string::npos) << r.out;
+}
+
+TEST(CliEndToEnd, BadInputGivesClearErrors) {
+  CliResult r = run("ppl --model /nonexistent.gguf --text /etc/hostname");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.out.find("not found"), std::string::npos) << r.out;
+  r = run("ppl --seqlen abc --text x");
+  EXPECT_EQ(r.status, 2);
+  r = run("ppl --bogus");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.out.find("unknown option"), std::string::npos);
+  const std::string junk = testing::TempDir() + "/junk.gguf";
+  FILE* f = std::fopen(junk.c_str(), "wb");
+  std::fputs("GGUF\x03\x00\x00\x00garbage", f);
+  std::fclose(f);
+  r = run("inspect " + junk);
+  EXPECT_EQ(r.status, 1) << r.out;
+  r = run("ppl --model " + junk + " --text /etc/hostname");
+  EXPECT_EQ(r.status, 1) << r.out;
+  r = run("quantize --plan /nonexistent.json -o /tmp/x.safetensors");
+  EXPECT_EQ(r.status, 1) << r.out;
+  r = run("nosuchcommand");
+  EXPECT_EQ(r.status, 2);
+}
