@@ -136,8 +136,12 @@ std::vector<LoglikelihoodResult> CpuLanguageModel::loglikelihood_tokens(
     std::stable_sort(order.begin(), order.end(),
                      [&](size_t a, size_t b) { return prepared[a].inp < prepared[b].inp; });
 
-  model::CpuRuntime runtime(weights_, static_cast<int>(max_len));
-  if (hook_) runtime.set_linear_input_hook(hook_);
+  if (!runtime_) {
+    runtime_ = std::make_unique<model::CpuRuntime>(weights_, static_cast<int>(max_len));
+    if (hook_) runtime_->set_linear_input_hook(hook_);
+  }
+  model::CpuRuntime& runtime = *runtime_;
+  runtime.reset();
   std::vector<int32_t> cached;  // the tokens whose keys and values the runtime holds
   std::vector<float> logits;
   std::vector<LoglikelihoodResult> results(requests.size());

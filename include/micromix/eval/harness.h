@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -83,6 +84,7 @@ class CpuLanguageModel : public LanguageModel {
   int max_length_;
   bool share_prefix_;
   int64_t last_tokens_run_ = 0;
+  std::unique_ptr<model::CpuRuntime> runtime_;  // created on first use, kept across calls
 };
 
 }  // namespace micromix::eval
