@@ -89,10 +89,14 @@ class PyRandom {
 
   uint32_t next_u32() {
     if (index_ >= kN) {
-      for (int k = 0; k < kN; ++k) {
-        const uint32_t y = (mt_[k] & 0x80000000u) | (mt_[(k + 1) % kN] & 0x7fffffffu);
-        mt_[k] = mt_[(k + kM) % kN] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
-      }
+      auto twist = [this](int k, int k1, int km) {
+        const uint32_t y = (mt_[k] & 0x80000000u) | (mt_[k1] & 0x7fffffffu);
+        mt_[k] = mt_[km] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+      };
+      int k = 0;
+      for (; k < kN - kM; ++k) twist(k, k + 1, k + kM);
+      for (; k < kN - 1; ++k) twist(k, k + 1, k + kM - kN);
+      twist(kN - 1, 0, kM - 1);
       index_ = 0;
     }
     uint32_t y = mt_[index_++];
