@@ -553,3 +553,24 @@ TEST(EvalCpuModel, RunTasksReportsMetricsCountsAndTime) {
   EXPECT_FALSE(r.at("winogrande").contains("acc_norm"));
   EXPECT_EQ(j.at("limit"), 3);
 }
+
+TEST(EvalCpuModel, RuntimeTruncateAndLastLogits) {
+  const ModelWeights w = random_model(5);
+  const int V = w.config.vocab;
+  const std::vector<int32_t> toks{5, 9, 14, 2, 77, 31, 8};
+  model::CpuRuntime rt(w, 16);
+  std::vector<float> all(toks.size() * V), last(3 * V), again(3 * V);
+  rt.forward(toks, all.data(), true);
+  rt.reset();
+  rt.forward_last(toks, last.data(), 3);
+  for (int i = 0; i < 3 * V; ++i) EXPECT_NEAR(last[i], all[(toks.size() - 3) * V + i], 1e-4);
+  // rewind to 4 tokens and run the same tail again from the cache
+  rt.truncate(4);
+  EXPECT_EQ(rt.position(), 4);
+  rt.forward_last(std::span<const int32_t>(toks).subspan(4), again.data(), 3);
+  for (int i = 0; i < 3 * V; ++i) EXPECT_NEAR(again[i], all[(toks.size() - 3) * V + i], 1e-4);
+  EXPECT_EQ(rt.position(), 7);
+  EXPECT_THROW(rt.truncate(8), std::out_of_range);
+  EXPECT_THROW(rt.truncate(-1), std::out_of_range);
+  EXPECT_THROW(rt.forward_last(toks, last.data(), 8), std::out_of_range);
+}
