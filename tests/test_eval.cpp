@@ -552,6 +552,11 @@ TEST(EvalCpuModel, RunTasksReportsMetricsCountsAndTime) {
   EXPECT_GT(r.at("lambada_openai").at("perplexity_stderr").get<double>(), 0.0);
   EXPECT_FALSE(r.at("winogrande").contains("acc_norm"));
   EXPECT_EQ(j.at("limit"), 3);
+  seen.clear();
+  EXPECT_THROW(run_tasks(lm, {"piqa", "hellaswag"}, dir, 1,
+                         [&](const std::string& task, size_t, size_t) { seen.push_back(task); }),
+               std::invalid_argument);
+  EXPECT_TRUE(seen.empty());
 }
 
 TEST(EvalCpuModel, RuntimeTruncateAndLastLogits) {

@@ -1,5 +1,6 @@
 #include "micromix/eval/tasks.h"
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
@@ -319,6 +320,10 @@ nlohmann::json run_tasks(LanguageModel& model, const std::vector<std::string>& t
                          int64_t limit, TaskProgressFn progress, int64_t bootstrap_iters) {
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
+  const auto& known = supported_tasks();
+  for (const auto& name : task_names)  // fail before any scoring starts
+    if (std::find(known.begin(), known.end(), name) == known.end())
+      throw std::invalid_argument("unknown task \"" + name + "\"");
   nlohmann::json results = nlohmann::json::object();
   for (const auto& name : task_names) {
     const auto t0 = clock::now();

@@ -72,7 +72,8 @@ double perplexity_bootstrap_stderr(std::span<const double> loglikelihoods, int64
 
 using TaskProgressFn = std::function<void(const std::string& task, size_t done, size_t total)>;
 
-// Loads, scores and aggregates each task. Returns
+// Loads, scores and aggregates each task (std::invalid_argument up front for an unknown
+// name). Returns
 // {"results": {task: {"acc": .., "acc_stderr": .., ..., "docs": n, "requests": m,
 //  "seconds": s}}, "limit": limit, "seconds": total}.
 nlohmann::json run_tasks(LanguageModel& model, const std::vector<std::string>& task_names, const std::string& data_dir,
