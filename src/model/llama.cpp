@@ -153,9 +153,23 @@ void CpuRuntime::attention(int layer, const float* qkv, int64_t n, float* out) {
   }
 }
 
+void CpuRuntime::truncate(int position) {
+  if (position < 0 || position > position_)
+    throw std::out_of_range("cannot truncate the cache to " + std::to_string(position) + " tokens, it holds " +
+                            std::to_string(position_));
+  position_ = position;
+}
+
 void CpuRuntime::forward(std::span<const int32_t> tokens, float* logits, bool all_logits) {
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  forward_last(tokens, logits, logits ? (all_logits ? n : std::min<int64_t>(n, 1)) : 0);
+}
+
+void CpuRuntime::forward_last(std::span<const int32_t> tokens, float* logits, int64_t last) {
   const auto& c = w_.config;
   const int64_t n = static_cast<int64_t>(tokens.size());
+  if (last < 0 || last > n)
+    throw std::out_of_range("logits requested for " + std::to_string(last) + " of " + std::to_string(n) + " tokens");
   if (n == 0) return;
   if (position_ + n > max_context_)
     throw std::length_error("context overflow: " + std::to_string(position_ + n) + " tokens > " +
@@ -205,8 +219,8 @@ void CpuRuntime::forward(std::span<const int32_t> tokens, float* logits, bool al
     linear_forward(L.slot(LinearSlot::Down), act.data(), n, x.data(), true);
   }
   position_ += static_cast<int>(n);
-  if (!logits) return;
-  const int64_t first = all_logits ? 0 : n - 1, rows = n - first;
+  if (!logits || last == 0) return;
+  const int64_t first = n - last, rows = last;
   rms_norm(x.data() + first * H, w_.output_norm.data(), xn.data(), rows, H, c.rms_eps);
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows), c.vocab, static_cast<int>(H), 1.0f,
               xn.data(), static_cast<int>(H), w_.lm_head_data(), static_cast<int>(H), 0.0f, logits, c.vocab);

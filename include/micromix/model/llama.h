@@ -87,7 +87,13 @@ class CpuRuntime {
   // Runs tokens at positions [position(), position() + n) and appends them to the cache.
   // logits receives [n, vocab] (all_logits) or [vocab] for the last token only.
   void forward(std::span<const int32_t> tokens, float* logits, bool all_logits);
+  // Same, with logits [last, vocab] for the last `last` tokens only (0 <= last <= n;
+  // 0 computes none); the lm_head product is done for those rows alone.
+  void forward_last(std::span<const int32_t> tokens, float* logits, int64_t last);
   void reset() { position_ = 0; }
+  // Rewinds the cache to its first `position` tokens (0 <= position <= position()), so
+  // that a different continuation can follow a shared prefix.
+  void truncate(int position);
   int position() const { return position_; }
   int max_context() const { return max_context_; }
   void set_linear_input_hook(LinearInputHook hook) { hook_ = std::move(hook); }
