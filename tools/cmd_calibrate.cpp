@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common.h"
+#include "micromix/eval/tasks.h"
 #include "micromix/common/io.h"
 #include "micromix/quant/calibrate.h"
 
@@ -15,7 +16,7 @@ namespace {
 int run_calibrate(const ParsedArgs& args) {
   if (!args.given("output")) throw UsageError("-o PLAN is required");
   const std::string text_path =
-      args.given("text") ? args.str("text") : default_data_dir() + "/wikitext-2-raw/wiki.valid.raw";
+      args.given("text") ? args.str("text") : eval::resolve_data_dir() + "/wikitext-2-raw/wiki.valid.raw";
   const int64_t samples = args.integer("samples"), seqlen = args.integer("seqlen");
   if (samples <= 0 || samples > 100000) throw UsageError("--samples must be positive");
   if (seqlen < 2 || seqlen > 1 << 20) throw UsageError("--seqlen must be between 2 and 1048576");

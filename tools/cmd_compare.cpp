@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "common.h"
+#include "micromix/eval/tasks.h"
 #include "micromix/common/io.h"
 #include "micromix/eval/perplexity.h"
 #include "micromix/model/loader.h"
@@ -25,7 +26,7 @@ std::vector<std::string> split_list(const std::string& s) {
 
 int run_compare(const ParsedArgs& args) {
   const std::string text_path =
-      args.given("text") ? args.str("text") : default_data_dir() + "/wikitext-2-raw/wiki.test.raw";
+      args.given("text") ? args.str("text") : eval::resolve_data_dir() + "/wikitext-2-raw/wiki.test.raw";
   const int64_t seqlen = args.integer("seqlen"), max_windows = args.integer("max-windows");
   if (seqlen < 2) throw UsageError("--seqlen must be at least 2");
   if (max_windows < 0) throw UsageError("--max-windows must be >= 0");

@@ -74,18 +74,6 @@ LoadedModel load_model_from_args(const ParsedArgs& args, bool need_quant) {
   return m;
 }
 
-std::string default_data_dir() {
-  if (const char* d = std::getenv("MICROMIX_DATA"); d && *d) return d;
-  std::error_code ec;
-  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    // build/micromix -> <repo>/../shared/data
-    const auto candidate = exe.parent_path().parent_path().parent_path() / "shared" / "data";
-    if (std::filesystem::exists(candidate)) return candidate.string();
-  }
-  return "../shared/data";
-}
-
 double peak_memory_mib() {
   std::ifstream status("/proc/self/status");
   std::string line;

@@ -27,9 +27,6 @@ struct LoadedModel {
 // Loads the model and its tokenizer, applies --threads and the weight side of --quant.
 LoadedModel load_model_from_args(const ParsedArgs& args, bool need_quant = true);
 
-// $MICROMIX_DATA, else the shared/data folder beside the source tree.
-std::string default_data_dir();
-
 // Peak resident memory of this process in MiB.
 double peak_memory_mib();
 
