@@ -226,8 +226,8 @@ __global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOpe
   const int k = plan.k();
   const int nblk = k / kBlockSize;
   const int fstride = folded_fstride(k);
-  const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  const int64_t m = blockIdx.y;
+  const int b = blockIdx.y * blockDim.x + threadIdx.x;
+  const int64_t m = blockIdx.x;
   const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
   const bool valid = b < nblk;
   uint8_t codes[kBlockSize] = {};
@@ -298,7 +298,7 @@ cudaError_t fold_operand(MxSegments in, int64_t rows, MixPlan plan, FoldedOperan
   if (!plan.valid()) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const int fstride = folded_fstride(plan.k());
-  const dim3 grid((fstride + 127) / 128, static_cast<unsigned>(rows));
+  const dim3 grid(static_cast<unsigned>(rows), (fstride + 127) / 128);
   fold_kernel<<<grid, 128, 0, stream>>>(in, rows, plan, out, lossy_count);
   return cudaGetLastError();
 }
