@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int s = t % kStages;
     mbar_wait(&full[s], (t / kStages) & 1);
     const int nb = min(4, nblk - 4 * t);
-    const int nf = max(0, min(k8b - 4 * t, nb));
+    const int nf = folded_blocks_in_tile(t, nblk, k8b);
     const uint64_t da = smem_desc(tiles_a + s * kTileBytes + wg * 64 * kBK);
     const uint64_t db = smem_desc(tiles_w + s * kTileBytes);
     const float* fa = fac_a + s * (kFactorBytes / 4);

@@ -11,53 +11,15 @@
 #include <string>
 #include <vector>
 
+#include "micromix/mx/segments.h"
 #include "micromix/mx/tensor.h"
 #include "mx_kernels.h"
 
 namespace micromix::cuda {
 
-struct HostMx {
-  MixPlan plan;
-  int64_t rows = 0;
-  std::vector<uint8_t> q[3];    // segments: FP4, FP6, FP8
-  std::vector<uint8_t> scales;  // [rows, K/32]
-};
-
-// x: [rows, K] row-major, K = plan.k(), channels already in segment order.
-inline HostMx quantize_segments(std::span<const float> x, int64_t rows, MixPlan plan, mx::ScaleRule rule) {
-  HostMx h;
-  h.plan = plan;
-  h.rows = rows;
-  const int k = plan.k(), nblk = k / 32;
-  const int width[3] = {plan.p4, plan.p6, plan.p8};
-  h.scales.assign(static_cast<size_t>(rows) * nblk, 0);
-  int col0 = 0;
-  for (int s = 0; s < 3; ++s) {
-    if (width[s] == 0) continue;
-    std::vector<float> part(static_cast<size_t>(rows) * width[s]);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int c = 0; c < width[s]; ++c) part[r * width[s] + c] = x[r * k + col0 + c];
-    const mx::MxMatrix m = mx::quantize(part, rows, width[s], kSegmentFormat[s], rule);
-    h.q[s] = m.codes;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int b = 0; b < width[s] / 32; ++b) h.scales[r * nblk + col0 / 32 + b] = m.scales[r * (width[s] / 32) + b];
-    col0 += width[s];
-  }
-  return h;
-}
-
-// Value of element (r, c) of a packed three-segment matrix.
-inline float segment_value(const HostMx& h, int64_t r, int c) {
-  const MixPlan& p = h.plan;
-  const int nblk = p.k() / 32;
-  const uint8_t sb = h.scales[r * nblk + c / 32];
-  int s = 0, local = c;
-  if (c >= p.p4 + p.p6) { s = 2; local = c - p.p4 - p.p6; }
-  else if (c >= p.p4) { s = 1; local = c - p.p4; }
-  const ElemFormat f = kSegmentFormat[s];
-  const uint8_t code = mx::unpack_code(f, h.q[s].data() + r * seg_row_bytes(p, s), local);
-  return mx::decode_scaled(f, code, sb);
-}
+using HostMx = mx::SegmentedMx;
+using mx::quantize_segments;
+using mx::segment_value;
 
 inline void cuda_check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));

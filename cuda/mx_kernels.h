@@ -9,25 +9,21 @@
 
 #include <cstdint>
 
+#include "micromix/mx/fold.h"
 #include "micromix/mx/format.h"
+#include "micromix/mx/segments.h"
 
 namespace micromix::cuda {
 
 using mx::ElemFormat;
 using mx::ScaleRule;
 
-// The K axis of one linear layer, after reordering: MXFP4 (E2M1) channels first,
-// then MXFP6 (E3M2), then MXFP8 (E4M3). Each count is a multiple of 32 (zero allowed).
-struct MixPlan {
-  int p4 = 0, p6 = 0, p8 = 0;
-  constexpr int k() const { return p4 + p6 + p8; }
-  constexpr int blocks() const { return k() / mx::kBlockSize; }
-  constexpr int first_fp6_block() const { return p4 / mx::kBlockSize; }
-  constexpr int first_fp8_block() const { return (p4 + p6) / mx::kBlockSize; }
-  bool valid() const { return p4 >= 0 && p6 >= 0 && p8 >= 0 && k() > 0 && p4 % 32 == 0 && p6 % 32 == 0 && p8 % 32 == 0; }
-};
-
-inline constexpr ElemFormat kSegmentFormat[3] = {ElemFormat::E2M1, ElemFormat::E3M2, ElemFormat::E4M3};
+// The K axis of one linear layer after reordering: MXFP4, MXFP6, MXFP8 segments
+// (micromix/mx/segments.h).
+using mx::MixPlan;
+using mx::kSegmentFormat;
+using mx::seg_row_bytes;
+using mx::folded_fstride;
 
 // An MX matrix [rows, K] split into the three K segments, each row-major with its own
 // packing (FP4 two per byte, FP6 four per three bytes, FP8 one per byte), plus one
@@ -39,10 +35,6 @@ struct MxSegments {
   uint8_t* scales = nullptr;  // [rows, K/32]
 };
 
-inline size_t seg_row_bytes(const MixPlan& p, int seg) {
-  return seg == 0 ? p.p4 / 2 : seg == 1 ? p.p6 * 3 / 4 : p.p8;
-}
-
 // The operand of the FP8 tensor-core GEMM: every element re-encoded as E4M3 with its
 // per-32 scale folded in, and one fp32 factor per (row, 32-block). Within a 128-wide
 // K tile all MXFP4/MXFP6 blocks of a row share one factor (a power of two); each MXFP8
@@ -52,8 +44,6 @@ struct FoldedOperand {
   uint8_t* q = nullptr;
   float* f = nullptr;
 };
-
-inline constexpr int folded_fstride(int k) { return ((k / 32) + 3) / 4 * 4; }
 
 // ---- activation quantization -------------------------------------------------
 // x: bf16 [M, ldx] (ldx >= K, ldx % 8 == 0, 16-byte aligned). perm[j] is the original

@@ -2,7 +2,6 @@
 // re-encoding of packed MX matrices into the folded E4M3 operand of the FP8 GEMM.
 // Element and scale numerics come from micromix/mx/format.h (the same functions the
 // CPU library uses), so packed outputs are bit-identical to mx::quantize.
-#include <climits>
 #include <cstring>
 
 #include "mx_kernels.h"
@@ -13,73 +12,11 @@ namespace {
 
 using namespace micromix::mx;
 
-// Shift window within which an element times 2^d is exactly an E4M3 value.
-__device__ __forceinline__ int fold_hi(ElemFormat f) { return f == ElemFormat::E2M1 ? 6 : 4; }
-
-// Folding one 32-block into E4M3 payloads, in three steps so that the warp shuffles
-// sit at one program point for all lanes. Lanes 4q..4q+3 hold the four blocks of one
-// 128-wide K tile. Folded (FP4/FP6) blocks of a tile share one exponent E, the
-// smallest that keeps every block's shift s - E at or below its format's window top;
-// MXFP8 blocks keep E = s. A NaN block makes its whole group NaN.
-struct FoldKey {
-  int key = INT_MIN;  // s - window top, for nonzero finite folded blocks
-  int nan = 0;
-};
-
-template <ElemFormat F>
-__device__ __forceinline__ FoldKey fold_key(const uint8_t* codes, uint8_t scale) {
-  FoldKey k;
-  if constexpr (F == ElemFormat::E4M3) return k;
-  constexpr uint8_t mag_mask = static_cast<uint8_t>(sign_mask(F) - 1u);
-  bool nonzero = false;
-#pragma unroll
-  for (int i = 0; i < kBlockSize; ++i) nonzero |= (codes[i] & mag_mask) != 0;
-  if (scale == kScaleNaN) {
-    k.nan = 1;
-  } else if (nonzero) {
-    k.key = static_cast<int>(scale) - kScaleBias - fold_hi(F);
-  }
-  return k;
-}
-
+// Combine the fold keys of the four lanes (4q..4q+3) that hold one 128-wide K tile.
 __device__ __forceinline__ FoldKey tile_reduce(FoldKey k) {
-  k.key = max(k.key, __shfl_xor_sync(0xFFFFFFFFu, k.key, 1));
-  k.key = max(k.key, __shfl_xor_sync(0xFFFFFFFFu, k.key, 2));
-  k.nan |= __shfl_xor_sync(0xFFFFFFFFu, k.nan, 1);
-  k.nan |= __shfl_xor_sync(0xFFFFFFFFu, k.nan, 2);
+  k = fold_combine(k, FoldKey{__shfl_xor_sync(0xFFFFFFFFu, k.key, 1), __shfl_xor_sync(0xFFFFFFFFu, k.nan, 1)});
+  k = fold_combine(k, FoldKey{__shfl_xor_sync(0xFFFFFFFFu, k.key, 2), __shfl_xor_sync(0xFFFFFFFFu, k.nan, 2)});
   return k;
-}
-
-// Writes 32 payload bytes and returns the block's factor 2^E (NaN for a NaN group).
-// Counts elements whose payload is not exact (a shift below the format's window).
-template <ElemFormat F>
-__device__ __forceinline__ float fold_payload(const uint8_t* codes, uint8_t scale, FoldKey group, uint8_t* payload,
-                                              unsigned* lossy) {
-  const int s = static_cast<int>(scale) - kScaleBias;
-  if (scale == kScaleNaN || (F != ElemFormat::E4M3 && group.nan)) {
-#pragma unroll
-    for (int i = 0; i < kBlockSize; ++i) payload[i] = 0x7F;  // E4M3 NaN
-    return NAN;
-  }
-  if constexpr (F == ElemFormat::E4M3) {
-#pragma unroll
-    for (int i = 0; i < kBlockSize; ++i) payload[i] = codes[i];
-    return exp2i(s);
-  } else {
-    const int e = group.key == INT_MIN ? 0 : group.key;
-    const int d = max(s - e, -40);  // below 2^-40 every element rounds to zero anyway
-    const float shift = exp2i(d);
-    unsigned bad = 0;
-#pragma unroll
-    for (int i = 0; i < kBlockSize; ++i) {
-      const float v = decode_elem(F, codes[i]) * shift;
-      const uint8_t p = encode_elem(ElemFormat::E4M3, v);
-      bad += decode_elem(ElemFormat::E4M3, p) != v;
-      payload[i] = p;
-    }
-    *lossy += bad;
-    return exp2i(e);
-  }
 }
 
 __device__ __forceinline__ void store_bytes(uint8_t* dst, const uint8_t* src, int n) {
