@@ -25,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "micromix/mx/fold.h"
 #include "micromix/mx/tensor.h"
 #include "mx_host.h"
 #include "mx_kernels.h"
@@ -109,29 +110,23 @@ void expect_same_packed(const HostMx& gpu, const HostMx& cpu) {
   EXPECT_EQ(bad, 0u) << "scales differ";
 }
 
-// Folded operand decodes to the packed values exactly; folded blocks of a tile share one factor.
+// Folded operand: bit-identical to the host fold (mx::fold_rows) of the CPU quantization,
+// and (no lossy elements here) decodes to the packed values exactly.
 void expect_folded_exact(const DeviceMx& d, const HostMx& cpu) {
-  const MixPlan p = d.plan;
-  const int k = p.k(), fs = folded_fstride(k), b8 = p.first_fp8_block();
+  const mx::FoldedMx ref = mx::fold_rows(cpu);
   const auto fq = d.fq.download();
   const auto ff = d.ff.download();
-  size_t bad = 0, bad_share = 0;
-  for (int64_t m = 0; m < d.rows; ++m) {
-    for (int b = 0; b < k / 32; ++b) {
-      const int b0 = b / 4 * 4;
-      if (b < b8 && b0 != b && b0 < b8 && !(std::isnan(ff[m * fs + b]) && std::isnan(ff[m * fs + b0])))
-        bad_share += ff[m * fs + b] != ff[m * fs + b0];
-      for (int i = 0; i < 32; ++i) {
-        const int c = b * 32 + i;
-        const float v = mx::decode_elem(mx::ElemFormat::E4M3, fq[m * k + c]) * ff[m * fs + b];
-        const float r = segment_value(cpu, m, c);
-        if (!(v == r || (std::isnan(v) && std::isnan(r)))) ++bad;
-      }
+  size_t bad_q = 0, bad_f = 0, bad_v = 0;
+  for (size_t i = 0; i < fq.size(); ++i) bad_q += fq[i] != ref.q[i];
+  for (size_t i = 0; i < ff.size(); ++i) bad_f += !(ff[i] == ref.f[i] || (std::isnan(ff[i]) && std::isnan(ref.f[i])));
+  for (int64_t m = 0; m < d.rows; ++m)
+    for (int c = 0; c < d.plan.k(); ++c) {
+      const float v = mx::folded_value(ref, m, c), r = segment_value(cpu, m, c);
+      bad_v += !(v == r || (std::isnan(v) && std::isnan(r)));
     }
-    for (int b = k / 32; b < fs; ++b) bad_share += ff[m * fs + b] != 0.0f;
-  }
-  EXPECT_EQ(bad, 0u) << "folded values differ from packed values";
-  EXPECT_EQ(bad_share, 0u) << "folded factor layout";
+  EXPECT_EQ(bad_q, 0u) << "folded payloads differ from the host fold";
+  EXPECT_EQ(bad_f, 0u) << "folded factors differ from the host fold";
+  EXPECT_EQ(bad_v, 0u) << "folded values differ from packed values";
 }
 
 struct ActCase {
@@ -355,6 +350,14 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   CK(fold_operand(W.segments(), N, c.plan, W.folded(), lossy.ptr, nullptr));
   CK(cudaDeviceSynchronize());
   const unsigned long long n_lossy = lossy.download()[0];
+  {
+    const mx::FoldedMx ref = mx::fold_rows(hw);
+    EXPECT_EQ(W.fq.download(), ref.q) << "GPU fold of W differs from the host fold";
+    const auto ff = W.ff.download();
+    size_t bad = 0;
+    for (size_t i = 0; i < ff.size(); ++i) bad += !(ff[i] == ref.f[i] || (std::isnan(ff[i]) && std::isnan(ref.f[i])));
+    EXPECT_EQ(bad, 0u) << "GPU fold factors of W differ from the host fold";
+  }
   if (spread) EXPECT_GT(n_lossy, 0u) << "the spread case must exercise lossy folding";
   else EXPECT_EQ(n_lossy, 0u);
   const HostMx ha = A.download();
