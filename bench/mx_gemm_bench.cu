@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -114,6 +115,27 @@ const Layer kLayers[] = {
     {"gate_up", 28672, 4096, 1728, 320},
     {"down", 4096, 14336, 1920, 2496},
 };
+
+struct Check {
+  std::string layer, mix, kernel;
+  int64_t m;
+  double rel_err;
+};
+std::vector<Check> g_checks;
+
+// ||y - y_ref|| / ||y_ref|| over bf16 outputs.
+double rel_err(const DeviceBuffer<uint16_t>& y, const DeviceBuffer<uint16_t>& ref, size_t count) {
+  std::vector<uint16_t> a(count), b(count);
+  CKB(cudaMemcpy(a.data(), y.ptr, count * 2, cudaMemcpyDeviceToHost));
+  CKB(cudaMemcpy(b.data(), ref.ptr, count * 2, cudaMemcpyDeviceToHost));
+  double num = 0, den = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const double u = mx::bf16_bits_to_float(a[i]), v = mx::bf16_bits_to_float(b[i]);
+    num += (u - v) * (u - v);
+    den += v * v;
+  }
+  return den > 0 ? std::sqrt(num / den) : (num > 0 ? 1.0 : 0.0);
+}
 
 struct Row {
   std::string layer, mix, kernel;
@@ -273,6 +295,29 @@ void bench_layer(Lt& lt, const Layer& L, const std::vector<int64_t>& ms) {
     CKB(cudaDeviceSynchronize());
   }
 
+  // Correctness guard: the fast paths against the exact reference path on this layer.
+  {
+    DeviceBuffer<uint16_t> yref(128 * N);
+    for (Mix& mix : mixes) {
+      for (int64_t M : {int64_t(1), int64_t(16), int64_t(128)}) {
+        CKB(mx_gemm_reference(mix.A.segments(), mix.W[0].segments(), M, N, mix.plan, yref.ptr, nullptr));
+        CKB(cudaMemset(y.ptr, 0xFF, M * N * 2));
+        CKB(mx_gemm_fp8(mix.A.folded(), mix.W[0].folded(), M, N, mix.plan, y.ptr, nullptr));
+        CKB(cudaDeviceSynchronize());
+        g_checks.push_back({L.name, mix.name, "mx_fp8", M, rel_err(y, yref, M * N)});
+        if (M <= kDecodeMaxM) {
+          CKB(cudaMemset(y.ptr, 0xFF, M * N * 2));
+          CKB(mx_gemm_decode(mix.A.segments(), mix.W[0].segments(), M, N, mix.plan, y.ptr, ws.ptr, nullptr));
+          CKB(cudaDeviceSynchronize());
+          g_checks.push_back({L.name, mix.name, "mx_decode", M, rel_err(y, yref, M * N)});
+        }
+      }
+    }
+    for (const Check& c : g_checks)
+      if (c.layer == L.name) std::printf("check %-8s %-8s %-10s M=%-4lld rel err vs reference %.2e\n", c.layer.c_str(),
+                                         c.mix.c_str(), c.kernel.c_str(), static_cast<long long>(c.m), c.rel_err);
+  }
+
   for (int64_t M : ms) {
     const bool graph = M <= 128;
     double t16 = 0, t8 = 0;
@@ -379,6 +424,13 @@ int main(int argc, char** argv) {
                  static_cast<long long>(r.n), static_cast<long long>(r.k), r.us, r.tflops, r.gbs, r.vs_bf16, r.vs_fp8,
                  i + 1 < g_rows.size() ? "," : "");
   }
+  std::fprintf(j, "  ],\n  \"checks\": [\n");
+  for (size_t i = 0; i < g_checks.size(); ++i) {
+    const Check& c = g_checks[i];
+    std::fprintf(j, "    {\"layer\": \"%s\", \"mix\": \"%s\", \"kernel\": \"%s\", \"m\": %lld, \"rel_err_vs_reference\": %.3e}%s\n",
+                 c.layer.c_str(), c.mix.c_str(), c.kernel.c_str(), static_cast<long long>(c.m), c.rel_err,
+                 i + 1 < g_checks.size() ? "," : "");
+  }
   std::fprintf(j, "  ]\n}\n");
   std::fclose(j);
   std::fprintf(md, "# micromix GEMM benchmark\n\n- command: `%s`\n- device: %s (%d SMs)\n- date: %s\n", cmd.c_str(),
@@ -395,6 +447,10 @@ int main(int argc, char** argv) {
                  r.mix.c_str(), r.kernel.c_str(), static_cast<long long>(r.m), static_cast<long long>(r.n),
                  static_cast<long long>(r.k), r.us, r.tflops, r.gbs, extra, r.vs_bf16, r.vs_fp8);
   }
+  double worst = 0;
+  for (const Check& c : g_checks) worst = std::max(worst, c.rel_err);
+  std::fprintf(md, "\nCorrectness guard: largest ||y - y_ref|| / ||y_ref|| of mx_fp8 and mx_decode against the exact "
+                   "reference path over all layers and mixes at M = 1, 16, 128: %.2e\n", worst);
   std::fclose(md);
   std::printf("wrote %s and %s\n", json_path.c_str(), md_path.c_str());
   return 0;
