@@ -108,12 +108,13 @@ struct Layer {
   const char* name;
   int n, k;
   int p6, p8;  // the authors' plan, FP6/FP8 channel counts rounded to multiples of 32
+  bool fused_norm;  // input comes from an RMSNorm (q/k/v, gate/up)
 };
 const Layer kLayers[] = {
-    {"qkv", 6144, 4096, 1248, 640},
-    {"o", 4096, 4096, 992, 672},
-    {"gate_up", 28672, 4096, 1728, 320},
-    {"down", 4096, 14336, 1920, 2496},
+    {"qkv", 6144, 4096, 1248, 640, true},
+    {"o", 4096, 4096, 992, 672, false},
+    {"gate_up", 28672, 4096, 1728, 320, true},
+    {"down", 4096, 14336, 1920, 2496, false},
 };
 
 struct Check {
@@ -253,6 +254,8 @@ void bench_layer(Lt& lt, const Layer& L, const std::vector<int64_t>& ms) {
   const float ones[2] = {1.0f, 1.0f};
   CKB(cudaMemcpy(scale.ptr, ones, 8, cudaMemcpyHostToDevice));
   DeviceBuffer<float> ws(kDecodeMaxM * N);
+  DeviceBuffer<uint16_t> gamma(K);
+  gamma.upload(rand_bf16(K, 1.0f));
 
   struct Mix {
     const char* name;
@@ -367,6 +370,15 @@ void bench_layer(Lt& lt, const Layer& L, const std::vector<int64_t>& ms) {
           },
           1, graph);
       add_row(L, mix.name, "act_quant_packed", M, tp, 2.0 * M * K + M * (p.p4 / 2.0 + p.p6 * 0.75 + p.p8 + K / 32.0));
+      if (L.fused_norm) {
+        const double tn = time_us(
+            [&](int) {
+              CKB(rmsnorm_quantize_activations(a16.ptr, M, K, gamma.ptr, 1e-5f, mix.perm.ptr, p, mx::ScaleRule::Ceil,
+                                               MxSegments{}, fo, nullptr, nullptr, g_stream));
+            },
+            1, graph);
+        add_row(L, mix.name, "act_rmsnorm_quant_fold", M, tn, 2.0 * M * K + M * K + M * (K / 32.0) * 4);
+      }
     }
     for (size_t i = first; i < g_rows.size(); ++i) {
       if (t16 > 0) g_rows[i].vs_bf16 = t16 / g_rows[i].us;
