@@ -1,0 +1,76 @@
+// CPU stand-ins for the FP8 GEMM's PTX, written from the PTX ISA's description:
+// mbarrier phases with transaction counts, 2-D TMA tile loads (zero fill out of bounds,
+// 128-byte swizzle: address bits [4,7) ^= bits [7,10)), shared-memory matrix descriptors
+// and wgmma.m64n128k32 E4M3 with its accumulator fragment layout (thread t of the
+// warpgroup holds rows 16*(t/32) + (t%32)/4 (+8) and columns 8*j + 2*(t%4) (+1)).
+// The products are summed in fp32 here; the tensor core keeps about 14 bits per group.
+#pragma once
+#include <cuda.h>
+#include <map>
+#include <mutex>
+#include "micromix/mx/format.h"
+namespace emu8 {
+struct Map { const uint8_t* base; int esize; uint64_t inner, outer; uint32_t box_inner, box_outer; bool swz; };
+struct Bar { uint32_t count = 0, arrived = 0; int64_t tx = 0; uint32_t phase = 0; };
+inline std::mutex mu;
+inline std::map<uint32_t, Bar> bars;
+inline uint32_t off(const void* p) { return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::smem.data()); }
+inline uint32_t swz(uint32_t a) { return a ^ (((a >> 7) & 7) << 4); }
+inline void maybe_complete(Bar& b) {
+  if (b.arrived == b.count && b.tx == 0) { b.phase++; b.arrived = 0; }
+}
+}  // namespace emu8
+inline uint32_t smem_u32(const void* p) { return emu8::off(p); }
+inline void mbar_init(uint64_t* bar, uint32_t count) { std::lock_guard g(emu8::mu); emu8::bars[emu8::off(bar)] = {count, 0, 0, 0}; }
+inline void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  std::lock_guard g(emu8::mu); auto& b = emu8::bars[emu8::off(bar)]; b.tx += bytes; b.arrived++; emu8::maybe_complete(b);
+}
+inline void mbar_arrive(uint64_t* bar) {
+  std::lock_guard g(emu8::mu); auto& b = emu8::bars[emu8::off(bar)]; b.arrived++; emu8::maybe_complete(b);
+}
+inline void mbar_wait(uint64_t* bar, uint32_t parity) {
+  for (;;) {
+    { std::lock_guard g(emu8::mu); if ((emu8::bars[emu8::off(bar)].phase & 1) != parity) return; }
+    std::this_thread::yield();
+  }
+}
+inline void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+  const emu8::Map& m = *reinterpret_cast<const emu8::Map*>(map);
+  unsigned char* s = emu::smem.data();
+  const uint32_t d = emu8::off(dst);
+  for (uint32_t r = 0; r < m.box_outer; ++r)
+    for (uint32_t c = 0; c < m.box_inner * m.esize; ++c) {
+      const uint64_t gi = c0 + c / m.esize, go = c1 + r;
+      const unsigned char v = (gi < m.inner && go < m.outer) ? m.base[(go * m.inner + gi) * m.esize + c % m.esize] : 0;
+      const uint32_t a = d + r * m.box_inner * m.esize + c;
+      s[m.swz ? emu8::swz(a) : a] = v;
+    }
+  std::lock_guard g(emu8::mu);
+  auto& b = emu8::bars[emu8::off(bar)];
+  b.tx -= static_cast<int64_t>(m.box_inner) * m.box_outer * m.esize;
+  emu8::maybe_complete(b);
+}
+inline uint64_t smem_desc(const void* p) {
+  uint64_t d = static_cast<uint64_t>((emu8::off(p) & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(1) << 16; d |= static_cast<uint64_t>(1024 >> 4) << 32; d |= static_cast<uint64_t>(1) << 62;
+  return d;
+}
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+inline void wgmma_wait0() {}
+inline void wgmma_m64n128k32_e4m3(float* d, uint64_t da, uint64_t db, int scale_d) {
+  using namespace micromix::mx;
+  const unsigned char* s = emu::smem.data();
+  const uint32_t sa = static_cast<uint32_t>(da & 0x3FFF) << 4, sb = static_cast<uint32_t>(db & 0x3FFF) << 4;
+  const uint32_t sbo_a = static_cast<uint32_t>((da >> 32) & 0x3FFF) << 4, sbo_b = static_cast<uint32_t>((db >> 32) & 0x3FFF) << 4;
+  const int t = emu::lin() % 128, w = t / 32, lane = t % 32;
+  for (int i = 0; i < 64; ++i) {
+    const int row = 16 * w + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+    float acc = scale_d ? d[i] : 0.0f;
+    for (int k = 0; k < 32; ++k) {
+      const uint32_t aa = sa + (row / 8) * sbo_a + (row % 8) * 128 + k, ab = sb + (col / 8) * sbo_b + (col % 8) * 128 + k;
+      acc += decode_elem(ElemFormat::E4M3, s[emu8::swz(aa)]) * decode_elem(ElemFormat::E4M3, s[emu8::swz(ab)]);
+    }
+    d[i] = acc;
+  }
+}
