@@ -55,7 +55,8 @@ __device__ __forceinline__ uint8_t emit_packed(const float* v, ScaleRule rule, i
 // Shared tail of both kernels: fold block b (format index seg: 0 FP4, 1 FP6, 2 FP8;
 // valid == false past K) and store payloads and factor. All lanes call it together.
 __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* codes, uint8_t sb, int64_t m, int b,
-                                            int64_t k, int fstride, const FoldedOperand& folded, unsigned* lossy) {
+                                            int64_t k, int fstride, const FoldedOperand& folded, unsigned* lossy,
+                                            const FoldTable* table) {
   FoldKey key;
   if (valid) key = seg == 0 ? fold_key<ElemFormat::E2M1>(codes, sb)
                  : seg == 1 ? fold_key<ElemFormat::E3M2>(codes, sb)
@@ -68,8 +69,8 @@ __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* 
   }
   uint8_t payload[kBlockSize];
   float factor;
-  if (seg == 0) factor = fold_payload<ElemFormat::E2M1>(codes, sb, group, payload, lossy);
-  else if (seg == 1) factor = fold_payload<ElemFormat::E3M2>(codes, sb, group, payload, lossy);
+  if (seg == 0) factor = fold_payload<ElemFormat::E2M1>(codes, sb, group, payload, lossy, table);
+  else if (seg == 1) factor = fold_payload<ElemFormat::E3M2>(codes, sb, group, payload, lossy, table);
   else factor = fold_payload<ElemFormat::E4M3>(codes, sb, group, payload, lossy);
   store_bytes(folded.q + m * k + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
   folded.f[m * fstride + b] = factor;
@@ -84,6 +85,9 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, co
                                  unsigned long long* lossy_count) {
   extern __shared__ uint4 smem_row[];
   uint16_t* row = reinterpret_cast<uint16_t*>(smem_row);
+  __shared__ FoldTable table;
+  if (folded.q != nullptr)
+    for (int i = threadIdx.x; i < kFoldTableEntries; i += blockDim.x) fold_table_fill(table, i);
   const int k = plan.k();
   const int nblk = k / kBlockSize;
   const int64_t m = blockIdx.x;
@@ -153,7 +157,7 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, co
         sb = emit_packed<ElemFormat::E4M3>(v, rule, m, b, b8, plan.p8, packed.q8, packed.scales, nblk, codes);
       }
     }
-    if (folded.q != nullptr) emit_folded(seg, valid, codes, sb, m, b, k, fstride, folded, &lossy);
+    if (folded.q != nullptr) emit_folded(seg, valid, codes, sb, m, b, k, fstride, folded, &lossy, &table);
   }
   if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }
@@ -165,6 +169,9 @@ __global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOpe
   const int fstride = folded_fstride(k);
   const int b = blockIdx.y * blockDim.x + threadIdx.x;
   const int64_t m = blockIdx.x;
+  __shared__ FoldTable table;
+  for (int i = threadIdx.x; i < kFoldTableEntries; i += blockDim.x) fold_table_fill(table, i);
+  __syncthreads();
   const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
   const bool valid = b < nblk;
   uint8_t codes[kBlockSize] = {};
@@ -189,7 +196,7 @@ __global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOpe
     }
   }
   unsigned lossy = 0;
-  emit_folded(seg, valid, codes, scale, m, b, k, fstride, out, &lossy);
+  emit_folded(seg, valid, codes, scale, m, b, k, fstride, out, &lossy, &table);
   if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }
 

@@ -59,11 +59,32 @@ MICROMIX_HD FoldKey fold_key(const uint8_t* codes, uint8_t scale) {
   }
 }
 
+// Payloads inside the exact windows, tabulated with encode_elem/decode_elem: one lookup
+// per element instead of a decode and an encode (880 bytes, kept in shared memory).
+struct FoldTable {
+  uint8_t fp4[15][16];  // shift -8..6, every E2M1 code (sign included)
+  uint8_t fp6[10][64];  // shift -5..4, every E3M2 code
+};
+inline constexpr int kFoldTableEntries = 15 * 16 + 10 * 64;
+
+MICROMIX_HD void fold_table_fill(FoldTable& t, int i) {
+  if (i < 15 * 16) {
+    t.fp4[i / 16][i % 16] = encode_elem(ElemFormat::E4M3, decode_elem(ElemFormat::E2M1, static_cast<uint8_t>(i % 16)) *
+                                                              exp2i(i / 16 + fold_window_bottom(ElemFormat::E2M1)));
+  } else {
+    i -= 15 * 16;
+    t.fp6[i / 64][i % 64] = encode_elem(ElemFormat::E4M3, decode_elem(ElemFormat::E3M2, static_cast<uint8_t>(i % 64)) *
+                                                              exp2i(i / 64 + fold_window_bottom(ElemFormat::E3M2)));
+  }
+}
+
 // Writes 32 payload bytes for one block given its group's combined key; returns the
 // block's factor 2^E (NaN for a NaN group). Adds to *lossy the number of elements whose
-// payload times the factor differs from the MX value.
+// payload times the factor differs from the MX value. With a table, shifts inside the
+// window take one lookup per element (same bytes as the computed path).
 template <ElemFormat F>
-MICROMIX_HD float fold_payload(const uint8_t* codes, uint8_t scale, FoldKey group, uint8_t* payload, unsigned* lossy) {
+MICROMIX_HD float fold_payload(const uint8_t* codes, uint8_t scale, FoldKey group, uint8_t* payload, unsigned* lossy,
+                               const FoldTable* table = nullptr) {
   const int s = static_cast<int>(scale) - kScaleBias;
   if (scale == kScaleNaN || (is_folded_format(F) && group.nan)) {
     MICROMIX_UNROLL
@@ -76,6 +97,13 @@ MICROMIX_HD float fold_payload(const uint8_t* codes, uint8_t scale, FoldKey grou
     return exp2i(s);
   } else {
     const int e = group.key == INT_MIN ? 0 : group.key;
+    if (table != nullptr && s - e >= fold_window_bottom(F) && s - e <= fold_window_top(F)) {
+      const uint8_t* row = F == ElemFormat::E2M1 ? table->fp4[s - e - fold_window_bottom(F)]
+                                                 : table->fp6[s - e - fold_window_bottom(F)];
+      MICROMIX_UNROLL
+      for (int i = 0; i < kBlockSize; ++i) payload[i] = row[codes[i]];
+      return exp2i(e);
+    }
     const int d = s - e < -40 ? -40 : s - e;  // below 2^-40 every element rounds to zero anyway
     const float shift = exp2i(d);
     unsigned bad = 0;
