@@ -6,10 +6,10 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../../.."
-work="${TMPDIR:-/tmp}/micromix-cuda-on-cpu"
+work="${WORK_DIR:-${TMPDIR:-/tmp}/micromix-cuda-on-cpu}"
 mkdir -p "$work"
 for f in mx_quant mx_gemm mx_decode; do python3 "$here/transform.py" "$root/cuda/$f.cu" "$work/$f.cpp"; done
-cuda_inc="${CUDA_HOME:-/usr/local/cuda}/include"
+cuda_inc="${CUDA_INCLUDE:-${CUDA_HOME:-/usr/local/cuda}/include}"
 g++ -std=c++20 -O1 -ffp-contract=off -w -x c++ "$root/tests/cuda/test_mx_kernels.cu" "$work/mx_quant.cpp" \
   "$work/mx_gemm.cpp" "$work/mx_decode.cpp" "$here/runtime.cpp" "$root/src/mx/tensor.cpp" \
   -I"$here" -I"$root/include" -I"$root/cuda" -I"$cuda_inc" -lgtest -lgtest_main -lpthread -fopenmp \
