@@ -346,6 +346,15 @@ void bench_layer(Lt& lt, const Layer& L, const std::vector<int64_t>& ms) {
       const double tf = time_us(
           [&](int i) { CKB(mx_gemm_fp8(A.folded(), mix.W[i].folded(), M, N, p, y.ptr, g_stream)); }, mc, graph);
       add_row(L, mix.name, "mx_fp8", M, tf, N * K + M * K + N * (K / 32.0) * 4 + M * (K / 32.0) * 4 + 2.0 * M * N);
+      if (M >= 2048) {  // the other MMA schedule, for comparison
+        const double tc = time_us(
+            [&](int i) {
+              CKB(mx_gemm_fp8(A.folded(), mix.W[i].folded(), M, N, p, y.ptr, g_stream, Fp8Schedule::Concurrent));
+            },
+            mc, graph);
+        add_row(L, mix.name, "mx_fp8_concurrent", M, tc,
+                N * K + M * K + N * (K / 32.0) * 4 + M * (K / 32.0) * 4 + 2.0 * M * N);
+      }
       if (M <= kDecodeMaxM) {
         const double td = time_us(
             [&](int i) { CKB(mx_gemm_decode(A.segments(), mix.W[i].segments(), M, N, p, y.ptr, ws.ptr, g_stream)); },

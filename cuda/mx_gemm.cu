@@ -156,6 +156,16 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p) {
   return d;
 }
 
+// Named barriers ordering the two consumer warpgroups' MMA issue (ids 1 and 2).
+template <int kId>
+__device__ __forceinline__ void named_bar_sync() {
+  asm volatile("bar.sync %0, 256;" ::"n"(kId) : "memory");
+}
+template <int kId>
+__device__ __forceinline__ void named_bar_arrive() {
+  asm volatile("bar.arrive %0, 256;" ::"n"(kId) : "memory");
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
@@ -168,16 +178,41 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float* d, uint64_t da, uin
       : "l"(da), "l"(db), "r"(scale_d));
 }
 
+// Alternating schedule: the consumer warpgroups take turns issuing their MMAs, group by
+// group (warpgroup 0 first), so that one promotes while the tensor cores run the other's
+// MMAs. Warpgroup w waits on named barrier 1 + w before issuing and, after issuing, arrives
+// on the other's; the last signal of warpgroup 1 has no partner and is skipped.
+struct Turn {
+  bool enabled;
+  int wg;
+  int group = 0;  // groups issued so far by this warpgroup
+  int total;      // groups in the whole K loop (the same for both warpgroups)
+  __device__ __forceinline__ void wait() {
+    if (!enabled) return;
+    if (wg == 1) named_bar_sync<2>();
+    else if (group > 0) named_bar_sync<1>();
+  }
+  __device__ __forceinline__ void pass() {
+    if (enabled) {
+      if (wg == 0) named_bar_arrive<2>();
+      else if (group + 1 < total) named_bar_arrive<1>();
+    }
+    ++group;
+  }
+};
+
 // One group of n (1..4) consecutive 32-blocks starting at j0: n wgmma k32 into tmp,
 // then acc += tmp * (factor_a[row] * factor_w[col]).
 __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, uint64_t db, int j0, int n,
-                                          const float* fa, const float* fw, int row0, int lane) {
+                                          const float* fa, const float* fw, int row0, int lane, Turn& turn) {
+  turn.wait();
   wgmma_fence();
   wgmma_m64n128k32_e4m3(tmp, da + 2 * j0, db + 2 * j0, 0);
   if (n > 1) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 1), db + 2 * (j0 + 1), 1);
   if (n > 2) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 2), db + 2 * (j0 + 2), 1);
   if (n > 3) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 3), db + 2 * (j0 + 3), 1);
   wgmma_commit();
+  turn.pass();
   wgmma_wait0();
   const float a0 = fa[row0 * 4 + j0], a1 = fa[(row0 + 8) * 4 + j0];
 #pragma unroll
@@ -191,6 +226,7 @@ __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, u
   }
 }
 
+template <bool kAlternate>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_fp8_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                     const __grid_constant__ CUtensorMap map_fa, const __grid_constant__ CUtensorMap map_fw,
@@ -236,6 +272,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc[64], tmp[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = tmp[i] = 0.0f;
+  const int folded_blocks = min(k8b, nblk);
+  Turn turn{kAlternate, wg, 0, (folded_blocks + 3) / 4 + (nblk - folded_blocks)};
 
   for (int t = 0; t < ntiles; ++t) {
     const int s = t % kStages;
@@ -248,10 +286,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float* fw = fac_w + s * (kFactorBytes / 4);
     int j = 0;
     if (nf > 0) {
-      run_group(acc, tmp, da, db, 0, nf, fa, fw, row0, lane);
+      run_group(acc, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
       j = nf;
     }
-    for (; j < nb; ++j) run_group(acc, tmp, da, db, j, 1, fa, fw, row0, lane);
+    for (; j < nb; ++j) run_group(acc, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[s]);
   }
@@ -313,7 +351,7 @@ cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, 
 }
 
 cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, Fp8Schedule schedule) {
   if (!plan.valid() || M > INT32_MAX || N > INT32_MAX) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   const int k = plan.k(), fstride = folded_fstride(k);
@@ -326,12 +364,20 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
   static std::once_flag once;
   static cudaError_t attr = cudaSuccess;
   std::call_once(once, [] {
-    attr = cudaFuncSetAttribute(gemm_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    attr = cudaFuncSetAttribute(gemm_fp8_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (attr == cudaSuccess)
+      attr = cudaFuncSetAttribute(gemm_fp8_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   });
   if (attr != cudaSuccess) return attr;
   const dim3 grid(static_cast<unsigned>((N + kBN - 1) / kBN), static_cast<unsigned>((M + kBM - 1) / kBM));
-  gemm_fp8_kernel<<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M), static_cast<int>(N),
-                                                          plan.blocks(), plan.first_fp8_block());
+  if (schedule == Fp8Schedule::Alternating)
+    gemm_fp8_kernel<true><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M),
+                                                                  static_cast<int>(N), plan.blocks(),
+                                                                  plan.first_fp8_block());
+  else
+    gemm_fp8_kernel<false><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M),
+                                                                   static_cast<int>(N), plan.blocks(),
+                                                                   plan.first_fp8_block());
   return cudaGetLastError();
 }
 

@@ -73,9 +73,12 @@ cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, 
                               cudaStream_t stream);
 
 // Fast path (sm_90a): FP8 wgmma on folded operands, one fp32 promotion per 128-K tile
-// for the MXFP4/MXFP6 part and per 32-block for the MXFP8 part.
+// for the MXFP4/MXFP6 part and per 32-block for the MXFP8 part. The two consumer
+// warpgroups of a CTA either take turns issuing their MMAs (Alternating: one promotes
+// while the other's MMAs run) or issue them as they come (Concurrent).
+enum class Fp8Schedule { Alternating, Concurrent };
 cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
-                        cudaStream_t stream);
+                        cudaStream_t stream, Fp8Schedule schedule = Fp8Schedule::Alternating);
 
 // Decode path (M <= 16): streams the packed weights. workspace: fp32 [M, N] scratch.
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,

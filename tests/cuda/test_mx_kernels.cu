@@ -311,13 +311,17 @@ GemmResult compare(const std::vector<uint16_t>& y, const std::vector<double>& r,
   return g;
 }
 
-enum class Path { Reference, Fp8, Decode };
-const char* path_name(Path p) { return p == Path::Reference ? "reference" : p == Path::Fp8 ? "fp8" : "decode"; }
+enum class Path { Reference, Fp8, Fp8Concurrent, Decode };
+const char* path_name(Path p) {
+  return p == Path::Reference ? "reference" : p == Path::Fp8 ? "fp8" : p == Path::Fp8Concurrent ? "fp8-concurrent" : "decode";
+}
 
 cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, int64_t N, uint16_t* y, float* ws) {
   switch (p) {
     case Path::Reference: return mx_gemm_reference(A.segments(), W.segments(), M, N, A.plan, y, nullptr);
     case Path::Fp8: return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr);
+    case Path::Fp8Concurrent:
+      return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Concurrent);
     default: return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr);
   }
 }
@@ -372,13 +376,14 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   reference(ha, hw, r, s, spread ? &tt : nullptr);
   DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
   DeviceBuffer<float> ws(static_cast<size_t>(std::min<int64_t>(M, kDecodeMaxM)) * N);
-  for (Path p : {Path::Reference, Path::Fp8, Path::Decode}) {
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Decode}) {
     if (p == Path::Decode && M > kDecodeMaxM) continue;
     CK(cudaMemset(y.ptr, 0xFF, y.count * 2));  // NaN poison
     CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
     CK(cudaDeviceSynchronize());
     const auto yh = y.download();
-    const GemmResult g = compare(yh, r, s, std::ldexp(1.0, -10), spread && p == Path::Fp8 ? &tt : nullptr);
+    const bool fp8 = p == Path::Fp8 || p == Path::Fp8Concurrent;
+    const GemmResult g = compare(yh, r, s, std::ldexp(1.0, -10), spread && fp8 ? &tt : nullptr);
     std::printf("  [%s] M=%lld N=%lld K=%d plan=%d/%d/%d%s: max err/bound %.3g, rel norm err %.3g, lossy %llu\n",
                 path_name(p), static_cast<long long>(M), static_cast<long long>(N), K, c.plan.p4, c.plan.p6, c.plan.p8,
                 spread ? " (spread)" : "", g.max_ratio, g.rel_norm, n_lossy);
@@ -440,7 +445,7 @@ TEST(MxGemm, SmallNanPropagation) {
   CK(fold_operand(W.segments(), N, plan, W.folded(), nullptr, nullptr));
   DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
   DeviceBuffer<float> ws(static_cast<size_t>(M) * N);
-  for (Path p : {Path::Reference, Path::Fp8, Path::Decode}) {
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Decode}) {
     CK(cudaMemset(y.ptr, 0, y.count * 2));
     CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
     CK(cudaDeviceSynchronize());

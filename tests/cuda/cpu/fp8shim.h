@@ -7,6 +7,7 @@
 #pragma once
 #include <cuda.h>
 #include <map>
+#include <condition_variable>
 #include <mutex>
 #include "micromix/mx/format.h"
 namespace emu8 {
@@ -54,6 +55,22 @@ inline uint64_t smem_desc(const void* p) {
   uint64_t d = static_cast<uint64_t>((emu8::off(p) & 0x3FFFF) >> 4);
   d |= static_cast<uint64_t>(1) << 16; d |= static_cast<uint64_t>(1024 >> 4) << 32; d |= static_cast<uint64_t>(1) << 62;
   return d;
+}
+// named barriers: bar.sync waits for the phase to complete, bar.arrive does not
+struct NamedBar { int count = 0; uint64_t gen = 0; };
+inline NamedBar named_bars[16];
+inline std::condition_variable named_cv;
+template <int kId> void named_bar_sync() {
+  std::unique_lock l(emu8::mu);
+  NamedBar& b = named_bars[kId];
+  if (++b.count == 256) { b.count = 0; ++b.gen; named_cv.notify_all(); return; }
+  const uint64_t g = b.gen;
+  named_cv.wait(l, [&] { return b.gen != g; });
+}
+template <int kId> void named_bar_arrive() {
+  std::lock_guard l(emu8::mu);
+  NamedBar& b = named_bars[kId];
+  if (++b.count == 256) { b.count = 0; ++b.gen; named_cv.notify_all(); }
 }
 inline void wgmma_fence() {}
 inline void wgmma_commit() {}

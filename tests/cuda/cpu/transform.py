@@ -14,7 +14,7 @@ extra = '\n#include "fp8shim.h"' if 'gemm_fp8_kernel' in s else ''
 s = s.replace('#include "mx_kernels.h"', '#include "shim.h"\n#include "mx_kernels.h"' + extra, 1)
 if 'gemm_fp8_kernel' in s:
     a = s.index('__device__ __forceinline__ uint32_t smem_u32')
-    b = s.index('// One group of n')
+    b = s.index('// Alternating schedule')
     s = s[:a] + s[b:]
     s = s.replace('asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");', '')
     a = s.index('PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder()')
