@@ -343,7 +343,7 @@ bool make_map(CUtensorMap* map, CUtensorMapDataType type, size_t elem_bytes, con
 
 cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                               cudaStream_t stream) {
-  if (!plan.valid()) return cudaErrorInvalidValue;
+  if (!plan.valid() || (M + kRefTile - 1) / kRefTile > 65535) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((N + kRefTile - 1) / kRefTile), static_cast<unsigned>((M + kRefTile - 1) / kRefTile));
   gemm_ref_kernel<<<grid, 128, 0, stream>>>(A, W, M, N, plan, Y);
@@ -352,7 +352,7 @@ cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, 
 
 cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                         cudaStream_t stream, Fp8Schedule schedule) {
-  if (!plan.valid() || M > INT32_MAX || N > INT32_MAX) return cudaErrorInvalidValue;
+  if (!plan.valid() || (M + kBM - 1) / kBM > 65535 || N > INT32_MAX) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   const int k = plan.k(), fstride = folded_fstride(k);
   CUtensorMap ma, mw, mfa, mfw;
