@@ -1,7 +1,7 @@
 // micromix GEMM benchmark: the mixed MX kernels next to cuBLAS BF16 and cuBLASLt FP8
 // (per-tensor scales) on Llama-3.1-8B linear-layer shapes, in one run.
 //
-//   mx_gemm_bench [--out DIR] [--quick]
+//   mx_gemm_bench [--out DIR] [--quick] [--profile]
 //
 // Timing: CUDA events around batches of launches (CUDA graphs for M <= 128), after a
 // warm-up; median over repeats; inputs rotated over several copies so that small
@@ -405,11 +405,48 @@ double bench_copy(size_t bytes) {
 
 }  // namespace
 
+// --profile: one launch of each kernel at the target shapes (M = 8192 prefill, M = 1 decode,
+// activation quantization of 8192 x 4096), for a profiler to look at; no timing.
+int profile_run() {
+  const Layer& L = kLayers[0];  // qkv: N = 6144, K = 4096, the authors' plan
+  const int64_t N = L.n, K = L.k, M = 8192;
+  const MixPlan p{static_cast<int>(K) - L.p6 - L.p8, L.p6, L.p8};
+  std::normal_distribution<float> nd(0.0f, 0.02f);
+  std::vector<float> wf(N * K);
+  for (auto& v : wf) v = nd(g_rng);
+  DeviceMx W(p, N, true), A(p, M, true);
+  W.upload(quantize_segments(wf, N, p, mx::ScaleRule::Ceil));
+  CKB(fold_operand(W.segments(), N, p, W.folded(), nullptr, nullptr));
+  DeviceBuffer<uint16_t> x(M * K), y(M * N), gamma(K);
+  x.upload(rand_bf16(M * K, 1.0f));
+  gamma.upload(rand_bf16(K, 1.0f));
+  DeviceBuffer<int32_t> perm(K);
+  std::vector<int32_t> h(K);
+  for (int i = 0; i < K; ++i) h[i] = i;
+  std::shuffle(h.begin(), h.end(), g_rng);
+  perm.upload(h);
+  DeviceBuffer<float> ws(kDecodeMaxM * N);
+  for (int rep = 0; rep < 2; ++rep) {
+    CKB(quantize_activations(x.ptr, M, K, perm.ptr, p, mx::ScaleRule::Ceil, MxSegments{}, A.folded(), nullptr, nullptr));
+    CKB(quantize_activations(x.ptr, M, K, perm.ptr, p, mx::ScaleRule::Ceil, A.segments(), FoldedOperand{}, nullptr, nullptr));
+    CKB(rmsnorm_quantize_activations(x.ptr, M, K, gamma.ptr, 1e-5f, perm.ptr, p, mx::ScaleRule::Ceil, MxSegments{},
+                                     A.folded(), nullptr, nullptr, nullptr));
+    CKB(mx_gemm_fp8(A.folded(), W.folded(), M, N, p, y.ptr, nullptr));
+    CKB(mx_gemm_fp8(A.folded(), W.folded(), M, N, p, y.ptr, nullptr, Fp8Schedule::Concurrent));
+    CKB(mx_gemm_decode(A.segments(), W.segments(), 1, N, p, y.ptr, ws.ptr, nullptr));
+    CKB(mx_gemm_decode(A.segments(), W.segments(), 16, N, p, y.ptr, ws.ptr, nullptr));
+  }
+  CKB(cudaDeviceSynchronize());
+  std::printf("profile run done\n");
+  return 0;
+}
+
 int main(int argc, char** argv) {
   std::string out = ".";
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
     else if (!std::strcmp(argv[i], "--quick")) g_quick = true;
+    else if (!std::strcmp(argv[i], "--profile")) return profile_run();
   }
   std::string cmd;
   for (int i = 0; i < argc; ++i) cmd += (i ? " " : "") + std::string(argv[i]);

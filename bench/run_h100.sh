@@ -2,6 +2,7 @@
 # Build the micromix CUDA kernels, tests and benchmark with nvcc alone (no other
 # dependency than CUDA and a googletest source tree) and run the requested stages on
 # the GPU machine:  bench/run_h100.sh [build] [test] [sanitize] [bench] [bench-quick] [ncu]
+# (ncu: Nsight Compute sections for one launch of each kernel at the target shapes).
 # Logs and results go to $OUT (default ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,12 @@ for s in "$@"; do
   bench-quick)
     stage bench-quick
     timeout 300 "$B/mx_gemm_bench" --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -3 ;;
+  ncu)
+    stage ncu
+    timeout 400 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      --section WarpStateStats --section Occupancy -k 'regex:gemm_fp8|decode_kernel|act_quant' \
+      --launch-skip 7 --launch-count 7 "$B/mx_gemm_bench" --profile >"$OUT/ncu.txt" 2>&1
+    echo "ncu exit $?"; grep -E "gemm_fp8|decode_kernel|act_quant|Duration|Throughput|DRAM Throughput" "$OUT/ncu.txt" | head -60 ;;
   esac
 done
 stage done
