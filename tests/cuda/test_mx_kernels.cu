@@ -400,6 +400,7 @@ TEST(MxGemm, SmallShapes) {
       {9, 40, {0, 96, 0}},     {33, 257, {96, 96, 96}}, {129, 136, {512 - 160 - 96, 160, 96}},
       // decode with K split over CTAs (fp32 atomics + bf16 pass)
       {3, 48, {4096 - 384 - 640, 384, 640}}, {16, 24, {1024, 0, 1024}}, {1, 40, {0, 2048, 96}},
+      {2, 72, {128, 64, 64}},
   };
   for (const auto& c : cases) run_gemm_case(c);
 }
