@@ -12,6 +12,7 @@
 #include <mma.h>
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <mutex>
 
 #include "mx_kernels.h"
@@ -177,8 +178,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* fac_w = reinterpret_cast<float*>(base + 2 * kStages * kTileBytes + kStages * kFactorBytes);
   uint64_t* full = reinterpret_cast<uint64_t*>(base + kStages * kStageBytes);
   uint64_t* empty = full + kStages;
-  const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
-  const int ntiles = (nblk + 3) / 4;
+  // Persistent CTAs: output tiles blockIdx.x, + gridDim.x, ... (N-tile index fastest, so
+  // the CTAs running together share A tiles); the shared-memory ring and its phases run on
+  // across output tiles, so the producer loads the next tile while the consumers store.
+  const int tiles_n = (N + kBN - 1) / kBN;
+  const int num_tiles = tiles_n * ((M + kBM - 1) / kBM);
+  const int ktiles = (nblk + 3) / 4;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -191,14 +196,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all copies
     if (threadIdx.x == 0) {
-      for (int t = 0; t < ntiles; ++t) {
-        const int s = t % kStages;
-        if (t >= kStages) mbar_wait(&empty[s], ((t / kStages) - 1) & 1);
-        mbar_expect_tx(&full[s], kStageBytes);
-        tma_load_2d(tiles_a + s * kTileBytes, &map_a, &full[s], t * kBK, m0);
-        tma_load_2d(tiles_w + s * kTileBytes, &map_w, &full[s], t * kBK, n0);
-        tma_load_2d(reinterpret_cast<uint8_t*>(fac_a) + s * kFactorBytes, &map_fa, &full[s], t * 4, m0);
-        tma_load_2d(reinterpret_cast<uint8_t*>(fac_w) + s * kFactorBytes, &map_fw, &full[s], t * 4, n0);
+      int it = 0;  // k-tiles issued by this CTA so far
+      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
+        for (int t = 0; t < ktiles; ++t, ++it) {
+          const int s = it % kStages;
+          if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) - 1) & 1);
+          mbar_expect_tx(&full[s], kStageBytes);
+          tma_load_2d(tiles_a + s * kTileBytes, &map_a, &full[s], t * kBK, m0);
+          tma_load_2d(tiles_w + s * kTileBytes, &map_w, &full[s], t * kBK, n0);
+          tma_load_2d(reinterpret_cast<uint8_t*>(fac_a) + s * kFactorBytes, &map_fa, &full[s], t * 4, m0);
+          tma_load_2d(reinterpret_cast<uint8_t*>(fac_w) + s * kFactorBytes, &map_fw, &full[s], t * 4, n0);
+        }
       }
     }
     return;
@@ -209,47 +218,65 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int row0 = wg * 64 + warp * 16 + lane / 4;  // this thread's first row in the CTA tile
   float acc[64], tmp[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = tmp[i] = 0.0f;
+  for (int i = 0; i < 64; ++i) tmp[i] = 0.0f;
   const int folded_blocks = min(k8b, nblk);
-  Turn turn{kAlternate, wg, 0, (folded_blocks + 3) / 4 + (nblk - folded_blocks)};
-
-  for (int t = 0; t < ntiles; ++t) {
-    const int s = t % kStages;
-    mbar_wait(&full[s], (t / kStages) & 1);
-    const int nb = min(4, nblk - 4 * t);
-    const int nf = folded_blocks_in_tile(t, nblk, k8b);
-    const uint64_t da = smem_desc(tiles_a + s * kTileBytes + wg * 64 * kBK);
-    const uint64_t db = smem_desc(tiles_w + s * kTileBytes);
-    const float* fa = fac_a + s * (kFactorBytes / 4);
-    const float* fw = fac_w + s * (kFactorBytes / 4);
-    int j = 0;
-    if (nf > 0) {
-      run_group(acc, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
-      j = nf;
-    }
-    for (; j < nb; ++j) run_group(acc, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);
-  }
-
+  const int groups_per_tile = (folded_blocks + 3) / 4 + (nblk - folded_blocks);
+  const int my_tiles = (num_tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+  Turn turn{kAlternate, wg, 0, groups_per_tile * my_tiles};
   const bool pair_ok = (N % 2) == 0;
+
+  int it = 0;
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
 #pragma unroll
-  for (int jj = 0; jj < kBN / 8; ++jj) {
-    const int col = n0 + jj * 8 + 2 * (lane % 4);
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    for (int t = 0; t < ktiles; ++t, ++it) {
+      const int s = it % kStages;
+      mbar_wait(&full[s], (it / kStages) & 1);
+      const int nb = min(4, nblk - 4 * t);
+      const int nf = folded_blocks_in_tile(t, nblk, k8b);
+      const uint64_t da = smem_desc(tiles_a + s * kTileBytes + wg * 64 * kBK);
+      const uint64_t db = smem_desc(tiles_w + s * kTileBytes);
+      const float* fa = fac_a + s * (kFactorBytes / 4);
+      const float* fw = fac_w + s * (kFactorBytes / 4);
+      int j = 0;
+      if (nf > 0) {
+        run_group(acc, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
+        j = nf;
+      }
+      for (; j < nb; ++j) run_group(acc, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);
+    }
+
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = m0 + row0 + 8 * h;
-      if (row >= M) continue;
-      const uint16_t v0 = float_to_bf16_bits(acc[4 * jj + 2 * h]), v1 = float_to_bf16_bits(acc[4 * jj + 2 * h + 1]);
-      uint16_t* y = Y + static_cast<int64_t>(row) * N + col;
-      if (pair_ok && col + 1 < N) {
-        *reinterpret_cast<uint32_t*>(y) = static_cast<uint32_t>(v0) | (static_cast<uint32_t>(v1) << 16);
-      } else {
-        if (col < N) y[0] = v0;
-        if (col + 1 < N) y[1] = v1;
+    for (int jj = 0; jj < kBN / 8; ++jj) {
+      const int col = n0 + jj * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + row0 + 8 * h;
+        if (row >= M) continue;
+        const uint16_t v0 = float_to_bf16_bits(acc[4 * jj + 2 * h]), v1 = float_to_bf16_bits(acc[4 * jj + 2 * h + 1]);
+        uint16_t* y = Y + static_cast<int64_t>(row) * N + col;
+        if (pair_ok && col + 1 < N) {
+          *reinterpret_cast<uint32_t*>(y) = static_cast<uint32_t>(v0) | (static_cast<uint32_t>(v1) << 16);
+        } else {
+          if (col < N) y[0] = v0;
+          if (col + 1 < N) y[1] = v1;
+        }
       }
     }
   }
+}
+
+int sm_count() {
+  static int count = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return 132;
+    return n > 0 ? n : 132;
+  }();
+  return count;
 }
 
 }  // namespace
@@ -265,7 +292,7 @@ cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, 
 
 cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                         cudaStream_t stream, Fp8Schedule schedule) {
-  if (!plan.valid() || (M + kBM - 1) / kBM > 65535 || N > INT32_MAX) return cudaErrorInvalidValue;
+  if (!plan.valid() || ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM) > INT32_MAX) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   const int k = plan.k(), fstride = folded_fstride(k);
   CUtensorMap ma, mw, mfa, mfw;
@@ -282,7 +309,8 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
       attr = cudaFuncSetAttribute(gemm_fp8_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   });
   if (attr != cudaSuccess) return attr;
-  const dim3 grid(static_cast<unsigned>((N + kBN - 1) / kBN), static_cast<unsigned>((M + kBM - 1) / kBM));
+  const int64_t num_tiles = ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(num_tiles, sm_count())));
   if (schedule == Fp8Schedule::Alternating)
     gemm_fp8_kernel<true><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M),
                                                                   static_cast<int>(N), plan.blocks(),
