@@ -309,10 +309,14 @@ void bench_layer(Lt& lt, const Layer& L, const std::vector<int64_t>& ms) {
         CKB(cudaDeviceSynchronize());
         g_checks.push_back({L.name, mix.name, "mx_fp8", M, rel_err(y, yref, M * N)});
         if (M <= kDecodeMaxM) {
-          CKB(cudaMemset(y.ptr, 0xFF, M * N * 2));
-          CKB(mx_gemm_decode(mix.A.segments(), mix.W[0].segments(), M, N, mix.plan, y.ptr, ws.ptr, nullptr));
-          CKB(cudaDeviceSynchronize());
-          g_checks.push_back({L.name, mix.name, "mx_decode", M, rel_err(y, yref, M * N)});
+          for (DecodeKernel kernel : {DecodeKernel::CudaCores, DecodeKernel::TensorCores}) {
+            CKB(cudaMemset(y.ptr, 0xFF, M * N * 2));
+            CKB(mx_gemm_decode(mix.A.segments(), mix.W[0].segments(), M, N, mix.plan, y.ptr, ws.ptr, nullptr, kernel));
+            CKB(cudaDeviceSynchronize());
+            g_checks.push_back({L.name, mix.name,
+                                kernel == DecodeKernel::CudaCores ? "mx_decode_cuda_cores" : "mx_decode_tensor_cores", M,
+                                rel_err(y, yref, M * N)});
+          }
         }
       }
     }
@@ -356,11 +360,17 @@ void bench_layer(Lt& lt, const Layer& L, const std::vector<int64_t>& ms) {
                 N * K + M * K + N * (K / 32.0) * 4 + M * (K / 32.0) * 4 + 2.0 * M * N);
       }
       if (M <= kDecodeMaxM) {
-        const double td = time_us(
-            [&](int i) { CKB(mx_gemm_decode(A.segments(), mix.W[i].segments(), M, N, p, y.ptr, ws.ptr, g_stream)); },
-            mc, graph);
-        add_row(L, mix.name, "mx_decode", M, td,
-                mix.wbytes + M * (p.p4 / 2.0 + p.p6 * 0.75 + p.p8 + K / 32.0) + 2.0 * M * N);
+        const double dbytes = mix.wbytes + M * (p.p4 / 2.0 + p.p6 * 0.75 + p.p8 + K / 32.0) + 2.0 * M * N;
+        const std::pair<DecodeKernel, const char*> variants[] = {{DecodeKernel::CudaCores, "mx_decode_cuda_cores"},
+                                                                 {DecodeKernel::TensorCores, "mx_decode_tensor_cores"}};
+        for (const auto& [kernel, name] : variants) {
+          const double td = time_us(
+              [&](int i) {
+                CKB(mx_gemm_decode(A.segments(), mix.W[i].segments(), M, N, p, y.ptr, ws.ptr, g_stream, kernel));
+              },
+              mc, graph);
+          add_row(L, mix.name, name, M, td, dbytes);
+        }
       }
       // activation quantization of this layer's input: folded (GEMM operand) and packed outputs
       const FoldedOperand fo = A.folded();
@@ -433,7 +443,8 @@ int profile_run() {
                                      A.folded(), nullptr, nullptr, nullptr));
     CKB(mx_gemm_fp8(A.folded(), W.folded(), M, N, p, y.ptr, nullptr));
     CKB(mx_gemm_fp8(A.folded(), W.folded(), M, N, p, y.ptr, nullptr, Fp8Schedule::Concurrent));
-    CKB(mx_gemm_decode(A.segments(), W.segments(), 1, N, p, y.ptr, ws.ptr, nullptr));
+    CKB(mx_gemm_decode(A.segments(), W.segments(), 1, N, p, y.ptr, ws.ptr, nullptr, DecodeKernel::CudaCores));
+    CKB(mx_gemm_decode(A.segments(), W.segments(), 1, N, p, y.ptr, ws.ptr, nullptr, DecodeKernel::TensorCores));
     CKB(mx_gemm_decode(A.segments(), W.segments(), 16, N, p, y.ptr, ws.ptr, nullptr));
   }
   CKB(cudaDeviceSynchronize());

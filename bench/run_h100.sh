@@ -51,7 +51,7 @@ for s in "$@"; do
     stage ncu
     timeout 400 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
       --section WarpStateStats --section Occupancy -k 'regex:gemm_fp8|decode_kernel|act_quant' \
-      --launch-skip 7 --launch-count 7 "$B/mx_gemm_bench" --profile >"$OUT/ncu.txt" 2>&1
+      --launch-skip 8 --launch-count 8 "$B/mx_gemm_bench" --profile >"$OUT/ncu.txt" 2>&1
     echo "ncu exit $?"; grep -E "gemm_fp8|decode_kernel|act_quant|Duration|Throughput|DRAM Throughput" "$OUT/ncu.txt" | head -60 ;;
   esac
 done

@@ -356,13 +356,17 @@ cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan p
 }  // namespace
 
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
-                           float* workspace, cudaStream_t stream) {
+                           float* workspace, cudaStream_t stream, DecodeKernel kernel) {
   if (!plan.valid() || M > kDecodeMaxM || N > INT32_MAX) return cudaErrorInvalidValue;
   if (M <= 0 || N == 0) return cudaSuccess;
   const int m = static_cast<int>(M), n = static_cast<int>(N);
+  if (kernel == DecodeKernel::TensorCores || (kernel == DecodeKernel::Auto && m > 2))
+    return launch_decode_tc(A, W, m, n, plan, Y, workspace, stream);
   if (m == 1) return launch_decode<1>(A, W, m, n, plan, Y, workspace, stream);
   if (m == 2) return launch_decode<2>(A, W, m, n, plan, Y, workspace, stream);
-  return launch_decode_tc(A, W, m, n, plan, Y, workspace, stream);
+  if (m <= 4) return launch_decode<4>(A, W, m, n, plan, Y, workspace, stream);
+  if (m <= 8) return launch_decode<8>(A, W, m, n, plan, Y, workspace, stream);
+  return launch_decode<16>(A, W, m, n, plan, Y, workspace, stream);
 }
 
 }  // namespace micromix::cuda

@@ -81,8 +81,10 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
                         cudaStream_t stream, Fp8Schedule schedule = Fp8Schedule::Alternating);
 
 // Decode path (M <= 16): streams the packed weights. workspace: fp32 [M, N] scratch.
+// Auto takes the CUDA-core kernel for M <= 2 and the tensor-core kernel above.
+enum class DecodeKernel { Auto, CudaCores, TensorCores };
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
-                           float* workspace, cudaStream_t stream);
+                           float* workspace, cudaStream_t stream, DecodeKernel kernel = DecodeKernel::Auto);
 inline constexpr int kDecodeMaxM = 16;
 
 }  // namespace micromix::cuda

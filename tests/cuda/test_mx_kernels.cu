@@ -311,10 +311,18 @@ GemmResult compare(const std::vector<uint16_t>& y, const std::vector<double>& r,
   return g;
 }
 
-enum class Path { Reference, Fp8, Fp8Concurrent, Decode };
+enum class Path { Reference, Fp8, Fp8Concurrent, Decode, DecodeCudaCores, DecodeTensorCores };
 const char* path_name(Path p) {
-  return p == Path::Reference ? "reference" : p == Path::Fp8 ? "fp8" : p == Path::Fp8Concurrent ? "fp8-concurrent" : "decode";
+  switch (p) {
+    case Path::Reference: return "reference";
+    case Path::Fp8: return "fp8";
+    case Path::Fp8Concurrent: return "fp8-concurrent";
+    case Path::Decode: return "decode";
+    case Path::DecodeCudaCores: return "decode-cuda-cores";
+    default: return "decode-tensor-cores";
+  }
 }
+bool is_decode(Path p) { return p == Path::Decode || p == Path::DecodeCudaCores || p == Path::DecodeTensorCores; }
 
 cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, int64_t N, uint16_t* y, float* ws) {
   switch (p) {
@@ -322,7 +330,11 @@ cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, in
     case Path::Fp8: return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr);
     case Path::Fp8Concurrent:
       return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Concurrent);
-    default: return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr);
+    case Path::Decode: return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr);
+    case Path::DecodeCudaCores:
+      return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::CudaCores);
+    default:
+      return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::TensorCores);
   }
 }
 
@@ -376,8 +388,8 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   reference(ha, hw, r, s, spread ? &tt : nullptr);
   DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
   DeviceBuffer<float> ws(static_cast<size_t>(std::min<int64_t>(M, kDecodeMaxM)) * N);
-  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Decode}) {
-    if (p == Path::Decode && M > kDecodeMaxM) continue;
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
+    if (is_decode(p) && M > kDecodeMaxM) continue;
     CK(cudaMemset(y.ptr, 0xFF, y.count * 2));  // NaN poison
     CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
     CK(cudaDeviceSynchronize());
@@ -446,7 +458,7 @@ TEST(MxGemm, SmallNanPropagation) {
   CK(fold_operand(W.segments(), N, plan, W.folded(), nullptr, nullptr));
   DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
   DeviceBuffer<float> ws(static_cast<size_t>(M) * N);
-  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Decode}) {
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
     CK(cudaMemset(y.ptr, 0, y.count * 2));
     CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
     CK(cudaDeviceSynchronize());
