@@ -145,11 +145,14 @@ MICROMIX_HD uint8_t encode_elem(ElemFormat f, float x) {
     mag = t.max_code;
   } else {
     const int emin = 1 - t.bias;
-    int e = (float_to_bits(a) & 0x7F800000u) ? floor_log2(a) : emin;  // fp32 subnormals sit far below emin
+    // floor(log2 a) from the exponent field; zero and fp32 subnormals sit far below emin.
+    int e = static_cast<int>(float_to_bits(a) >> 23) - 127;
     if (e < emin) e = emin;
-    // a * 2^(mbits - e) is exact; rounding it to an integer picks the neighbour on the
-    // grid of spacing 2^(e - mbits). A carry into the next binade lands on the next code.
-    const uint32_t q = static_cast<uint32_t>(rintf(a * exp2i(t.mbits - e)));
+    // a * 2^(mbits - e) is exact (mbits - e is well inside the normal range for every
+    // format, so 2^(mbits - e) is built from its exponent field); rounding it to an integer
+    // picks the neighbour on the grid of spacing 2^(e - mbits). A carry into the next
+    // binade lands on the next code.
+    const uint32_t q = static_cast<uint32_t>(rintf(a * bits_to_float(static_cast<uint32_t>(127 + t.mbits - e) << 23)));
     mag = (static_cast<uint32_t>(e - emin) << t.mbits) + q;
     if (mag > t.max_code) mag = t.max_code;
   }
@@ -177,9 +180,10 @@ MICROMIX_HD uint8_t block_scale(ElemFormat f, ScaleRule rule, float amax) {
   return static_cast<uint8_t>(b);
 }
 
-// Element code of x in a block whose scale byte is b (b != 0xFF).
+// Element code of x in a block whose scale byte is b (b != 0xFF). x * 2^(127 - b) is one
+// correctly rounded product (2^(127 - b) is an fp32 value for every b), as ldexpf would give.
 MICROMIX_HD uint8_t encode_scaled(ElemFormat f, float x, uint8_t b) {
-  return encode_elem(f, ldexpf(x, kScaleBias - static_cast<int>(b)));
+  return encode_elem(f, x * exp2i(kScaleBias - static_cast<int>(b)));
 }
 
 MICROMIX_HD float decode_scaled(ElemFormat f, uint8_t code, uint8_t b) {

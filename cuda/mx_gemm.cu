@@ -1,0 +1,325 @@
+// The mixed MXFP4/MXFP6/MXFP8 GEMM, Y[M, N] (bf16) = A[M, K] x W[N, K]^T.
+//
+// mx_gemm_reference: exact simple path. Both operands are dequantized into shared
+// memory as bf16 (every MX value with |v| >= 2^-133 is a bf16 value, so this is exact)
+// and multiplied with the bf16 tensor cores (wmma 16x16x16, fp32 accumulation).
+//
+// mx_gemm_fp8: the fast path on folded E4M3 operands (see mx_quant.cu and
+// docs/kernels.md): TMA loads with 128-byte swizzle into a 5-stage shared-memory ring,
+// one producer warp, two consumer warpgroups each issuing wgmma m64n128k32 (FP8) into a
+// temporary accumulator, promoted into the fp32 result once per 128-K tile (times the
+// two operands' factors, exact powers of two) and once per 32-block in the MXFP8 part.
+#include <mma.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "mx_kernels.h"
+#include "mx_ptx.cuh"
+
+namespace micromix::cuda {
+
+namespace {
+
+using namespace micromix::mx;
+using namespace micromix::cuda::ptx;
+
+// ---------------------------------------------------------------------------------
+// Reference path
+// ---------------------------------------------------------------------------------
+
+constexpr int kRefTile = 64;
+constexpr int kRefLd = 40;  // bf16 elements per shared row (32 + 8 padding)
+
+template <ElemFormat F>
+__device__ __forceinline__ void dequant_half_block(const uint8_t* seg_row, int local_block, int half, uint8_t scale,
+                                                   __nv_bfloat16* dst) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const size_t idx = static_cast<size_t>(local_block) * kBlockSize + half * 16 + i;
+    dst[i] = __float2bfloat16_rn(decode_scaled(F, unpack_code(F, seg_row, idx), scale));
+  }
+}
+
+__device__ __forceinline__ void dequant_row_half(const MxSegments& s, const MixPlan& plan, int64_t row, int64_t rows,
+                                                 int b, int half, __nv_bfloat16* dst) {
+  if (row >= rows) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) dst[i] = __float2bfloat16_rn(0.0f);
+    return;
+  }
+  const int nblk = plan.blocks();
+  const uint8_t scale = s.scales[row * nblk + b];
+  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  if (b < b4)
+    dequant_half_block<ElemFormat::E2M1>(s.q4 + row * (plan.p4 / 2), b, half, scale, dst);
+  else if (b < b8)
+    dequant_half_block<ElemFormat::E3M2>(s.q6 + row * (plan.p6 * 3 / 4), b - b4, half, scale, dst);
+  else
+    dequant_half_block<ElemFormat::E4M3>(s.q8 + row * plan.p8, b - b8, half, scale, dst);
+}
+
+__global__ void __launch_bounds__(128) gemm_ref_kernel(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan,
+                                                       uint16_t* Y) {
+  using namespace nvcuda;
+  __shared__ __align__(128) __nv_bfloat16 As[kRefTile * kRefLd];
+  __shared__ __align__(128) __nv_bfloat16 Ws[kRefTile * kRefLd];
+  __shared__ __align__(128) float Cs[kRefTile * (kRefTile + 4)];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRefTile, n0 = static_cast<int64_t>(blockIdx.x) * kRefTile;
+  const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+  const int r = threadIdx.x / 2, half = threadIdx.x % 2;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  for (int b = 0; b < plan.blocks(); ++b) {
+    dequant_row_half(A, plan, m0 + r, M, b, half, As + r * kRefLd + half * 16);
+    dequant_row_half(W, plan, n0 + r, N, b, half, Ws + r * kRefLd + half * 16);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBlockSize; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 32 + i * 16) * kRefLd + kk, kRefLd);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], Ws + (wn * 32 + j * 16) * kRefLd + kk, kRefLd);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * (kRefTile + 4) + wn * 32 + j * 16, acc[i][j], kRefTile + 4,
+                              wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < kRefTile * kRefTile; e += blockDim.x) {
+    const int64_t m = m0 + e / kRefTile, n = n0 + e % kRefTile;
+    if (m < M && n < N) Y[m * N + n] = float_to_bf16_bits(Cs[(e / kRefTile) * (kRefTile + 4) + e % kRefTile]);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// FP8 tensor-core path (sm_90a)
+// ---------------------------------------------------------------------------------
+
+constexpr int kBM = 128, kBN = 128, kBK = 128, kStages = 5;
+constexpr int kTileBytes = kBM * kBK;           // one E4M3 tile of A or W
+constexpr int kFactorBytes = kBM * 4 * 4;       // fp32 factors [128 rows][4 blocks]
+constexpr int kStageBytes = 2 * kTileBytes + 2 * kFactorBytes;
+constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 2 * kStages * 8;
+constexpr int kThreads = 384;  // warpgroup 0: producer; 1 and 2: consumers
+
+// Alternating schedule: the consumer warpgroups take turns issuing their MMAs, group by
+// group (warpgroup 0 first), so that one promotes while the tensor cores run the other's
+// MMAs. Warpgroup w waits on named barrier 1 + w before issuing and, after issuing, arrives
+// on the other's; the last signal of warpgroup 1 has no partner and is skipped.
+struct Turn {
+  bool enabled;
+  int wg;
+  int group = 0;  // groups issued so far by this warpgroup
+  int total;      // groups in the whole K loop (the same for both warpgroups)
+  __device__ __forceinline__ void wait() {
+    if (!enabled) return;
+    if (wg == 1) named_bar_sync<2>();
+    else if (group > 0) named_bar_sync<1>();
+  }
+  __device__ __forceinline__ void pass() {
+    if (enabled) {
+      if (wg == 0) named_bar_arrive<2>();
+      else if (group + 1 < total) named_bar_arrive<1>();
+    }
+    ++group;
+  }
+};
+
+// One group of n (1..4) consecutive 32-blocks starting at j0: n wgmma k32 into tmp,
+// then acc += tmp * (factor_a[row] * factor_w[col]).
+__device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, uint64_t db, int j0, int n,
+                                          const float* fa, const float* fw, int row0, int lane, Turn& turn) {
+  turn.wait();
+  wgmma_fence();
+  wgmma_m64n128k32_e4m3(tmp, da + 2 * j0, db + 2 * j0, 0);
+  if (n > 1) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 1), db + 2 * (j0 + 1), 1);
+  if (n > 2) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 2), db + 2 * (j0 + 2), 1);
+  if (n > 3) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 3), db + 2 * (j0 + 3), 1);
+  wgmma_commit();
+  turn.pass();
+  wgmma_wait0();
+  const float a0 = fa[row0 * 4 + j0], a1 = fa[(row0 + 8) * 4 + j0];
+#pragma unroll
+  for (int jj = 0; jj < kBN / 8; ++jj) {
+    const int c = jj * 8 + 2 * (lane % 4);
+    const float w0 = fw[c * 4 + j0], w1 = fw[(c + 1) * 4 + j0];
+    acc[4 * jj + 0] = fmaf(tmp[4 * jj + 0], a0 * w0, acc[4 * jj + 0]);
+    acc[4 * jj + 1] = fmaf(tmp[4 * jj + 1], a0 * w1, acc[4 * jj + 1]);
+    acc[4 * jj + 2] = fmaf(tmp[4 * jj + 2], a1 * w0, acc[4 * jj + 2]);
+    acc[4 * jj + 3] = fmaf(tmp[4 * jj + 3], a1 * w1, acc[4 * jj + 3]);
+  }
+}
+
+template <bool kAlternate>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_fp8_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
+                    const __grid_constant__ CUtensorMap map_fa, const __grid_constant__ CUtensorMap map_fw,
+                    uint16_t* __restrict__ Y, int M, int N, int nblk, int k8b) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* tiles_a = base;
+  uint8_t* tiles_w = base + kStages * kTileBytes;
+  float* fac_a = reinterpret_cast<float*>(base + 2 * kStages * kTileBytes);
+  float* fac_w = reinterpret_cast<float*>(base + 2 * kStages * kTileBytes + kStages * kFactorBytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(base + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
+  // Persistent CTAs: output tiles blockIdx.x, + gridDim.x, ... (N-tile index fastest, so
+  // the CTAs running together share A tiles); the shared-memory ring and its phases run on
+  // across output tiles, so the producer loads the next tile while the consumers store.
+  const int tiles_n = (N + kBN - 1) / kBN;
+  const int num_tiles = tiles_n * ((M + kBM - 1) / kBM);
+  const int ktiles = (nblk + 3) / 4;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all copies
+    if (threadIdx.x == 0) {
+      int it = 0;  // k-tiles issued by this CTA so far
+      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
+        for (int t = 0; t < ktiles; ++t, ++it) {
+          const int s = it % kStages;
+          if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) - 1) & 1);
+          mbar_expect_tx(&full[s], kStageBytes);
+          tma_load_2d(tiles_a + s * kTileBytes, &map_a, &full[s], t * kBK, m0);
+          tma_load_2d(tiles_w + s * kTileBytes, &map_w, &full[s], t * kBK, n0);
+          tma_load_2d(reinterpret_cast<uint8_t*>(fac_a) + s * kFactorBytes, &map_fa, &full[s], t * 4, m0);
+          tma_load_2d(reinterpret_cast<uint8_t*>(fac_w) + s * kFactorBytes, &map_fw, &full[s], t * 4, n0);
+        }
+      }
+    }
+    return;
+  }
+
+  const int wg = threadIdx.x / 128 - 1;
+  const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  const int row0 = wg * 64 + warp * 16 + lane / 4;  // this thread's first row in the CTA tile
+  float acc[64], tmp[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) tmp[i] = 0.0f;
+  const int folded_blocks = min(k8b, nblk);
+  const int groups_per_tile = (folded_blocks + 3) / 4 + (nblk - folded_blocks);
+  const int my_tiles = (num_tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+  Turn turn{kAlternate, wg, 0, groups_per_tile * my_tiles};
+  const bool pair_ok = (N % 2) == 0;
+
+  int it = 0;
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    for (int t = 0; t < ktiles; ++t, ++it) {
+      const int s = it % kStages;
+      mbar_wait(&full[s], (it / kStages) & 1);
+      const int nb = min(4, nblk - 4 * t);
+      const int nf = folded_blocks_in_tile(t, nblk, k8b);
+      const uint64_t da = smem_desc(tiles_a + s * kTileBytes + wg * 64 * kBK);
+      const uint64_t db = smem_desc(tiles_w + s * kTileBytes);
+      const float* fa = fac_a + s * (kFactorBytes / 4);
+      const float* fw = fac_w + s * (kFactorBytes / 4);
+      int j = 0;
+      if (nf > 0) {
+        run_group(acc, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
+        j = nf;
+      }
+      for (; j < nb; ++j) run_group(acc, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);
+    }
+
+#pragma unroll
+    for (int jj = 0; jj < kBN / 8; ++jj) {
+      const int col = n0 + jj * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + row0 + 8 * h;
+        if (row >= M) continue;
+        const uint16_t v0 = float_to_bf16_bits(acc[4 * jj + 2 * h]), v1 = float_to_bf16_bits(acc[4 * jj + 2 * h + 1]);
+        uint16_t* y = Y + static_cast<int64_t>(row) * N + col;
+        if (pair_ok && col + 1 < N) {
+          *reinterpret_cast<uint32_t*>(y) = static_cast<uint32_t>(v0) | (static_cast<uint32_t>(v1) << 16);
+        } else {
+          if (col < N) y[0] = v0;
+          if (col + 1 < N) y[1] = v1;
+        }
+      }
+    }
+  }
+}
+
+int sm_count() {
+  static int count = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return 132;
+    return n > 0 ? n : 132;
+  }();
+  return count;
+}
+
+}  // namespace
+
+cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
+                              cudaStream_t stream) {
+  if (!plan.valid() || (M + kRefTile - 1) / kRefTile > 65535) return cudaErrorInvalidValue;
+  if (M == 0 || N == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((N + kRefTile - 1) / kRefTile), static_cast<unsigned>((M + kRefTile - 1) / kRefTile));
+  gemm_ref_kernel<<<grid, 128, 0, stream>>>(A, W, M, N, plan, Y);
+  return cudaGetLastError();
+}
+
+cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
+                        cudaStream_t stream, Fp8Schedule schedule) {
+  if (!plan.valid() || ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM) > INT32_MAX) return cudaErrorInvalidValue;
+  if (M == 0 || N == 0) return cudaSuccess;
+  const int k = plan.k(), fstride = folded_fstride(k);
+  CUtensorMap ma, mw, mfa, mfw;
+  if (!make_map(&ma, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, A.q, k, M, kBK, kBM, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !make_map(&mw, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, W.q, k, N, kBK, kBN, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !make_map(&mfa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, A.f, fstride, M, 4, kBM, CU_TENSOR_MAP_SWIZZLE_NONE) ||
+      !make_map(&mfw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, W.f, fstride, N, 4, kBN, CU_TENSOR_MAP_SWIZZLE_NONE))
+    return cudaErrorInvalidValue;
+  static std::once_flag once;
+  static cudaError_t attr = cudaSuccess;
+  std::call_once(once, [] {
+    attr = cudaFuncSetAttribute(gemm_fp8_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (attr == cudaSuccess)
+      attr = cudaFuncSetAttribute(gemm_fp8_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  });
+  if (attr != cudaSuccess) return attr;
+  const int64_t num_tiles = ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(num_tiles, sm_count())));
+  if (schedule == Fp8Schedule::Alternating)
+    gemm_fp8_kernel<true><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M),
+                                                                  static_cast<int>(N), plan.blocks(),
+                                                                  plan.first_fp8_block());
+  else
+    gemm_fp8_kernel<false><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M),
+                                                                   static_cast<int>(N), plan.blocks(),
+                                                                   plan.first_fp8_block());
+  return cudaGetLastError();
+}
+
+}  // namespace micromix::cuda

@@ -1,0 +1,90 @@
+// micromix Hopper kernels: activation reorder + MX quantization (optionally fused
+// with RMSNorm), the mixed MXFP4/MXFP6/MXFP8 GEMM (an exact BF16 reference path and
+// the FP8 tensor-core path with exponent folding) and the small-M decode kernel.
+// Layouts are described in docs/kernels.md. All pointers are device pointers; every
+// function is asynchronous on `stream` and returns the launch status.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "micromix/mx/fold.h"
+#include "micromix/mx/format.h"
+#include "micromix/mx/segments.h"
+
+namespace micromix::cuda {
+
+using mx::ElemFormat;
+using mx::ScaleRule;
+
+// The K axis of one linear layer after reordering: MXFP4, MXFP6, MXFP8 segments
+// (micromix/mx/segments.h).
+using mx::MixPlan;
+using mx::kSegmentFormat;
+using mx::seg_row_bytes;
+using mx::folded_fstride;
+
+// An MX matrix [rows, K] split into the three K segments, each row-major with its own
+// packing (FP4 two per byte, FP6 four per three bytes, FP8 one per byte), plus one
+// E8M0 scale per 32 elements, row-major [rows, K/32] in segment order.
+struct MxSegments {
+  uint8_t* q4 = nullptr;      // [rows, p4/2]
+  uint8_t* q6 = nullptr;      // [rows, p6*3/4]
+  uint8_t* q8 = nullptr;      // [rows, p8]
+  uint8_t* scales = nullptr;  // [rows, K/32]
+};
+
+// The operand of the FP8 tensor-core GEMM: every element re-encoded as E4M3 with its
+// per-32 scale folded in, and one fp32 factor per (row, 32-block). Within a 128-wide
+// K tile all MXFP4/MXFP6 blocks of a row share one factor (a power of two); each MXFP8
+// block keeps its own. q is [rows, K]; f is [rows, fstride], fstride = K/32 rounded up
+// to a multiple of 4 (padding holds zeros).
+struct FoldedOperand {
+  uint8_t* q = nullptr;
+  float* f = nullptr;
+};
+
+// ---- activation quantization -------------------------------------------------
+// x: bf16 [M, ldx] (ldx >= K, ldx % 8 == 0, 16-byte aligned). perm[j] is the original
+// channel of reordered channel j (a permutation of 0..K-1). Writes `packed` (when its
+// pointers are set) and/or `folded` (when folded.q is set). `lossy_count`, when set,
+// receives (atomically added) the number of folded elements that are not exact.
+cudaError_t quantize_activations(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* perm, MixPlan plan,
+                                 ScaleRule rule, MxSegments packed, FoldedOperand folded,
+                                 unsigned long long* lossy_count, cudaStream_t stream);
+
+// Fused RMSNorm: y = (x * inv_rms) * gamma, inv_rms = rsqrtf(mean(x^2) + eps) in fp32,
+// gamma bf16 [K] in the original channel order; then reorder and quantize as above.
+// inv_rms_out (optional) receives inv_rms per row.
+cudaError_t rmsnorm_quantize_activations(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* gamma,
+                                         float eps, const int32_t* perm, MixPlan plan, ScaleRule rule,
+                                         MxSegments packed, FoldedOperand folded, float* inv_rms_out,
+                                         unsigned long long* lossy_count, cudaStream_t stream);
+
+// Re-encode a packed MX matrix (weights, offline) as a folded operand.
+cudaError_t fold_operand(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
+                         unsigned long long* lossy_count, cudaStream_t stream);
+
+// ---- GEMM: Y[M, N] (bf16, row-major) = A[M, K] x W[N, K]^T --------------------------
+// Exact reference path: dequantize both operands to bf16 (exact for MX values) and
+// multiply on the bf16 tensor cores with fp32 accumulation.
+cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
+                              cudaStream_t stream);
+
+// Fast path (sm_90a): FP8 wgmma on folded operands, one fp32 promotion per 128-K tile
+// for the MXFP4/MXFP6 part and per 32-block for the MXFP8 part. The two consumer
+// warpgroups of a CTA either take turns issuing their MMAs (Alternating: one promotes
+// while the other's MMAs run) or issue them as they come (Concurrent).
+enum class Fp8Schedule { Alternating, Concurrent };
+cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
+                        cudaStream_t stream, Fp8Schedule schedule = Fp8Schedule::Alternating);
+
+// Decode path (M <= 16): streams the packed weights. workspace: fp32 [M, N] scratch.
+// Auto takes the CUDA-core kernel for M <= 2 and the tensor-core kernel above.
+enum class DecodeKernel { Auto, CudaCores, TensorCores };
+cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
+                           float* workspace, cudaStream_t stream, DecodeKernel kernel = DecodeKernel::Auto);
+inline constexpr int kDecodeMaxM = 16;
+
+}  // namespace micromix::cuda

@@ -1,0 +1,250 @@
+// Activation reorder + MX quantization (stand-alone and fused with RMSNorm), and the
+// re-encoding of packed MX matrices into the folded E4M3 operand of the FP8 GEMM.
+// Element and scale numerics come from micromix/mx/format.h (the same functions the
+// CPU library uses), so packed outputs are bit-identical to mx::quantize.
+#include <cstring>
+
+#include "mx_kernels.h"
+
+namespace micromix::cuda {
+
+namespace {
+
+using namespace micromix::mx;
+
+// Combine the fold keys of the four lanes (4q..4q+3) that hold one 128-wide K tile.
+__device__ __forceinline__ FoldKey tile_reduce(FoldKey k) {
+  k = fold_combine(k, FoldKey{__shfl_xor_sync(0xFFFFFFFFu, k.key, 1), __shfl_xor_sync(0xFFFFFFFFu, k.nan, 1)});
+  k = fold_combine(k, FoldKey{__shfl_xor_sync(0xFFFFFFFFu, k.key, 2), __shfl_xor_sync(0xFFFFFFFFu, k.nan, 2)});
+  return k;
+}
+
+__device__ __forceinline__ void store_bytes(uint8_t* dst, const uint8_t* src, int n) {
+  // n is 16, 24 or 32 and dst is aligned to 8 (16 when n != 24).
+  if (n == 24) {
+    uint2 w[3];
+    memcpy(w, src, 24);
+    uint2* d = reinterpret_cast<uint2*>(dst);
+    d[0] = w[0]; d[1] = w[1]; d[2] = w[2];
+  } else {
+    uint4 w[2];
+    memcpy(w, src, n);
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    d[0] = w[0];
+    if (n == 32) d[1] = w[1];
+  }
+}
+
+// Block b of row m: quantize the 32 values v (format F), store codes and scale into the
+// packed segment (when present); returns the codes and the scale for folding.
+template <ElemFormat F>
+__device__ __forceinline__ uint8_t emit_packed(const float* v, ScaleRule rule, int64_t m, int b, int seg_first_block,
+                                               size_t seg_row_bytes, uint8_t* seg_base, uint8_t* scales, int nblk,
+                                               uint8_t* codes) {
+  const uint8_t sb = quantize_block(F, rule, v, kBlockSize, codes);
+  if (seg_base != nullptr) {
+    constexpr int bb = static_cast<int>(packed_bytes(F, kBlockSize));
+    uint8_t packed[bb];
+    pack_codes(F, codes, kBlockSize, packed);
+    store_bytes(seg_base + m * seg_row_bytes + static_cast<size_t>(b - seg_first_block) * bb, packed, bb);
+    scales[m * nblk + b] = sb;
+  }
+  return sb;
+}
+
+// Shared tail of both kernels: fold block b (format index seg: 0 FP4, 1 FP6, 2 FP8;
+// valid == false past K) and store payloads and factor. All lanes call it together.
+__device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* codes, uint8_t sb, int64_t m, int b,
+                                            int64_t k, int fstride, const FoldedOperand& folded, unsigned* lossy,
+                                            const FoldTable* table) {
+  FoldKey key;
+  if (valid) key = seg == 0 ? fold_key<ElemFormat::E2M1>(codes, sb)
+                 : seg == 1 ? fold_key<ElemFormat::E3M2>(codes, sb)
+                            : fold_key<ElemFormat::E4M3>(codes, sb);
+  const FoldKey group = tile_reduce(key);
+  if (b >= fstride) return;
+  if (!valid) {
+    folded.f[m * fstride + b] = 0.0f;
+    return;
+  }
+  uint8_t payload[kBlockSize];
+  float factor;
+  if (seg == 0) factor = fold_payload<ElemFormat::E2M1>(codes, sb, group, payload, lossy, table);
+  else if (seg == 1) factor = fold_payload<ElemFormat::E3M2>(codes, sb, group, payload, lossy, table);
+  else factor = fold_payload<ElemFormat::E4M3>(codes, sb, group, payload, lossy);
+  store_bytes(folded.q + m * k + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
+  folded.f[m * fstride + b] = factor;
+}
+
+__device__ __forceinline__ float bf16f(uint16_t h) { return bf16_bits_to_float(h); }
+
+template <bool kNorm>
+__global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, const uint16_t* __restrict__ gamma,
+                                 float eps, const int32_t* __restrict__ perm, MixPlan plan, ScaleRule rule,
+                                 MxSegments packed, FoldedOperand folded, float* inv_rms_out,
+                                 unsigned long long* lossy_count) {
+  extern __shared__ uint4 smem_row[];
+  uint16_t* row = reinterpret_cast<uint16_t*>(smem_row);
+  __shared__ FoldTable table;
+  if (folded.q != nullptr)
+    for (int i = threadIdx.x; i < kFoldTableEntries; i += blockDim.x) fold_table_fill(table, i);
+  const int k = plan.k();
+  const int nblk = k / kBlockSize;
+  const int64_t m = blockIdx.x;
+  const uint4* src = reinterpret_cast<const uint4*>(x + m * ldx);
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < k / 8; i += blockDim.x) {
+    const uint4 w = __ldcs(src + i);  // streamed: read once
+    smem_row[i] = w;
+    if constexpr (kNorm) {
+      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float a = bits_to_float(ws[j] << 16), b = bits_to_float(ws[j] & 0xFFFF0000u);
+        ss = fmaf(a, a, ss);
+        ss = fmaf(b, b, ss);
+      }
+    }
+  }
+  float inv = 1.0f;
+  if constexpr (kNorm) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x / 32] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      float t = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0f;
+      for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xFFFFFFFFu, t, o);
+      if (threadIdx.x == 0) partial[0] = t;
+    }
+    __syncthreads();
+    inv = rsqrtf(partial[0] / static_cast<float>(k) + eps);
+    if (inv_rms_out != nullptr && threadIdx.x == 0) inv_rms_out[m] = inv;
+  } else {
+    __syncthreads();
+  }
+  const int fstride = folded_fstride(k);
+  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  unsigned lossy = 0;
+  const int nloop = folded.q != nullptr ? fstride : nblk;
+  for (int b0 = 0; b0 < nloop; b0 += blockDim.x) {  // warp-uniform trip count (shuffles inside)
+    const int b = b0 + threadIdx.x;
+    const bool valid = b < nblk;
+    uint8_t codes[kBlockSize];
+    uint8_t sb = 0;
+    int seg = 0;
+    if (valid) {
+      float v[kBlockSize];
+      const int4* pp = reinterpret_cast<const int4*>(perm + b * kBlockSize);
+#pragma unroll
+      for (int q = 0; q < kBlockSize / 4; ++q) {
+        const int4 c = __ldg(pp + q);
+        const int cs[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float xv = bf16f(row[cs[j]]);
+          if constexpr (kNorm) xv = __fmul_rn(__fmul_rn(xv, inv), bf16f(__ldg(gamma + cs[j])));
+          v[4 * q + j] = xv;
+        }
+      }
+      if (b < b4) {
+        sb = emit_packed<ElemFormat::E2M1>(v, rule, m, b, 0, plan.p4 / 2, packed.q4, packed.scales, nblk, codes);
+      } else if (b < b8) {
+        seg = 1;
+        sb = emit_packed<ElemFormat::E3M2>(v, rule, m, b, b4, plan.p6 * 3 / 4, packed.q6, packed.scales, nblk, codes);
+      } else {
+        seg = 2;
+        sb = emit_packed<ElemFormat::E4M3>(v, rule, m, b, b8, plan.p8, packed.q8, packed.scales, nblk, codes);
+      }
+    }
+    if (folded.q != nullptr) emit_folded(seg, valid, codes, sb, m, b, k, fstride, folded, &lossy, &table);
+  }
+  if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
+}
+
+__global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
+                            unsigned long long* lossy_count) {
+  const int k = plan.k();
+  const int nblk = k / kBlockSize;
+  const int fstride = folded_fstride(k);
+  const int b = blockIdx.y * blockDim.x + threadIdx.x;
+  const int64_t m = blockIdx.x;
+  __shared__ FoldTable table;
+  for (int i = threadIdx.x; i < kFoldTableEntries; i += blockDim.x) fold_table_fill(table, i);
+  __syncthreads();
+  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  const bool valid = b < nblk;
+  uint8_t codes[kBlockSize] = {};
+  uint8_t scale = 0;
+  int seg = 0;
+  if (valid) {
+    scale = in.scales[m * nblk + b];
+    if (b < b4) {
+      const uint8_t* p = in.q4 + m * (plan.p4 / 2) + static_cast<size_t>(b) * 16;
+#pragma unroll
+      for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E2M1, p, i);
+    } else if (b < b8) {
+      seg = 1;
+      const uint8_t* p = in.q6 + m * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24;
+#pragma unroll
+      for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E3M2, p, i);
+    } else {
+      seg = 2;
+      const uint8_t* p = in.q8 + m * plan.p8 + static_cast<size_t>(b - b8) * 32;
+#pragma unroll
+      for (int i = 0; i < kBlockSize; ++i) codes[i] = p[i];
+    }
+  }
+  unsigned lossy = 0;
+  emit_folded(seg, valid, codes, scale, m, b, k, fstride, out, &lossy, &table);
+  if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
+}
+
+int act_threads(int nblk) {
+  int t = (nblk + 31) / 32 * 32;
+  return t < 64 ? 64 : t > 256 ? 256 : t;
+}
+
+template <bool kNorm>
+cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* gamma, float eps,
+                       const int32_t* perm, MixPlan plan, ScaleRule rule, MxSegments packed, FoldedOperand folded,
+                       float* inv_rms, unsigned long long* lossy, cudaStream_t stream) {
+  if (!plan.valid() || ldx < plan.k() || ldx % 8 != 0) return cudaErrorInvalidValue;
+  if (M == 0) return cudaSuccess;
+  const size_t smem = static_cast<size_t>(plan.k()) * sizeof(uint16_t);
+  if (smem > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(act_quant_kernel<kNorm>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  act_quant_kernel<kNorm><<<static_cast<unsigned>(M), act_threads(plan.blocks()), smem, stream>>>(
+      x, ldx, gamma, eps, perm, plan, rule, packed, folded, inv_rms, lossy);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t quantize_activations(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* perm, MixPlan plan,
+                                 ScaleRule rule, MxSegments packed, FoldedOperand folded,
+                                 unsigned long long* lossy_count, cudaStream_t stream) {
+  return launch_act<false>(x, M, ldx, nullptr, 0.0f, perm, plan, rule, packed, folded, nullptr, lossy_count, stream);
+}
+
+cudaError_t rmsnorm_quantize_activations(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* gamma,
+                                         float eps, const int32_t* perm, MixPlan plan, ScaleRule rule,
+                                         MxSegments packed, FoldedOperand folded, float* inv_rms_out,
+                                         unsigned long long* lossy_count, cudaStream_t stream) {
+  return launch_act<true>(x, M, ldx, gamma, eps, perm, plan, rule, packed, folded, inv_rms_out, lossy_count, stream);
+}
+
+cudaError_t fold_operand(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
+                         unsigned long long* lossy_count, cudaStream_t stream) {
+  if (!plan.valid()) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  const int fstride = folded_fstride(plan.k());
+  const dim3 grid(static_cast<unsigned>(rows), (fstride + 127) / 128);
+  fold_kernel<<<grid, 128, 0, stream>>>(in, rows, plan, out, lossy_count);
+  return cudaGetLastError();
+}
+
+}  // namespace micromix::cuda

@@ -1,0 +1,195 @@
+// Exponent folding: re-encoding MX elements as E4M3 payloads with the per-32 scale
+// folded in, so that a row's four 32-blocks of one 128-wide K tile share one power-of-
+// two factor (the operand form of the FP8 tensor-core GEMM; docs/kernels.md).
+//
+// An E2M1 value times 2^d is an E4M3 value for d in [-8, 6]; an E3M2 value times 2^d for
+// d in [-5, 4] (the E4M3 grid has 3 mantissa bits, exponents -6..8 and subnormals down
+// to 2^-9). For the folded (FP4/FP6) blocks of one tile, E = max over nonzero finite
+// blocks of (s_j - top_j) is the smallest exponent keeping every shift s_j - E at or
+// below its window top; blocks whose shift falls below the window bottom are rounded
+// (RNE) and counted as lossy. MXFP8 blocks are not folded: payload = code, E = s.
+// A NaN block (scale 0xFF) makes its whole folded group NaN (payload 0x7F, factor NaN).
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include <vector>
+
+#include "micromix/mx/format.h"
+#include "micromix/mx/segments.h"
+
+#if defined(__CUDA_ARCH__)
+#define MICROMIX_UNROLL _Pragma("unroll")
+#else
+#define MICROMIX_UNROLL
+#endif
+
+namespace micromix::mx {
+
+MICROMIX_HD constexpr int fold_window_top(ElemFormat f) { return f == ElemFormat::E2M1 ? 6 : 4; }
+MICROMIX_HD constexpr int fold_window_bottom(ElemFormat f) { return f == ElemFormat::E2M1 ? -8 : -5; }
+MICROMIX_HD constexpr bool is_folded_format(ElemFormat f) { return f == ElemFormat::E2M1 || f == ElemFormat::E3M2; }
+
+inline constexpr uint8_t kE4M3NaN = 0x7F;
+
+struct FoldKey {
+  int key = INT_MIN;  // s - window top, for nonzero finite folded blocks
+  int nan = 0;        // a folded block with the NaN scale
+};
+
+// Combine the keys of the folded blocks of one tile.
+MICROMIX_HD FoldKey fold_combine(FoldKey a, FoldKey b) {
+  return {a.key > b.key ? a.key : b.key, a.nan | b.nan};
+}
+
+template <ElemFormat F>
+MICROMIX_HD FoldKey fold_key(const uint8_t* codes, uint8_t scale) {
+  FoldKey k;
+  if constexpr (!is_folded_format(F)) {
+    return k;
+  } else {
+    constexpr uint8_t mag_mask = static_cast<uint8_t>(sign_mask(F) - 1u);
+    bool nonzero = false;
+    MICROMIX_UNROLL
+    for (int i = 0; i < kBlockSize; ++i) nonzero |= (codes[i] & mag_mask) != 0;
+    if (scale == kScaleNaN) k.nan = 1;
+    else if (nonzero) k.key = static_cast<int>(scale) - kScaleBias - fold_window_top(F);
+    return k;
+  }
+}
+
+// Payloads inside the exact windows, tabulated with encode_elem/decode_elem: one lookup
+// per element instead of a decode and an encode (880 bytes, kept in shared memory).
+struct FoldTable {
+  uint8_t fp4[15][16];  // shift -8..6, every E2M1 code (sign included)
+  uint8_t fp6[10][64];  // shift -5..4, every E3M2 code
+};
+inline constexpr int kFoldTableEntries = 15 * 16 + 10 * 64;
+
+MICROMIX_HD void fold_table_fill(FoldTable& t, int i) {
+  if (i < 15 * 16) {
+    t.fp4[i / 16][i % 16] = encode_elem(ElemFormat::E4M3, decode_elem(ElemFormat::E2M1, static_cast<uint8_t>(i % 16)) *
+                                                              exp2i(i / 16 + fold_window_bottom(ElemFormat::E2M1)));
+  } else {
+    i -= 15 * 16;
+    t.fp6[i / 64][i % 64] = encode_elem(ElemFormat::E4M3, decode_elem(ElemFormat::E3M2, static_cast<uint8_t>(i % 64)) *
+                                                              exp2i(i / 64 + fold_window_bottom(ElemFormat::E3M2)));
+  }
+}
+
+// Writes 32 payload bytes for one block given its group's combined key; returns the
+// block's factor 2^E (NaN for a NaN group). Adds to *lossy the number of elements whose
+// payload times the factor differs from the MX value. With a table, shifts inside the
+// window take one lookup per element (same bytes as the computed path).
+template <ElemFormat F>
+MICROMIX_HD float fold_payload(const uint8_t* codes, uint8_t scale, FoldKey group, uint8_t* payload, unsigned* lossy,
+                               const FoldTable* table = nullptr) {
+  const int s = static_cast<int>(scale) - kScaleBias;
+  if (scale == kScaleNaN || (is_folded_format(F) && group.nan)) {
+    MICROMIX_UNROLL
+    for (int i = 0; i < kBlockSize; ++i) payload[i] = kE4M3NaN;
+    return NAN;
+  }
+  if constexpr (!is_folded_format(F)) {
+    MICROMIX_UNROLL
+    for (int i = 0; i < kBlockSize; ++i) payload[i] = codes[i];
+    return exp2i(s);
+  } else {
+    const int e = group.key == INT_MIN ? 0 : group.key;
+    if (table != nullptr && s - e >= fold_window_bottom(F) && s - e <= fold_window_top(F)) {
+      const uint8_t* row = F == ElemFormat::E2M1 ? table->fp4[s - e - fold_window_bottom(F)]
+                                                 : table->fp6[s - e - fold_window_bottom(F)];
+      MICROMIX_UNROLL
+      for (int i = 0; i < kBlockSize; ++i) payload[i] = row[codes[i]];
+      return exp2i(e);
+    }
+    const int d = s - e < -40 ? -40 : s - e;  // below 2^-40 every element rounds to zero anyway
+    const float shift = exp2i(d);
+    unsigned bad = 0;
+    MICROMIX_UNROLL
+    for (int i = 0; i < kBlockSize; ++i) {
+      const float v = decode_elem(F, codes[i]) * shift;
+      const uint8_t p = encode_elem(ElemFormat::E4M3, v);
+      bad += decode_elem(ElemFormat::E4M3, p) != v;
+      payload[i] = p;
+    }
+    *lossy += bad;
+    return exp2i(e);
+  }
+}
+
+// Runtime-format wrappers (host code, tests).
+inline FoldKey fold_key_rt(ElemFormat f, const uint8_t* codes, uint8_t scale) {
+  switch (f) {
+    case ElemFormat::E2M1: return fold_key<ElemFormat::E2M1>(codes, scale);
+    case ElemFormat::E3M2: return fold_key<ElemFormat::E3M2>(codes, scale);
+    default: return fold_key<ElemFormat::E4M3>(codes, scale);
+  }
+}
+inline float fold_payload_rt(ElemFormat f, const uint8_t* codes, uint8_t scale, FoldKey group, uint8_t* payload,
+                             unsigned* lossy) {
+  switch (f) {
+    case ElemFormat::E2M1: return fold_payload<ElemFormat::E2M1>(codes, scale, group, payload, lossy);
+    case ElemFormat::E3M2: return fold_payload<ElemFormat::E3M2>(codes, scale, group, payload, lossy);
+    default: return fold_payload<ElemFormat::E4M3>(codes, scale, group, payload, lossy);
+  }
+}
+
+// Number of 32-blocks (from the tile start) that form the tile's folded group, given
+// the first MXFP8 block b8 and the number of blocks nblk: the rest of the tile's blocks
+// are MXFP8 blocks, each its own group.
+MICROMIX_HD constexpr int folded_blocks_in_tile(int tile, int nblk, int b8) {
+  const int nb = nblk - 4 * tile < 4 ? nblk - 4 * tile : 4;
+  const int nf = b8 - 4 * tile;
+  return nf < 0 ? 0 : nf > nb ? nb : nf;
+}
+
+// fp32 factors per row: K/32 rounded up to a multiple of 4 (16-byte rows for the copy engine).
+MICROMIX_HD constexpr int folded_fstride(int k) { return ((k / kBlockSize) + 3) / 4 * 4; }
+
+// The folded operand on the host: q [rows, K] E4M3 payloads, f [rows, fstride] factors
+// (one per 32-block; the folded blocks of a tile repeat their group's factor; padding 0).
+struct FoldedMx {
+  int64_t rows = 0;
+  int k = 0;
+  std::vector<uint8_t> q;
+  std::vector<float> f;
+  uint64_t lossy = 0;
+};
+
+inline FoldedMx fold_rows(const SegmentedMx& m) {
+  const MixPlan& p = m.plan;
+  FoldedMx out;
+  out.rows = m.rows;
+  out.k = p.k();
+  const int nblk = p.blocks(), fs = folded_fstride(p.k()), b8 = p.first_fp8_block();
+  out.q.assign(static_cast<size_t>(m.rows) * p.k(), 0);
+  out.f.assign(static_cast<size_t>(m.rows) * fs, 0.0f);
+  for (int64_t r = 0; r < m.rows; ++r) {
+    for (int t = 0; t * 4 < nblk; ++t) {
+      uint8_t codes[4][kBlockSize];
+      FoldKey group;
+      const int nb = nblk - 4 * t < 4 ? nblk - 4 * t : 4;
+      for (int j = 0; j < nb; ++j) {
+        const int b = 4 * t + j;
+        for (int i = 0; i < kBlockSize; ++i) codes[j][i] = segment_code(m, r, b * kBlockSize + i);
+        if (b < b8) group = fold_combine(group, fold_key_rt(kSegmentFormat[segment_of_block(p, b)], codes[j], m.scales[r * nblk + b]));
+      }
+      for (int j = 0; j < nb; ++j) {
+        const int b = 4 * t + j;
+        unsigned lossy = 0;
+        out.f[r * fs + b] = fold_payload_rt(kSegmentFormat[segment_of_block(p, b)], codes[j], m.scales[r * nblk + b],
+                                            group, out.q.data() + r * p.k() + b * kBlockSize, &lossy);
+        out.lossy += lossy;
+      }
+    }
+  }
+  return out;
+}
+
+inline float folded_value(const FoldedMx& f, int64_t r, int c) {
+  return decode_elem(ElemFormat::E4M3, f.q[r * f.k + c]) * f.f[r * folded_fstride(f.k) + c / kBlockSize];
+}
+
+}  // namespace micromix::mx

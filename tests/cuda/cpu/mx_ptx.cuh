@@ -1,0 +1,146 @@
+// CPU stand-in for cuda/mx_ptx.cuh (same name, found first on the include path), written
+// from the PTX ISA's description:
+// mbarrier phases with transaction counts, 2-D TMA tile loads (zero fill out of bounds,
+// 128-byte swizzle: address bits [4,7) ^= bits [7,10)), shared-memory matrix descriptors
+// and wgmma.m64n128k32 E4M3 with its accumulator fragment layout (thread t of the
+// warpgroup holds rows 16*(t/32) + (t%32)/4 (+8) and columns 8*j + 2*(t%4) (+1)).
+// The products are summed in fp32 here; the tensor core keeps about 14 bits per group.
+// mma.sync m16n8k16 bf16 is a warp-collective exchange of the fragments (row-major A: lane
+// (g = lane/4, t = lane%4) holds rows g, g+8 and columns 2t, 2t+1, 2t+8, 2t+9; B: column g,
+// rows 2t, 2t+1, 2t+8, 2t+9; C: rows g, g+8, columns 2t, 2t+1).
+#pragma once
+#include <cuda.h>
+#include <cstdint>
+#include <map>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+#include "micromix/mx/format.h"
+#include "shim.h"
+namespace emu8 {
+struct Map { const uint8_t* base; int esize; uint64_t inner, outer; uint32_t box_inner, box_outer; bool swz; };
+struct Bar { uint32_t count = 0, arrived = 0; int64_t tx = 0; uint32_t phase = 0; };
+inline std::mutex mu;
+inline std::map<uint32_t, Bar> bars;
+inline uint32_t off(const void* p) { return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::smem.data()); }
+inline uint32_t swz(uint32_t a) { return a ^ (((a >> 7) & 7) << 4); }
+inline void maybe_complete(Bar& b) {
+  if (b.arrived == b.count && b.tx == 0) { b.phase++; b.arrived = 0; }
+}
+}  // namespace emu8
+namespace micromix::cuda::ptx {
+inline uint32_t smem_u32(const void* p) { return emu8::off(p); }
+inline void mbar_init(uint64_t* bar, uint32_t count) { std::lock_guard g(emu8::mu); emu8::bars[emu8::off(bar)] = {count, 0, 0, 0}; }
+inline void mbar_fence_init() {}
+inline void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  std::lock_guard g(emu8::mu); auto& b = emu8::bars[emu8::off(bar)]; b.tx += bytes; b.arrived++; emu8::maybe_complete(b);
+}
+inline void mbar_arrive(uint64_t* bar) {
+  std::lock_guard g(emu8::mu); auto& b = emu8::bars[emu8::off(bar)]; b.arrived++; emu8::maybe_complete(b);
+}
+inline void mbar_wait(uint64_t* bar, uint32_t parity) {
+  for (;;) {
+    { std::lock_guard g(emu8::mu); if ((emu8::bars[emu8::off(bar)].phase & 1) != parity) return; }
+    std::this_thread::yield();
+  }
+}
+inline void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+  const emu8::Map& m = *reinterpret_cast<const emu8::Map*>(map);
+  unsigned char* s = emu::smem.data();
+  const uint32_t d = emu8::off(dst);
+  for (uint32_t r = 0; r < m.box_outer; ++r)
+    for (uint32_t c = 0; c < m.box_inner * m.esize; ++c) {
+      const uint64_t gi = c0 + c / m.esize, go = c1 + r;
+      const unsigned char v = (gi < m.inner && go < m.outer) ? m.base[(go * m.inner + gi) * m.esize + c % m.esize] : 0;
+      const uint32_t a = d + r * m.box_inner * m.esize + c;
+      s[m.swz ? emu8::swz(a) : a] = v;
+    }
+  std::lock_guard g(emu8::mu);
+  auto& b = emu8::bars[emu8::off(bar)];
+  b.tx -= static_cast<int64_t>(m.box_inner) * m.box_outer * m.esize;
+  emu8::maybe_complete(b);
+}
+inline uint64_t smem_desc(const void* p) {
+  uint64_t d = static_cast<uint64_t>((emu8::off(p) & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(1) << 16; d |= static_cast<uint64_t>(1024 >> 4) << 32; d |= static_cast<uint64_t>(1) << 62;
+  return d;
+}
+// named barriers: bar.sync waits for the phase to complete, bar.arrive does not
+struct NamedBar { int count = 0; uint64_t gen = 0; };
+inline NamedBar named_bars[16];
+inline std::condition_variable named_cv;
+template <int kId> void named_bar_sync() {
+  std::unique_lock l(emu8::mu);
+  NamedBar& b = named_bars[kId];
+  if (++b.count == 256) { b.count = 0; ++b.gen; named_cv.notify_all(); return; }
+  const uint64_t g = b.gen;
+  named_cv.wait(l, [&] { return b.gen != g; });
+}
+template <int kId> void named_bar_arrive() {
+  std::lock_guard l(emu8::mu);
+  NamedBar& b = named_bars[kId];
+  if (++b.count == 256) { b.count = 0; ++b.gen; named_cv.notify_all(); }
+}
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+inline void wgmma_wait0() {}
+inline void wgmma_m64n128k32_e4m3(float* d, uint64_t da, uint64_t db, int scale_d) {
+  using namespace micromix::mx;
+  const unsigned char* s = emu::smem.data();
+  const uint32_t sa = static_cast<uint32_t>(da & 0x3FFF) << 4, sb = static_cast<uint32_t>(db & 0x3FFF) << 4;
+  const uint32_t sbo_a = static_cast<uint32_t>((da >> 32) & 0x3FFF) << 4, sbo_b = static_cast<uint32_t>((db >> 32) & 0x3FFF) << 4;
+  const int t = emu::lin() % 128, w = t / 32, lane = t % 32;
+  for (int i = 0; i < 64; ++i) {
+    const int row = 16 * w + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+    float acc = scale_d ? d[i] : 0.0f;
+    for (int k = 0; k < 32; ++k) {
+      const uint32_t aa = sa + (row / 8) * sbo_a + (row % 8) * 128 + k, ab = sb + (col / 8) * sbo_b + (col % 8) * 128 + k;
+      acc += decode_elem(ElemFormat::E4M3, s[emu8::swz(aa)]) * decode_elem(ElemFormat::E4M3, s[emu8::swz(ab)]);
+    }
+    d[i] = acc;
+  }
+}
+inline void mma_bf16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
+  const int l = emu::lin(), w = l / 32, lane = l % 32;
+  static thread_local uint32_t dummy;
+  (void)dummy;
+  // slots: 6 words per lane (a0..a3, b0, b1)
+  static std::vector<std::vector<uint32_t>> frag;
+  {
+    std::lock_guard g(emu8::mu);
+    if (frag.size() < emu::warp_slots.size()) frag.resize(emu::warp_slots.size());
+    if (frag[w].size() < 32 * 6) frag[w].assign(32 * 6, 0);
+    for (int i = 0; i < 4; ++i) frag[w][lane * 6 + i] = a[i];
+    frag[w][lane * 6 + 4] = b[0];
+    frag[w][lane * 6 + 5] = b[1];
+  }
+  emu::warp_bars[w]->arrive_and_wait();
+  auto half = [](uint32_t v, int hi) { const uint32_t bits = (hi ? v >> 16 : v & 0xFFFF) << 16; float f; std::memcpy(&f, &bits, 4); return f; };
+  auto A = [&](int r, int k) {
+    const int ln = (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return half(frag[w][ln * 6 + reg], k % 2);
+  };
+  auto B = [&](int k, int n) {
+    const int ln = n * 4 + (k % 8) / 2, reg = 4 + (k >= 8 ? 1 : 0);
+    return half(frag[w][ln * 6 + reg], k % 2);
+  };
+  const int g = lane / 4, t = lane % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + (i >= 2 ? 8 : 0), n = 2 * t + (i % 2);
+    float s = c[i];
+    for (int k = 0; k < 16; ++k) s = std::fma(A(r, k), B(k, n), s);
+    out[i] = s;
+  }
+  emu::warp_bars[w]->arrive_and_wait();
+  for (int i = 0; i < 4; ++i) c[i] = out[i];
+}
+
+inline bool make_map(CUtensorMap* map, CUtensorMapDataType, size_t elem_bytes, const void* ptr, uint64_t inner,
+                     uint64_t outer, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swizzle) {
+  *reinterpret_cast<emu8::Map*>(map) = {static_cast<const uint8_t*>(ptr), static_cast<int>(elem_bytes), inner, outer,
+                                        box_inner, box_outer, swizzle == CU_TENSOR_MAP_SWIZZLE_128B};
+  return true;
+}
+}  // namespace micromix::cuda::ptx

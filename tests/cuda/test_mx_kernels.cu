@@ -1,0 +1,476 @@
+// micromix CUDA kernels against the CPU library.
+//
+// - Activation quantization (plain and fused with RMSNorm): packed codes and scales
+//   must be bit-identical to mx::quantize on the reordered rows; the folded E4M3
+//   operand must decode to exactly the same values (no lossy elements on these inputs).
+// - GEMM (reference bf16 path, FP8 folded path, decode path): against a float64 CPU
+//   product of the dequantized MX operands. Outputs are poisoned with NaN before every
+//   launch. Error bound per element (r = exact product, S = sum_k |a_k w_k|):
+//     |y - r| <= 2^-8 |r| + c * S,
+//   2^-8|r| covers the bf16 output rounding (half an ulp is 2^-9 relative); c * S the
+//   accumulation: c = 2^-10 for the fp32 paths (worst case K * 2^-24 for K <= 16384),
+//   and for the FP8 path as well (each 128-K group is summed inside the tensor core with
+//   about 14 significant bits, error <= 4 * 2^-13 of that group's sum of |products|,
+//   then promoted exactly into fp32). Norm-wise, ||y - r|| / ||r|| must stay below 4e-3
+//   (bf16 output rounding alone gives about 1.1e-3), which catches any lost block.
+//   Folded elements that are not exact (scale spreads wider than the folding window;
+//   none occur without the explicit spread test) add at most 2^-16 * T_k * |w_k| per
+//   element, T_k the largest |a| in k's 128-wide tile (see docs/kernels.md).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "micromix/mx/fold.h"
+#include "micromix/mx/tensor.h"
+#include "mx_host.h"
+#include "mx_kernels.h"
+
+using namespace micromix;
+using namespace micromix::cuda;
+
+namespace {
+
+bool have_gpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define REQUIRE_GPU() \
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
+
+#define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
+
+std::mt19937_64& rng() {
+  static std::mt19937_64 g(std::random_device{}());
+  return g;
+}
+
+template <typename F>
+void parallel_for(int64_t n, F f) {
+  const int t = std::max(1u, std::min(32u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> th;
+  for (int i = 0; i < t; ++i)
+    th.emplace_back([&, i] {
+      for (int64_t j = i; j < n; j += t) f(j);
+    });
+  for (auto& x : th) x.join();
+}
+
+// Activations with per-channel magnitudes spread over a few binades and some outliers.
+std::vector<uint16_t> random_activations(int64_t M, int K, int64_t ldx) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> chan(K);
+  for (auto& c : chan) c = std::exp(1.2f * nd(rng()));
+  for (int i = 0; i < K / 64; ++i) chan[rng()() % K] *= 30.0f;
+  std::vector<uint16_t> x(static_cast<size_t>(M) * ldx, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int k = 0; k < K; ++k) x[m * ldx + k] = mx::float_to_bf16_bits(nd(rng()) * chan[k]);
+  return x;
+}
+
+std::vector<int32_t> random_perm(int K) {
+  std::vector<int32_t> p(K);
+  for (int i = 0; i < K; ++i) p[i] = i;
+  std::shuffle(p.begin(), p.end(), rng());
+  return p;
+}
+
+// Reordered (and optionally normalised) fp32 rows, the CPU side of the contract.
+std::vector<float> reorder_rows(const std::vector<uint16_t>& x, int64_t M, int K, int64_t ldx,
+                                const std::vector<int32_t>& perm, const std::vector<float>* inv_rms,
+                                const std::vector<uint16_t>* gamma) {
+  std::vector<float> out(static_cast<size_t>(M) * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < K; ++j) {
+      float v = mx::bf16_bits_to_float(x[m * ldx + perm[j]]);
+      if (inv_rms) {
+        volatile float t = v * (*inv_rms)[m];  // two separate fp32 products, as the kernel
+        v = t * mx::bf16_bits_to_float((*gamma)[perm[j]]);
+      }
+      out[m * K + j] = v;
+    }
+  return out;
+}
+
+void expect_same_packed(const HostMx& gpu, const HostMx& cpu) {
+  for (int s = 0; s < 3; ++s) {
+    ASSERT_EQ(gpu.q[s].size(), cpu.q[s].size());
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < cpu.q[s].size(); ++i)
+      if (gpu.q[s][i] != cpu.q[s][i] && bad++ == 0) first = i;
+    EXPECT_EQ(bad, 0u) << "segment " << s << " codes differ, first at byte " << first;
+  }
+  size_t bad = 0;
+  for (size_t i = 0; i < cpu.scales.size(); ++i) bad += gpu.scales[i] != cpu.scales[i];
+  EXPECT_EQ(bad, 0u) << "scales differ";
+}
+
+// Folded operand: bit-identical to the host fold (mx::fold_rows) of the CPU quantization,
+// and (no lossy elements here) decodes to the packed values exactly.
+void expect_folded_exact(const DeviceMx& d, const HostMx& cpu) {
+  const mx::FoldedMx ref = mx::fold_rows(cpu);
+  const auto fq = d.fq.download();
+  const auto ff = d.ff.download();
+  size_t bad_q = 0, bad_f = 0, bad_v = 0;
+  for (size_t i = 0; i < fq.size(); ++i) bad_q += fq[i] != ref.q[i];
+  for (size_t i = 0; i < ff.size(); ++i) bad_f += !(ff[i] == ref.f[i] || (std::isnan(ff[i]) && std::isnan(ref.f[i])));
+  const int nblk = d.plan.blocks(), b8 = d.plan.first_fp8_block();
+  auto group_has_nan = [&](int64_t m, int b) {  // a NaN block makes its whole folded group NaN
+    if (b >= b8) return false;
+    for (int j = b / 4 * 4; j < std::min(b / 4 * 4 + 4, b8); ++j)
+      if (cpu.scales[m * nblk + j] == mx::kScaleNaN) return true;
+    return false;
+  };
+  for (int64_t m = 0; m < d.rows; ++m)
+    for (int c = 0; c < d.plan.k(); ++c) {
+      const float v = mx::folded_value(ref, m, c), r = segment_value(cpu, m, c);
+      bad_v += !(v == r || (std::isnan(v) && (std::isnan(r) || group_has_nan(m, c / 32))));
+    }
+  EXPECT_EQ(bad_q, 0u) << "folded payloads differ from the host fold";
+  EXPECT_EQ(bad_f, 0u) << "folded factors differ from the host fold";
+  EXPECT_EQ(bad_v, 0u) << "folded values differ from packed values";
+}
+
+struct ActCase {
+  MixPlan plan;
+  int64_t M;
+  mx::ScaleRule rule;
+};
+
+void run_act_case(const ActCase& c, bool norm) {
+  const int K = c.plan.k();
+  const int64_t ldx = K + 8 * static_cast<int>(rng()() % 3);
+  auto x = random_activations(c.M, K, ldx);
+  auto perm = random_perm(K);
+  std::vector<uint16_t> gamma(K);
+  std::uniform_real_distribution<float> ud(0.5f, 2.0f);
+  for (auto& g : gamma) g = mx::float_to_bf16_bits(ud(rng()));
+  DeviceBuffer<uint16_t> dx(x.size()), dg(K);
+  DeviceBuffer<int32_t> dp(K);
+  DeviceBuffer<float> dinv(c.M);
+  DeviceBuffer<unsigned long long> lossy(1);
+  dx.upload(x);
+  dp.upload(perm);
+  dg.upload(gamma);
+  DeviceMx out(c.plan, c.M, true);
+  // poison outputs
+  for (int s = 0; s < 3; ++s) if (out.q[s].count) CK(cudaMemset(out.q[s].ptr, 0xA5, out.q[s].count));
+  CK(cudaMemset(out.scales.ptr, 0xA5, out.scales.count));
+  CK(cudaMemset(out.fq.ptr, 0xA5, out.fq.count));
+  CK(cudaMemset(out.ff.ptr, 0xFF, out.ff.count * 4));
+  CK(cudaMemset(lossy.ptr, 0, 8));
+  if (norm) {
+    CK(rmsnorm_quantize_activations(dx.ptr, c.M, ldx, dg.ptr, 1e-5f, dp.ptr, c.plan, c.rule, out.segments(),
+                                    out.folded(), dinv.ptr, lossy.ptr, nullptr));
+  } else {
+    CK(quantize_activations(dx.ptr, c.M, ldx, dp.ptr, c.plan, c.rule, out.segments(), out.folded(), lossy.ptr, nullptr));
+  }
+  CK(cudaDeviceSynchronize());
+  std::vector<float> inv;
+  if (norm) {
+    inv = dinv.download();
+    for (int64_t m = 0; m < c.M; ++m) {
+      double ss = 0;
+      for (int k = 0; k < K; ++k) {
+        const double v = mx::bf16_bits_to_float(x[m * ldx + k]);
+        ss += v * v;
+      }
+      const double ref = 1.0 / std::sqrt(ss / K + 1e-5);
+      ASSERT_NEAR(inv[m], ref, 1e-5 * ref) << "inv_rms row " << m;
+    }
+  }
+  const auto rows = reorder_rows(x, c.M, K, ldx, perm, norm ? &inv : nullptr, &gamma);
+  const HostMx cpu = quantize_segments(rows, c.M, c.plan, c.rule);
+  expect_same_packed(out.download(), cpu);
+  EXPECT_EQ(lossy.download()[0], 0u);
+  expect_folded_exact(out, cpu);
+}
+
+const ActCase kActCases[] = {
+    {{128, 64, 64}, 1, mx::ScaleRule::Ceil},      {{4096 - 1248 - 640, 1248, 640}, 7, mx::ScaleRule::Ceil},
+    {{0, 0, 256}, 129, mx::ScaleRule::Floor},     {{256, 0, 0}, 33, mx::ScaleRule::Ceil},
+    {{0, 96, 0}, 5, mx::ScaleRule::Ceil},         {{64, 0, 96}, 300, mx::ScaleRule::Floor},
+    {{14336 - 1920 - 2496, 1920, 2496}, 3, mx::ScaleRule::Ceil},
+    {{32, 32, 32}, 2047, mx::ScaleRule::Ceil},
+};
+
+TEST(MxActQuant, BitExactWithCpuLibrary) {
+  REQUIRE_GPU();
+  for (const auto& c : kActCases) {
+    SCOPED_TRACE(testing::Message() << "plan " << c.plan.p4 << "/" << c.plan.p6 << "/" << c.plan.p8 << " M " << c.M);
+    run_act_case(c, false);
+  }
+}
+
+TEST(MxActQuant, FusedRmsNormBitExact) {
+  REQUIRE_GPU();
+  for (const auto& c : kActCases) {
+    SCOPED_TRACE(testing::Message() << "plan " << c.plan.p4 << "/" << c.plan.p6 << "/" << c.plan.p8 << " M " << c.M);
+    run_act_case(c, true);
+  }
+}
+
+TEST(MxActQuant, SmallNanBlock) {
+  REQUIRE_GPU();
+  const MixPlan plan{64, 64, 64};
+  const int K = plan.k();
+  auto x = random_activations(3, K, K);
+  auto perm = random_perm(K);
+  x[1 * K + perm[70]] = 0x7FC0;  // NaN in row 1, reordered channel 70 (FP6 segment)
+  DeviceBuffer<uint16_t> dx(x.size());
+  DeviceBuffer<int32_t> dp(K);
+  dx.upload(x);
+  dp.upload(perm);
+  DeviceMx out(plan, 3, true);
+  CK(quantize_activations(dx.ptr, 3, K, dp.ptr, plan, mx::ScaleRule::Ceil, out.segments(), out.folded(), nullptr, nullptr));
+  CK(cudaDeviceSynchronize());
+  const auto rows = reorder_rows(x, 3, K, K, perm, nullptr, nullptr);
+  const HostMx cpu = quantize_segments(rows, 3, plan, mx::ScaleRule::Ceil);
+  EXPECT_EQ(cpu.scales[1 * 6 + 2], mx::kScaleNaN);
+  expect_same_packed(out.download(), cpu);
+  expect_folded_exact(out, cpu);
+}
+
+// ---- GEMM ------------------------------------------------------------------------
+
+struct GemmResult {
+  double max_ratio = 0;  // max |y - r| / bound
+  double rel_norm = 0;   // ||y - r|| / ||r||
+  size_t non_finite = 0;
+};
+
+// Reference product from the dequantized operands; returns r and S = sum |a w|.
+void reference(const HostMx& A, const HostMx& W, std::vector<double>& r, std::vector<double>& s,
+               std::vector<double>* tile_term) {
+  const int K = A.plan.k();
+  const int64_t M = A.rows, N = W.rows;
+  std::vector<double> a(static_cast<size_t>(M) * K), w(static_cast<size_t>(N) * K);
+  parallel_for(M, [&](int64_t m) { for (int k = 0; k < K; ++k) a[m * K + k] = segment_value(A, m, k); });
+  parallel_for(N, [&](int64_t n) { for (int k = 0; k < K; ++k) w[n * K + k] = segment_value(W, n, k); });
+  r.assign(static_cast<size_t>(M) * N, 0);
+  s.assign(r.size(), 0);
+  std::vector<double> ta, tw;
+  if (tile_term) {  // per element: the largest |value| in its row's 128-wide tile
+    tile_term->assign(r.size(), 0);
+    auto tiles = [&](const std::vector<double>& v, int64_t rows) {
+      std::vector<double> t(v.size());
+      for (int64_t i = 0; i < rows; ++i)
+        for (int k0 = 0; k0 < K; k0 += 128) {
+          double mx = 0;
+          for (int k = k0; k < std::min(K, k0 + 128); ++k) mx = std::max(mx, std::fabs(v[i * K + k]));
+          for (int k = k0; k < std::min(K, k0 + 128); ++k) t[i * K + k] = mx;
+        }
+      return t;
+    };
+    ta = tiles(a, M);
+    tw = tiles(w, N);
+  }
+  parallel_for(M, [&](int64_t m) {
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = 0, abs_acc = 0, tt = 0;
+      const double* ar = &a[m * K];
+      const double* wr = &w[n * K];
+      for (int k = 0; k < K; ++k) {
+        acc += ar[k] * wr[k];
+        abs_acc += std::fabs(ar[k] * wr[k]);
+      }
+      if (tile_term) {
+        const double* tar = &ta[m * K];
+        const double* twr = &tw[n * K];
+        for (int k = 0; k < K; ++k) tt += tar[k] * std::fabs(wr[k]) + std::fabs(ar[k]) * twr[k];
+        (*tile_term)[m * N + n] = tt;
+      }
+      r[m * N + n] = acc;
+      s[m * N + n] = abs_acc;
+    }
+  });
+}
+
+GemmResult compare(const std::vector<uint16_t>& y, const std::vector<double>& r, const std::vector<double>& s,
+                   double c, const std::vector<double>* tile_term) {
+  GemmResult g;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < r.size(); ++i) {
+    const double v = mx::bf16_bits_to_float(y[i]);
+    if (!std::isfinite(v)) {
+      ++g.non_finite;
+      continue;
+    }
+    double bound = std::ldexp(std::fabs(r[i]), -8) + c * s[i] + 1e-30;
+    if (tile_term) bound += std::ldexp((*tile_term)[i], -16);
+    g.max_ratio = std::max(g.max_ratio, std::fabs(v - r[i]) / bound);
+    num += (v - r[i]) * (v - r[i]);
+    den += r[i] * r[i];
+  }
+  g.rel_norm = std::sqrt(num / std::max(den, 1e-300));
+  return g;
+}
+
+enum class Path { Reference, Fp8, Fp8Concurrent, Decode, DecodeCudaCores, DecodeTensorCores };
+const char* path_name(Path p) {
+  switch (p) {
+    case Path::Reference: return "reference";
+    case Path::Fp8: return "fp8";
+    case Path::Fp8Concurrent: return "fp8-concurrent";
+    case Path::Decode: return "decode";
+    case Path::DecodeCudaCores: return "decode-cuda-cores";
+    default: return "decode-tensor-cores";
+  }
+}
+bool is_decode(Path p) { return p == Path::Decode || p == Path::DecodeCudaCores || p == Path::DecodeTensorCores; }
+
+cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, int64_t N, uint16_t* y, float* ws) {
+  switch (p) {
+    case Path::Reference: return mx_gemm_reference(A.segments(), W.segments(), M, N, A.plan, y, nullptr);
+    case Path::Fp8: return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr);
+    case Path::Fp8Concurrent:
+      return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Concurrent);
+    case Path::Decode: return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr);
+    case Path::DecodeCudaCores:
+      return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::CudaCores);
+    default:
+      return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::TensorCores);
+  }
+}
+
+struct GemmCase {
+  int64_t M, N;
+  MixPlan plan;
+};
+
+// A from random bf16 activations through the GPU quantizer; W quantized on the CPU.
+void run_gemm_case(const GemmCase& c, bool spread = false) {
+  const int K = c.plan.k();
+  const int64_t M = c.M, N = c.N;
+  auto x = random_activations(M, K, K);
+  if (spread)  // blocks of very different magnitude inside 128-wide tiles
+    for (int64_t m = 0; m < M; ++m)
+      for (int k = 0; k < K; ++k)
+        if ((k / 32) % 4 == (m % 4)) x[m * K + k] = mx::float_to_bf16_bits(mx::bf16_bits_to_float(x[m * K + k]) * 0x1p-22f);
+  auto perm = spread ? std::vector<int32_t>() : random_perm(K);
+  if (spread) { perm.resize(K); for (int i = 0; i < K; ++i) perm[i] = i; }
+  DeviceBuffer<uint16_t> dx(x.size());
+  DeviceBuffer<int32_t> dp(K);
+  dx.upload(x);
+  dp.upload(perm);
+  DeviceMx A(c.plan, M, true), W(c.plan, N, true);
+  DeviceBuffer<unsigned long long> lossy(1);
+  CK(cudaMemset(lossy.ptr, 0, 8));
+  CK(quantize_activations(dx.ptr, M, K, dp.ptr, c.plan, mx::ScaleRule::Ceil, A.segments(), A.folded(), lossy.ptr, nullptr));
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> w(static_cast<size_t>(N) * K);
+  for (int64_t n = 0; n < N; ++n) {
+    const float rs = std::exp(0.5f * nd(rng())) * 0.02f;
+    for (int k = 0; k < K; ++k) w[n * K + k] = nd(rng()) * rs * (spread && (k / 32) % 4 == (n % 4) ? 0x1p-20f : 1.0f);
+  }
+  const HostMx hw = quantize_segments(w, N, c.plan, mx::ScaleRule::Ceil);
+  W.upload(hw);
+  CK(fold_operand(W.segments(), N, c.plan, W.folded(), lossy.ptr, nullptr));
+  CK(cudaDeviceSynchronize());
+  const unsigned long long n_lossy = lossy.download()[0];
+  {
+    const mx::FoldedMx ref = mx::fold_rows(hw);
+    EXPECT_EQ(W.fq.download(), ref.q) << "GPU fold of W differs from the host fold";
+    const auto ff = W.ff.download();
+    size_t bad = 0;
+    for (size_t i = 0; i < ff.size(); ++i) bad += !(ff[i] == ref.f[i] || (std::isnan(ff[i]) && std::isnan(ref.f[i])));
+    EXPECT_EQ(bad, 0u) << "GPU fold factors of W differ from the host fold";
+  }
+  if (spread) EXPECT_GT(n_lossy, 0u) << "the spread case must exercise lossy folding";
+  else EXPECT_EQ(n_lossy, 0u);
+  const HostMx ha = A.download();
+  std::vector<double> r, s, tt;
+  reference(ha, hw, r, s, spread ? &tt : nullptr);
+  DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
+  DeviceBuffer<float> ws(static_cast<size_t>(std::min<int64_t>(M, kDecodeMaxM)) * N);
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
+    if (is_decode(p) && M > kDecodeMaxM) continue;
+    CK(cudaMemset(y.ptr, 0xFF, y.count * 2));  // NaN poison
+    CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
+    CK(cudaDeviceSynchronize());
+    const auto yh = y.download();
+    const bool fp8 = p == Path::Fp8 || p == Path::Fp8Concurrent;
+    const GemmResult g = compare(yh, r, s, std::ldexp(1.0, -10), spread && fp8 ? &tt : nullptr);
+    std::printf("  [%s] M=%lld N=%lld K=%d plan=%d/%d/%d%s: max err/bound %.3g, rel norm err %.3g, lossy %llu\n",
+                path_name(p), static_cast<long long>(M), static_cast<long long>(N), K, c.plan.p4, c.plan.p6, c.plan.p8,
+                spread ? " (spread)" : "", g.max_ratio, g.rel_norm, n_lossy);
+    EXPECT_EQ(g.non_finite, 0u) << path_name(p) << ": unwritten or non-finite outputs";
+    EXPECT_LE(g.max_ratio, 1.0) << path_name(p);
+    EXPECT_LE(g.rel_norm, 4e-3) << path_name(p);
+  }
+}
+
+TEST(MxGemm, SmallShapes) {
+  REQUIRE_GPU();
+  const GemmCase cases[] = {
+      {1, 136, {128, 64, 64}}, {7, 200, {64, 0, 96}}, {16, 72, {0, 0, 256}}, {5, 130, {256, 0, 0}},
+      {9, 40, {0, 96, 0}},     {33, 257, {96, 96, 96}}, {129, 136, {512 - 160 - 96, 160, 96}},
+      // decode with K split over CTAs (fp32 atomics + bf16 pass)
+      {3, 48, {4096 - 384 - 640, 384, 640}}, {16, 24, {1024, 0, 1024}}, {1, 40, {0, 2048, 96}},
+      {2, 72, {128, 64, 64}},
+  };
+  for (const auto& c : cases) run_gemm_case(c);
+}
+
+TEST(MxGemm, LargeShapes) {
+  REQUIRE_GPU();
+  const GemmCase cases[] = {
+      {2047, 200, {4096 - 1280 - 640, 1280, 640}},
+      {129, 136, {14336 - 1920 - 2496, 1920, 2496}},
+      {7, 4104, {14336 - 1920 - 2496, 1920, 2496}},
+      {16, 1000, {4096 - 1024 - 640, 1024, 640}},
+      {300, 4096, {4096, 0, 0}},
+  };
+  for (const auto& c : cases) run_gemm_case(c);
+}
+
+TEST(MxGemm, SmallWideScaleSpread) {
+  REQUIRE_GPU();
+  run_gemm_case({67, 136, {256, 128, 128}}, true);
+}
+
+TEST(MxGemm, SmallNanPropagation) {
+  REQUIRE_GPU();
+  const MixPlan plan{128, 64, 64};
+  const int K = plan.k();
+  const int64_t M = 9, N = 136;
+  auto x = random_activations(M, K, K);
+  std::vector<int32_t> perm(K);
+  for (int i = 0; i < K; ++i) perm[i] = i;
+  x[3 * K + 5] = 0x7FC0;  // NaN: row 3, FP4 segment
+  DeviceBuffer<uint16_t> dx(x.size());
+  DeviceBuffer<int32_t> dp(K);
+  dx.upload(x);
+  dp.upload(perm);
+  DeviceMx A(plan, M, true), W(plan, N, true);
+  CK(quantize_activations(dx.ptr, M, K, dp.ptr, plan, mx::ScaleRule::Ceil, A.segments(), A.folded(), nullptr, nullptr));
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> w(static_cast<size_t>(N) * K);
+  for (auto& v : w) v = nd(rng());
+  HostMx hw = quantize_segments(w, N, plan, mx::ScaleRule::Ceil);
+  hw.scales[50 * (K / 32) + 7] = mx::kScaleNaN;  // NaN block: weight row 50, FP8 segment
+  W.upload(hw);
+  CK(fold_operand(W.segments(), N, plan, W.folded(), nullptr, nullptr));
+  DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
+  DeviceBuffer<float> ws(static_cast<size_t>(M) * N);
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
+    CK(cudaMemset(y.ptr, 0, y.count * 2));
+    CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
+    CK(cudaDeviceSynchronize());
+    const auto yh = y.download();
+    size_t wrong = 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const bool expect_nan = m == 3 || n == 50;
+        wrong += std::isnan(mx::bf16_bits_to_float(yh[m * N + n])) != expect_nan;
+      }
+    EXPECT_EQ(wrong, 0u) << path_name(p);
+  }
+}
+
+}  // namespace

@@ -1,0 +1,167 @@
+// Exponent folding (micromix/mx/fold.h), the operand encoding of the FP8 tensor-core
+// GEMM, checked on the CPU: window exactness, value preservation on segmented
+// matrices, the bound for scale spreads outside the window, NaN groups, and an
+// emulation of the kernel's per-tile promotion order against a float64 product.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "micromix/mx/fold.h"
+#include "micromix/mx/segments.h"
+
+using namespace micromix::mx;
+
+namespace {
+
+std::mt19937_64 rng(20261123);
+
+TEST(MxFold, WindowIsExactAndTight) {
+  for (ElemFormat f : {ElemFormat::E2M1, ElemFormat::E3M2}) {
+    const int n = 1 << (elem_traits(f).bits - 1);
+    for (int d = fold_window_bottom(f) - 1; d <= fold_window_top(f) + 1; ++d) {
+      bool all_exact = true;
+      for (int c = 0; c < n; ++c) {
+        const float v = decode_elem(f, static_cast<uint8_t>(c)) * exp2i(d);
+        all_exact &= decode_elem(ElemFormat::E4M3, encode_elem(ElemFormat::E4M3, v)) == v;
+      }
+      const bool inside = d >= fold_window_bottom(f) && d <= fold_window_top(f);
+      EXPECT_EQ(all_exact, inside) << elem_traits(f).name << " shift " << d;
+    }
+  }
+}
+
+TEST(MxFold, TableMatchesComputedPayloads) {
+  FoldTable table;
+  for (int i = 0; i < kFoldTableEntries; ++i) fold_table_fill(table, i);
+  std::uniform_int_distribution<int> code4(0, 15), code6(0, 63);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const bool fp4 = trial % 2 == 0;
+    const ElemFormat f = fp4 ? ElemFormat::E2M1 : ElemFormat::E3M2;
+    uint8_t codes[32];
+    for (auto& c : codes) c = static_cast<uint8_t>(fp4 ? code4(rng) : code6(rng));
+    const uint8_t scale = static_cast<uint8_t>(100 + trial % 40);
+    FoldKey group;
+    group.key = 100 + static_cast<int>(rng() % 40) - kScaleBias - fold_window_top(f) + static_cast<int>(rng() % 3);
+    uint8_t a[32], b[32];
+    unsigned la = 0, lb = 0;
+    const float fa = fold_payload_rt(f, codes, scale, group, a, &la);
+    const float fb = fp4 ? fold_payload<ElemFormat::E2M1>(codes, scale, group, b, &lb, &table)
+                         : fold_payload<ElemFormat::E3M2>(codes, scale, group, b, &lb, &table);
+    ASSERT_EQ(fa, fb);
+    ASSERT_EQ(la, lb);
+    for (int i = 0; i < 32; ++i) ASSERT_EQ(a[i], b[i]) << trial << " " << i;
+  }
+}
+
+std::vector<float> random_rows(int64_t rows, int k, double block_spread_binades) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_real_distribution<double> ud(0.0, block_spread_binades);
+  std::vector<float> x(static_cast<size_t>(rows) * k);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int b = 0; b < k / 32; ++b) {
+      const float s = static_cast<float>(std::exp2(-ud(rng)));
+      for (int i = 0; i < 32; ++i) x[r * k + b * 32 + i] = nd(rng) * s;
+    }
+  return x;
+}
+
+const MixPlan kPlans[] = {{128, 64, 64}, {4096 - 1248 - 640, 1248, 640}, {0, 0, 256}, {256, 0, 0},
+                          {0, 96, 0},    {64, 0, 96},                    {32, 32, 32}, {96, 160, 64}};
+
+TEST(MxFold, PreservesValuesWithinWindow) {
+  for (const MixPlan& p : kPlans) {
+    for (ScaleRule rule : {ScaleRule::Ceil, ScaleRule::Floor}) {
+      const int64_t rows = 9;
+      const auto x = random_rows(rows, p.k(), 6.0);  // block scales within 6 binades: inside every window
+      const SegmentedMx m = quantize_segments(x, rows, p, rule);
+      const FoldedMx f = fold_rows(m);
+      EXPECT_EQ(f.lossy, 0u);
+      const int fs = folded_fstride(p.k()), b8 = p.first_fp8_block();
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int c = 0; c < p.k(); ++c) ASSERT_EQ(folded_value(f, r, c), segment_value(m, r, c)) << r << "," << c;
+        for (int b = 0; b < p.blocks(); ++b) {
+          if (b < b8 && (b / 4) * 4 < b8)  // folded blocks of a tile share their group's factor
+            EXPECT_EQ(f.f[r * fs + b], f.f[r * fs + (b / 4) * 4]);
+          else
+            EXPECT_EQ(f.f[r * fs + b], decode_scale(m.scales[r * p.blocks() + b]));
+        }
+        for (int b = p.blocks(); b < fs; ++b) EXPECT_EQ(f.f[r * fs + b], 0.0f);
+      }
+    }
+  }
+}
+
+// Outside the window: per element |folded - exact| <= 2^-16 * (largest |value| in the
+// row's 128-wide tile).
+TEST(MxFold, WideSpreadBound) {
+  const MixPlan p{512, 256, 128};
+  const int64_t rows = 64;
+  const auto x = random_rows(rows, p.k(), 30.0);
+  const SegmentedMx m = quantize_segments(x, rows, p, ScaleRule::Ceil);
+  const FoldedMx f = fold_rows(m);
+  EXPECT_GT(f.lossy, 0u);
+  double worst = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int t = 0; t * 128 < p.k(); ++t) {
+      double tmax = 0;
+      for (int c = t * 128; c < std::min(p.k(), t * 128 + 128); ++c) tmax = std::max(tmax, std::fabs(double(segment_value(m, r, c))));
+      for (int c = t * 128; c < std::min(p.k(), t * 128 + 128); ++c) {
+        const double err = std::fabs(double(folded_value(f, r, c)) - segment_value(m, r, c));
+        worst = std::max(worst, err / (tmax * std::ldexp(1.0, -16)));
+      }
+    }
+  EXPECT_LE(worst, 1.0);
+  std::printf("lossy elements %llu of %lld, worst error / (2^-16 tile max) = %.3g\n",
+              static_cast<unsigned long long>(f.lossy), static_cast<long long>(rows * p.k()), worst);
+}
+
+TEST(MxFold, NanBlocks) {
+  const MixPlan p{64, 32, 64};  // tile 0: FP4, FP4, FP6, FP8; tile 1: FP8
+  const auto x = random_rows(2, p.k(), 2.0);
+  SegmentedMx m = quantize_segments(x, 2, p, ScaleRule::Ceil);
+  m.scales[0 * p.blocks() + 1] = kScaleNaN;  // row 0: FP4 block 1 -> whole folded group NaN
+  m.scales[1 * p.blocks() + 3] = kScaleNaN;  // row 1: FP8 block 3 -> only that block
+  const FoldedMx f = fold_rows(m);
+  for (int c = 0; c < p.k(); ++c) {
+    EXPECT_EQ(std::isnan(folded_value(f, 0, c)), c < 96) << c;
+    EXPECT_EQ(std::isnan(folded_value(f, 1, c)), c >= 96 && c < 128) << c;
+  }
+}
+
+// The kernel's arithmetic on folded operands: per 128-K tile, the folded group's sum of
+// payload products (exact here; the tensor core keeps about 14 bits), times fa * fw,
+// accumulated in fp32; each MXFP8 block promoted on its own.
+TEST(MxFold, EmulatedGemmMatchesFloat64) {
+  for (const MixPlan& p : kPlans) {
+    const int64_t M = 5, N = 7;
+    const SegmentedMx a = quantize_segments(random_rows(M, p.k(), 5.0), M, p, ScaleRule::Ceil);
+    const SegmentedMx w = quantize_segments(random_rows(N, p.k(), 5.0), N, p, ScaleRule::Ceil);
+    const FoldedMx fa = fold_rows(a), fw = fold_rows(w);
+    const int nblk = p.blocks(), fs = folded_fstride(p.k()), b8 = p.first_fp8_block();
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        double ref = 0, s = 0;
+        for (int c = 0; c < p.k(); ++c) {
+          ref += double(segment_value(a, i, c)) * segment_value(w, j, c);
+          s += std::fabs(double(segment_value(a, i, c)) * segment_value(w, j, c));
+        }
+        float acc = 0;
+        for (int t = 0; t * 4 < nblk; ++t) {
+          const int nb = std::min(4, nblk - 4 * t), nf = folded_blocks_in_tile(t, nblk, b8);
+          auto group = [&](int j0, int n) {
+            double g = 0;
+            for (int c = (4 * t + j0) * 32; c < (4 * t + j0 + n) * 32; ++c)
+              g += double(decode_elem(ElemFormat::E4M3, fa.q[i * p.k() + c])) * decode_elem(ElemFormat::E4M3, fw.q[j * p.k() + c]);
+            acc = std::fma(float(g), fa.f[i * fs + 4 * t + j0] * fw.f[j * fs + 4 * t + j0], acc);
+          };
+          if (nf > 0) group(0, nf);
+          for (int jj = nf; jj < nb; ++jj) group(jj, 1);
+        }
+        EXPECT_LE(std::fabs(acc - ref), std::ldexp(s, -20) + 1e-30) << "plan " << p.p4 << "/" << p.p6 << "/" << p.p8;
+      }
+  }
+}
+
+}  // namespace
