@@ -8,25 +8,12 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "cli_test_util.h"
 #include "micromix/model/loader.h"
 
 namespace {
 
-struct CliResult {
-  int status;
-  std::string out;
-};
-
-CliResult run(const std::string& args) {
-  const std::string cmd = std::string(MICROMIX_BINARY) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = pclose(p);
-  return {WEXITSTATUS(status), out};
-}
+CliResult run(const std::string& args) { return run_micromix(args); }
 
 nlohmann::json last_json(const std::string& out) { return nlohmann::json::parse(out.substr(out.find('{'))); }
 

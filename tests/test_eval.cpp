@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "model_test_util.h"
 #include "micromix/eval/harness.h"
 #include "micromix/eval/tasks.h"
 #include "micromix/model/llama.h"
@@ -362,44 +363,10 @@ using model::ModelConfig;
 using model::ModelWeights;
 
 ModelWeights random_model(uint32_t seed) {
-  ModelConfig c;
-  c.n_layers = 2;
-  c.hidden = 64;
-  c.ffn = 96;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 16;
+  ModelConfig c = model::small_config();
   c.vocab = 100;
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  auto fill = [&](size_t count, float scale, float offset = 0.0f) {
-    std::vector<float> v(count);
-    for (auto& x : v) x = offset + n(rng) * scale;
-    return v;
-  };
-  ModelWeights w;
-  w.config = c;
-  w.token_embedding = fill(size_t(c.vocab) * c.hidden, 1.0f);
-  w.output_norm = fill(c.hidden, 0.3f, 1.0f);
-  w.lm_head = fill(size_t(c.vocab) * c.hidden, 0.2f);
-  for (int l = 0; l < c.n_layers; ++l) {
-    LayerWeights L;
-    L.attn_norm = fill(c.hidden, 0.2f, 1.0f);
-    L.ffn_norm = fill(c.hidden, 0.2f, 1.0f);
-    auto make = [&](int out, int in) {
-      Linear lin;
-      lin.out = out;
-      lin.in = in;
-      lin.weight = fill(size_t(out) * in, 1.0f / std::sqrt(float(in)));
-      return lin;
-    };
-    L.slot(LinearSlot::QKV) = make(c.q_dim() + 2 * c.kv_dim(), c.hidden);
-    L.slot(LinearSlot::O) = make(c.hidden, c.q_dim());
-    L.slot(LinearSlot::GateUp) = make(2 * c.ffn, c.hidden);
-    L.slot(LinearSlot::Down) = make(c.hidden, c.ffn);
-    w.layers.push_back(std::move(L));
-  }
-  return w;
+  c.tied_embeddings = false;
+  return model::random_model(c, seed);
 }
 
 // One token per character: ' ' -> 3 ... '~' -> 97, '\n' -> 98.

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cli_test_util.h"
 #include "micromix/mx/tensor.h"
 
 using namespace micromix::mx;
@@ -365,22 +366,8 @@ TEST(MxError, GaussianRoundTripErrorMatchesStepSizes) {
 // The command-line contract: bytes for known inputs, and dequantize inverting them.
 namespace {
 std::string run_cli(const std::string& args, const std::string& input) {
-  char path[] = "/tmp/micromix_cli_XXXXXX";
-  const int fd = mkstemp(path);
-  EXPECT_GE(fd, 0);
-  FILE* f = fdopen(fd, "w");
-  std::fputs(input.c_str(), f);
-  std::fclose(f);
-  const std::string cmd = std::string(MICROMIX_BINARY) + " " + args + " < " + path + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = pclose(p);
-  std::remove(path);
-  if (status != 0) out = "exit " + std::to_string(status) + ": " + out;
-  return out;
+  const CliResult r = run_micromix(args, &input);
+  return r.status == 0 ? r.out : "exit " + std::to_string(r.status) + ": " + r.out;
 }
 }  // namespace
 
