@@ -126,10 +126,11 @@ TEST_P(ForwardVsReference, LogitsMatchDoublePrecision) {
   const ModelWeights w = random_model(c, 42);
   std::vector<int32_t> tokens;
   std::mt19937 rng(9);
-  for (int i = 0; i < 37; ++i) tokens.push_back(int32_t(rng() % c.vocab));
+  // 300 tokens: the prefill scores its queries in more than one chunk.
+  for (int i = 0; i < 300; ++i) tokens.push_back(int32_t(rng() % c.vocab));
   const auto ref = reference_logits(w, tokens);
 
-  CpuRuntime rt(w, 64);
+  CpuRuntime rt(w, 320);
   std::vector<float> logits(tokens.size() * c.vocab);
   rt.forward(tokens, logits.data(), true);
   double max_diff = 0, max_ref = 0;
@@ -140,7 +141,7 @@ TEST_P(ForwardVsReference, LogitsMatchDoublePrecision) {
   EXPECT_LT(max_diff, 2e-4 * max_ref) << v.name << " max |diff| " << max_diff << " of " << max_ref;
 
   // Decode token by token through the cache: the same logits as the prefill.
-  CpuRuntime inc(w, 64);
+  CpuRuntime inc(w, 320);
   std::vector<float> one(c.vocab);
   double inc_diff = 0;
   for (size_t t = 0; t < tokens.size(); ++t) {
@@ -149,7 +150,7 @@ TEST_P(ForwardVsReference, LogitsMatchDoublePrecision) {
   }
   EXPECT_LT(inc_diff, 1e-4 * max_ref) << v.name;
   // Prefill in two chunks continues from the cache.
-  CpuRuntime chunked(w, 64);
+  CpuRuntime chunked(w, 320);
   chunked.forward(std::span(tokens).first(20), nullptr, false);
   chunked.forward(std::span(tokens).subspan(20), one.data(), false);
   for (int k = 0; k < c.vocab; ++k) EXPECT_NEAR(one[k], logits[(tokens.size() - 1) * c.vocab + k], 1e-4 * max_ref);

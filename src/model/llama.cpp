@@ -120,36 +120,42 @@ void CpuRuntime::attention(int layer, const float* qkv, int64_t n, float* out) {
   const auto& c = w_.config;
   const int hd = c.head_dim, q_dim = c.q_dim(), kv_dim = c.kv_dim();
   const int64_t stride = q_dim + 2 * kv_dim;
-  const int ctx = position_ + static_cast<int>(n);
   const size_t per_layer = static_cast<size_t>(c.n_kv_heads) * max_context_ * hd;
   const float* kc = k_cache_.data() + layer * per_layer;
   const float* vc = v_cache_.data() + layer * per_layer;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  std::vector<float> scores(static_cast<size_t>(n) * ctx);
+  // Queries go in chunks so that each chunk only scores the keys it can see (causal mask).
+  constexpr int64_t kChunk = 256;
+  const int max_ctx = position_ + static_cast<int>(n);
+  std::vector<float> scores(static_cast<size_t>(std::min(n, kChunk)) * max_ctx);
   const int group = c.n_heads / c.n_kv_heads;
-  for (int h = 0; h < c.n_heads; ++h) {
-    const int kvh = h / group;
-    const float* k = kc + static_cast<size_t>(kvh) * max_context_ * hd;
-    const float* v = vc + static_cast<size_t>(kvh) * max_context_ * hd;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), ctx, hd, scale, qkv + h * hd,
-                static_cast<int>(stride), k, hd, 0.0f, scores.data(), ctx);
-#pragma omp parallel for schedule(static) if (n > 1)
-    for (int64_t i = 0; i < n; ++i) {
-      float* row = scores.data() + i * ctx;
-      const int visible = position_ + static_cast<int>(i) + 1;  // causal: keys 0 .. own position
-      float mx = -INFINITY;
-      for (int j = 0; j < visible; ++j) mx = std::max(mx, row[j]);
-      double sum = 0;
-      for (int j = 0; j < visible; ++j) {
-        row[j] = std::exp(row[j] - mx);
-        sum += row[j];
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t rows = std::min(kChunk, n - i0);
+    const int ctx = position_ + static_cast<int>(i0 + rows);
+    for (int h = 0; h < c.n_heads; ++h) {
+      const int kvh = h / group;
+      const float* k = kc + static_cast<size_t>(kvh) * max_context_ * hd;
+      const float* v = vc + static_cast<size_t>(kvh) * max_context_ * hd;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows), ctx, hd, scale,
+                  qkv + i0 * stride + h * hd, static_cast<int>(stride), k, hd, 0.0f, scores.data(), ctx);
+#pragma omp parallel for schedule(static) if (rows > 1)
+      for (int64_t i = 0; i < rows; ++i) {
+        float* row = scores.data() + i * ctx;
+        const int visible = position_ + static_cast<int>(i0 + i) + 1;  // causal: keys 0 .. own position
+        float mx = -INFINITY;
+        for (int j = 0; j < visible; ++j) mx = std::max(mx, row[j]);
+        double sum = 0;
+        for (int j = 0; j < visible; ++j) {
+          row[j] = std::exp(row[j] - mx);
+          sum += row[j];
+        }
+        const float inv = static_cast<float>(1.0 / sum);
+        for (int j = 0; j < visible; ++j) row[j] *= inv;
+        for (int j = visible; j < ctx; ++j) row[j] = 0.0f;
       }
-      const float inv = static_cast<float>(1.0 / sum);
-      for (int j = 0; j < visible; ++j) row[j] *= inv;
-      for (int j = visible; j < ctx; ++j) row[j] = 0.0f;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows), hd, ctx, 1.0f, scores.data(), ctx,
+                  v, hd, 0.0f, out + i0 * q_dim + h * hd, q_dim);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), hd, ctx, 1.0f, scores.data(), ctx, v,
-                hd, 0.0f, out + h * hd, q_dim);
   }
 }
 
