@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <vector>
 
 #include "cli.h"
 #include "micromix/common/io.h"
@@ -58,7 +59,7 @@ std::string allocation_svg(const quant::QuantPlan& plan) {
 
 // Perplexity against average bits per weight, one labelled point per mode.
 std::string ppl_svg(const nlohmann::json& rows) {
-  const int width = 560, height = 360, left = 60, right = 20, top = 20, bottom = 50;
+  const int width = 640, height = 400, left = 60, right = 110, top = 20, bottom = 50;
   double bmin = 1e9, bmax = 0, pmin = 1e9, pmax = 0;
   for (const auto& r : rows) {
     bmin = std::min(bmin, r["weight_bits"].get<double>());
@@ -85,11 +86,23 @@ std::string ppl_svg(const nlohmann::json& rows) {
   }
   s << "<text x='" << width / 2 - 80 << "' y='" << height - 12 << "'>average bits per weight</text>\n";
   s << "<text x='4' y='12'>perplexity (log scale)</text>\n";
+  // Labels of points that crowd each other are stacked downwards, one line each.
+  std::vector<std::pair<double, double>> placed;
   for (const auto& r : rows) {
     const double x = X(r["weight_bits"].get<double>()), y = Y(std::log(r["ppl"].get<double>()));
     const bool mm = r["mode"] == "micromix";
+    double ly = y + 4;
+    for (bool moved = true; moved;) {
+      moved = false;
+      for (const auto& [px, py] : placed)
+        if (std::fabs(px - x) < 70 && std::fabs(py - ly) < 12) ly = py + 12, moved = true;
+    }
+    placed.push_back({x, ly});
+    if (ly != y + 4)  // a leader line to a displaced label
+      s << "<line x1='" << fmt("%.1f", x) << "' y1='" << fmt("%.1f", y) << "' x2='" << fmt("%.1f", x + 40) << "' y2='"
+        << fmt("%.1f", ly - 4) << "' stroke='#999'/>\n";
     s << "<circle cx='" << fmt("%.1f", x) << "' cy='" << fmt("%.1f", y) << "' r='5' fill='" << (mm ? "#d62728" : "#1f77b4")
-      << "'/><text x='" << fmt("%.1f", x + 7) << "' y='" << fmt("%.1f", y - 6) << "'>" << r["mode"].get<std::string>()
+      << "'/><text x='" << fmt("%.1f", ly != y + 4 ? x + 42 : x + 8) << "' y='" << fmt("%.1f", ly) << "'>" << r["mode"].get<std::string>()
       << " (" << r["scale_rule"].get<std::string>() << ")</text>\n";
   }
   s << "</svg>\n";
