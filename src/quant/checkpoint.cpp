@@ -104,21 +104,16 @@ void save_checkpoint(const std::string& path, const model::ModelWeights& w, cons
       const std::string base = linear_name(l, slot);
       add_bytes(base + ".order", "I32", {p.k}, std::vector<int32_t>(p.order));
       if (!lin.bias.empty()) add_bf16(base + ".bias", lin.bias, {lin.out});
-      int64_t start = 0;
-      for (int seg = 0; seg < 3; ++seg) {
-        const int64_t width = p.segment(seg);
-        if (width > 0) {
-          std::vector<float> part(static_cast<size_t>(lin.out * width));
-          for (int64_t r = 0; r < lin.out; ++r)
-            for (int64_t i = 0; i < width; ++i) part[r * width + i] = lin.weight[r * lin.in + p.order[start + i]];
-          mx::MxMatrix m = mx::quantize(part, lin.out, width, kSegmentFormats[seg], rule);
-          const int64_t row_bytes = static_cast<int64_t>(m.row_bytes());
-          add_bytes(base + "." + kSegmentNames[seg] + ".codes", "U8", {lin.out, row_bytes}, std::move(m.codes));
-          add_bytes(base + "." + kSegmentNames[seg] + ".scales", "U8", {lin.out, width / mx::kBlockSize},
-                    std::move(m.scales));
-        }
-        start += width;
-      }
+      // Reorder the input channels, then pack the three segments.
+      std::vector<float> reordered(static_cast<size_t>(lin.out * lin.in));
+      for (int64_t r = 0; r < lin.out; ++r)
+        for (int64_t i = 0; i < lin.in; ++i) reordered[r * lin.in + i] = lin.weight[r * lin.in + p.order[i]];
+      mx::SegmentedMx packed = mx::quantize_segments(reordered, lin.out, p.mix(), rule);
+      for (int seg = 0; seg < 3; ++seg)
+        if (p.segment(seg) > 0)
+          add_bytes(base + "." + kSegmentNames[seg] + ".codes", "U8",
+                    {lin.out, static_cast<int64_t>(mx::seg_row_bytes(p.mix(), seg))}, std::move(packed.q[seg]));
+      add_bytes(base + ".scales", "U8", {lin.out, p.k / mx::kBlockSize}, std::move(packed.scales));
       segments.push_back({p.p4, p.p6, p.p8});
     }
   }
@@ -219,29 +214,23 @@ Checkpoint load_checkpoint(const std::string& path) {
         throw FormatError(path + ": " + e.what());
       }
       if (c.qkv_bias && slot == model::LinearSlot::QKV) lin.bias = load(base + ".bias", {lin.out});
-      lin.weight.assign(static_cast<size_t>(lin.out * lin.in), 0.0f);
-      int64_t start = 0;
+      mx::SegmentedMx packed;
+      packed.plan = p.mix();
+      packed.rows = lin.out;
       for (int sg = 0; sg < 3; ++sg) {
-        const int64_t width = p.segment(sg);
-        if (width > 0) {
-          mx::MxMatrix m;
-          m.format = kSegmentFormats[sg];
-          m.rule = ck.rule;
-          m.rows = lin.out;
-          m.cols = width;
-          const auto* codes = raw(base + "." + kSegmentNames[sg] + ".codes", model::StDtype::U8,
-                                  {lin.out, static_cast<int64_t>(m.row_bytes())});
-          const auto* scales = raw(base + "." + kSegmentNames[sg] + ".scales", model::StDtype::U8,
-                                   {lin.out, width / mx::kBlockSize});
-          m.codes.assign(codes->data, codes->data + codes->nbytes());
-          m.scales.assign(scales->data, scales->data + scales->nbytes());
-          ck.linear_weight_bytes += codes->nbytes() + scales->nbytes();
-          const std::vector<float> part = mx::dequantize(m);
-          for (int64_t r = 0; r < lin.out; ++r)
-            for (int64_t i = 0; i < width; ++i) lin.weight[r * lin.in + p.order[start + i]] = part[r * width + i];
-        }
-        start += width;
+        if (p.segment(sg) == 0) continue;
+        const auto* codes = raw(base + "." + kSegmentNames[sg] + ".codes", model::StDtype::U8,
+                                {lin.out, static_cast<int64_t>(mx::seg_row_bytes(packed.plan, sg))});
+        packed.q[sg].assign(codes->data, codes->data + codes->nbytes());
+        ck.linear_weight_bytes += codes->nbytes();
       }
+      const auto* scales = raw(base + ".scales", model::StDtype::U8, {lin.out, p.k / mx::kBlockSize});
+      packed.scales.assign(scales->data, scales->data + scales->nbytes());
+      ck.linear_weight_bytes += scales->nbytes();
+      lin.weight.assign(static_cast<size_t>(lin.out * lin.in), 0.0f);
+      for (int64_t r = 0; r < lin.out; ++r)
+        for (int64_t i = 0; i < lin.in; ++i)
+          lin.weight[r * lin.in + p.order[i]] = mx::segment_value(packed, r, static_cast<int>(i));
       ck.plan.linears.push_back(std::move(p));
     }
   }

@@ -15,7 +15,7 @@ namespace micromix::quant {
 double LinearPlan::average_bits() const {
   if (k == 0) return 0;
   double bits = 0;
-  for (int i = 0; i < 3; ++i) bits += double(segment(i)) * mx::bits_per_element(kSegmentFormats[i]);
+  for (int i = 0; i < 3; ++i) bits += double(segment(i)) * mx::bits_per_element(mx::kSegmentFormat[i]);
   return bits / double(k);
 }
 

@@ -96,7 +96,7 @@ void fake_quantize_micromix_row(float* row, const LinearPlan& plan, mx::ScaleRul
   int64_t start = 0;
   for (int s = 0; s < 3; ++s) {
     const int64_t width = plan.segment(s);
-    if (width) mx::fake_quantize(std::span<float>(scratch + start, static_cast<size_t>(width)), kSegmentFormats[s], rule);
+    if (width) mx::fake_quantize(std::span<float>(scratch + start, static_cast<size_t>(width)), mx::kSegmentFormat[s], rule);
     start += width;
   }
   for (int64_t i = 0; i < plan.k; ++i) row[plan.order[i]] = scratch[i];

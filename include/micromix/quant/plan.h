@@ -8,13 +8,10 @@
 #include <vector>
 
 #include "micromix/model/llama.h"
-#include "micromix/mx/tensor.h"
+#include "micromix/mx/segments.h"
 
 namespace micromix::quant {
 
-// The three segment formats of a MicroMix row, in K order.
-inline constexpr mx::ElemFormat kSegmentFormats[3] = {mx::ElemFormat::E2M1, mx::ElemFormat::E3M2,
-                                                      mx::ElemFormat::E4M3};
 
 struct LinearPlan {
   int layer = 0;
@@ -26,6 +23,7 @@ struct LinearPlan {
   std::vector<float> channel_stat;  // the calibration statistic per original channel
 
   int64_t segment(int i) const { return i == 0 ? p4 : i == 1 ? p6 : p8; }
+  mx::MixPlan mix() const { return {int(p4), int(p6), int(p8)}; }
   double average_bits() const;  // per element, E8M0 scales included
   void validate() const;        // throws FormatError
 };
