@@ -31,20 +31,25 @@ __device__ __forceinline__ int swz(int k) {  // position of element k inside the
   return (b << 5) | ((c ^ (b & 7)) << 2) | (k & 3);
 }
 
+// Decoded values of every FP4, FP6 and FP8 code, [16 | 64 | 256], for table lookups.
+__device__ __forceinline__ void fill_segment_luts(float* lut) {
+  for (int i = threadIdx.x; i < 336; i += blockDim.x) {
+    if (i < 16) lut[i] = decode_elem(ElemFormat::E2M1, static_cast<uint8_t>(i));
+    else if (i < 80) lut[i] = decode_elem(ElemFormat::E3M2, static_cast<uint8_t>(i - 16));
+    else lut[i] = decode_elem(ElemFormat::E4M3, static_cast<uint8_t>(i - 80));
+  }
+}
+
 template <int MT, int RPW>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan,
                                                                   int kc, uint16_t* Y, float* workspace, bool atomic_out) {
   extern __shared__ float4 smem_f4[];
   float* a_s = reinterpret_cast<float*>(smem_f4);  // [MT][kc]
   __shared__ float lut[16 + 64 + 256];
+  fill_segment_luts(lut);
   float* lut4 = lut;
   float* lut6 = lut + 16;
   float* lut8 = lut + 80;
-  for (int i = threadIdx.x; i < 336; i += blockDim.x) {
-    if (i < 16) lut4[i] = decode_elem(ElemFormat::E2M1, static_cast<uint8_t>(i));
-    else if (i < 80) lut6[i - 16] = decode_elem(ElemFormat::E3M2, static_cast<uint8_t>(i - 16));
-    else lut8[i - 80] = decode_elem(ElemFormat::E4M3, static_cast<uint8_t>(i - 80));
-  }
   const int nblk = plan.blocks();
   const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
   const int k0 = blockIdx.y * kc;
@@ -181,14 +186,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_tc_kernel(MxSegments
   extern __shared__ uint4 smem_tc[];
   uint16_t* a_s = reinterpret_cast<uint16_t*>(smem_tc);  // [16][kTcPitch] bf16
   __shared__ float lut[16 + 64 + 256];
+  fill_segment_luts(lut);
   float* lut4 = lut;
   float* lut6 = lut + 16;
   float* lut8 = lut + 80;
-  for (int i = threadIdx.x; i < 336; i += blockDim.x) {
-    if (i < 16) lut4[i] = decode_elem(ElemFormat::E2M1, static_cast<uint8_t>(i));
-    else if (i < 80) lut6[i - 16] = decode_elem(ElemFormat::E3M2, static_cast<uint8_t>(i - 16));
-    else lut8[i - 80] = decode_elem(ElemFormat::E4M3, static_cast<uint8_t>(i - 80));
-  }
   const int nblk = plan.blocks();
   const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
   const int k0 = blockIdx.y * kTcChunk;
