@@ -17,6 +17,9 @@ int run_calibrate(const ParsedArgs& args) {
   if (!args.given("output")) throw UsageError("-o PLAN is required");
   const std::string text_path =
       args.given("text") ? args.str("text") : eval::resolve_data_dir() + "/wikitext-2-raw/wiki.valid.raw";
+  if (!args.given("text") && !std::filesystem::exists(text_path))
+    throw std::runtime_error("no --text given and the default " + text_path +
+                             " does not exist (set MICROMIX_DATA to the data folder or pass --text)");
   const int64_t samples = args.integer("samples"), seqlen = args.integer("seqlen");
   if (samples <= 0 || samples > 100000) throw UsageError("--samples must be positive");
   if (seqlen < 2 || seqlen > 1 << 20) throw UsageError("--seqlen must be between 2 and 1048576");

@@ -2,6 +2,7 @@
 // side by side, with average bits per weight.
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -27,6 +28,9 @@ std::vector<std::string> split_list(const std::string& s) {
 int run_compare(const ParsedArgs& args) {
   const std::string text_path =
       args.given("text") ? args.str("text") : eval::resolve_data_dir() + "/wikitext-2-raw/wiki.test.raw";
+  if (!args.given("text") && !std::filesystem::exists(text_path))
+    throw std::runtime_error("no --text given and the default " + text_path +
+                             " does not exist (set MICROMIX_DATA to the data folder or pass --text)");
   const int64_t seqlen = args.integer("seqlen"), max_windows = args.integer("max-windows");
   if (seqlen < 2) throw UsageError("--seqlen must be at least 2");
   if (max_windows < 0) throw UsageError("--max-windows must be >= 0");
