@@ -125,7 +125,7 @@ void CpuRuntime::attention(int layer, const float* qkv, int64_t n, float* out) {
   const float* vc = v_cache_.data() + layer * per_layer;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   // Queries go in chunks so that each chunk only scores the keys it can see (causal mask).
-  constexpr int64_t kChunk = 256;
+  const int64_t kChunk = attention_chunk_;
   const int max_ctx = position_ + static_cast<int>(n);
   std::vector<float> scores(static_cast<size_t>(std::min(n, kChunk)) * max_ctx);
   const int group = c.n_heads / c.n_kv_heads;

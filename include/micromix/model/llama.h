@@ -97,6 +97,9 @@ class CpuRuntime {
   int position() const { return position_; }
   int max_context() const { return max_context_; }
   void set_linear_input_hook(LinearInputHook hook) { hook_ = std::move(hook); }
+  // Prefill scores queries in chunks of this many rows, each against only the keys it
+  // sees; larger chunks mean fewer, larger matrix products.
+  void set_attention_chunk(int64_t rows) { attention_chunk_ = rows > 0 ? rows : 1; }
   const ModelWeights& weights() const { return w_; }
 
  private:
@@ -107,6 +110,7 @@ class CpuRuntime {
   std::vector<float> k_cache_, v_cache_;  // [layer][kv_head][position][head_dim]
   std::vector<float> rope_inv_freq_;
   LinearInputHook hook_;
+  int64_t attention_chunk_ = 1024;
 };
 
 }  // namespace micromix::model
