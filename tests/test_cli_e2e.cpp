@@ -29,7 +29,9 @@ TEST(CliEndToEnd, CalibrateQuantizeAndCheckpointPerplexity) {
   const std::string calib = data_dir() + "/wikitext-2-raw/wiki.valid.raw";
   const std::string text = data_dir() + "/wikitext-2-raw/wiki.test.raw";
   if (!std::filesystem::exists(calib)) GTEST_SKIP() << "data folder not found";
-  const std::string dir = testing::TempDir();
+  // A folder of its own: other suites write plan.json and ck.safetensors in TempDir() concurrently.
+  const std::string dir = testing::TempDir() + "/micromix_cli_e2e";
+  std::filesystem::create_directories(dir);
   CliResult r = run("calibrate --samples 2 --seqlen 128 --text " + calib + " -o " + dir + "/plan.json --json");
   ASSERT_EQ(r.status, 0) << r.out;
   const auto summary = last_json(r.out);

@@ -53,6 +53,15 @@ double ParsedArgs::number(const std::string& name) const {
   return v;
 }
 
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
 ParsedArgs parse_args(const CommandSpec& spec, int argc, char** argv) {
   ParsedArgs out;
   for (const auto& o : spec.options)

@@ -49,6 +49,9 @@ struct RegisterCommand {
   explicit RegisterCommand(CommandSpec spec) { registry().push_back(std::move(spec)); }
 };
 
+// "a,b,,c" -> {"a", "b", "c"}: the value of a list option.
+std::vector<std::string> split_list(const std::string& s);
+
 ParsedArgs parse_args(const CommandSpec& spec, int argc, char** argv);
 std::string command_help(const CommandSpec& spec);
 

@@ -16,15 +16,6 @@
 namespace micromix::cli {
 namespace {
 
-std::vector<std::string> split_list(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream in(s);
-  std::string item;
-  while (std::getline(in, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 int run_compare(const ParsedArgs& args) {
   const std::string text_path =
       args.given("text") ? args.str("text") : eval::resolve_data_dir() + "/wikitext-2-raw/wiki.test.raw";

@@ -14,13 +14,7 @@ namespace micromix::cli {
 namespace {
 
 int run_eval(const ParsedArgs& args) {
-  std::vector<std::string> tasks;
-  {
-    std::stringstream in(args.str("tasks"));
-    std::string t;
-    while (std::getline(in, t, ','))
-      if (!t.empty()) tasks.push_back(t);
-  }
+  const std::vector<std::string> tasks = split_list(args.str("tasks"));
   if (tasks.empty()) throw UsageError("--tasks is empty");
   for (const auto& t : tasks) {
     const auto& known = eval::supported_tasks();
