@@ -33,7 +33,7 @@ for s in "$@"; do
     ;;
   test)
     stage test
-    timeout 300 "$B/test_mx_kernels" 2>&1 | tee "$OUT/test.log" | grep -vE "^\s+\[(reference|fp8|decode)\]" ;;
+    timeout ${TEST_TIMEOUT:-300} "$B/test_mx_kernels" 2>&1 | tee "$OUT/test.log" | grep -vE "^\s+\[(reference|fp8|decode)\]" ;;
   sanitize)
     stage memcheck
     timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 "$B/test_mx_kernels" --gtest_filter='*Small*' >"$OUT/memcheck.log" 2>&1
@@ -43,10 +43,10 @@ for s in "$@"; do
     echo "racecheck exit $?"; tail -5 "$OUT/racecheck.log" ;;
   bench)
     stage bench
-    timeout 420 "$B/mx_gemm_bench" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -3 ;;
+    timeout ${BENCH_TIMEOUT:-420} "$B/mx_gemm_bench" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -3 ;;
   bench-quick)
     stage bench-quick
-    timeout 300 "$B/mx_gemm_bench" --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -3 ;;
+    timeout ${BENCH_TIMEOUT:-300} "$B/mx_gemm_bench" --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -3 ;;
   ncu)
     stage ncu
     timeout 400 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \

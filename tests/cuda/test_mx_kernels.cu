@@ -2,7 +2,8 @@
 //
 // - Activation quantization (plain and fused with RMSNorm): packed codes and scales
 //   must be bit-identical to mx::quantize on the reordered rows; the folded E4M3
-//   operand must decode to exactly the same values (no lossy elements on these inputs).
+//   operand must be bit-identical to the host fold (mx::fold_rows), and exactly the
+//   elements the host fold counts as lossy may decode to other values.
 // - GEMM (reference bf16 path, FP8 folded path, decode path): against a float64 CPU
 //   product of the dequantized MX operands. Outputs are poisoned with NaN before every
 //   launch. Error bound per element (r = exact product, S = sum_k |a_k w_k|):
@@ -14,13 +15,15 @@
 //   then promoted exactly into fp32). Norm-wise, ||y - r|| / ||r|| must stay below 4e-3
 //   (bf16 output rounding alone gives about 1.1e-3), which catches any lost block.
 //   Folded elements that are not exact (scale spreads wider than the folding window;
-//   none occur without the explicit spread test) add at most 2^-16 * T_k * |w_k| per
-//   element, T_k the largest |a| in k's 128-wide tile (see docs/kernels.md).
+//   rare on random inputs, forced by the explicit spread test) add at most
+//   2^-16 * T_k * |w_k| per element, T_k the largest |a| in k's 128-wide tile (see
+//   docs/kernels.md). Inputs come from a fixed seed; MICROMIX_TEST_SEED picks another.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <thread>
 #include <vector>
@@ -45,8 +48,18 @@ bool have_gpu() {
 
 #define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
 
+uint64_t test_seed() {
+  static const uint64_t seed = [] {
+    const char* env = std::getenv("MICROMIX_TEST_SEED");
+    const uint64_t s = env ? std::strtoull(env, nullptr, 10) : 20260823ull;
+    std::printf("random inputs from seed %llu (MICROMIX_TEST_SEED)\n", static_cast<unsigned long long>(s));
+    return s;
+  }();
+  return seed;
+}
+
 std::mt19937_64& rng() {
-  static std::mt19937_64 g(std::random_device{}());
+  static std::mt19937_64 g(test_seed());
   return g;
 }
 
@@ -110,9 +123,10 @@ void expect_same_packed(const HostMx& gpu, const HostMx& cpu) {
   EXPECT_EQ(bad, 0u) << "scales differ";
 }
 
-// Folded operand: bit-identical to the host fold (mx::fold_rows) of the CPU quantization,
-// and (no lossy elements here) decodes to the packed values exactly.
-void expect_folded_exact(const DeviceMx& d, const HostMx& cpu) {
+// Folded operand: bit-identical to the host fold (mx::fold_rows) of the CPU quantization;
+// it decodes to the packed values except for exactly the elements the fold counts as lossy.
+// Returns the host fold's lossy count.
+uint64_t expect_folded_exact(const DeviceMx& d, const HostMx& cpu) {
   const mx::FoldedMx ref = mx::fold_rows(cpu);
   const auto fq = d.fq.download();
   const auto ff = d.ff.download();
@@ -133,7 +147,8 @@ void expect_folded_exact(const DeviceMx& d, const HostMx& cpu) {
     }
   EXPECT_EQ(bad_q, 0u) << "folded payloads differ from the host fold";
   EXPECT_EQ(bad_f, 0u) << "folded factors differ from the host fold";
-  EXPECT_EQ(bad_v, 0u) << "folded values differ from packed values";
+  EXPECT_EQ(bad_v, ref.lossy) << "folded values that differ from packed values are not the lossy ones";
+  return ref.lossy;
 }
 
 struct ActCase {
@@ -187,8 +202,8 @@ void run_act_case(const ActCase& c, bool norm) {
   const auto rows = reorder_rows(x, c.M, K, ldx, perm, norm ? &inv : nullptr, &gamma);
   const HostMx cpu = quantize_segments(rows, c.M, c.plan, c.rule);
   expect_same_packed(out.download(), cpu);
-  EXPECT_EQ(lossy.download()[0], 0u);
-  expect_folded_exact(out, cpu);
+  const uint64_t host_lossy = expect_folded_exact(out, cpu);
+  EXPECT_EQ(lossy.download()[0], host_lossy) << "lossy count differs from the host fold";
 }
 
 const ActCase kActCases[] = {
@@ -373,8 +388,10 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   CK(fold_operand(W.segments(), N, c.plan, W.folded(), lossy.ptr, nullptr));
   CK(cudaDeviceSynchronize());
   const unsigned long long n_lossy = lossy.download()[0];
+  const HostMx ha = A.download();
   {
     const mx::FoldedMx ref = mx::fold_rows(hw);
+    EXPECT_EQ(n_lossy, ref.lossy + mx::fold_rows(ha).lossy) << "lossy count differs from the host folds";
     EXPECT_EQ(W.fq.download(), ref.q) << "GPU fold of W differs from the host fold";
     const auto ff = W.ff.download();
     size_t bad = 0;
@@ -382,10 +399,8 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
     EXPECT_EQ(bad, 0u) << "GPU fold factors of W differ from the host fold";
   }
   if (spread) EXPECT_GT(n_lossy, 0u) << "the spread case must exercise lossy folding";
-  else EXPECT_EQ(n_lossy, 0u);
-  const HostMx ha = A.download();
   std::vector<double> r, s, tt;
-  reference(ha, hw, r, s, spread ? &tt : nullptr);
+  reference(ha, hw, r, s, n_lossy > 0 ? &tt : nullptr);
   DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
   DeviceBuffer<float> ws(static_cast<size_t>(std::min<int64_t>(M, kDecodeMaxM)) * N);
   for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
@@ -395,7 +410,7 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
     CK(cudaDeviceSynchronize());
     const auto yh = y.download();
     const bool fp8 = p == Path::Fp8 || p == Path::Fp8Concurrent;
-    const GemmResult g = compare(yh, r, s, std::ldexp(1.0, -10), spread && fp8 ? &tt : nullptr);
+    const GemmResult g = compare(yh, r, s, std::ldexp(1.0, -10), n_lossy > 0 && fp8 ? &tt : nullptr);
     std::printf("  [%s] M=%lld N=%lld K=%d plan=%d/%d/%d%s: max err/bound %.3g, rel norm err %.3g, lossy %llu\n",
                 path_name(p), static_cast<long long>(M), static_cast<long long>(N), K, c.plan.p4, c.plan.p6, c.plan.p8,
                 spread ? " (spread)" : "", g.max_ratio, g.rel_norm, n_lossy);
