@@ -166,130 +166,157 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(MxSegments A,
   }
 }
 
-// Tensor-core variant for 3 <= M <= 16: mma.sync m16n8k16 (bf16 in, fp32 accumulate).
-// A = the activations, 16 rows (zero-padded), dequantized to bf16 in shared memory (exact);
-// B = 8 weight rows per warp, each lane decoding the 8 elements of its row that the B
-// fragment needs from every 32-block (k = 2t, 2t+1, 2t+8, 2t+9 and the same +16) and
-// multiplying them by the block scale (exact in bf16). One CTA: 8 warps, 64 weight rows,
-// a 2048-wide K chunk.
-constexpr int kTcChunk = 2048;
-constexpr int kTcPitch = kTcChunk + 8;  // bf16 per shared A row: 4-byte fragment loads hit 32 banks
-constexpr size_t kTcSmemBytes = 16 * kTcPitch * sizeof(uint16_t);
+// Tensor-core variant, any M <= 16: mma.sync m16n8k16 with f16 operands and fp32
+// accumulation, weights as the 16-row A operand, tokens as the 8-column B operand (two B
+// tiles for M > 8). No shared memory and no dequantization pass: every lane loads its own
+// 8 consecutive elements of a 32-block (lane (g, t) of the fragment layout: weight rows g
+// and g + 8, token g, elements 8t .. 8t+7) straight from the packed codes, for weights and
+// activations alike, and turns them into four f16x2 registers:
+//   FP4: a shift and one logic op put code bits (e1 e0 m) into the f16 exponent/mantissa
+//        field, giving the value times 2^-14 (the E2M1 subnormal lands on the f16 one);
+//   FP6: the same with (e2 e1 e0 m1 m0), the value times 2^-12;
+//   FP8: the hardware conversion E4M3x2 -> f16x2 (exact).
+// Both operands go through the same element-to-register map, so the tensor core pairs
+// the right elements whatever order the map visits them in. Each 32-block is two MMAs into
+// a zeroed temporary, promoted as acc += tmp * (2^s_w * 2^s_a * 2^bias): the scales stay
+// out of the MMA, which therefore only ever sees code values (exact products).
+// A CTA is 8 warps on the same 16 weight rows, each warp a different part of K (blocks
+// interleaved in groups of kTcUnroll so the CTA reads contiguous bytes); a shared-memory
+// sum of the 8 partial tiles gives the output, with no atomics and no second pass.
+constexpr int kTcUnroll = 4;
 
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  return static_cast<uint32_t>(float_to_bf16_bits(lo)) | (static_cast<uint32_t>(float_to_bf16_bits(hi)) << 16);
+struct PackedBlockWords {  // one lane's 8 elements of a 32-block, as loaded
+  uint32_t lo, hi;
+};
+
+// kStream: weights are read once (evict-first loads); activations stay cached for every CTA.
+template <bool kStream>
+__device__ __forceinline__ uint32_t ld_word(const unsigned int* p) {
+  if constexpr (kStream) return __ldcs(p);
+  else return __ldg(p);
 }
 
+template <bool kStream>
+__device__ __forceinline__ PackedBlockWords load_lane_words(const MxSegments& s, const MixPlan& plan, int fmt,
+                                                            int64_t row, int b, int b4, int b8, int t) {
+  if (fmt == 0) {
+    const uint8_t* p = s.q4 + row * (plan.p4 / 2) + static_cast<int64_t>(b) * 16 + 4 * t;
+    return {ld_word<kStream>(reinterpret_cast<const unsigned int*>(p)), 0u};
+  }
+  if (fmt == 1) {  // 6 bytes at 6t: two aligned words, shifted down by 0 or 16 bits
+    const uint8_t* base = s.q6 + row * (plan.p6 * 3 / 4) + static_cast<int64_t>(b - b4) * 24;
+    const int off = 6 * t;
+    const unsigned int* p = reinterpret_cast<const unsigned int*>(base + (off & ~3));
+    const uint64_t v = (static_cast<uint64_t>(ld_word<kStream>(p + 1)) << 32 | ld_word<kStream>(p)) >> (8 * (off & 3));
+    return {static_cast<uint32_t>(v), static_cast<uint32_t>(v >> 32)};
+  }
+  const unsigned int* p = reinterpret_cast<const unsigned int*>(s.q8 + row * plan.p8 + static_cast<int64_t>(b - b8) * 32 + 8 * t);
+  return {ld_word<kStream>(p), ld_word<kStream>(p + 1)};
+}
+
+// The four f16x2 fragment registers of one lane's 8 elements (register p = MMA step p/2,
+// k-half p%2), and the power of two the f16 values must be multiplied by.
+__device__ __forceinline__ void words_to_f16x2(int fmt, PackedBlockWords w, uint32_t r[4]) {
+  if (fmt == 0) {  // nibbles j and j + 4 -> register j
+    const uint32_t v = w.lo;
+    r[0] = ((v << 9) & 0x0E000E00u) | ((v << 12) & 0x80008000u);
+    r[1] = ((v << 5) & 0x0E000E00u) | ((v << 8) & 0x80008000u);
+    r[2] = ((v << 1) & 0x0E000E00u) | ((v << 4) & 0x80008000u);
+    r[3] = ((v >> 3) & 0x0E000E00u) | (v & 0x80008000u);
+  } else if (fmt == 1) {  // codes 2p and 2p + 1 (6 bits each) -> register p
+    const uint64_t v = static_cast<uint64_t>(w.hi) << 32 | w.lo;
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const uint32_t c = static_cast<uint32_t>(v >> (12 * p));  // two codes in bits 0..11
+      const uint32_t pair = (c & 0x3Fu) | ((c & 0xFC0u) << 10);  // code 0 in bits 0..5, code 1 in 16..21
+      r[p] = ((pair << 8) & 0x1F001F00u) | ((pair << 10) & 0x80008000u);
+    }
+  } else {  // bytes 2p, 2p + 1 -> register p
+    r[0] = ptx::cvt_e4m3x2_f16x2(static_cast<uint16_t>(w.lo));
+    r[1] = ptx::cvt_e4m3x2_f16x2(static_cast<uint16_t>(w.lo >> 16));
+    r[2] = ptx::cvt_e4m3x2_f16x2(static_cast<uint16_t>(w.hi));
+    r[3] = ptx::cvt_e4m3x2_f16x2(static_cast<uint16_t>(w.hi >> 16));
+  }
+}
+
+__device__ __forceinline__ int f16_bias_exponent(int fmt) { return fmt == 0 ? 14 : fmt == 1 ? 12 : 0; }
+
+template <int NT>  // 8-token tiles: 1 (M <= 8) or 2 (M <= 16)
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_tc_kernel(MxSegments A, MxSegments W, int M, int N,
-                                                                    MixPlan plan, uint16_t* Y, float* workspace,
-                                                                    bool atomic_out) {
-  extern __shared__ uint4 smem_tc[];
-  uint16_t* a_s = reinterpret_cast<uint16_t*>(smem_tc);  // [16][kTcPitch] bf16
-  __shared__ float lut[16 + 64 + 256];
-  fill_segment_luts(lut);
-  float* lut4 = lut;
-  float* lut6 = lut + 16;
-  float* lut8 = lut + 80;
+                                                                    MixPlan plan, uint16_t* Y) {
+  __shared__ float partial[kDecodeWarps][NT][4][32];
   const int nblk = plan.blocks();
   const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
-  const int k0 = blockIdx.y * kTcChunk;
-  const int cblk = min(kTcChunk, plan.k() - k0) / kBlockSize;
-  for (int i = threadIdx.x; i < 16 * cblk; i += blockDim.x) {
-    const int m = i / cblk, lb = i % cblk, b = k0 / kBlockSize + lb;
-    uint16_t* dst = a_s + m * kTcPitch + lb * kBlockSize;
-    if (m < M) {
-      const uint8_t sb = A.scales[static_cast<int64_t>(m) * nblk + b];
-      if (b < b4) {
-        const uint8_t* p = A.q4 + static_cast<int64_t>(m) * (plan.p4 / 2) + static_cast<size_t>(b) * 16;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) dst[j] = float_to_bf16_bits(decode_scaled(ElemFormat::E2M1, unpack_code(ElemFormat::E2M1, p, j), sb));
-      } else if (b < b8) {
-        const uint8_t* p = A.q6 + static_cast<int64_t>(m) * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) dst[j] = float_to_bf16_bits(decode_scaled(ElemFormat::E3M2, unpack_code(ElemFormat::E3M2, p, j), sb));
-      } else {
-        const uint8_t* p = A.q8 + static_cast<int64_t>(m) * plan.p8 + static_cast<size_t>(b - b8) * 32;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) dst[j] = float_to_bf16_bits(decode_scaled(ElemFormat::E4M3, p[j], sb));
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 32; ++j) dst[j] = 0;
-    }
-  }
-  __syncthreads();
-
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int n0 = (blockIdx.x * kDecodeWarps + warp) * 8;
-  const int n = min(n0 + g, N - 1);
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 2
-  for (int lb = 0; lb < cblk; ++lb) {
-    const int b = k0 / kBlockSize + lb;
-    const int fmt = b < b4 ? 0 : b < b8 ? 1 : 2;
-    const float sc = decode_scale(__ldg(W.scales + static_cast<int64_t>(n) * nblk + b));
-    uint4 w0, w1 = make_uint4(0, 0, 0, 0);
-    if (fmt == 0) {
-      w0 = __ldg(reinterpret_cast<const uint4*>(W.q4 + static_cast<int64_t>(n) * (plan.p4 / 2) + static_cast<size_t>(b) * 16));
-    } else if (fmt == 1) {
-      const uint2* p = reinterpret_cast<const uint2*>(W.q6 + static_cast<int64_t>(n) * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24);
-      const uint2 x0 = __ldg(p), x1 = __ldg(p + 1), x2 = __ldg(p + 2);
-      w0 = make_uint4(x0.x, x0.y, x1.x, x1.y);
-      w1 = make_uint4(x2.x, x2.y, 0, 0);
-    } else {
-      const uint4* p = reinterpret_cast<const uint4*>(W.q8 + static_cast<int64_t>(n) * plan.p8 + static_cast<size_t>(b - b8) * 32);
-      w0 = __ldg(p);
-      w1 = __ldg(p + 1);
-    }
-    // Only compile-time indices into these words (a run-time index would put them in local
-    // memory); the lane's position t selects with shifts and conditionals.
-    const uint32_t words[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-    uint32_t breg[4];
+  const int n0 = blockIdx.x * 16;
+  const int64_t row0 = min(n0 + g, N - 1), row1 = min(n0 + g + 8, N - 1);
+  float acc[NT][4] = {};
+  for (int base = warp * kTcUnroll; base < nblk; base += kDecodeWarps * kTcUnroll) {
+    PackedBlockWords w0[kTcUnroll], w1[kTcUnroll], a[kTcUnroll][NT];
+    uint8_t sw0[kTcUnroll], sw1[kTcUnroll], sa[kTcUnroll][NT][2];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {  // elements k = 2t + 8q and k + 1
-      uint8_t c0, c1;
-      if (fmt == 0) {  // FP4: byte t + 4q holds both
-        const uint8_t byte = static_cast<uint8_t>(words[q] >> (8 * t));
-        c0 = unpack_code(ElemFormat::E2M1, &byte, 0);
-        c1 = unpack_code(ElemFormat::E2M1, &byte, 1);
-      } else if (fmt == 1) {  // FP6: group of four (three bytes) 2q + t/2, positions 2(t%2), +1
-        uint8_t grp[3];
+    for (int u = 0; u < kTcUnroll; ++u) {  // all loads of the group first
+      const int b = base + u;
+      if (b >= nblk) break;
+      const int fmt = b < b4 ? 0 : b < b8 ? 1 : 2;
+      w0[u] = load_lane_words<true>(W, plan, fmt, row0, b, b4, b8, t);
+      w1[u] = load_lane_words<true>(W, plan, fmt, row1, b, b4, b8, t);
+      sw0[u] = __ldg(W.scales + row0 * nblk + b);
+      sw1[u] = __ldg(W.scales + row1 * nblk + b);
 #pragma unroll
-        for (int j = 0; j < 3; ++j) {
-          const int lo = 6 * q + j, hi = 6 * q + 3 + j;
-          const uint8_t blo = static_cast<uint8_t>(words[lo / 4] >> (8 * (lo % 4)));
-          const uint8_t bhi = static_cast<uint8_t>(words[hi / 4] >> (8 * (hi % 4)));
-          grp[j] = (t & 2) ? bhi : blo;
+      for (int nt = 0; nt < NT; ++nt) {
+        const int m = nt * 8 + g;
+        a[u][nt] = m < M ? load_lane_words<false>(A, plan, fmt, m, b, b4, b8, t) : PackedBlockWords{0u, 0u};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int mc = nt * 8 + 2 * t + h;
+          sa[u][nt][h] = mc < M ? __ldg(A.scales + static_cast<int64_t>(mc) * nblk + b) : uint8_t(0);
         }
-        c0 = unpack_code(ElemFormat::E3M2, grp, 2 * (t & 1));
-        c1 = unpack_code(ElemFormat::E3M2, grp, 2 * (t & 1) + 1);
-      } else {  // FP8: bytes 2t + 8q, +1
-        const uint32_t wd = (t & 2) ? words[2 * q + 1] : words[2 * q];
-        c0 = static_cast<uint8_t>(wd >> (16 * (t & 1)));
-        c1 = static_cast<uint8_t>(wd >> (16 * (t & 1) + 8));
       }
-      const float* table = fmt == 0 ? lut4 : fmt == 1 ? lut6 : lut8;
-      breg[q] = pack_bf16x2(table[c0] * sc, table[c1] * sc);
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int kk = lb * kBlockSize + 16 * h + 2 * t;
-      uint32_t a[4];
-      a[0] = *reinterpret_cast<const uint32_t*>(a_s + g * kTcPitch + kk);
-      a[1] = *reinterpret_cast<const uint32_t*>(a_s + (g + 8) * kTcPitch + kk);
-      a[2] = *reinterpret_cast<const uint32_t*>(a_s + g * kTcPitch + kk + 8);
-      a[3] = *reinterpret_cast<const uint32_t*>(a_s + (g + 8) * kTcPitch + kk + 8);
-      const uint32_t bf[2] = {breg[2 * h], breg[2 * h + 1]};
-      ptx::mma_bf16_m16n8k16(c, a, bf);
+    for (int u = 0; u < kTcUnroll; ++u) {
+      const int b = base + u;
+      if (b >= nblk) break;
+      const int fmt = b < b4 ? 0 : b < b8 ? 1 : 2;
+      uint32_t wr0[4], wr1[4];
+      words_to_f16x2(fmt, w0[u], wr0);
+      words_to_f16x2(fmt, w1[u], wr1);
+      const float bias = exp2i(2 * f16_bias_exponent(fmt));
+      const float f0 = decode_scale(sw0[u]), f1 = decode_scale(sw1[u]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t ar[4];
+        words_to_f16x2(fmt, a[u][nt], ar);
+        float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int step = 0; step < 2; ++step) {
+          const uint32_t fa[4] = {wr0[2 * step], wr1[2 * step], wr0[2 * step + 1], wr1[2 * step + 1]};
+          const uint32_t fb[2] = {ar[2 * step], ar[2 * step + 1]};
+          ptx::mma_f16_m16n8k16(tmp, fa, fb);
+        }
+        // tokens (columns) 2t, 2t + 1; an absent token has zero codes (its column is not stored)
+        const float c0 = decode_scale(sa[u][nt][0]) * bias, c1 = decode_scale(sa[u][nt][1]) * bias;
+        acc[nt][0] = fmaf(tmp[0], f0 * c0, acc[nt][0]);
+        acc[nt][1] = fmaf(tmp[1], f0 * c1, acc[nt][1]);
+        acc[nt][2] = fmaf(tmp[2], f1 * c0, acc[nt][2]);
+        acc[nt][3] = fmaf(tmp[3], f1 * c1, acc[nt][3]);
+      }
     }
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int m = g + (i >= 2 ? 8 : 0), col = n0 + 2 * t + (i % 2);
-    if (m < M && col < N) {
-      if (atomic_out) atomicAdd(workspace + static_cast<int64_t>(m) * N + col, c[i]);
-      else Y[static_cast<int64_t>(m) * N + col] = float_to_bf16_bits(c[i]);
-    }
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][nt][i][lane] = acc[nt][i];
+  __syncthreads();
+  // thread -> one (tile, register, lane) output; sum over warps in a fixed order
+  for (int o = threadIdx.x; o < NT * 4 * 32; o += blockDim.x) {
+    const int nt = o / 128, i = (o / 32) % 4, ln = o % 32;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) v += partial[w][nt][i][ln];
+    const int n = n0 + ln / 4 + (i >= 2 ? 8 : 0), m = nt * 8 + 2 * (ln % 4) + (i % 2);
+    if (n < N && m < M) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
   }
 }
 
@@ -331,26 +358,10 @@ cudaError_t launch_decode(MxSegments A, MxSegments W, int M, int N, MixPlan plan
   return cudaGetLastError();
 }
 
-cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, float* workspace,
-                             cudaStream_t stream) {
-  const int k = plan.k();
-  const int splits = (k + kTcChunk - 1) / kTcChunk;
-  const bool atomic_out = splits > 1;
-  if (atomic_out) {
-    if (workspace == nullptr) return cudaErrorInvalidValue;
-    const cudaError_t e = cudaMemsetAsync(workspace, 0, sizeof(float) * static_cast<size_t>(M) * N, stream);
-    if (e != cudaSuccess) return e;
-  }
-  static cudaError_t attr =
-      cudaFuncSetAttribute(decode_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTcSmemBytes));
-  if (attr != cudaSuccess) return attr;
-  const int rows_per_cta = kDecodeWarps * 8;
-  decode_tc_kernel<<<dim3((N + rows_per_cta - 1) / rows_per_cta, splits), kDecodeWarps * 32, kTcSmemBytes, stream>>>(
-      A, W, M, N, plan, Y, workspace, atomic_out);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || !atomic_out) return e;
-  const int64_t count = static_cast<int64_t>(M) * N;
-  finalize_kernel<<<static_cast<unsigned>((count + 255) / 256), 256, 0, stream>>>(workspace, Y, count);
+cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>((N + 15) / 16);
+  if (M <= 8) decode_tc_kernel<1><<<grid, kDecodeWarps * 32, 0, stream>>>(A, W, M, N, plan, Y);
+  else decode_tc_kernel<2><<<grid, kDecodeWarps * 32, 0, stream>>>(A, W, M, N, plan, Y);
   return cudaGetLastError();
 }
 
@@ -361,8 +372,7 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   if (!plan.valid() || M > kDecodeMaxM || N > INT32_MAX) return cudaErrorInvalidValue;
   if (M <= 0 || N == 0) return cudaSuccess;
   const int m = static_cast<int>(M), n = static_cast<int>(N);
-  if (kernel == DecodeKernel::TensorCores || (kernel == DecodeKernel::Auto && m > 2))
-    return launch_decode_tc(A, W, m, n, plan, Y, workspace, stream);
+  if (kernel != DecodeKernel::CudaCores) return launch_decode_tc(A, W, m, n, plan, Y, stream);
   if (m == 1) return launch_decode<1>(A, W, m, n, plan, Y, workspace, stream);
   if (m == 2) return launch_decode<2>(A, W, m, n, plan, Y, workspace, stream);
   if (m <= 4) return launch_decode<4>(A, W, m, n, plan, Y, workspace, stream);

@@ -269,16 +269,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-int sm_count() {
-  static int count = [] {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      return 132;
-    return n > 0 ? n : 132;
-  }();
-  return count;
-}
-
 }  // namespace
 
 cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
@@ -310,7 +300,7 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
   });
   if (attr != cudaSuccess) return attr;
   const int64_t num_tiles = ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM);
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(num_tiles, sm_count())));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(num_tiles, device_sm_count())));
   if (schedule == Fp8Schedule::Alternating)
     gemm_fp8_kernel<true><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M),
                                                                   static_cast<int>(N), plan.blocks(),

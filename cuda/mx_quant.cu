@@ -2,6 +2,7 @@
 // re-encoding of packed MX matrices into the folded E4M3 operand of the FP8 GEMM.
 // Element and scale numerics come from micromix/mx/format.h (the same functions the
 // CPU library uses), so packed outputs are bit-identical to mx::quantize.
+#include <algorithm>
 #include <cstring>
 
 #include "mx_kernels.h"
@@ -79,7 +80,7 @@ __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* 
 __device__ __forceinline__ float bf16f(uint16_t h) { return bf16_bits_to_float(h); }
 
 template <bool kNorm>
-__global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, const uint16_t* __restrict__ gamma,
+__global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int64_t ldx, const uint16_t* __restrict__ gamma,
                                  float eps, const int32_t* __restrict__ perm, MixPlan plan, ScaleRule rule,
                                  MxSegments packed, FoldedOperand folded, float* inv_rms_out,
                                  unsigned long long* lossy_count) {
@@ -90,76 +91,80 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, co
     for (int i = threadIdx.x; i < kFoldTableEntries; i += blockDim.x) fold_table_fill(table, i);
   const int k = plan.k();
   const int nblk = k / kBlockSize;
-  const int64_t m = blockIdx.x;
-  const uint4* src = reinterpret_cast<const uint4*>(x + m * ldx);
-  float ss = 0.0f;
-  for (int i = threadIdx.x; i < k / 8; i += blockDim.x) {
-    const uint4 w = __ldcs(src + i);  // streamed: read once
-    smem_row[i] = w;
-    if constexpr (kNorm) {
-      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float a = bits_to_float(ws[j] << 16), b = bits_to_float(ws[j] & 0xFFFF0000u);
-        ss = fmaf(a, a, ss);
-        ss = fmaf(b, b, ss);
-      }
-    }
-  }
-  float inv = 1.0f;
-  if constexpr (kNorm) {
-    __shared__ float partial[32];
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x / 32] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-      float t = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0f;
-      for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xFFFFFFFFu, t, o);
-      if (threadIdx.x == 0) partial[0] = t;
-    }
-    __syncthreads();
-    inv = rsqrtf(partial[0] / static_cast<float>(k) + eps);
-    if (inv_rms_out != nullptr && threadIdx.x == 0) inv_rms_out[m] = inv;
-  } else {
-    __syncthreads();
-  }
-  const int fstride = folded_fstride(k);
-  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
-  unsigned lossy = 0;
-  const int nloop = folded.q != nullptr ? fstride : nblk;
-  for (int b0 = 0; b0 < nloop; b0 += blockDim.x) {  // warp-uniform trip count (shuffles inside)
-    const int b = b0 + threadIdx.x;
-    const bool valid = b < nblk;
-    uint8_t codes[kBlockSize];
-    uint8_t sb = 0;
-    int seg = 0;
-    if (valid) {
-      float v[kBlockSize];
-      const int4* pp = reinterpret_cast<const int4*>(perm + b * kBlockSize);
-#pragma unroll
-      for (int q = 0; q < kBlockSize / 4; ++q) {
-        const int4 c = __ldg(pp + q);
-        const int cs[4] = {c.x, c.y, c.z, c.w};
+  // Rows are strided over a grid sized to fill the GPU once, so the fold table is built
+  // once per CTA rather than once per token.
+  for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + m * ldx);
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < k / 8; i += blockDim.x) {
+      const uint4 w = __ldcs(src + i);  // streamed: read once
+      smem_row[i] = w;
+      if constexpr (kNorm) {
+        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          float xv = bf16f(row[cs[j]]);
-          if constexpr (kNorm) xv = __fmul_rn(__fmul_rn(xv, inv), bf16f(__ldg(gamma + cs[j])));
-          v[4 * q + j] = xv;
+          const float a = bits_to_float(ws[j] << 16), b = bits_to_float(ws[j] & 0xFFFF0000u);
+          ss = fmaf(a, a, ss);
+          ss = fmaf(b, b, ss);
         }
       }
-      if (b < b4) {
-        sb = emit_packed<ElemFormat::E2M1>(v, rule, m, b, 0, plan.p4 / 2, packed.q4, packed.scales, nblk, codes);
-      } else if (b < b8) {
-        seg = 1;
-        sb = emit_packed<ElemFormat::E3M2>(v, rule, m, b, b4, plan.p6 * 3 / 4, packed.q6, packed.scales, nblk, codes);
-      } else {
-        seg = 2;
-        sb = emit_packed<ElemFormat::E4M3>(v, rule, m, b, b8, plan.p8, packed.q8, packed.scales, nblk, codes);
-      }
     }
-    if (folded.q != nullptr) emit_folded(seg, valid, codes, sb, m, b, k, fstride, folded, &lossy, &table);
+    float inv = 1.0f;
+    if constexpr (kNorm) {
+      __shared__ float partial[32];
+      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+      if ((threadIdx.x & 31) == 0) partial[threadIdx.x / 32] = ss;
+      __syncthreads();
+      if (threadIdx.x < 32) {
+        float t = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xFFFFFFFFu, t, o);
+        if (threadIdx.x == 0) partial[0] = t;
+      }
+      __syncthreads();
+      inv = rsqrtf(partial[0] / static_cast<float>(k) + eps);
+      if (inv_rms_out != nullptr && threadIdx.x == 0) inv_rms_out[m] = inv;
+    } else {
+      __syncthreads();
+    }
+    const int fstride = folded_fstride(k);
+    const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+    unsigned lossy = 0;
+    const int nloop = folded.q != nullptr ? fstride : nblk;
+    for (int b0 = 0; b0 < nloop; b0 += blockDim.x) {  // warp-uniform trip count (shuffles inside)
+      const int b = b0 + threadIdx.x;
+      const bool valid = b < nblk;
+      uint8_t codes[kBlockSize];
+      uint8_t sb = 0;
+      int seg = 0;
+      if (valid) {
+        float v[kBlockSize];
+        const int4* pp = reinterpret_cast<const int4*>(perm + b * kBlockSize);
+#pragma unroll
+        for (int q = 0; q < kBlockSize / 4; ++q) {
+          const int4 c = __ldg(pp + q);
+          const int cs[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            float xv = bf16f(row[cs[j]]);
+            if constexpr (kNorm) xv = __fmul_rn(__fmul_rn(xv, inv), bf16f(__ldg(gamma + cs[j])));
+            v[4 * q + j] = xv;
+          }
+        }
+        if (b < b4) {
+          sb = emit_packed<ElemFormat::E2M1>(v, rule, m, b, 0, plan.p4 / 2, packed.q4, packed.scales, nblk, codes);
+        } else if (b < b8) {
+          seg = 1;
+          sb = emit_packed<ElemFormat::E3M2>(v, rule, m, b, b4, plan.p6 * 3 / 4, packed.q6, packed.scales, nblk, codes);
+        } else {
+          seg = 2;
+          sb = emit_packed<ElemFormat::E4M3>(v, rule, m, b, b8, plan.p8, packed.q8, packed.scales, nblk, codes);
+        }
+      }
+      if (folded.q != nullptr) emit_folded(seg, valid, codes, sb, m, b, k, fstride, folded, &lossy, &table);
+    }
+    if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
+    __syncthreads();  // the next row reuses the shared row buffer
   }
-  if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }
 
 __global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
@@ -217,12 +222,27 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
         cudaFuncSetAttribute(act_quant_kernel<kNorm>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  act_quant_kernel<kNorm><<<static_cast<unsigned>(M), act_threads(plan.blocks()), smem, stream>>>(
-      x, ldx, gamma, eps, perm, plan, rule, packed, folded, inv_rms, lossy);
+  const int threads = act_threads(plan.blocks());
+  int per_sm = 0;
+  cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, act_quant_kernel<kNorm>, threads, smem);
+  if (e != cudaSuccess) return e;
+  const int64_t grid = std::min<int64_t>(M, static_cast<int64_t>(std::max(per_sm, 1)) * device_sm_count());
+  act_quant_kernel<kNorm><<<static_cast<unsigned>(grid), threads, smem, stream>>>(x, M, ldx, gamma, eps, perm, plan,
+                                                                                 rule, packed, folded, inv_rms, lossy);
   return cudaGetLastError();
 }
 
 }  // namespace
+
+int device_sm_count() {
+  static const int count = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return 132;
+    return n > 0 ? n : 132;
+  }();
+  return count;
+}
 
 cudaError_t quantize_activations(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* perm, MixPlan plan,
                                  ScaleRule rule, MxSegments packed, FoldedOperand folded,

@@ -101,7 +101,21 @@ inline void wgmma_m64n128k32_e4m3(float* d, uint64_t da, uint64_t db, int scale_
     d[i] = acc;
   }
 }
-inline void mma_bf16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
+inline float bf16_half(uint32_t v, int hi) {
+  const uint32_t bits = (hi ? v >> 16 : v & 0xFFFF) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline float f16_half(uint32_t v, int hi) {
+  const uint16_t bits = static_cast<uint16_t>(hi ? v >> 16 : v & 0xFFFF);
+  _Float16 h;
+  std::memcpy(&h, &bits, 2);
+  return static_cast<float>(h);
+}
+
+template <float (*Half)(uint32_t, int)>
+inline void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
   const int l = emu::lin(), w = l / 32, lane = l % 32;
   static thread_local uint32_t dummy;
   (void)dummy;
@@ -116,7 +130,7 @@ inline void mma_bf16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
     frag[w][lane * 6 + 5] = b[1];
   }
   emu::warp_bars[w]->arrive_and_wait();
-  auto half = [](uint32_t v, int hi) { const uint32_t bits = (hi ? v >> 16 : v & 0xFFFF) << 16; float f; std::memcpy(&f, &bits, 4); return f; };
+  auto half = Half;
   auto A = [&](int r, int k) {
     const int ln = (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
     return half(frag[w][ln * 6 + reg], k % 2);
@@ -135,6 +149,19 @@ inline void mma_bf16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
   }
   emu::warp_bars[w]->arrive_and_wait();
   for (int i = 0; i < 4; ++i) c[i] = out[i];
+}
+inline void mma_bf16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) { mma_m16n8k16<bf16_half>(c, a, b); }
+inline void mma_f16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) { mma_m16n8k16<f16_half>(c, a, b); }
+inline uint32_t cvt_e4m3x2_f16x2(uint16_t codes) {
+  uint32_t d = 0;
+  for (int h = 0; h < 2; ++h) {
+    const _Float16 v = static_cast<_Float16>(micromix::mx::decode_elem(micromix::mx::ElemFormat::E4M3,
+                                                                       static_cast<uint8_t>(codes >> (8 * h))));
+    uint16_t bits;
+    std::memcpy(&bits, &v, 2);
+    d |= static_cast<uint32_t>(bits) << (16 * h);
+  }
+  return d;
 }
 
 inline bool make_map(CUtensorMap* map, CUtensorMapDataType, size_t elem_bytes, const void* ptr, uint64_t inner,

@@ -82,6 +82,8 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 template <typename T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
 template <typename F> cudaError_t emuFuncSetAttribute(F, int, int) { return cudaSuccess; }
 #define cudaFuncSetAttribute(...) cudaSuccess
+// Two resident CTAs per multiprocessor, so grid-strided kernels walk several rows per CTA.
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, ...) (*(n) = 2, cudaSuccess)
 
 // minimal wmma on the CPU: each lane holds the whole fragment
 namespace nvcuda::wmma {
