@@ -180,54 +180,59 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(MxSegments A,
 // the right elements whatever order the map visits them in. Each 32-block is two MMAs into
 // a zeroed temporary, promoted as acc += tmp * (2^s_w * 2^s_a * 2^bias): the scales stay
 // out of the MMA, which therefore only ever sees code values (exact products).
-// A CTA is 8 warps on the same 16 weight rows, each warp a different part of K (blocks
-// interleaved in groups of kTcUnroll so the CTA reads contiguous bytes); a shared-memory
-// sum of the 8 partial tiles gives the output, with no atomics and no second pass.
-constexpr int kTcUnroll = 4;
+// A CTA is 16 warps on the same 32 weight rows (two 16-row tiles per warp, sharing the
+// activation fragments), each warp a different part of K (blocks interleaved in groups of
+// kTcUnroll<NT> so the CTA reads contiguous bytes); a shared-memory sum of the 16 partial
+// tiles gives the output, with no atomics and no second pass. Each format's segment is
+// its own loop, so the format is a compile-time constant inside it.
+constexpr int kTcWarps = 16;    // warps of a CTA, each on its own part of K
+constexpr int kTcRowTiles = 2;  // 16-row MMA tiles per warp (they share the activation fragments)
+constexpr int kTcRows = 16 * kTcRowTiles;
 
-struct PackedBlockWords {  // one lane's 8 elements of a 32-block, as loaded
+struct LaneWords {  // one lane's 8 elements of a 32-block, as loaded
   uint32_t lo, hi;
 };
 
 // kStream: weights are read once (evict-first loads); activations stay cached for every CTA.
 template <bool kStream>
-__device__ __forceinline__ uint32_t ld_word(const unsigned int* p) {
-  if constexpr (kStream) return __ldcs(p);
-  else return __ldg(p);
+__device__ __forceinline__ uint32_t ld_word(const uint8_t* p) {
+  if constexpr (kStream) return __ldcs(reinterpret_cast<const unsigned int*>(p));
+  else return __ldg(reinterpret_cast<const unsigned int*>(p));
 }
 
-template <bool kStream>
-__device__ __forceinline__ PackedBlockWords load_lane_words(const MxSegments& s, const MixPlan& plan, int fmt,
-                                                            int64_t row, int b, int b4, int b8, int t) {
-  if (fmt == 0) {
-    const uint8_t* p = s.q4 + row * (plan.p4 / 2) + static_cast<int64_t>(b) * 16 + 4 * t;
-    return {ld_word<kStream>(reinterpret_cast<const unsigned int*>(p)), 0u};
-  }
-  if (fmt == 1) {  // 6 bytes at 6t: two aligned words, shifted down by 0 or 16 bits
-    const uint8_t* base = s.q6 + row * (plan.p6 * 3 / 4) + static_cast<int64_t>(b - b4) * 24;
+// Elements 8t .. 8t+7 of the 32-block at `block` (16, 24 or 32 bytes).
+template <ElemFormat F, bool kStream>
+__device__ __forceinline__ LaneWords load_lane(const uint8_t* block, int t) {
+  if constexpr (F == ElemFormat::E2M1) {
+    return {ld_word<kStream>(block + 4 * t), 0u};
+  } else if constexpr (F == ElemFormat::E3M2) {  // 6 bytes at 6t: two aligned words, shifted by 0 or 16 bits
     const int off = 6 * t;
-    const unsigned int* p = reinterpret_cast<const unsigned int*>(base + (off & ~3));
-    const uint64_t v = (static_cast<uint64_t>(ld_word<kStream>(p + 1)) << 32 | ld_word<kStream>(p)) >> (8 * (off & 3));
+    const uint8_t* p = block + (off & ~3);
+    const uint64_t v = (static_cast<uint64_t>(ld_word<kStream>(p + 4)) << 32 | ld_word<kStream>(p)) >> (8 * (off & 3));
     return {static_cast<uint32_t>(v), static_cast<uint32_t>(v >> 32)};
+  } else {
+    return {ld_word<kStream>(block + 8 * t), ld_word<kStream>(block + 8 * t + 4)};
   }
-  const unsigned int* p = reinterpret_cast<const unsigned int*>(s.q8 + row * plan.p8 + static_cast<int64_t>(b - b8) * 32 + 8 * t);
-  return {ld_word<kStream>(p), ld_word<kStream>(p + 1)};
 }
 
 // The four f16x2 fragment registers of one lane's 8 elements (register p = MMA step p/2,
-// k-half p%2), and the power of two the f16 values must be multiplied by.
-__device__ __forceinline__ void words_to_f16x2(int fmt, PackedBlockWords w, uint32_t r[4]) {
-  if (fmt == 0) {  // nibbles j and j + 4 -> register j
+// k-half p%2). The f16 values are the element values times 2^-kF16Bias<F>.
+template <ElemFormat F>
+inline constexpr int kF16Bias = F == ElemFormat::E2M1 ? 14 : F == ElemFormat::E3M2 ? 12 : 0;
+
+template <ElemFormat F>
+__device__ __forceinline__ void to_f16x2(LaneWords w, uint32_t r[4]) {
+  if constexpr (F == ElemFormat::E2M1) {  // nibbles j and j + 4 -> register j
     const uint32_t v = w.lo;
     r[0] = ((v << 9) & 0x0E000E00u) | ((v << 12) & 0x80008000u);
     r[1] = ((v << 5) & 0x0E000E00u) | ((v << 8) & 0x80008000u);
     r[2] = ((v << 1) & 0x0E000E00u) | ((v << 4) & 0x80008000u);
     r[3] = ((v >> 3) & 0x0E000E00u) | (v & 0x80008000u);
-  } else if (fmt == 1) {  // codes 2p and 2p + 1 (6 bits each) -> register p
+  } else if constexpr (F == ElemFormat::E3M2) {  // codes 2p and 2p + 1 (6 bits each) -> register p
     const uint64_t v = static_cast<uint64_t>(w.hi) << 32 | w.lo;
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
-      const uint32_t c = static_cast<uint32_t>(v >> (12 * p));  // two codes in bits 0..11
+      const uint32_t c = static_cast<uint32_t>(v >> (12 * p));   // two codes in bits 0..11
       const uint32_t pair = (c & 0x3Fu) | ((c & 0xFC0u) << 10);  // code 0 in bits 0..5, code 1 in 16..21
       r[p] = ((pair << 8) & 0x1F001F00u) | ((pair << 10) & 0x80008000u);
     }
@@ -239,83 +244,140 @@ __device__ __forceinline__ void words_to_f16x2(int fmt, PackedBlockWords w, uint
   }
 }
 
-__device__ __forceinline__ int f16_bias_exponent(int fmt) { return fmt == 0 ? 14 : fmt == 1 ? 12 : 0; }
+// Per-lane view of one segment: weight rows (g, g+8 of each row tile) and tokens (g of each
+// 8-token tile; columns 2t, 2t+1 for the scales).
+template <int NT>
+struct LaneSegment {
+  const uint8_t* w[kTcRowTiles][2];   // row codes of the segment
+  const uint8_t* ws[kTcRowTiles][2];  // row scales at the segment's first block
+  const uint8_t* a[NT];               // token codes (nullptr: absent token)
+  const uint8_t* as[NT][2];           // token scales of columns 2t, 2t+1 (nullptr: absent)
+  int blocks;
+};
 
-template <int NT>  // 8-token tiles: 1 (M <= 8) or 2 (M <= 16)
-__global__ void __launch_bounds__(kDecodeWarps * 32) decode_tc_kernel(MxSegments A, MxSegments W, int M, int N,
-                                                                    MixPlan plan, uint16_t* Y) {
-  __shared__ float partial[kDecodeWarps][NT][4][32];
-  const int nblk = plan.blocks();
-  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int n0 = blockIdx.x * 16;
-  const int64_t row0 = min(n0 + g, N - 1), row1 = min(n0 + g + 8, N - 1);
-  float acc[NT][4] = {};
-  for (int base = warp * kTcUnroll; base < nblk; base += kDecodeWarps * kTcUnroll) {
-    PackedBlockWords w0[kTcUnroll], w1[kTcUnroll], a[kTcUnroll][NT];
-    uint8_t sw0[kTcUnroll], sw1[kTcUnroll], sa[kTcUnroll][NT][2];
+// Blocks whose loads a warp issues together (fewer with two token tiles: registers).
+template <int NT>
+inline constexpr int kTcUnroll = NT == 1 ? 4 : 2;
+
+template <ElemFormat F, int NT>
+__device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int warp, int t,
+                                               float (&acc)[kTcRowTiles][NT][4]) {
+  constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
+  const float bias = exp2i(2 * kF16Bias<F>);
+  for (int base = warp * kTcUnroll<NT>; base < seg.blocks; base += kTcWarps * kTcUnroll<NT>) {
+    LaneWords w[kTcUnroll<NT>][kTcRowTiles][2], a[kTcUnroll<NT>][NT];
+    uint8_t sw[kTcUnroll<NT>][kTcRowTiles][2], sa[kTcUnroll<NT>][NT][2];
 #pragma unroll
-    for (int u = 0; u < kTcUnroll; ++u) {  // all loads of the group first
+    for (int u = 0; u < kTcUnroll<NT>; ++u) {  // all loads of the group first
       const int b = base + u;
-      if (b >= nblk) break;
-      const int fmt = b < b4 ? 0 : b < b8 ? 1 : 2;
-      w0[u] = load_lane_words<true>(W, plan, fmt, row0, b, b4, b8, t);
-      w1[u] = load_lane_words<true>(W, plan, fmt, row1, b, b4, b8, t);
-      sw0[u] = __ldg(W.scales + row0 * nblk + b);
-      sw1[u] = __ldg(W.scales + row1 * nblk + b);
+      if (b >= seg.blocks) break;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int m = nt * 8 + g;
-        a[u][nt] = m < M ? load_lane_words<false>(A, plan, fmt, m, b, b4, b8, t) : PackedBlockWords{0u, 0u};
+      for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int mc = nt * 8 + 2 * t + h;
-          sa[u][nt][h] = mc < M ? __ldg(A.scales + static_cast<int64_t>(mc) * nblk + b) : uint8_t(0);
+          w[u][rt][h] = load_lane<F, true>(seg.w[rt][h] + b * kBytes, t);
+          sw[u][rt][h] = __ldg(seg.ws[rt][h] + b);
         }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        a[u][nt] = seg.a[nt] ? load_lane<F, false>(seg.a[nt] + b * kBytes, t) : LaneWords{0u, 0u};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sa[u][nt][h] = seg.as[nt][h] ? __ldg(seg.as[nt][h] + b) : uint8_t(0);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kTcUnroll; ++u) {
-      const int b = base + u;
-      if (b >= nblk) break;
-      const int fmt = b < b4 ? 0 : b < b8 ? 1 : 2;
-      uint32_t wr0[4], wr1[4];
-      words_to_f16x2(fmt, w0[u], wr0);
-      words_to_f16x2(fmt, w1[u], wr1);
-      const float bias = exp2i(2 * f16_bias_exponent(fmt));
-      const float f0 = decode_scale(sw0[u]), f1 = decode_scale(sw1[u]);
+    for (int u = 0; u < kTcUnroll<NT>; ++u) {
+      if (base + u >= seg.blocks) break;
+      uint32_t ar[NT][4];
+      float ca[NT][2];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        uint32_t ar[4];
-        words_to_f16x2(fmt, a[u][nt], ar);
-        float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        to_f16x2<F>(a[u][nt], ar[nt]);
+        ca[nt][0] = decode_scale(sa[u][nt][0]) * bias;
+        ca[nt][1] = decode_scale(sa[u][nt][1]) * bias;
+      }
 #pragma unroll
-        for (int step = 0; step < 2; ++step) {
-          const uint32_t fa[4] = {wr0[2 * step], wr1[2 * step], wr0[2 * step + 1], wr1[2 * step + 1]};
-          const uint32_t fb[2] = {ar[2 * step], ar[2 * step + 1]};
-          ptx::mma_f16_m16n8k16(tmp, fa, fb);
+      for (int rt = 0; rt < kTcRowTiles; ++rt) {
+        uint32_t wr0[4], wr1[4];
+        to_f16x2<F>(w[u][rt][0], wr0);
+        to_f16x2<F>(w[u][rt][1], wr1);
+        const float f0 = decode_scale(sw[u][rt][0]), f1 = decode_scale(sw[u][rt][1]);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+          for (int step = 0; step < 2; ++step) {
+            const uint32_t fa[4] = {wr0[2 * step], wr1[2 * step], wr0[2 * step + 1], wr1[2 * step + 1]};
+            const uint32_t fb[2] = {ar[nt][2 * step], ar[nt][2 * step + 1]};
+            ptx::mma_f16_m16n8k16(tmp, fa, fb);
+          }
+          acc[rt][nt][0] = fmaf(tmp[0], f0 * ca[nt][0], acc[rt][nt][0]);
+          acc[rt][nt][1] = fmaf(tmp[1], f0 * ca[nt][1], acc[rt][nt][1]);
+          acc[rt][nt][2] = fmaf(tmp[2], f1 * ca[nt][0], acc[rt][nt][2]);
+          acc[rt][nt][3] = fmaf(tmp[3], f1 * ca[nt][1], acc[rt][nt][3]);
         }
-        // tokens (columns) 2t, 2t + 1; an absent token has zero codes (its column is not stored)
-        const float c0 = decode_scale(sa[u][nt][0]) * bias, c1 = decode_scale(sa[u][nt][1]) * bias;
-        acc[nt][0] = fmaf(tmp[0], f0 * c0, acc[nt][0]);
-        acc[nt][1] = fmaf(tmp[1], f0 * c1, acc[nt][1]);
-        acc[nt][2] = fmaf(tmp[2], f1 * c0, acc[nt][2]);
-        acc[nt][3] = fmaf(tmp[3], f1 * c1, acc[nt][3]);
       }
     }
   }
+}
+
+// Segment s (0 FP4, 1 FP6, 2 FP8) of this lane's rows and tokens.
+template <int NT>
+__device__ __forceinline__ LaneSegment<NT> lane_segment(const MxSegments& A, const MxSegments& W, const MixPlan& plan,
+                                                        int s, int M, int N, int n0, int g, int t) {
+  const int count = s == 0 ? plan.p4 : s == 1 ? plan.p6 : plan.p8;
+  const int64_t pitch = s == 0 ? plan.p4 / 2 : s == 1 ? plan.p6 * 3 / 4 : plan.p8;
+  const uint8_t* wq = s == 0 ? W.q4 : s == 1 ? W.q6 : W.q8;
+  const uint8_t* aq = s == 0 ? A.q4 : s == 1 ? A.q6 : A.q8;
+  const int first = s == 0 ? 0 : s == 1 ? plan.first_fp6_block() : plan.first_fp8_block();
+  const int nblk = plan.blocks();
+  LaneSegment<NT> seg;
+  seg.blocks = count / kBlockSize;
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) partial[warp][nt][i][lane] = acc[nt][i];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = min(n0 + 16 * rt + 8 * h + g, N - 1);
+      seg.w[rt][h] = wq + row * pitch;
+      seg.ws[rt][h] = W.scales + row * nblk + first;
+    }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = 8 * nt + g;
+    seg.a[nt] = m < M ? aq + m * pitch : nullptr;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int mc = 8 * nt + 2 * t + h;
+      seg.as[nt][h] = mc < M ? A.scales + static_cast<int64_t>(mc) * nblk + first : nullptr;
+    }
+  }
+  return seg;
+}
+
+template <int NT>  // 8-token tiles: 1 (M <= 8) or 2 (M <= 16)
+__global__ void __launch_bounds__(kTcWarps * 32) decode_tc_kernel(MxSegments A, MxSegments W, int M, int N,
+                                                                    MixPlan plan, uint16_t* Y) {
+  __shared__ float partial[kTcWarps][kTcRowTiles][NT][4][32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int n0 = blockIdx.x * kTcRows;
+  float acc[kTcRowTiles][NT][4] = {};
+  decode_segment<ElemFormat::E2M1>(lane_segment<NT>(A, W, plan, 0, M, N, n0, g, t), warp, t, acc);
+  decode_segment<ElemFormat::E3M2>(lane_segment<NT>(A, W, plan, 1, M, N, n0, g, t), warp, t, acc);
+  decode_segment<ElemFormat::E4M3>(lane_segment<NT>(A, W, plan, 2, M, N, n0, g, t), warp, t, acc);
+#pragma unroll
+  for (int rt = 0; rt < kTcRowTiles; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[warp][rt][nt][i][lane] = acc[rt][nt][i];
   __syncthreads();
-  // thread -> one (tile, register, lane) output; sum over warps in a fixed order
-  for (int o = threadIdx.x; o < NT * 4 * 32; o += blockDim.x) {
-    const int nt = o / 128, i = (o / 32) % 4, ln = o % 32;
+  // thread -> one (row tile, token tile, register, lane) output; sum over warps in a fixed order
+  for (int o = threadIdx.x; o < kTcRowTiles * NT * 128; o += blockDim.x) {
+    const int rt = o / (NT * 128), nt = (o / 128) % NT, i = (o / 32) % 4, ln = o % 32;
     float v = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) v += partial[w][nt][i][ln];
-    const int n = n0 + ln / 4 + (i >= 2 ? 8 : 0), m = nt * 8 + 2 * (ln % 4) + (i % 2);
+    for (int w = 0; w < kTcWarps; ++w) v += partial[w][rt][nt][i][ln];
+    const int n = n0 + 16 * rt + ln / 4 + (i >= 2 ? 8 : 0), m = nt * 8 + 2 * (ln % 4) + (i % 2);
     if (n < N && m < M) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
   }
 }
@@ -359,9 +421,9 @@ cudaError_t launch_decode(MxSegments A, MxSegments W, int M, int N, MixPlan plan
 }
 
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
-  const unsigned grid = static_cast<unsigned>((N + 15) / 16);
-  if (M <= 8) decode_tc_kernel<1><<<grid, kDecodeWarps * 32, 0, stream>>>(A, W, M, N, plan, Y);
-  else decode_tc_kernel<2><<<grid, kDecodeWarps * 32, 0, stream>>>(A, W, M, N, plan, Y);
+  const unsigned grid = static_cast<unsigned>((N + kTcRows - 1) / kTcRows);
+  if (M <= 8) decode_tc_kernel<1><<<grid, kTcWarps * 32, 0, stream>>>(A, W, M, N, plan, Y);
+  else decode_tc_kernel<2><<<grid, kTcWarps * 32, 0, stream>>>(A, W, M, N, plan, Y);
   return cudaGetLastError();
 }
 
