@@ -192,7 +192,10 @@ struct LtGemm {
     const float one = 1.0f, zero = 0.0f;
     const cublasStatus_t s =
         cublasLtMatmul(lt.h, op, &one, w, la, a, lb, &zero, y, lc, y, lc, &algo, lt.ws, lt.ws_size, nullptr);
-    return s == CUBLAS_STATUS_SUCCESS && cudaDeviceSynchronize() == cudaSuccess;
+    const cudaError_t e = cudaDeviceSynchronize();
+    if (s != CUBLAS_STATUS_SUCCESS || e != cudaSuccess)
+      std::fprintf(stderr, "cublasLtMatmul: status %d, %s\n", static_cast<int>(s), cudaGetErrorString(e));
+    return s == CUBLAS_STATUS_SUCCESS && e == cudaSuccess;
   }
   void run(Lt& lt, const void* w, const void* a, void* y) {
     const float one = 1.0f, zero = 0.0f;

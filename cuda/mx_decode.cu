@@ -181,10 +181,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(MxSegments A,
 // a zeroed temporary, promoted as acc += tmp * (2^s_w * 2^s_a * 2^bias): the scales stay
 // out of the MMA, which therefore only ever sees code values (exact products).
 // A CTA is 16 warps on the same 32 weight rows (two 16-row tiles per warp, sharing the
-// activation fragments), each warp a different part of K (blocks interleaved in groups of
-// kTcUnroll<NT> so the CTA reads contiguous bytes); a shared-memory sum of the 16 partial
-// tiles gives the output, with no atomics and no second pass. Each format's segment is
-// its own loop, so the format is a compile-time constant inside it.
+// activation fragments), each warp a contiguous 1/16 of the K blocks, so that all warps
+// have their loads in flight at once; a shared-memory sum of the 16 partial tiles gives
+// the output, with no atomics and no second pass. A warp's share is cut at the format
+// boundaries and each piece runs a loop where the format is a compile-time constant.
 constexpr int kTcWarps = 16;    // warps of a CTA, each on its own part of K
 constexpr int kTcRowTiles = 2;  // 16-row MMA tiles per warp (they share the activation fragments)
 constexpr int kTcRows = 16 * kTcRowTiles;
@@ -252,25 +252,26 @@ struct LaneSegment {
   const uint8_t* ws[kTcRowTiles][2];  // row scales at the segment's first block
   const uint8_t* a[NT];               // token codes (nullptr: absent token)
   const uint8_t* as[NT][2];           // token scales of columns 2t, 2t+1 (nullptr: absent)
-  int blocks;
+  int first;  // the segment's first block in K
 };
 
 // Blocks whose loads a warp issues together (fewer with two token tiles: registers).
 template <int NT>
 inline constexpr int kTcUnroll = NT == 1 ? 4 : 2;
 
+// Blocks [lo, hi) of the segment (segment-local numbers).
 template <ElemFormat F, int NT>
-__device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int warp, int t,
+__device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int lo, int hi, int t,
                                                float (&acc)[kTcRowTiles][NT][4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
   const float bias = exp2i(2 * kF16Bias<F>);
-  for (int base = warp * kTcUnroll<NT>; base < seg.blocks; base += kTcWarps * kTcUnroll<NT>) {
+  for (int base = lo; base < hi; base += kTcUnroll<NT>) {
     LaneWords w[kTcUnroll<NT>][kTcRowTiles][2], a[kTcUnroll<NT>][NT];
     uint8_t sw[kTcUnroll<NT>][kTcRowTiles][2], sa[kTcUnroll<NT>][NT][2];
 #pragma unroll
     for (int u = 0; u < kTcUnroll<NT>; ++u) {  // all loads of the group first
       const int b = base + u;
-      if (b >= seg.blocks) break;
+      if (b >= hi) break;
 #pragma unroll
       for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
@@ -287,7 +288,7 @@ __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int w
     }
 #pragma unroll
     for (int u = 0; u < kTcUnroll<NT>; ++u) {
-      if (base + u >= seg.blocks) break;
+      if (base + u >= hi) break;
       uint32_t ar[NT][4];
       float ca[NT][2];
 #pragma unroll
@@ -325,15 +326,14 @@ __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int w
 template <int NT>
 __device__ __forceinline__ LaneSegment<NT> lane_segment(const MxSegments& A, const MxSegments& W, const MixPlan& plan,
                                                         int s, int M, int N, int n0, int g, int t) {
-  const int count = s == 0 ? plan.p4 : s == 1 ? plan.p6 : plan.p8;
   const int64_t pitch = s == 0 ? plan.p4 / 2 : s == 1 ? plan.p6 * 3 / 4 : plan.p8;
   const uint8_t* wq = s == 0 ? W.q4 : s == 1 ? W.q6 : W.q8;
   const uint8_t* aq = s == 0 ? A.q4 : s == 1 ? A.q6 : A.q8;
   const int first = s == 0 ? 0 : s == 1 ? plan.first_fp6_block() : plan.first_fp8_block();
   const int nblk = plan.blocks();
   LaneSegment<NT> seg;
-  seg.blocks = count / kBlockSize;
-#pragma unroll
+  seg.first = first;
+  #pragma unroll
   for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -361,9 +361,17 @@ __global__ void __launch_bounds__(kTcWarps * 32) decode_tc_kernel(MxSegments A, 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * kTcRows;
   float acc[kTcRowTiles][NT][4] = {};
-  decode_segment<ElemFormat::E2M1>(lane_segment<NT>(A, W, plan, 0, M, N, n0, g, t), warp, t, acc);
-  decode_segment<ElemFormat::E3M2>(lane_segment<NT>(A, W, plan, 1, M, N, n0, g, t), warp, t, acc);
-  decode_segment<ElemFormat::E4M3>(lane_segment<NT>(A, W, plan, 2, M, N, n0, g, t), warp, t, acc);
+  // This warp's contiguous share of the K blocks, split at the segment boundaries.
+  const int nblk = plan.blocks(), per = (nblk + kTcWarps - 1) / kTcWarps;
+  const int start = min(warp * per, nblk), end = min(start + per, nblk);
+  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  if (start < b4) decode_segment<ElemFormat::E2M1>(lane_segment<NT>(A, W, plan, 0, M, N, n0, g, t), start, min(end, b4), t, acc);
+  if (start < b8 && end > b4)
+    decode_segment<ElemFormat::E3M2>(lane_segment<NT>(A, W, plan, 1, M, N, n0, g, t), max(start, b4) - b4,
+                                     min(end, b8) - b4, t, acc);
+  if (end > b8)
+    decode_segment<ElemFormat::E4M3>(lane_segment<NT>(A, W, plan, 2, M, N, n0, g, t), max(start, b8) - b8, end - b8, t,
+                                     acc);
 #pragma unroll
   for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
