@@ -188,10 +188,14 @@ struct LtGemm {
     }
     cublasLtMatmulPreferenceDestroy(pref);
   }
+  bool use_default_algo = false;  // let cublasLtMatmul choose when the heuristic's pick is refused
   bool try_run(Lt& lt, const void* w, const void* a, void* y) {
     const float one = 1.0f, zero = 0.0f;
-    const cublasStatus_t s =
-        cublasLtMatmul(lt.h, op, &one, w, la, a, lb, &zero, y, lc, y, lc, &algo, lt.ws, lt.ws_size, nullptr);
+    cublasStatus_t s = cublasLtMatmul(lt.h, op, &one, w, la, a, lb, &zero, y, lc, y, lc, &algo, lt.ws, lt.ws_size, nullptr);
+    if (s == CUBLAS_STATUS_NOT_SUPPORTED) {
+      s = cublasLtMatmul(lt.h, op, &one, w, la, a, lb, &zero, y, lc, y, lc, nullptr, lt.ws, lt.ws_size, nullptr);
+      use_default_algo = s == CUBLAS_STATUS_SUCCESS;
+    }
     const cudaError_t e = cudaDeviceSynchronize();
     if (s != CUBLAS_STATUS_SUCCESS || e != cudaSuccess)
       std::fprintf(stderr, "cublasLtMatmul: status %d, %s\n", static_cast<int>(s), cudaGetErrorString(e));
@@ -199,7 +203,8 @@ struct LtGemm {
   }
   void run(Lt& lt, const void* w, const void* a, void* y) {
     const float one = 1.0f, zero = 0.0f;
-    CKL(cublasLtMatmul(lt.h, op, &one, w, la, a, lb, &zero, y, lc, y, lc, &algo, lt.ws, lt.ws_size, g_stream));
+    CKL(cublasLtMatmul(lt.h, op, &one, w, la, a, lb, &zero, y, lc, y, lc, use_default_algo ? nullptr : &algo, lt.ws,
+                       lt.ws_size, g_stream));
   }
 };
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the micromix CUDA kernels, tests and benchmark with nvcc alone (no other
 # dependency than CUDA and a googletest source tree) and run the requested stages on
-# the GPU machine:  bench/run_h100.sh [build] [test] [sanitize] [bench] [bench-quick] [ncu]
-# (ncu: Nsight Compute sections for one launch of each kernel at the target shapes).
+# the GPU machine:  bench/run_h100.sh [build] [test] [sanitize] [bench] [bench-quick] [torch] [ncu]
+# (torch: PyTorch BF16 and FP8 _scaled_mm baselines on the same shapes; ncu: Nsight Compute sections for one launch of each kernel at the target shapes).
 # Logs and results go to $OUT (default ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,9 @@ for s in "$@"; do
   bench-quick)
     stage bench-quick
     timeout ${BENCH_TIMEOUT:-300} "$B/mx_gemm_bench" --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -3 ;;
+  torch)
+    stage torch
+    timeout ${TORCH_TIMEOUT:-300} python3 bench/torch_gemm_baseline.py --out "$OUT" 2>&1 | tee "$OUT/torch.log" | tail -3 ;;
   ncu)
     stage ncu
     timeout 400 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
