@@ -301,6 +301,7 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
   if (attr != cudaSuccess) return attr;
   const int64_t num_tiles = ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(num_tiles, device_sm_count())));
+  if (schedule == Fp8Schedule::Auto) schedule = plan.p8 > 0 ? Fp8Schedule::Concurrent : Fp8Schedule::Alternating;
   if (schedule == Fp8Schedule::Alternating)
     gemm_fp8_kernel<true><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M),
                                                                   static_cast<int>(N), plan.blocks(),

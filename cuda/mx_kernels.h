@@ -76,9 +76,11 @@ cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, 
 // for the MXFP4/MXFP6 part and per 32-block for the MXFP8 part. The two consumer
 // warpgroups of a CTA either take turns issuing their MMAs (Alternating: one promotes
 // while the other's MMAs run) or issue them as they come (Concurrent).
-enum class Fp8Schedule { Alternating, Concurrent };
+// Auto: Concurrent when the plan has an MXFP8 part (many small groups), Alternating otherwise
+// (measured on H100: bench/results/h100).
+enum class Fp8Schedule { Auto, Alternating, Concurrent };
 cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
-                        cudaStream_t stream, Fp8Schedule schedule = Fp8Schedule::Alternating);
+                        cudaStream_t stream, Fp8Schedule schedule = Fp8Schedule::Auto);
 
 // Decode path (M <= 16): streams the packed weights. workspace: fp32 [M, N] scratch.
 // Auto takes the CUDA-core kernel for M <= 2 and the tensor-core kernel above.

@@ -342,7 +342,7 @@ bool is_decode(Path p) { return p == Path::Decode || p == Path::DecodeCudaCores 
 cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, int64_t N, uint16_t* y, float* ws) {
   switch (p) {
     case Path::Reference: return mx_gemm_reference(A.segments(), W.segments(), M, N, A.plan, y, nullptr);
-    case Path::Fp8: return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr);
+    case Path::Fp8: return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Alternating);
     case Path::Fp8Concurrent:
       return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Concurrent);
     case Path::Decode: return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr);
