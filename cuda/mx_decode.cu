@@ -168,9 +168,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(MxSegments A,
 
 // Tensor-core variant, any M <= 16: mma.sync m16n8k16 with f16 operands and fp32
 // accumulation, weights as the 16-row A operand, tokens as the 8-column B operand (two B
-// tiles for M > 8). Lane (g, t) of the fragment layout takes elements 8t .. 8t+7 of a
-// 32-block of weight rows g and g + 8 and of token g, for weights and activations alike,
-// and turns them into four f16x2 registers:
+// tiles for M > 8). No shared memory and no dequantization pass: every lane loads its own
+// 8 consecutive elements of a 32-block (lane (g, t) of the fragment layout: weight rows g
+// and g + 8, token g, elements 8t .. 8t+7) straight from the packed codes, for weights and
+// activations alike, and turns them into four f16x2 registers:
 //   FP4: a shift and one logic op put code bits (e1 e0 m) into the f16 exponent/mantissa
 //        field, giving the value times 2^-14 (the E2M1 subnormal lands on the f16 one);
 //   FP6: the same with (e2 e1 e0 m1 m0), the value times 2^-12;
@@ -179,47 +180,38 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(MxSegments A,
 // the right elements whatever order the map visits them in. Each 32-block is two MMAs into
 // a zeroed temporary, promoted as acc += tmp * (2^s_w * 2^s_a * 2^bias): the scales stay
 // out of the MMA, which therefore only ever sees code values (exact products).
-//
-// Memory: each warp streams its share through its own ring of shared-memory stages filled
-// by cp.async, kTcStages - 1 groups ahead of the arithmetic, so loads are in flight while
-// it computes. A group is up to 4 consecutive blocks of one format, for the CTA's 16 rows
-// and the tokens, with their scale bytes. CTAs are persistent over 16-row tiles; in a tile
-// every warp takes a contiguous 1/8 of the K blocks, cut at the format boundaries; a
-// fixed-order shared-memory sum of the 8 partial tiles writes bf16 (no atomics, one launch).
-constexpr int kTcWarps = 8;
-constexpr int kTcGroup = 4;                   // blocks per stage
-constexpr int kTcRowBytes = 4 * 32 + 16;      // bytes per row per stage: 4 FP8 blocks, padded for banks
-constexpr int kTcRows = 16;
+// A CTA is 16 warps on the same 32 weight rows (two 16-row tiles per warp, sharing the
+// activation fragments), each warp a contiguous 1/16 of the K blocks, so that all warps
+// have their loads in flight at once; a shared-memory sum of the 16 partial tiles gives
+// the output, with no atomics and no second pass. A warp's share is cut at the format
+// boundaries and each piece runs a loop where the format is a compile-time constant.
+constexpr int kTcWarps = 16;    // warps of a CTA, each on its own part of K
+constexpr int kTcRowTiles = 2;  // 16-row MMA tiles per warp (they share the activation fragments)
+constexpr int kTcRows = 16 * kTcRowTiles;
 
-template <int NT>
-struct TcStage {
-  uint8_t w[kTcRows][kTcRowBytes];
-  uint8_t a[8 * NT][kTcRowBytes];
-  uint32_t ws[kTcRows][2];  // the aligned words holding a row's (<= 4) scale bytes
-  uint32_t as[8 * NT][2];
-};
-template <int NT>
-inline constexpr int kTcStages = NT == 1 ? 4 : 3;
-template <int NT>
-inline constexpr size_t kTcSmemBytes = sizeof(TcStage<NT>) * kTcStages<NT> * kTcWarps;
-
-struct LaneWords {  // one lane's 8 elements of a 32-block
+struct LaneWords {  // one lane's 8 elements of a 32-block, as loaded
   uint32_t lo, hi;
 };
 
-// Elements 8t .. 8t+7 of a 32-block at `block` in shared memory (16, 24 or 32 bytes).
-template <ElemFormat F>
-__device__ __forceinline__ LaneWords lane_words(const uint8_t* block, int t) {
+// kStream: weights are read once (evict-first loads); activations stay cached for every CTA.
+template <bool kStream>
+__device__ __forceinline__ uint32_t ld_word(const uint8_t* p) {
+  if constexpr (kStream) return __ldcs(reinterpret_cast<const unsigned int*>(p));
+  else return __ldg(reinterpret_cast<const unsigned int*>(p));
+}
+
+// Elements 8t .. 8t+7 of the 32-block at `block` (16, 24 or 32 bytes).
+template <ElemFormat F, bool kStream>
+__device__ __forceinline__ LaneWords load_lane(const uint8_t* block, int t) {
   if constexpr (F == ElemFormat::E2M1) {
-    return {*reinterpret_cast<const uint32_t*>(block + 4 * t), 0u};
+    return {ld_word<kStream>(block + 4 * t), 0u};
   } else if constexpr (F == ElemFormat::E3M2) {  // 6 bytes at 6t: two aligned words, shifted by 0 or 16 bits
     const int off = 6 * t;
-    const uint32_t* p = reinterpret_cast<const uint32_t*>(block + (off & ~3));
-    const uint64_t v = (static_cast<uint64_t>(p[1]) << 32 | p[0]) >> (8 * (off & 3));
+    const uint8_t* p = block + (off & ~3);
+    const uint64_t v = (static_cast<uint64_t>(ld_word<kStream>(p + 4)) << 32 | ld_word<kStream>(p)) >> (8 * (off & 3));
     return {static_cast<uint32_t>(v), static_cast<uint32_t>(v >> 32)};
   } else {
-    const uint2 v = *reinterpret_cast<const uint2*>(block + 8 * t);
-    return {v.x, v.y};
+    return {ld_word<kStream>(block + 8 * t), ld_word<kStream>(block + 8 * t + 4)};
   }
 }
 
@@ -252,179 +244,150 @@ __device__ __forceinline__ void to_f16x2(LaneWords w, uint32_t r[4]) {
   }
 }
 
-__device__ __forceinline__ uint8_t scale_byte(const uint32_t (&words)[2], int i) {
-  return static_cast<uint8_t>((i < 4 ? words[0] >> (8 * i) : words[1] >> (8 * (i - 4))) & 0xFFu);
-}
-
-// One group of a warp's share: format, first block in K, number of blocks (<= kTcGroup).
-struct TcGroup {
-  int seg, block, count;
+// Per-lane view of one segment: weight rows (g, g+8 of each row tile) and tokens (g of each
+// 8-token tile; columns 2t, 2t+1 for the scales).
+template <int NT>
+struct LaneSegment {
+  const uint8_t* w[kTcRowTiles][2];   // row codes of the segment
+  const uint8_t* ws[kTcRowTiles][2];  // row scales at the segment's first block
+  const uint8_t* a[NT];               // token codes (nullptr: absent token)
+  const uint8_t* as[NT][2];           // token scales of columns 2t, 2t+1 (nullptr: absent)
+  int first;  // the segment's first block in K
 };
 
-// The q-th group of the warp's block range [start, end): pieces cut at b4 and b8.
-__device__ __forceinline__ TcGroup tc_group(int q, int start, int end, int b4, int b8) {
-  const int lo[3] = {start, max(start, b4), max(start, b8)};
-  const int hi[3] = {min(end, b4), min(end, b8), end};
-#pragma unroll
-  for (int s = 0; s < 3; ++s) {
-    const int n = max(hi[s] - lo[s], 0), groups = (n + kTcGroup - 1) / kTcGroup;
-    if (q < groups) return {s, lo[s] + q * kTcGroup, min(kTcGroup, n - q * kTcGroup)};
-    q -= groups;
-  }
-  return {0, 0, 0};
-}
-
-__device__ __forceinline__ int tc_group_count(int start, int end, int b4, int b8) {
-  const int n[3] = {max(min(end, b4) - start, 0), max(min(end, b8) - max(start, b4), 0), max(end - max(start, b8), 0)};
-  return (n[0] + kTcGroup - 1) / kTcGroup + (n[1] + kTcGroup - 1) / kTcGroup + (n[2] + kTcGroup - 1) / kTcGroup;
-}
-
-// Issue the copies of one group (all lanes). Rows past N and tokens past M read the last
-// row / token (valid memory; their results are not stored).
+// Blocks whose loads a warp issues together (fewer with two token tiles: registers).
 template <int NT>
-__device__ __forceinline__ void tc_issue(TcStage<NT>& st, const MxSegments& A, const MxSegments& W, const MixPlan& plan,
-                                         TcGroup grp, int n0, int M, int N, int lane) {
-  const int nblk = plan.blocks();
-  const int first = grp.seg == 0 ? 0 : grp.seg == 1 ? plan.first_fp6_block() : plan.first_fp8_block();
-  const int64_t pitch = grp.seg == 0 ? plan.p4 / 2 : grp.seg == 1 ? plan.p6 * 3 / 4 : plan.p8;
-  const int bytes = grp.seg == 0 ? 16 : grp.seg == 1 ? 24 : 32;  // per block
-  const int64_t off = static_cast<int64_t>(grp.block - first) * bytes;
-  const int span = grp.count * bytes;                              // bytes per row in this group
-  const uint8_t* wq = grp.seg == 0 ? W.q4 : grp.seg == 1 ? W.q6 : W.q8;
-  const uint8_t* aq = grp.seg == 0 ? A.q4 : grp.seg == 1 ? A.q6 : A.q8;
-  if (grp.seg == 1) {  // FP6 rows are 8-byte aligned
-    const int per_row = span / 8;
-    for (int c = lane; c < (kTcRows + 8 * NT) * per_row; c += 32) {
-      const int r = c / per_row, k = c % per_row;
-      if (r < kTcRows) {
-        const int64_t row = min(n0 + r, N - 1);
-        ptx::cp_async_8(&st.w[r][8 * k], wq + row * pitch + off + 8 * k);
-      } else {
-        const int64_t m = min(r - kTcRows, M - 1);
-        ptx::cp_async_8(&st.a[r - kTcRows][8 * k], aq + m * pitch + off + 8 * k);
-      }
-    }
-  } else {
-    const int per_row = span / 16;
-    for (int c = lane; c < (kTcRows + 8 * NT) * per_row; c += 32) {
-      const int r = c / per_row, k = c % per_row;
-      if (r < kTcRows) {
-        const int64_t row = min(n0 + r, N - 1);
-        ptx::cp_async_16(&st.w[r][16 * k], wq + row * pitch + off + 16 * k);
-      } else {
-        const int64_t m = min(r - kTcRows, M - 1);
-        ptx::cp_async_16(&st.a[r - kTcRows][16 * k], aq + m * pitch + off + 16 * k);
-      }
-    }
-  }
-  // scale bytes [row * nblk + block, + count): the two aligned words around them
-  for (int c = lane; c < 2 * (kTcRows + 8 * NT); c += 32) {
-    const int r = c / 2, h = c % 2;
-    const bool is_w = r < kTcRows;
-    const int64_t row = is_w ? min(n0 + r, N - 1) : min(r - kTcRows, M - 1);
-    const int64_t total = static_cast<int64_t>(is_w ? N : M) * nblk;
-    const int64_t word = ((row * nblk + grp.block) & ~int64_t(3)) + 4 * h;
-    const int64_t left = total - word;
-    const int valid = left <= 0 ? 0 : left >= 4 ? 4 : static_cast<int>(left);
-    const uint8_t* base = is_w ? W.scales : A.scales;
-    uint32_t* dst = is_w ? &st.ws[r][h] : &st.as[r - kTcRows][h];
-    ptx::cp_async_4_fill(dst, base + (valid > 0 ? word : 0), valid);
-  }
-}
+inline constexpr int kTcUnroll = NT == 1 ? 4 : 2;
 
+// Blocks [lo, hi) of the segment (segment-local numbers).
 template <ElemFormat F, int NT>
-__device__ __forceinline__ void tc_compute(const TcStage<NT>& st, const TcGroup& grp, int n0, int nblk, int g, int t,
-                                           float (&acc)[NT][4]) {
+__device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int lo, int hi, int t,
+                                               float (&acc)[kTcRowTiles][NT][4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
   const float bias = exp2i(2 * kF16Bias<F>);
-  // byte offset of this group's first scale inside each row's two words
-  const int sw0 = static_cast<int>((static_cast<int64_t>(n0 + g) * nblk + grp.block) & 3);
-  const int sw1 = static_cast<int>((static_cast<int64_t>(n0 + g + 8) * nblk + grp.block) & 3);
-  for (int u = 0; u < grp.count; ++u) {
-    uint32_t w0[4], w1[4];
-    to_f16x2<F>(lane_words<F>(&st.w[g][u * kBytes], t), w0);
-    to_f16x2<F>(lane_words<F>(&st.w[g + 8][u * kBytes], t), w1);
-    const float f0 = decode_scale(scale_byte(st.ws[g], sw0 + u)), f1 = decode_scale(scale_byte(st.ws[g + 8], sw1 + u));
+  for (int base = lo; base < hi; base += kTcUnroll<NT>) {
+    LaneWords w[kTcUnroll<NT>][kTcRowTiles][2], a[kTcUnroll<NT>][NT];
+    uint8_t sw[kTcUnroll<NT>][kTcRowTiles][2], sa[kTcUnroll<NT>][NT][2];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      uint32_t ar[4];
-      to_f16x2<F>(lane_words<F>(&st.a[8 * nt + g][u * kBytes], t), ar);
-      float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int u = 0; u < kTcUnroll<NT>; ++u) {  // all loads of the group first
+      const int b = base + u;
+      if (b >= hi) break;
 #pragma unroll
-      for (int step = 0; step < 2; ++step) {
-        const uint32_t fa[4] = {w0[2 * step], w1[2 * step], w0[2 * step + 1], w1[2 * step + 1]};
-        const uint32_t fb[2] = {ar[2 * step], ar[2 * step + 1]};
-        ptx::mma_f16_m16n8k16(tmp, fa, fb);
+      for (int rt = 0; rt < kTcRowTiles; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          w[u][rt][h] = load_lane<F, true>(seg.w[rt][h] + b * kBytes, t);
+          sw[u][rt][h] = __ldg(seg.ws[rt][h] + b);
+        }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        a[u][nt] = seg.a[nt] ? load_lane<F, false>(seg.a[nt] + b * kBytes, t) : LaneWords{0u, 0u};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sa[u][nt][h] = seg.as[nt][h] ? __ldg(seg.as[nt][h] + b) : uint8_t(0);
       }
-      // token columns 2t, 2t + 1 (scale words of tokens past M hold the last token's)
-      const int c0 = 8 * nt + 2 * t, c1 = c0 + 1;
-      const int s0 = static_cast<int>((static_cast<int64_t>(c0) * nblk + grp.block) & 3);
-      const int s1 = static_cast<int>((static_cast<int64_t>(c1) * nblk + grp.block) & 3);
-      const float a0 = decode_scale(scale_byte(st.as[c0], s0 + u)) * bias;
-      const float a1 = decode_scale(scale_byte(st.as[c1], s1 + u)) * bias;
-      acc[nt][0] = fmaf(tmp[0], f0 * a0, acc[nt][0]);
-      acc[nt][1] = fmaf(tmp[1], f0 * a1, acc[nt][1]);
-      acc[nt][2] = fmaf(tmp[2], f1 * a0, acc[nt][2]);
-      acc[nt][3] = fmaf(tmp[3], f1 * a1, acc[nt][3]);
+    }
+#pragma unroll
+    for (int u = 0; u < kTcUnroll<NT>; ++u) {
+      if (base + u >= hi) break;
+      uint32_t ar[NT][4];
+      float ca[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        to_f16x2<F>(a[u][nt], ar[nt]);
+        ca[nt][0] = decode_scale(sa[u][nt][0]) * bias;
+        ca[nt][1] = decode_scale(sa[u][nt][1]) * bias;
+      }
+#pragma unroll
+      for (int rt = 0; rt < kTcRowTiles; ++rt) {
+        uint32_t wr0[4], wr1[4];
+        to_f16x2<F>(w[u][rt][0], wr0);
+        to_f16x2<F>(w[u][rt][1], wr1);
+        const float f0 = decode_scale(sw[u][rt][0]), f1 = decode_scale(sw[u][rt][1]);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+          for (int step = 0; step < 2; ++step) {
+            const uint32_t fa[4] = {wr0[2 * step], wr1[2 * step], wr0[2 * step + 1], wr1[2 * step + 1]};
+            const uint32_t fb[2] = {ar[nt][2 * step], ar[nt][2 * step + 1]};
+            ptx::mma_f16_m16n8k16(tmp, fa, fb);
+          }
+          acc[rt][nt][0] = fmaf(tmp[0], f0 * ca[nt][0], acc[rt][nt][0]);
+          acc[rt][nt][1] = fmaf(tmp[1], f0 * ca[nt][1], acc[rt][nt][1]);
+          acc[rt][nt][2] = fmaf(tmp[2], f1 * ca[nt][0], acc[rt][nt][2]);
+          acc[rt][nt][3] = fmaf(tmp[3], f1 * ca[nt][1], acc[rt][nt][3]);
+        }
+      }
     }
   }
+}
+
+// Segment s (0 FP4, 1 FP6, 2 FP8) of this lane's rows and tokens.
+template <int NT>
+__device__ __forceinline__ LaneSegment<NT> lane_segment(const MxSegments& A, const MxSegments& W, const MixPlan& plan,
+                                                        int s, int M, int N, int n0, int g, int t) {
+  const int64_t pitch = s == 0 ? plan.p4 / 2 : s == 1 ? plan.p6 * 3 / 4 : plan.p8;
+  const uint8_t* wq = s == 0 ? W.q4 : s == 1 ? W.q6 : W.q8;
+  const uint8_t* aq = s == 0 ? A.q4 : s == 1 ? A.q6 : A.q8;
+  const int first = s == 0 ? 0 : s == 1 ? plan.first_fp6_block() : plan.first_fp8_block();
+  const int nblk = plan.blocks();
+  LaneSegment<NT> seg;
+  seg.first = first;
+  #pragma unroll
+  for (int rt = 0; rt < kTcRowTiles; ++rt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = min(n0 + 16 * rt + 8 * h + g, N - 1);
+      seg.w[rt][h] = wq + row * pitch;
+      seg.ws[rt][h] = W.scales + row * nblk + first;
+    }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = 8 * nt + g;
+    seg.a[nt] = m < M ? aq + m * pitch : nullptr;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int mc = 8 * nt + 2 * t + h;
+      seg.as[nt][h] = mc < M ? A.scales + static_cast<int64_t>(mc) * nblk + first : nullptr;
+    }
+  }
+  return seg;
 }
 
 template <int NT>  // 8-token tiles: 1 (M <= 8) or 2 (M <= 16)
 __global__ void __launch_bounds__(kTcWarps * 32) decode_tc_kernel(MxSegments A, MxSegments W, int M, int N,
                                                                     MixPlan plan, uint16_t* Y) {
-  extern __shared__ uint4 tc_smem[];
-  constexpr int S = kTcStages<NT>;
-  __shared__ float partial[kTcWarps][NT][4][32];
+  __shared__ float partial[kTcWarps][kTcRowTiles][NT][4][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  TcStage<NT>* ring = reinterpret_cast<TcStage<NT>*>(tc_smem) + warp * S;
+  const int n0 = blockIdx.x * kTcRows;
+  float acc[kTcRowTiles][NT][4] = {};
+  // This warp's contiguous share of the K blocks, split at the segment boundaries.
   const int nblk = plan.blocks(), per = (nblk + kTcWarps - 1) / kTcWarps;
   const int start = min(warp * per, nblk), end = min(start + per, nblk);
   const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
-  const int groups = tc_group_count(start, end, b4, b8);
-  const int tiles = (N + kTcRows - 1) / kTcRows;
-  const int my_tiles = (tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
-  const int total = my_tiles * groups;  // this warp's groups over all its tiles
-  auto issue = [&](int j) {
-    if (j < total) {
-      const int n0 = (static_cast<int>(blockIdx.x) + (j / groups) * static_cast<int>(gridDim.x)) * kTcRows;
-      tc_issue<NT>(ring[j % S], A, W, plan, tc_group(j % groups, start, end, b4, b8), n0, M, N, lane);
-    }
-    ptx::cp_async_commit();  // one commit group per step, empty or not, keeps the wait count fixed
-  };
-  for (int j = 0; j < S - 1; ++j) issue(j);
-  for (int i = 0; i < my_tiles; ++i) {
-    const int n0 = (static_cast<int>(blockIdx.x) + i * static_cast<int>(gridDim.x)) * kTcRows;
-    float acc[NT][4] = {};
-    for (int q = 0; q < groups; ++q) {
-      const int j = i * groups + q;
-      ptx::cp_async_wait<S - 2>();  // group j has landed (this lane's copies)
-      __syncwarp();                 // ... and every lane's
-      issue(j + S - 1);             // into the stage consumed at step j - 1
-      const TcGroup grp = tc_group(q, start, end, b4, b8);
-      const TcStage<NT>& st = ring[j % S];
-      if (grp.seg == 0) tc_compute<ElemFormat::E2M1, NT>(st, grp, n0, nblk, g, t, acc);
-      else if (grp.seg == 1) tc_compute<ElemFormat::E3M2, NT>(st, grp, n0, nblk, g, t, acc);
-      else tc_compute<ElemFormat::E4M3, NT>(st, grp, n0, nblk, g, t, acc);
-      __syncwarp();  // every lane is done with stage j before step j + 1 refills it
-    }
+  if (start < b4) decode_segment<ElemFormat::E2M1>(lane_segment<NT>(A, W, plan, 0, M, N, n0, g, t), start, min(end, b4), t, acc);
+  if (start < b8 && end > b4)
+    decode_segment<ElemFormat::E3M2>(lane_segment<NT>(A, W, plan, 1, M, N, n0, g, t), max(start, b4) - b4,
+                                     min(end, b8) - b4, t, acc);
+  if (end > b8)
+    decode_segment<ElemFormat::E4M3>(lane_segment<NT>(A, W, plan, 2, M, N, n0, g, t), max(start, b8) - b8, end - b8, t,
+                                     acc);
+#pragma unroll
+  for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) partial[warp][nt][r][lane] = acc[nt][r];
-    __syncthreads();
-    // thread -> one (token tile, register, lane) output; sum over warps in a fixed order
-    for (int o = threadIdx.x; o < NT * 128; o += blockDim.x) {
-      const int nt = o / 128, r = (o / 32) % 4, ln = o % 32;
-      float v = 0.0f;
+      for (int i = 0; i < 4; ++i) partial[warp][rt][nt][i][lane] = acc[rt][nt][i];
+  __syncthreads();
+  // thread -> one (row tile, token tile, register, lane) output; sum over warps in a fixed order
+  for (int o = threadIdx.x; o < kTcRowTiles * NT * 128; o += blockDim.x) {
+    const int rt = o / (NT * 128), nt = (o / 128) % NT, i = (o / 32) % 4, ln = o % 32;
+    float v = 0.0f;
 #pragma unroll
-      for (int w = 0; w < kTcWarps; ++w) v += partial[w][nt][r][ln];
-      const int n = n0 + ln / 4 + (r >= 2 ? 8 : 0), m = nt * 8 + 2 * (ln % 4) + (r % 2);
-      if (n < N && m < M) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
-    }
-    __syncthreads();
+    for (int w = 0; w < kTcWarps; ++w) v += partial[w][rt][nt][i][ln];
+    const int n = n0 + 16 * rt + ln / 4 + (i >= 2 ? 8 : 0), m = nt * 8 + 2 * (ln % 4) + (i % 2);
+    if (n < N && m < M) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
   }
-  ptx::cp_async_wait<0>();
 }
 
 __global__ void finalize_kernel(const float* __restrict__ ws, uint16_t* __restrict__ Y, int64_t count) {
@@ -465,23 +428,11 @@ cudaError_t launch_decode(MxSegments A, MxSegments W, int M, int N, MixPlan plan
   return cudaGetLastError();
 }
 
-template <int NT>
-cudaError_t launch_decode_tc_nt(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
-  static const cudaError_t attr = cudaFuncSetAttribute(decode_tc_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       static_cast<int>(kTcSmemBytes<NT>));
-  if (attr != cudaSuccess) return attr;
-  int per_sm = 0;
-  const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_tc_kernel<NT>, kTcWarps * 32,
-                                                                      kTcSmemBytes<NT>);
-  if (e != cudaSuccess) return e;
-  const int tiles = (N + kTcRows - 1) / kTcRows;
-  const int grid = std::min(tiles, std::max(per_sm, 1) * device_sm_count());
-  decode_tc_kernel<NT><<<grid, kTcWarps * 32, kTcSmemBytes<NT>, stream>>>(A, W, M, N, plan, Y);
-  return cudaGetLastError();
-}
-
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
-  return M <= 8 ? launch_decode_tc_nt<1>(A, W, M, N, plan, Y, stream) : launch_decode_tc_nt<2>(A, W, M, N, plan, Y, stream);
+  const unsigned grid = static_cast<unsigned>((N + kTcRows - 1) / kTcRows);
+  if (M <= 8) decode_tc_kernel<1><<<grid, kTcWarps * 32, 0, stream>>>(A, W, M, N, plan, Y);
+  else decode_tc_kernel<2><<<grid, kTcWarps * 32, 0, stream>>>(A, W, M, N, plan, Y);
+  return cudaGetLastError();
 }
 
 }  // namespace

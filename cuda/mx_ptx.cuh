@@ -93,23 +93,6 @@ __device__ __forceinline__ void mma_f16_m16n8k16(float* c, const uint32_t* a, co
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Asynchronous global -> shared copies (Ampere cp.async), completed in commit groups.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_8(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-}
-// Copies src_bytes (0..4) and zero-fills the rest of the 4-byte word.
-__device__ __forceinline__ void cp_async_4_fill(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
 // Two E4M3 codes (low byte, high byte of the 16-bit input) to an f16x2 (exact: E4M3 is a
 // subset of f16).
 __device__ __forceinline__ uint32_t cvt_e4m3x2_f16x2(uint16_t codes) {

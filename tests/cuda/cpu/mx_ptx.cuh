@@ -150,16 +150,6 @@ inline void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
   emu::warp_bars[w]->arrive_and_wait();
   for (int i = 0; i < 4; ++i) c[i] = out[i];
 }
-// cp.async completes at once here (the kernels wait before reading, so the order holds).
-inline void cp_async_16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
-inline void cp_async_8(void* dst, const void* src) { std::memcpy(dst, src, 8); }
-inline void cp_async_4_fill(void* dst, const void* src, int src_bytes) {
-  std::memset(dst, 0, 4);
-  if (src_bytes > 0) std::memcpy(dst, src, static_cast<size_t>(src_bytes));
-}
-inline void cp_async_commit() {}
-template <int kPending>
-inline void cp_async_wait() {}
 inline void mma_bf16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) { mma_m16n8k16<bf16_half>(c, a, b); }
 inline void mma_f16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) { mma_m16n8k16<f16_half>(c, a, b); }
 inline uint32_t cvt_e4m3x2_f16x2(uint16_t codes) {
