@@ -1,15 +1,18 @@
 // Decode GEMM (M <= 16 tokens): Y[M, N] = A[M, K] x W[N, K]^T, memory-bound on the
-// packed weights, which are streamed once (4/6/8-bit codes + E8M0 scales) and decoded
-// on the CUDA cores through small shared-memory tables built from format.h.
+// packed weights, which are streamed once (4/6/8-bit codes + E8M0 scales). Two kernels:
 //
-// Work split: a CTA of 8 warps owns a range of weight rows and one K chunk; it first
-// dequantizes A's chunk into shared memory (fp32, 16-byte chunks XOR-swizzled per block
-// so that the lanes of a warp, which read different blocks, hit different banks). Each
-// lane then takes one 32-block of a 1024-wide K slice and the warp walks its rows:
-// load the block's codes (16/24/32 bytes, one to three vector loads) and scale, decode,
-// dot with the M activation rows, multiply by the weight scale. One warp reduction per
-// row at the end. With several K chunks the partial sums go through fp32 atomics into
-// `workspace`, then a small kernel writes bf16.
+// decode_tc_kernel (default; described where it is defined): f16 tensor cores fed
+// straight from the packed codes of both operands.
+//
+// decode_kernel (CUDA cores, kept as a second implementation): a CTA of 8 warps owns a
+// range of weight rows and one K chunk; it first dequantizes A's chunk into shared memory
+// (fp32, 16-byte chunks XOR-swizzled per block so that the lanes of a warp, which read
+// different blocks, hit different banks). Each lane then takes one 32-block of a
+// 1024-wide K slice and the warp walks its rows: load the block's codes (16/24/32 bytes)
+// and scale, decode through small shared-memory tables built from format.h, dot with the
+// M activation rows, multiply by the weight scale. One warp reduction per row at the end.
+// With several K chunks the partial sums go through fp32 atomics into `workspace`, then a
+// small kernel writes bf16.
 #include <algorithm>
 #include <cstring>
 
