@@ -54,7 +54,7 @@ for s in "$@"; do
     stage ncu
     timeout 400 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
       --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats -k 'regex:gemm_fp8|decode_kernel|decode_tc_kernel|act_quant' \
-      --launch-skip 9 --launch-count 9 "$B/mx_gemm_bench" --profile >"$OUT/ncu.txt" 2>&1
+      --launch-skip 8 --launch-count 8 "$B/mx_gemm_bench" --profile >"$OUT/ncu.txt" 2>&1
     echo "ncu exit $?"; grep -E "gemm_fp8|decode_kernel|decode_tc_kernel|act_quant|Duration|Throughput|DRAM Throughput" "$OUT/ncu.txt" | head -60 ;;
   esac
 done

@@ -140,19 +140,19 @@ struct Turn {
   }
 };
 
-// One group of n (1..4) consecutive 32-blocks starting at j0: n wgmma k32 into tmp.
-__device__ __forceinline__ void issue_group(float* tmp, uint64_t da, uint64_t db, int j0, int n) {
+// One group of n (1..4) consecutive 32-blocks starting at j0: n wgmma k32 into tmp,
+// then acc += tmp * (factor_a[row] * factor_w[col]).
+__device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, uint64_t db, int j0, int n,
+                                          const float* fa, const float* fw, int row0, int lane, Turn& turn) {
+  turn.wait();
   wgmma_fence();
   wgmma_m64n128k32_e4m3(tmp, da + 2 * j0, db + 2 * j0, 0);
   if (n > 1) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 1), db + 2 * (j0 + 1), 1);
   if (n > 2) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 2), db + 2 * (j0 + 2), 1);
   if (n > 3) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 3), db + 2 * (j0 + 3), 1);
   wgmma_commit();
-}
-
-// acc += tmp * (factor_a[row] * factor_w[col]) for the group starting at block j0.
-__device__ __forceinline__ void promote(float* acc, const float* tmp, const float* fa, const float* fw, int j0, int row0,
-                                        int lane) {
+  turn.pass();
+  wgmma_wait0();
   const float a0 = fa[row0 * 4 + j0], a1 = fa[(row0 + 8) * 4 + j0];
 #pragma unroll
   for (int jj = 0; jj < kBN / 8; ++jj) {
@@ -165,17 +165,7 @@ __device__ __forceinline__ void promote(float* acc, const float* tmp, const floa
   }
 }
 
-// Concurrent and Alternating: issue, wait for this group, promote.
-__device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, uint64_t db, int j0, int n,
-                                          const float* fa, const float* fw, int row0, int lane, Turn& turn) {
-  turn.wait();
-  issue_group(tmp, da, db, j0, n);
-  turn.pass();
-  wgmma_wait0();
-  promote(acc, tmp, fa, fw, j0, row0, lane);
-}
-
-template <Fp8Schedule kSchedule>
+template <bool kAlternate>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_fp8_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                     const __grid_constant__ CUtensorMap map_fa, const __grid_constant__ CUtensorMap map_fw,
@@ -204,9 +194,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  constexpr bool kPipelined = kSchedule == Fp8Schedule::Pipelined;
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all copies
-    if constexpr (kPipelined) setmaxnreg_dec<40>();  // registers go to the consumers
     if (threadIdx.x == 0) {
       int it = 0;  // k-tiles issued by this CTA so far
       for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
@@ -225,99 +213,40 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  if constexpr (kPipelined) setmaxnreg_inc<232>();
   const int wg = threadIdx.x / 128 - 1;
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
   const int row0 = wg * 64 + warp * 16 + lane / 4;  // this thread's first row in the CTA tile
-  float acc[64], tmp[64], tmp2[64];
+  float acc[64], tmp[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) tmp[i] = tmp2[i] = 0.0f;
+  for (int i = 0; i < 64; ++i) tmp[i] = 0.0f;
   const int folded_blocks = min(k8b, nblk);
   const int groups_per_tile = (folded_blocks + 3) / 4 + (nblk - folded_blocks);
   const int my_tiles = (num_tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
-  Turn turn{kSchedule == Fp8Schedule::Alternating, wg, 0, groups_per_tile * my_tiles};
+  Turn turn{kAlternate, wg, 0, groups_per_tile * my_tiles};
   const bool pair_ok = (N % 2) == 0;
-  auto release = [&](int s) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);
-  };
 
   int it = 0;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-    if constexpr (kPipelined) {
-      // Groups in order (the folded group of each 128-K tile, then its MXFP8 blocks). Two
-      // temporaries alternate in straight-line code, so the compiler sees that promoting
-      // one never touches the registers the in-flight MMAs write.
-      struct Group {
-        int stage, j0, n;
-        bool last_of_stage;
-      };
-      int t = 0, j = 0;
-      auto fetch = [&](Group& g) {
-        if (t >= ktiles) return false;
-        const int s = it % kStages;
-        if (j == 0) mbar_wait(&full[s], (it / kStages) & 1);
-        const int nb = min(4, nblk - 4 * t), nf = folded_blocks_in_tile(t, nblk, k8b);
-        g = {s, j, (j == 0 && nf > 0) ? nf : 1, false};
-        j += g.n;
-        if (j == nb) {
-          g.last_of_stage = true;
-          j = 0;
-          ++t;
-          ++it;
-        }
-        return true;
-      };
-      auto issue = [&](float* T, const Group& g) {
-        issue_group(T, smem_desc(tiles_a + g.stage * kTileBytes + wg * 64 * kBK), smem_desc(tiles_w + g.stage * kTileBytes),
-                    g.j0, g.n);
-      };
-      auto finish = [&](const float* T, const Group& g) {
-        promote(acc, T, fac_a + g.stage * (kFactorBytes / 4), fac_w + g.stage * (kFactorBytes / 4), g.j0, row0, lane);
-        if (g.last_of_stage) release(g.stage);
-      };
-      Group g0, g1;
-      fetch(g0);  // K >= 32: at least one group
-      issue(tmp, g0);
-      for (;;) {
-        if (!fetch(g1)) {
-          wgmma_wait0();
-          finish(tmp, g0);
-          break;
-        }
-        issue(tmp2, g1);
-        wgmma_wait1();  // g0 is done; g1 may still run
-        finish(tmp, g0);
-        if (!fetch(g0)) {
-          wgmma_wait0();
-          finish(tmp2, g1);
-          break;
-        }
-        issue(tmp, g0);
-        wgmma_wait1();
-        finish(tmp2, g1);
+    for (int t = 0; t < ktiles; ++t, ++it) {
+      const int s = it % kStages;
+      mbar_wait(&full[s], (it / kStages) & 1);
+      const int nb = min(4, nblk - 4 * t);
+      const int nf = folded_blocks_in_tile(t, nblk, k8b);
+      const uint64_t da = smem_desc(tiles_a + s * kTileBytes + wg * 64 * kBK);
+      const uint64_t db = smem_desc(tiles_w + s * kTileBytes);
+      const float* fa = fac_a + s * (kFactorBytes / 4);
+      const float* fw = fac_w + s * (kFactorBytes / 4);
+      int j = 0;
+      if (nf > 0) {
+        run_group(acc, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
+        j = nf;
       }
-    } else {
-      for (int t = 0; t < ktiles; ++t, ++it) {
-        const int s = it % kStages;
-        mbar_wait(&full[s], (it / kStages) & 1);
-        const int nb = min(4, nblk - 4 * t);
-        const int nf = folded_blocks_in_tile(t, nblk, k8b);
-        const uint64_t da = smem_desc(tiles_a + s * kTileBytes + wg * 64 * kBK);
-        const uint64_t db = smem_desc(tiles_w + s * kTileBytes);
-        const float* fa = fac_a + s * (kFactorBytes / 4);
-        const float* fw = fac_w + s * (kFactorBytes / 4);
-        int j = 0;
-        if (nf > 0) {
-          run_group(acc, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
-          j = nf;
-        }
-        for (; j < nb; ++j) run_group(acc, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
-        release(s);
-      }
+      for (; j < nb; ++j) run_group(acc, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);
     }
 
 #pragma unroll
@@ -365,26 +294,22 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
   static std::once_flag once;
   static cudaError_t attr = cudaSuccess;
   std::call_once(once, [] {
-    for (const void* f : {reinterpret_cast<const void*>(gemm_fp8_kernel<Fp8Schedule::Alternating>),
-                          reinterpret_cast<const void*>(gemm_fp8_kernel<Fp8Schedule::Concurrent>),
-                          reinterpret_cast<const void*>(gemm_fp8_kernel<Fp8Schedule::Pipelined>)})
-      if (attr == cudaSuccess) attr = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    attr = cudaFuncSetAttribute(gemm_fp8_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (attr == cudaSuccess)
+      attr = cudaFuncSetAttribute(gemm_fp8_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   });
   if (attr != cudaSuccess) return attr;
   const int64_t num_tiles = ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(num_tiles, device_sm_count())));
   if (schedule == Fp8Schedule::Auto) schedule = plan.p8 > 0 ? Fp8Schedule::Concurrent : Fp8Schedule::Alternating;
-  const int m = static_cast<int>(M), n = static_cast<int>(N), nblk = plan.blocks(), b8 = plan.first_fp8_block();
-  switch (schedule) {
-    case Fp8Schedule::Alternating:
-      gemm_fp8_kernel<Fp8Schedule::Alternating><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, m, n, nblk, b8);
-      break;
-    case Fp8Schedule::Pipelined:
-      gemm_fp8_kernel<Fp8Schedule::Pipelined><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, m, n, nblk, b8);
-      break;
-    default:
-      gemm_fp8_kernel<Fp8Schedule::Concurrent><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, m, n, nblk, b8);
-  }
+  if (schedule == Fp8Schedule::Alternating)
+    gemm_fp8_kernel<true><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M),
+                                                                  static_cast<int>(N), plan.blocks(),
+                                                                  plan.first_fp8_block());
+  else
+    gemm_fp8_kernel<false><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M),
+                                                                   static_cast<int>(N), plan.blocks(),
+                                                                   plan.first_fp8_block());
   return cudaGetLastError();
 }
 

@@ -77,10 +77,8 @@ cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, 
 // warpgroups of a CTA either take turns issuing their MMAs (Alternating: one promotes
 // while the other's MMAs run) or issue them as they come (Concurrent).
 // Auto: Concurrent when the plan has an MXFP8 part (many small groups), Alternating otherwise
-// (measured on H100: bench/results/h100). Pipelined: each warpgroup issues a group's MMAs
-// into a second temporary before promoting the previous group (two temporaries: the
-// consumers take the producer's registers with setmaxnreg).
-enum class Fp8Schedule { Auto, Alternating, Concurrent, Pipelined };
+// (measured on H100: bench/results/h100).
+enum class Fp8Schedule { Auto, Alternating, Concurrent };
 cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                         cudaStream_t stream, Fp8Schedule schedule = Fp8Schedule::Auto);
 

@@ -326,13 +326,12 @@ GemmResult compare(const std::vector<uint16_t>& y, const std::vector<double>& r,
   return g;
 }
 
-enum class Path { Reference, Fp8, Fp8Concurrent, Fp8Pipelined, Decode, DecodeCudaCores, DecodeTensorCores };
+enum class Path { Reference, Fp8, Fp8Concurrent, Decode, DecodeCudaCores, DecodeTensorCores };
 const char* path_name(Path p) {
   switch (p) {
     case Path::Reference: return "reference";
     case Path::Fp8: return "fp8";
     case Path::Fp8Concurrent: return "fp8-concurrent";
-    case Path::Fp8Pipelined: return "fp8-pipelined";
     case Path::Decode: return "decode";
     case Path::DecodeCudaCores: return "decode-cuda-cores";
     default: return "decode-tensor-cores";
@@ -346,8 +345,6 @@ cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, in
     case Path::Fp8: return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Alternating);
     case Path::Fp8Concurrent:
       return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Concurrent);
-    case Path::Fp8Pipelined:
-      return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Pipelined);
     case Path::Decode: return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr);
     case Path::DecodeCudaCores:
       return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::CudaCores);
@@ -406,13 +403,13 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   reference(ha, hw, r, s, n_lossy > 0 ? &tt : nullptr);
   DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
   DeviceBuffer<float> ws(static_cast<size_t>(std::min<int64_t>(M, kDecodeMaxM)) * N);
-  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Fp8Pipelined, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
     if (is_decode(p) && M > kDecodeMaxM) continue;
     CK(cudaMemset(y.ptr, 0xFF, y.count * 2));  // NaN poison
     CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
     CK(cudaDeviceSynchronize());
     const auto yh = y.download();
-    const bool fp8 = p == Path::Fp8 || p == Path::Fp8Concurrent || p == Path::Fp8Pipelined;
+    const bool fp8 = p == Path::Fp8 || p == Path::Fp8Concurrent;
     const GemmResult g = compare(yh, r, s, std::ldexp(1.0, -10), n_lossy > 0 && fp8 ? &tt : nullptr);
     std::printf("  [%s] M=%lld N=%lld K=%d plan=%d/%d/%d%s: max err/bound %.3g, rel norm err %.3g, lossy %llu\n",
                 path_name(p), static_cast<long long>(M), static_cast<long long>(N), K, c.plan.p4, c.plan.p6, c.plan.p8,
@@ -476,7 +473,7 @@ TEST(MxGemm, SmallNanPropagation) {
   CK(fold_operand(W.segments(), N, plan, W.folded(), nullptr, nullptr));
   DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
   DeviceBuffer<float> ws(static_cast<size_t>(M) * N);
-  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Fp8Pipelined, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
     CK(cudaMemset(y.ptr, 0, y.count * 2));
     CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
     CK(cudaDeviceSynchronize());
