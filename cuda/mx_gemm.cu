@@ -110,10 +110,15 @@ __global__ void __launch_bounds__(128) gemm_ref_kernel(MxSegments A, MxSegments 
 // FP8 tensor-core path (sm_90a)
 // ---------------------------------------------------------------------------------
 
-constexpr int kBM = 128, kBN = 128, kBK = 128, kStages = 5;
-constexpr int kTileBytes = kBM * kBK;           // one E4M3 tile of A or W
-constexpr int kFactorBytes = kBM * 4 * 4;       // fp32 factors [128 rows][4 blocks]
-constexpr int kStageBytes = 2 * kTileBytes + 2 * kFactorBytes;
+// CTA tile 128 x 256: each consumer warpgroup owns 64 rows and both 128-column halves
+// (two m64n128 MMAs per k32 step, promoted one half at a time: 128 accumulators plus a
+// 64-register temporary, hence the register split below).
+constexpr int kBM = 128, kBN = 256, kBK = 128, kStages = 4;
+constexpr int kTileBytesA = kBM * kBK;           // E4M3 tiles
+constexpr int kTileBytesW = kBN * kBK;
+constexpr int kFactorBytesA = kBM * 4 * 4;       // fp32 factors [rows][4 blocks]
+constexpr int kFactorBytesW = kBN * 4 * 4;
+constexpr int kStageBytes = kTileBytesA + kTileBytesW + kFactorBytesA + kFactorBytesW;
 constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 2 * kStages * 8;
 constexpr int kThreads = 384;  // warpgroup 0: producer; 1 and 2: consumers
 
@@ -155,7 +160,7 @@ __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, u
   wgmma_wait0();
   const float a0 = fa[row0 * 4 + j0], a1 = fa[(row0 + 8) * 4 + j0];
 #pragma unroll
-  for (int jj = 0; jj < kBN / 8; ++jj) {
+  for (int jj = 0; jj < 128 / 8; ++jj) {  // one m64n128 half
     const int c = jj * 8 + 2 * (lane % 4);
     const float w0 = fw[c * 4 + j0], w1 = fw[(c + 1) * 4 + j0];
     acc[4 * jj + 0] = fmaf(tmp[4 * jj + 0], a0 * w0, acc[4 * jj + 0]);
@@ -173,9 +178,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* tiles_a = base;
-  uint8_t* tiles_w = base + kStages * kTileBytes;
-  float* fac_a = reinterpret_cast<float*>(base + 2 * kStages * kTileBytes);
-  float* fac_w = reinterpret_cast<float*>(base + 2 * kStages * kTileBytes + kStages * kFactorBytes);
+  uint8_t* tiles_w = tiles_a + kStages * kTileBytesA;
+  float* fac_a = reinterpret_cast<float*>(tiles_w + kStages * kTileBytesW);
+  float* fac_w = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(fac_a) + kStages * kFactorBytesA);
   uint64_t* full = reinterpret_cast<uint64_t*>(base + kStages * kStageBytes);
   uint64_t* empty = full + kStages;
   // Persistent CTAs: output tiles blockIdx.x, + gridDim.x, ... (N-tile index fastest, so
@@ -195,6 +200,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (threadIdx.x < 128) {  // producer warpgroup: one thread issues all copies
+    setmaxnreg_dec<40>();   // its registers go to the consumers
     if (threadIdx.x == 0) {
       int it = 0;  // k-tiles issued by this CTA so far
       for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
@@ -203,54 +209,58 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int s = it % kStages;
           if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) - 1) & 1);
           mbar_expect_tx(&full[s], kStageBytes);
-          tma_load_2d(tiles_a + s * kTileBytes, &map_a, &full[s], t * kBK, m0);
-          tma_load_2d(tiles_w + s * kTileBytes, &map_w, &full[s], t * kBK, n0);
-          tma_load_2d(reinterpret_cast<uint8_t*>(fac_a) + s * kFactorBytes, &map_fa, &full[s], t * 4, m0);
-          tma_load_2d(reinterpret_cast<uint8_t*>(fac_w) + s * kFactorBytes, &map_fw, &full[s], t * 4, n0);
+          tma_load_2d(tiles_a + s * kTileBytesA, &map_a, &full[s], t * kBK, m0);
+          tma_load_2d(tiles_w + s * kTileBytesW, &map_w, &full[s], t * kBK, n0);
+          tma_load_2d(reinterpret_cast<uint8_t*>(fac_a) + s * kFactorBytesA, &map_fa, &full[s], t * 4, m0);
+          tma_load_2d(reinterpret_cast<uint8_t*>(fac_w) + s * kFactorBytesW, &map_fw, &full[s], t * 4, n0);
         }
       }
     }
     return;
   }
 
+  setmaxnreg_inc<232>();
   const int wg = threadIdx.x / 128 - 1;
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
   const int row0 = wg * 64 + warp * 16 + lane / 4;  // this thread's first row in the CTA tile
-  float acc[64], tmp[64];
+  float acc[2 * 64], tmp[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) tmp[i] = 0.0f;
   const int folded_blocks = min(k8b, nblk);
   const int groups_per_tile = (folded_blocks + 3) / 4 + (nblk - folded_blocks);
   const int my_tiles = (num_tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
-  Turn turn{kAlternate, wg, 0, groups_per_tile * my_tiles};
+  Turn turn{kAlternate, wg, 0, 2 * groups_per_tile * my_tiles};  // two halves per group
   const bool pair_ok = (N % 2) == 0;
 
   int it = 0;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < 2 * 64; ++i) acc[i] = 0.0f;
     for (int t = 0; t < ktiles; ++t, ++it) {
       const int s = it % kStages;
       mbar_wait(&full[s], (it / kStages) & 1);
       const int nb = min(4, nblk - 4 * t);
       const int nf = folded_blocks_in_tile(t, nblk, k8b);
-      const uint64_t da = smem_desc(tiles_a + s * kTileBytes + wg * 64 * kBK);
-      const uint64_t db = smem_desc(tiles_w + s * kTileBytes);
-      const float* fa = fac_a + s * (kFactorBytes / 4);
-      const float* fw = fac_w + s * (kFactorBytes / 4);
-      int j = 0;
-      if (nf > 0) {
-        run_group(acc, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
-        j = nf;
+      const uint64_t da = smem_desc(tiles_a + s * kTileBytesA + wg * 64 * kBK);
+      const float* fa = fac_a + s * (kFactorBytesA / 4);
+      for (int h = 0; h < 2; ++h) {  // column halves [128h, 128h + 128)
+        const uint64_t db = smem_desc(tiles_w + s * kTileBytesW + h * 128 * kBK);
+        const float* fw = fac_w + s * (kFactorBytesW / 4) + h * 128 * 4;
+        float* acc_h = acc + 64 * h;
+        int j = 0;
+        if (nf > 0) {
+          run_group(acc_h, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
+          j = nf;
+        }
+        for (; j < nb; ++j) run_group(acc_h, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
       }
-      for (; j < nb; ++j) run_group(acc, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);
     }
 
 #pragma unroll
-    for (int jj = 0; jj < kBN / 8; ++jj) {
+    for (int jj = 0; jj < kBN / 8; ++jj) {  // the two halves back to back: column n0 + 8 jj + ...
       const int col = n0 + jj * 8 + 2 * (lane % 4);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {

@@ -85,6 +85,10 @@ template <int kId> void named_bar_arrive() {
 inline void wgmma_fence() {}
 inline void wgmma_commit() {}
 inline void wgmma_wait0() {}
+template <int kRegs>
+inline void setmaxnreg_inc() {}
+template <int kRegs>
+inline void setmaxnreg_dec() {}
 inline void wgmma_m64n128k32_e4m3(float* d, uint64_t da, uint64_t db, int scale_d) {
   using namespace micromix::mx;
   const unsigned char* s = emu::smem.data();
