@@ -102,15 +102,18 @@ def main():
     cmd = " ".join(["python3"] + sys.argv)
     os.makedirs(args.out, exist_ok=True)
     meta = {"command": cmd, "device": dev, "date": date, "torch": torch.__version__}
-    with open(os.path.join(args.out, "torch_gemm_baseline.json"), "w") as f:
+    json_path, md_path = (os.path.join(args.out, "torch_gemm_baseline." + ext) for ext in ("json", "md"))
+    with open(json_path + ".tmp", "w") as f:  # temporary names, renamed when complete
         json.dump({**meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, "torch_gemm_baseline.md"), "w") as f:
+    with open(md_path + ".tmp", "w") as f:
         f.write(f"# PyTorch GEMM baselines\n\n- command: `{cmd}`\n- device: {dev}\n- date: {date}\n"
                 f"- torch {torch.__version__}\n\n| layer | kernel | M | N | K | us | TFLOP/s | GB/s |\n"
                 "|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['layer']} | {r['kernel']} | {r['m']} | {r['n']} | {r['k']} | {r['us']:.2f} | "
                     f"{r['tflops']:.1f} | {r['gbs']:.0f} |\n")
+    os.replace(json_path + ".tmp", json_path)
+    os.replace(md_path + ".tmp", md_path)
 
 
 if __name__ == "__main__":
