@@ -5,10 +5,11 @@
 // and multiplied with the bf16 tensor cores (wmma 16x16x16, fp32 accumulation).
 //
 // mx_gemm_fp8: the fast path on folded E4M3 operands (see mx_quant.cu and
-// docs/kernels.md): TMA loads with 128-byte swizzle into a 5-stage shared-memory ring,
-// one producer warp, two consumer warpgroups each issuing wgmma m64n128k32 (FP8) into a
-// temporary accumulator, promoted into the fp32 result once per 128-K tile (times the
-// two operands' factors, exact powers of two) and once per 32-block in the MXFP8 part.
+// docs/kernels.md): 128x256 CTA tiles, TMA loads with 128-byte swizzle into a 4-stage
+// shared-memory ring, one producer thread, two consumer warpgroups each issuing wgmma
+// m64n128k32 (FP8) for each 128-column half into a temporary accumulator, promoted into
+// the fp32 result once per 128-K tile (times the two operands' factors, exact powers of
+// two) and once per 32-block in the MXFP8 part.
 #include <mma.h>
 #include <cuda_bf16.h>
 
