@@ -255,7 +255,6 @@ struct LaneSegment {
   const uint8_t* ws[kTcRowTiles][2];  // row scales at the segment's first block
   const uint8_t* a[NT];               // token codes (nullptr: absent token)
   const uint8_t* as[NT][2];           // token scales of columns 2t, 2t+1 (nullptr: absent)
-  int first;  // the segment's first block in K
 };
 
 // Blocks whose loads a warp issues together (fewer with two token tiles: registers).
@@ -335,8 +334,7 @@ __device__ __forceinline__ LaneSegment<NT> lane_segment(const MxSegments& A, con
   const int first = s == 0 ? 0 : s == 1 ? plan.first_fp6_block() : plan.first_fp8_block();
   const int nblk = plan.blocks();
   LaneSegment<NT> seg;
-  seg.first = first;
-  #pragma unroll
+#pragma unroll
   for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
