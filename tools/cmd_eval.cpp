@@ -26,12 +26,13 @@ int run_eval(const ParsedArgs& args) {
   }
   const int64_t limit = args.integer("limit");
   const std::string data_dir = eval::resolve_data_dir(args.given("data") ? args.str("data") : "");
+  device_from_args(args);  // a bad --device fails before the model loads
   LoadedModel m = load_model_from_args(args);
   const model::Tokenizer& tok = *m.tokenizer;
   const int32_t prefix = tok.bos() >= 0 ? tok.bos() : tok.eos();
-  eval::CpuLanguageModel lm(
-      m.weights, [&](std::string_view text) { return tok.encode(text, false); }, prefix,
-      quant::activation_quantizer(m.quant), static_cast<int>(args.integer("max-length")));
+  eval::RuntimeLanguageModel lm([&](int context) { return make_runtime(m, args, context); },
+                               [&](std::string_view text) { return tok.encode(text, false); }, prefix,
+                               static_cast<int>(args.integer("max-length")));
   nlohmann::json out = eval::run_tasks(lm, tasks, data_dir, limit, [&](const std::string& task, size_t done, size_t total) {
     char line[160];
     std::snprintf(line, sizeof line, "eval: %-14s %zu/%zu requests", task.c_str(), done, total);
@@ -40,6 +41,7 @@ int run_eval(const ParsedArgs& args) {
   progress_done();
   out["model"] = m.path;
   out["quant"] = quant::quant_mode_name(m.quant.mode);
+  out["device"] = args.str("device");
   out["scale_rule"] = mx::scale_rule_name(m.quant.rule);
   out["weight_bits"] = m.weight_bits;
   if (args.given("output")) write_file_atomic(args.str("output"), out.dump(2) + "\n");
@@ -60,6 +62,7 @@ int run_eval(const ParsedArgs& args) {
 
 std::vector<OptionSpec> eval_options() {
   auto o = model_options();
+  o.push_back(device_option());
   o.insert(o.end(), {{"tasks", "LIST", "lambada_openai,piqa,arc_easy,arc_challenge,winogrande", "comma-separated tasks"},
                      {"limit", "N", "-1", "first N documents per task (-1: all)"},
                      {"data", "DIR", "", "data folder (default: $MICROMIX_DATA or shared/data beside the tree)"},

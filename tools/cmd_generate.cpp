@@ -41,6 +41,7 @@ int run_generate(const ParsedArgs& args) {
   if (max_tokens <= 0) throw UsageError("--max-tokens must be positive");
   if (temperature < 0) throw UsageError("--temperature must be >= 0");
   if (!(top_p > 0 && top_p <= 1)) throw UsageError("--top-p must be in (0, 1]");
+  device_from_args(args);  // a bad --device fails before the model loads
   LoadedModel m = load_model_from_args(args);
   const model::Tokenizer& tok = *m.tokenizer;
   const bool chat = !args.flag("raw") && !tok.spec().chat_template.empty();
@@ -54,8 +55,8 @@ int run_generate(const ParsedArgs& args) {
   const std::vector<int32_t> prompt_ids = tok.encode(prompt, !chat);
   const int context = static_cast<int>(std::min<int64_t>(prompt_ids.size() + max_tokens, m.weights.config.context));
   if (static_cast<int64_t>(prompt_ids.size()) >= context) throw std::runtime_error("the prompt fills the model's context");
-  model::CpuRuntime rt(m.weights, context);
-  rt.set_linear_input_hook(quant::activation_quantizer(m.quant));
+  const auto runtime = make_runtime(m, args, context);
+  model::Runtime& rt = *runtime;
   std::mt19937_64 rng(static_cast<uint64_t>(args.integer("seed")));
   std::vector<float> logits(m.weights.config.vocab);
   const int32_t im_end = tok.token_id("<|im_end|>");
@@ -89,6 +90,7 @@ int run_generate(const ParsedArgs& args) {
   if (json) {
     std::cout << nlohmann::json{{"model", m.path},
                                 {"quant", quant::quant_mode_name(m.quant.mode)},
+                                {"device", args.str("device")},
                                 {"prompt_tokens", prompt_ids.size()},
                                 {"generated_tokens", out.size()},
                                 {"text", text},
@@ -109,6 +111,7 @@ int run_generate(const ParsedArgs& args) {
 
 std::vector<OptionSpec> generate_options() {
   auto o = model_options();
+  o.push_back(device_option());
   o.insert(o.end(), {{"prompt", "TEXT", "", "the user message (or raw text with --raw)"},
                      {"system", "TEXT", "", "system message for chat models"},
                      {"max-tokens", "N", "256", "tokens to generate at most"},

@@ -17,12 +17,12 @@ int run_ppl(const ParsedArgs& args) {
   if (seqlen < 2 || seqlen > 1 << 20) throw UsageError("--seqlen must be between 2 and 1048576");
   if (max_windows < 0) throw UsageError("--max-windows must be >= 0 (0: all)");
   const std::string text = read_file(args.str("text"));
+  device_from_args(args);  // a bad --device fails before the model loads
   LoadedModel m = load_model_from_args(args);
   const bool json = args.flag("json");
   const std::vector<int32_t> tokens = m.tokenizer->encode(text, true);
-  model::CpuRuntime runtime(m.weights, static_cast<int>(seqlen));
-  runtime.set_linear_input_hook(quant::activation_quantizer(m.quant));
-  const auto r = eval::perplexity(runtime, tokens, static_cast<int>(seqlen), static_cast<int>(max_windows),
+  const auto runtime = make_runtime(m, args, static_cast<int>(seqlen));
+  const auto r = eval::perplexity(*runtime, tokens, static_cast<int>(seqlen), static_cast<int>(max_windows),
                                   [&](const eval::PerplexityResult& p, int total) {
                                     char line[160];
                                     std::snprintf(line, sizeof line, "ppl: window %d/%d  ppl %.4f  %.1f s  (%.0f tok/s)",
@@ -34,6 +34,7 @@ int run_ppl(const ParsedArgs& args) {
   nlohmann::json out = {{"model", m.path},
                         {"text", args.str("text")},
                         {"quant", quant::quant_mode_name(m.quant.mode)},
+                        {"device", args.str("device")},
                         {"scale_rule", mx::scale_rule_name(m.quant.rule)},
                         {"weight_bits", m.weight_bits},
                         {"ppl", r.ppl},
@@ -49,8 +50,8 @@ int run_ppl(const ParsedArgs& args) {
   if (json) {
     std::cout << out.dump(2) << "\n";
   } else {
-    std::printf("perplexity %.4f  (%s, %d windows of %lld tokens, %lld predicted tokens, %.1f s, %.2f bits/weight)\n",
-                r.ppl, quant::quant_mode_name(m.quant.mode), r.windows, static_cast<long long>(seqlen),
+    std::printf("perplexity %.4f  (%s on %s, %d windows of %lld tokens, %lld predicted tokens, %.1f s, %.2f bits/weight)\n",
+                r.ppl, quant::quant_mode_name(m.quant.mode), args.str("device").c_str(), r.windows, static_cast<long long>(seqlen),
                 static_cast<long long>(r.predicted_tokens), r.seconds, m.weight_bits);
   }
   return 0;
@@ -58,6 +59,7 @@ int run_ppl(const ParsedArgs& args) {
 
 std::vector<OptionSpec> ppl_options() {
   auto o = model_options();
+  o.push_back(device_option());
   o.insert(o.end(), {{"text", "FILE", "", "text to score (the whole file is tokenized at once)"},
                      {"seqlen", "N", "2048", "window length in tokens"},
                      {"max-windows", "N", "0", "score at most N windows (0: all)"},

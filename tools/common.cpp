@@ -12,6 +12,10 @@
 #include "micromix/mx/tensor.h"
 #include "micromix/quant/checkpoint.h"
 
+#ifdef MICROMIX_HAVE_CUDA
+#include "gpu_runtime.h"
+#endif
+
 namespace micromix::cli {
 
 std::vector<OptionSpec> model_options() {
@@ -72,6 +76,31 @@ LoadedModel load_model_from_args(const ParsedArgs& args, bool need_quant) {
   }
   m.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return m;
+}
+
+OptionSpec device_option() {
+  return {"device", "D", "cpu", "cpu, or cuda (Hopper GPU; modes bf16, micromix, mxfp8, mxfp6, mxfp4)"};
+}
+
+std::string device_from_args(const ParsedArgs& args) {
+  const std::string d = args.str("device");
+  if (d != "cpu" && d != "cuda") throw UsageError("unknown --device '" + d + "' (cpu or cuda)");
+#ifndef MICROMIX_HAVE_CUDA
+  if (d == "cuda") throw UsageError("this micromix was built without CUDA (nvcc was not found at build time)");
+#endif
+  return d;
+}
+
+std::unique_ptr<model::Runtime> make_runtime(const LoadedModel& m, const ParsedArgs& args, int context) {
+  if (device_from_args(args) == "cuda") {
+#ifdef MICROMIX_HAVE_CUDA
+    if (!cuda::gpu_available()) throw std::runtime_error("--device cuda: no Hopper (compute capability 9.0) GPU found");
+    return std::make_unique<cuda::GpuRuntime>(m.weights, m.quant, context, 1);
+#endif
+  }
+  auto rt = std::make_unique<model::CpuRuntime>(m.weights, context);
+  rt->set_linear_input_hook(quant::activation_quantizer(m.quant));
+  return rt;
 }
 
 double peak_memory_mib() {

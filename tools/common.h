@@ -27,6 +27,14 @@ struct LoadedModel {
 // Loads the model and its tokenizer, applies --threads and the weight side of --quant.
 LoadedModel load_model_from_args(const ParsedArgs& args, bool need_quant = true);
 
+// The runtime named by --device (cpu or cuda) for this model, with the activation side
+// of its quantization mode; context: the longest sequence it will hold.
+std::unique_ptr<model::Runtime> make_runtime(const LoadedModel& m, const ParsedArgs& args, int context);
+// --device cpu|cuda, for the commands that run on either.
+OptionSpec device_option();
+// "cpu" or "cuda", checked.
+std::string device_from_args(const ParsedArgs& args);
+
 // Peak resident memory of this process in MiB.
 double peak_memory_mib();
 

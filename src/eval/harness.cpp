@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <stdexcept>
 
@@ -88,18 +89,27 @@ std::pair<std::vector<int32_t>, std::vector<int32_t>> encode_pair(const EncodeFn
   return {std::move(ctx), std::move(cont)};
 }
 
-CpuLanguageModel::CpuLanguageModel(const model::ModelWeights& weights, EncodeFn encode, int32_t prefix_token,
-                                   model::LinearInputHook hook, int max_length, bool share_prefix)
-    : weights_(weights),
+RuntimeLanguageModel::RuntimeLanguageModel(RuntimeFactory make_runtime, EncodeFn encode, int32_t prefix_token,
+                                           int max_length, bool share_prefix)
+    : make_runtime_(std::move(make_runtime)),
       encode_(std::move(encode)),
       prefix_token_(prefix_token),
-      hook_(std::move(hook)),
       max_length_(max_length),
       share_prefix_(share_prefix) {
   if (max_length_ <= 0) throw std::invalid_argument("max length must be positive");
 }
 
-std::vector<LoglikelihoodResult> CpuLanguageModel::loglikelihood(const std::vector<LoglikelihoodRequest>& requests,
+CpuLanguageModel::CpuLanguageModel(const model::ModelWeights& weights, EncodeFn encode, int32_t prefix_token,
+                                   model::LinearInputHook hook, int max_length, bool share_prefix)
+    : RuntimeLanguageModel(
+          [&weights, hook = std::move(hook)](int max_context) {
+            auto rt = std::make_unique<model::CpuRuntime>(weights, max_context);
+            if (hook) rt->set_linear_input_hook(hook);
+            return std::unique_ptr<model::Runtime>(std::move(rt));
+          },
+          std::move(encode), prefix_token, max_length, share_prefix) {}
+
+std::vector<LoglikelihoodResult> RuntimeLanguageModel::loglikelihood(const std::vector<LoglikelihoodRequest>& requests,
                                                                  ProgressFn progress) {
   std::vector<std::pair<std::vector<int32_t>, std::vector<int32_t>>> tokenized;
   tokenized.reserve(requests.size());
@@ -107,10 +117,9 @@ std::vector<LoglikelihoodResult> CpuLanguageModel::loglikelihood(const std::vect
   return loglikelihood_tokens(tokenized, std::move(progress));
 }
 
-std::vector<LoglikelihoodResult> CpuLanguageModel::loglikelihood_tokens(
+std::vector<LoglikelihoodResult> RuntimeLanguageModel::loglikelihood_tokens(
     const std::vector<std::pair<std::vector<int32_t>, std::vector<int32_t>>>& requests, ProgressFn progress) {
   const int64_t max_len = max_length_;
-  const int64_t vocab = weights_.config.vocab;
   struct Prepared {
     std::vector<int32_t> inp;     // model input: (context + continuation)[-(max_len + 1):][:-1]
     std::vector<int32_t> target;  // the continuation tokens, scored by the last target.size() rows
@@ -136,14 +145,11 @@ std::vector<LoglikelihoodResult> CpuLanguageModel::loglikelihood_tokens(
     std::stable_sort(order.begin(), order.end(),
                      [&](size_t a, size_t b) { return prepared[a].inp < prepared[b].inp; });
 
-  if (!runtime_) {
-    runtime_ = std::make_unique<model::CpuRuntime>(weights_, static_cast<int>(max_len));
-    if (hook_) runtime_->set_linear_input_hook(hook_);
-  }
-  model::CpuRuntime& runtime = *runtime_;
+  if (!runtime_) runtime_ = make_runtime_(static_cast<int>(max_len));
+  model::Runtime& runtime = *runtime_;
   runtime.reset();
   std::vector<int32_t> cached;  // the tokens whose keys and values the runtime holds
-  std::vector<float> logits;
+  std::vector<double> logprob;
   std::vector<LoglikelihoodResult> results(requests.size());
   last_tokens_run_ = 0;
   size_t done = 0;
@@ -158,27 +164,14 @@ std::vector<LoglikelihoodResult> CpuLanguageModel::loglikelihood_tokens(
     }
     runtime.truncate(static_cast<int>(keep));
     const std::span<const int32_t> suffix(p.inp.data() + keep, p.inp.size() - keep);
-    logits.resize(n_scored * static_cast<size_t>(vocab));
-    runtime.forward_last(suffix, logits.data(), static_cast<int64_t>(n_scored));
+    logprob.resize(n_scored);
+    const auto greedy = std::make_unique<bool[]>(n_scored);
+    runtime.score(suffix, p.target, logprob.data(), greedy.get());
     last_tokens_run_ += static_cast<int64_t>(suffix.size());
     cached = p.inp;
-
-    double total = 0.0;
-    bool greedy = true;
-    for (size_t t = 0; t < n_scored; ++t) {
-      const float* row = logits.data() + t * static_cast<size_t>(vocab);
-      int64_t arg = 0;
-      for (int64_t v = 1; v < vocab; ++v)
-        if (row[v] > row[arg]) arg = v;
-      const double mx = row[arg];
-      double sum = 0.0;
-      for (int64_t v = 0; v < vocab; ++v) sum += std::exp(double(row[v]) - mx);
-      const int32_t tok = p.target[t];
-      if (tok < 0 || tok >= vocab) throw std::out_of_range("token id " + std::to_string(tok) + " outside the vocabulary");
-      total += double(row[tok]) - mx - std::log(sum);
-      if (arg != tok) greedy = false;
-    }
-    results[idx] = {total, greedy};
+    const double total = std::accumulate(logprob.begin(), logprob.end(), 0.0);
+    const bool all_greedy = std::all_of(greedy.get(), greedy.get() + n_scored, [](bool g) { return g; });
+    results[idx] = {total, all_greedy};
     ++done;
     if (progress) progress(done, requests.size());
   }

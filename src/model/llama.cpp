@@ -67,7 +67,9 @@ void linear_forward(const Linear& lin, const float* x, int64_t rows, float* y, b
       for (int64_t o = 0; o < lin.out; ++o) y[r * lin.out + o] += lin.bias[o];
 }
 
-std::vector<float> rope_frequencies(const ModelConfig& c) {
+}  // namespace
+
+std::vector<float> rope_inv_frequencies(const ModelConfig& c) {
   const int half = c.head_dim / 2;
   std::vector<float> inv(half);
   for (int i = 0; i < half; ++i) {
@@ -88,6 +90,8 @@ std::vector<float> rope_frequencies(const ModelConfig& c) {
   }
   return inv;
 }
+
+namespace {
 
 void apply_rope(float* v, int head_dim, bool neox, const float* inv_freq, int position) {
   const int half = head_dim / 2;
@@ -111,7 +115,7 @@ CpuRuntime::CpuRuntime(const ModelWeights& weights, int max_context) : w_(weight
   const size_t per_layer = static_cast<size_t>(c.n_kv_heads) * max_context * c.head_dim;
   k_cache_.assign(per_layer * c.n_layers, 0.0f);
   v_cache_.assign(per_layer * c.n_layers, 0.0f);
-  rope_inv_freq_ = rope_frequencies(c);
+  rope_inv_freq_ = rope_inv_frequencies(c);
 }
 
 CpuRuntime::~CpuRuntime() = default;
@@ -166,9 +170,36 @@ void CpuRuntime::truncate(int position) {
   position_ = position;
 }
 
-void CpuRuntime::forward(std::span<const int32_t> tokens, float* logits, bool all_logits) {
+void Runtime::forward(std::span<const int32_t> tokens, float* logits, bool all_logits) {
   const int64_t n = static_cast<int64_t>(tokens.size());
   forward_last(tokens, logits, logits ? (all_logits ? n : std::min<int64_t>(n, 1)) : 0);
+}
+
+void check_token_ids(std::span<const int32_t> tokens, int vocab) {
+  for (const int32_t t : tokens)
+    if (t < 0 || t >= vocab) throw std::out_of_range("token id " + std::to_string(t) + " outside the vocabulary");
+}
+
+void Runtime::score(std::span<const int32_t> tokens, std::span<const int32_t> targets, double* logprob, bool* greedy) {
+  const int vocab = config().vocab;
+  const int64_t last = static_cast<int64_t>(targets.size());
+  if (last > static_cast<int64_t>(tokens.size()))
+    throw std::out_of_range(std::to_string(last) + " targets for " + std::to_string(tokens.size()) + " tokens");
+  check_token_ids(targets, vocab);
+  std::vector<float> logits(static_cast<size_t>(last) * vocab);
+  forward_last(tokens, logits.data(), last);
+#pragma omp parallel for schedule(static) if (last > 1)
+  for (int64_t t = 0; t < last; ++t) {
+    const float* row = logits.data() + t * vocab;
+    int arg = 0;
+    for (int v = 1; v < vocab; ++v)
+      if (row[v] > row[arg]) arg = v;
+    const double mx = row[arg];
+    double sum = 0.0;
+    for (int v = 0; v < vocab; ++v) sum += std::exp(double(row[v]) - mx);
+    logprob[t] = double(row[targets[t]]) - mx - std::log(sum);
+    greedy[t] = arg == targets[t];
+  }
 }
 
 void CpuRuntime::forward_last(std::span<const int32_t> tokens, float* logits, int64_t last) {
@@ -183,9 +214,8 @@ void CpuRuntime::forward_last(std::span<const int32_t> tokens, float* logits, in
   const int64_t H = c.hidden, q_dim = c.q_dim(), kv_dim = c.kv_dim(), F = c.ffn;
   const int64_t qkv_dim = q_dim + 2 * kv_dim;
   std::vector<float> x(n * H), xn(n * H), qkv(n * qkv_dim), attn(n * q_dim), gate_up(n * 2 * F), act(n * F);
+  check_token_ids(tokens, c.vocab);
   for (int64_t t = 0; t < n; ++t) {
-    if (tokens[t] < 0 || tokens[t] >= c.vocab)
-      throw std::out_of_range("token id " + std::to_string(tokens[t]) + " outside the vocabulary");
     std::copy_n(w_.token_embedding.data() + static_cast<int64_t>(tokens[t]) * H, H, x.data() + t * H);
   }
   const size_t per_layer = static_cast<size_t>(c.n_kv_heads) * max_context_ * c.head_dim;

@@ -30,6 +30,7 @@
 
 #include "micromix/mx/fold.h"
 #include "micromix/mx/tensor.h"
+#include "kernel_test_util.h"
 #include "mx_host.h"
 #include "mx_kernels.h"
 
@@ -38,30 +39,7 @@ using namespace micromix::cuda;
 
 namespace {
 
-bool have_gpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define REQUIRE_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
-
-#define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
-
-uint64_t test_seed() {
-  static const uint64_t seed = [] {
-    const char* env = std::getenv("MICROMIX_TEST_SEED");
-    const uint64_t s = env ? std::strtoull(env, nullptr, 10) : 20260823ull;
-    std::printf("random inputs from seed %llu (MICROMIX_TEST_SEED)\n", static_cast<unsigned long long>(s));
-    return s;
-  }();
-  return seed;
-}
-
-std::mt19937_64& rng() {
-  static std::mt19937_64 g(test_seed());
-  return g;
-}
+using micromix::cuda::test_support::rng;
 
 template <typename F>
 void parallel_for(int64_t n, F f) {

@@ -55,16 +55,19 @@ size_t trailing_whitespace_bytes(std::string_view s);
 // Python's str.strip() on UTF-8 text.
 std::string_view strip_whitespace(std::string_view s);
 
-// The CPU model. Requests are sorted by their token sequences and run through one KV
-// cache: each request reuses the longest cached prefix it shares with the previous one
-// (the context of a multiple-choice question runs once for all its choices) and the
-// lm_head is applied only to the scored positions.
-class CpuLanguageModel : public LanguageModel {
+// Scores requests on a model runtime (any backend). Requests are sorted by their token
+// sequences and run through one KV cache: each request reuses the longest cached prefix
+// it shares with the previous one (the context of a multiple-choice question runs once
+// for all its choices) and the lm_head is applied only to the scored positions.
+using RuntimeFactory = std::function<std::unique_ptr<model::Runtime>(int max_context)>;
+
+class RuntimeLanguageModel : public LanguageModel {
  public:
-  // max_length: the model window (inputs longer than max_length + 1 tokens lose their
-  // left part); share_prefix = false runs every request from an empty cache.
-  CpuLanguageModel(const model::ModelWeights& weights, EncodeFn encode, int32_t prefix_token,
-                   model::LinearInputHook hook = {}, int max_length = 2048, bool share_prefix = true);
+  // make_runtime builds the runtime on first use (kept across calls); max_length: the
+  // model window (inputs longer than max_length + 1 tokens lose their left part);
+  // share_prefix = false runs every request from an empty cache.
+  RuntimeLanguageModel(RuntimeFactory make_runtime, EncodeFn encode, int32_t prefix_token, int max_length = 2048,
+                       bool share_prefix = true);
 
   std::vector<LoglikelihoodResult> loglikelihood(const std::vector<LoglikelihoodRequest>& requests,
                                                  ProgressFn progress) override;
@@ -77,14 +80,20 @@ class CpuLanguageModel : public LanguageModel {
   int64_t last_tokens_run() const { return last_tokens_run_; }
 
  private:
-  const model::ModelWeights& weights_;
+  RuntimeFactory make_runtime_;
   EncodeFn encode_;
   int32_t prefix_token_;
-  model::LinearInputHook hook_;
   int max_length_;
   bool share_prefix_;
   int64_t last_tokens_run_ = 0;
-  std::unique_ptr<model::CpuRuntime> runtime_;  // created on first use, kept across calls
+  std::unique_ptr<model::Runtime> runtime_;
+};
+
+// The CPU model, with an optional activation hook (simulated quantization).
+class CpuLanguageModel : public RuntimeLanguageModel {
+ public:
+  CpuLanguageModel(const model::ModelWeights& weights, EncodeFn encode, int32_t prefix_token,
+                   model::LinearInputHook hook = {}, int max_length = 2048, bool share_prefix = true);
 };
 
 }  // namespace micromix::eval

@@ -21,11 +21,9 @@ struct PerplexityResult {
   double seconds = 0;
 };
 
-// Negative log-likelihood of tokens[1..] given the prefix, from row-major logits [n, vocab]
-// (log-softmax in double precision).
-double window_nll(const float* logits, const int32_t* tokens, int64_t n, int vocab);
-
-PerplexityResult perplexity(model::CpuRuntime& runtime, const std::vector<int32_t>& tokens, int seqlen,
+// Each window runs its first seqlen - 1 tokens and scores the next token at each position
+// (Runtime::score), on whichever backend the runtime is.
+PerplexityResult perplexity(model::Runtime& runtime, const std::vector<int32_t>& tokens, int seqlen,
                             int max_windows, const std::function<void(const PerplexityResult&, int total)>& progress);
 
 }  // namespace micromix::eval

@@ -78,24 +78,48 @@ struct ModelWeights {
 // x is [tokens, in], row-major.
 using LinearInputHook = std::function<void(int layer, LinearSlot slot, float* x, int64_t tokens, int64_t in)>;
 
-// CPU forward pass with a KV cache: fp32 compute, OpenBLAS matrix products, OpenMP.
-class CpuRuntime {
+// The forward pass of one sequence with a KV cache, whatever the backend: what the
+// perplexity, zero-shot and generation code run on.
+class Runtime {
  public:
-  CpuRuntime(const ModelWeights& weights, int max_context);
-  ~CpuRuntime();
-
-  // Runs tokens at positions [position(), position() + n) and appends them to the cache.
+  virtual ~Runtime() = default;
+  // Runs tokens at positions [position(), position() + n) and appends them to the cache,
+  // with logits [last, vocab] for the last `last` tokens only (0 <= last <= n; 0 computes
+  // none); the lm_head product is done for those rows alone.
+  virtual void forward_last(std::span<const int32_t> tokens, float* logits, int64_t last) = 0;
   // logits receives [n, vocab] (all_logits) or [vocab] for the last token only.
   void forward(std::span<const int32_t> tokens, float* logits, bool all_logits);
-  // Same, with logits [last, vocab] for the last `last` tokens only (0 <= last <= n;
-  // 0 computes none); the lm_head product is done for those rows alone.
-  void forward_last(std::span<const int32_t> tokens, float* logits, int64_t last);
-  void reset() { position_ = 0; }
+  // Runs tokens and scores the last targets.size() of them: logprob[i] = log p(targets[i] |
+  // everything up to and including that token), greedy[i] = targets[i] is the first argmax.
+  // The default takes the logits to the host and does the log-softmax in double precision.
+  virtual void score(std::span<const int32_t> tokens, std::span<const int32_t> targets, double* logprob, bool* greedy);
+  virtual void reset() = 0;
   // Rewinds the cache to its first `position` tokens (0 <= position <= position()), so
   // that a different continuation can follow a shared prefix.
-  void truncate(int position);
-  int position() const { return position_; }
-  int max_context() const { return max_context_; }
+  virtual void truncate(int position) = 0;
+  virtual int position() const = 0;
+  virtual int max_context() const = 0;
+  virtual const ModelConfig& config() const = 0;
+};
+
+// RoPE inverse frequencies [head_dim / 2], llama3 scaling applied (shared by every backend).
+std::vector<float> rope_inv_frequencies(const ModelConfig& config);
+
+// Throws std::out_of_range for a token id outside [0, vocab).
+void check_token_ids(std::span<const int32_t> tokens, int vocab);
+
+// CPU forward pass with a KV cache: fp32 compute, OpenBLAS matrix products, OpenMP.
+class CpuRuntime : public Runtime {
+ public:
+  CpuRuntime(const ModelWeights& weights, int max_context);
+  ~CpuRuntime() override;
+
+  void forward_last(std::span<const int32_t> tokens, float* logits, int64_t last) override;
+  void reset() override { position_ = 0; }
+  void truncate(int position) override;
+  int position() const override { return position_; }
+  int max_context() const override { return max_context_; }
+  const ModelConfig& config() const override { return w_.config; }
   void set_linear_input_hook(LinearInputHook hook) { hook_ = std::move(hook); }
   // Prefill scores queries in chunks of this many rows, each against only the keys it
   // sees; larger chunks mean fewer, larger matrix products.

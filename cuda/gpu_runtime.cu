@@ -1,0 +1,559 @@
+#include "gpu_runtime.h"
+
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "model_kernels.h"
+#include "mx_host.h"
+#include "mx_kernels.h"
+
+namespace micromix::cuda {
+
+using model::LinearSlot;
+using model::kNumLinearSlots;
+
+namespace {
+
+void blas_check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) throw std::runtime_error(std::string(what) + ": cuBLAS status " + std::to_string(s));
+}
+
+template <typename T>
+DeviceBuffer<T> to_device(const std::vector<T>& v) {
+  DeviceBuffer<T> d(v.size());
+  if (!v.empty()) d.upload(v);
+  return d;
+}
+
+std::vector<uint16_t> to_bf16(const float* x, size_t n) {
+  std::vector<uint16_t> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = mx::float_to_bf16_bits(x[i]);
+  return out;
+}
+
+// Grows a buffer to at least n elements (contents are not kept).
+template <typename T>
+void reserve(DeviceBuffer<T>& b, size_t n) {
+  if (b.count >= n) return;
+  b = DeviceBuffer<T>();
+  b = DeviceBuffer<T>(n);
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Random content for synthetic models. kind 0: any byte except the E4M3 NaN codes (every
+// MX code byte is then finite); 1: E8M0 scales in [base, base + 3]; 2: bf16 uniform in
+// [-amp, amp].
+__global__ void fill_random_kernel(void* p, size_t n, uint64_t seed, int kind, int base, float amp) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const uint64_t r = mix64(seed * 0x9E3779B97F4A7C15ull + i);
+    if (kind == 0) {
+      uint8_t b = static_cast<uint8_t>(r);
+      if ((b & 0x7F) == 0x7F) b ^= 1;
+      static_cast<uint8_t*>(p)[i] = b;
+    } else if (kind == 1) {
+      static_cast<uint8_t*>(p)[i] = static_cast<uint8_t>(base + static_cast<int>(r & 3));
+    } else {
+      const float u = static_cast<float>(r >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+      static_cast<uint16_t*>(p)[i] = mx::float_to_bf16_bits(u * amp);
+    }
+  }
+}
+
+void fill_random(void* p, size_t n, uint64_t seed, int kind, int base, float amp, cudaStream_t stream) {
+  if (n == 0) return;
+  fill_random_kernel<<<1024, 256, 0, stream>>>(p, n, seed, kind, base, amp);
+  cuda_check(cudaGetLastError(), "fill_random");
+}
+
+struct DeviceLinear {
+  int64_t out = 0, in = 0;
+  bool mx = false;
+  MixPlan plan;
+  DeviceBuffer<int32_t> perm;  // reordered channel j reads original channel perm[j]
+  DeviceMx w;                  // packed codes + scales (+ folded when kept resident)
+  DeviceBuffer<uint16_t> w_bf16;
+  DeviceBuffer<float> bias;
+};
+
+struct DeviceLayer {
+  DeviceBuffer<float> attn_norm, ffn_norm;
+  DeviceLinear linear[kNumLinearSlots];
+};
+
+}  // namespace
+
+struct GpuRuntime::Impl {
+  model::ModelConfig cfg;
+  bool mx = false;
+  mx::ScaleRule rule = mx::ScaleRule::Ceil;
+  int max_context = 0, max_batch = 1, position = 0;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  cudaDeviceProp prop{};
+
+  std::vector<DeviceLayer> layers;
+  DeviceBuffer<uint16_t> embedding, lm_head;  // lm_head empty: tied to the embedding
+  DeviceBuffer<float> output_norm;
+  DeviceBuffer<float2> rope;
+  DeviceBuffer<uint16_t> k_cache, v_cache;  // [layer][batch][kv head][position][head_dim]
+
+  // Activations, grown to the largest forward seen.
+  int64_t capacity = 0;
+  DeviceBuffer<float> x;
+  DeviceBuffer<uint16_t> xn, qkv, q, attn, y, gate_up, act;
+  DeviceBuffer<uint8_t> folded_a;  // [M, K] E4M3
+  DeviceBuffer<float> folded_a_f;  // [M, fstride]
+  DeviceBuffer<uint8_t> folded_w;  // weight fold scratch (weights not kept folded)
+  DeviceBuffer<float> folded_w_f;
+  DeviceBuffer<uint8_t> packed_a[3], packed_a_scales;  // decode-path activations, kDecodeMaxM rows
+  DeviceBuffer<float> attn_ws, logits;
+  DeviceBuffer<int32_t> tokens, targets;
+  DeviceBuffer<double> logprob;
+  DeviceBuffer<uint8_t> greedy;
+  DeviceBuffer<unsigned long long> lossy;
+  size_t peak = 0;
+
+  Impl(const model::ModelConfig& c, int ctx, int batch) : cfg(c), max_context(ctx), max_batch(batch) {
+    cfg.validate();
+    if (ctx <= 0 || batch <= 0) throw std::invalid_argument("GPU runtime: context and batch must be positive");
+    if (!gpu_available()) throw std::runtime_error("no CUDA GPU of compute capability 9.0 (Hopper) is available");
+    if (!attention_supports_head_dim(cfg.head_dim))
+      throw std::invalid_argument("GPU runtime: head_dim " + std::to_string(cfg.head_dim) + " is not supported (64 or 128)");
+    if (cfg.hidden % 32 != 0 || cfg.ffn % 32 != 0 || cfg.q_dim() % 32 != 0)
+      throw std::invalid_argument("GPU runtime: hidden, ffn and q_dim must be multiples of 32");
+    int dev = 0;
+    cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
+    cuda_check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+    cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    blas_check(cublasCreate(&blas), "cublasCreate");
+    blas_check(cublasSetStream(blas, stream), "cublasSetStream");
+    const auto inv = model::rope_inv_frequencies(cfg);
+    std::vector<float2> table(static_cast<size_t>(ctx) * inv.size());
+    for (int p = 0; p < ctx; ++p)
+      for (size_t i = 0; i < inv.size(); ++i) {
+        const double angle = double(p) * inv[i];
+        table[p * inv.size() + i] = {static_cast<float>(std::cos(angle)), static_cast<float>(std::sin(angle))};
+      }
+    rope = to_device(table);
+    const size_t cache = static_cast<size_t>(cfg.n_layers) * batch * cfg.kv_dim() * ctx;
+    k_cache = DeviceBuffer<uint16_t>(cache);
+    v_cache = DeviceBuffer<uint16_t>(cache);
+    cuda_check(cudaMemset(k_cache.ptr, 0, cache * 2), "cudaMemset");
+    cuda_check(cudaMemset(v_cache.ptr, 0, cache * 2), "cudaMemset");
+    lossy = DeviceBuffer<unsigned long long>(1);
+    cuda_check(cudaMemset(lossy.ptr, 0, sizeof(unsigned long long)), "cudaMemset");
+    layers.resize(cfg.n_layers);
+  }
+
+  ~Impl() {
+    if (blas) cublasDestroy(blas);
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  int64_t linear_out(LinearSlot s) const {
+    switch (s) {
+      case LinearSlot::QKV: return cfg.q_dim() + 2 * cfg.kv_dim();
+      case LinearSlot::O: return cfg.hidden;
+      case LinearSlot::GateUp: return 2 * static_cast<int64_t>(cfg.ffn);
+      case LinearSlot::Down: return cfg.hidden;
+    }
+    return 0;
+  }
+  int64_t linear_in(LinearSlot s) const {
+    return s == LinearSlot::O ? cfg.q_dim() : s == LinearSlot::Down ? cfg.ffn : cfg.hidden;
+  }
+
+  void fold_scratch_for(const DeviceLinear& L) {
+    reserve(folded_w, static_cast<size_t>(L.out) * L.in);
+    reserve(folded_w_f, static_cast<size_t>(L.out) * folded_fstride(static_cast<int>(L.in)));
+  }
+
+  size_t held_bytes() const {
+    size_t b = 0;
+    auto add = [&](const auto& buf) { b += buf.count * sizeof(*buf.ptr); };
+    for (const auto& l : layers) {
+      add(l.attn_norm);
+      add(l.ffn_norm);
+      for (const auto& L : l.linear) {
+        add(L.perm); add(L.w_bf16); add(L.bias);
+        for (const auto& q : L.w.q) add(q);
+        add(L.w.scales); add(L.w.fq); add(L.w.ff);
+      }
+    }
+    add(embedding); add(lm_head); add(output_norm); add(rope); add(k_cache); add(v_cache);
+    add(x); add(xn); add(qkv); add(q); add(attn); add(y); add(gate_up); add(act);
+    add(folded_a); add(folded_a_f); add(folded_w); add(folded_w_f);
+    for (const auto& p : packed_a) add(p);
+    add(packed_a_scales); add(attn_ws); add(logits); add(tokens); add(targets); add(logprob); add(greedy); add(lossy);
+    return b;
+  }
+
+  void note_peak() { peak = std::max(peak, held_bytes()); }
+
+  void ensure_tokens(int64_t M) {
+    if (M <= capacity) return;
+    const int64_t H = cfg.hidden, F = cfg.ffn, qd = cfg.q_dim(), qkvd = qd + 2 * cfg.kv_dim();
+    reserve(x, M * H);
+    reserve(xn, M * H);
+    reserve(qkv, M * qkvd);
+    reserve(q, M * qd);
+    reserve(attn, M * qd);
+    reserve(y, M * H);
+    reserve(gate_up, M * 2 * F);
+    reserve(act, M * F);
+    if (mx) {
+      const int64_t kmax = std::max<int64_t>({H, F, qd});
+      for (auto& p : packed_a) reserve(p, kDecodeMaxM * kmax);
+      reserve(packed_a_scales, kDecodeMaxM * kmax / 32);
+      if (M > kDecodeMaxM) {
+        reserve(folded_a, M * kmax);
+        reserve(folded_a_f, M * folded_fstride(static_cast<int>(kmax)));
+      }
+    }
+    reserve(tokens, M);
+    capacity = M;
+    note_peak();
+  }
+
+  void linear(const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out) {
+    if (!L.mx) {
+      const float one = 1.0f, zero = 0.0f;
+      blas_check(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(L.out), static_cast<int>(M),
+                              static_cast<int>(L.in), &one, L.w_bf16.ptr, CUDA_R_16BF, static_cast<int>(L.in), in,
+                              CUDA_R_16BF, static_cast<int>(L.in), &zero, out, CUDA_R_16BF, static_cast<int>(L.out),
+                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                 "bf16 linear");
+      return;
+    }
+    if (M <= kDecodeMaxM) {
+      const MxSegments a{packed_a[0].ptr, packed_a[1].ptr, packed_a[2].ptr, packed_a_scales.ptr};
+      cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, a, {}, nullptr, stream), "quantize");
+      cuda_check(mx_gemm_decode(a, L.w.segments(), M, L.out, L.plan, out, nullptr, stream), "decode GEMM");
+      return;
+    }
+    const FoldedOperand a{folded_a.ptr, folded_a_f.ptr};
+    cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, {}, a, lossy.ptr, stream), "quantize");
+    FoldedOperand w = L.w.folded();
+    if (w.q == nullptr) {  // fold the packed weights into the scratch right before use
+      w = {folded_w.ptr, folded_w_f.ptr};
+      cuda_check(fold_operand(L.w.segments(), L.out, L.plan, w, nullptr, stream), "fold weights");
+    }
+    cuda_check(mx_gemm_fp8(a, w, M, L.out, L.plan, out, stream), "MX GEMM");
+  }
+
+  // Runs batch x n tokens (already in `tokens`) through every layer; xn then holds the
+  // final-normed hidden states of all rows.
+  void run_layers(int batch, int n) {
+    const int64_t M = static_cast<int64_t>(batch) * n, H = cfg.hidden;
+    cuda_check(embed_tokens(tokens.ptr, M, embedding.ptr, cfg.hidden, x.ptr, stream), "embedding");
+    cuda_check(add_rmsnorm(x.ptr, nullptr, M, cfg.hidden, layers[0].attn_norm.ptr, cfg.rms_eps, xn.ptr, stream), "norm");
+    AttentionShape s;
+    s.batch = batch;
+    s.tokens = n;
+    s.position = position;
+    s.n_heads = cfg.n_heads;
+    s.n_kv_heads = cfg.n_kv_heads;
+    s.head_dim = cfg.head_dim;
+    s.max_context = max_context;
+    const int splits = attention_splits(s);
+    reserve(attn_ws, attention_workspace_floats(s, splits));
+    note_peak();
+    const size_t layer_cache = static_cast<size_t>(max_batch) * cfg.kv_dim() * max_context;
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      DeviceLayer& L = layers[l];
+      linear(L.linear[0], xn.ptr, M, qkv.ptr);
+      uint16_t* kc = k_cache.ptr + l * layer_cache;
+      uint16_t* vc = v_cache.ptr + l * layer_cache;
+      cuda_check(rope_and_cache(qkv.ptr, L.linear[0].bias.ptr, s, rope.ptr, cfg.rope_neox, q.ptr, kc, vc, stream), "rope");
+      cuda_check(attention(q.ptr, kc, vc, s, attn.ptr, splits, attn_ws.ptr, stream), "attention");
+      linear(L.linear[1], attn.ptr, M, y.ptr);
+      cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, L.ffn_norm.ptr, cfg.rms_eps, xn.ptr, stream), "norm");
+      linear(L.linear[2], xn.ptr, M, gate_up.ptr);
+      cuda_check(swiglu(gate_up.ptr, M, cfg.ffn, act.ptr, stream), "swiglu");
+      linear(L.linear[3], act.ptr, M, y.ptr);
+      const float* next = l + 1 < cfg.n_layers ? layers[l + 1].attn_norm.ptr : output_norm.ptr;
+      cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, next, cfg.rms_eps, xn.ptr, stream), "norm");
+    }
+    (void)H;
+    position += n;
+  }
+
+  // logits [rows, vocab] fp32 of `rows` final hidden states starting at row `first`,
+  // `stride` rows apart.
+  void lm_head_rows(int64_t first, int64_t rows, int64_t stride) {
+    reserve(logits, static_cast<size_t>(rows) * cfg.vocab);
+    note_peak();
+    const float one = 1.0f, zero = 0.0f;
+    const uint16_t* w = lm_head.ptr != nullptr ? lm_head.ptr : embedding.ptr;
+    blas_check(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, cfg.vocab, static_cast<int>(rows), cfg.hidden, &one, w,
+                            CUDA_R_16BF, cfg.hidden, xn.ptr + first * cfg.hidden, CUDA_R_16BF,
+                            static_cast<int>(stride * cfg.hidden), &zero, logits.ptr, CUDA_R_32F, cfg.vocab,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "lm_head");
+  }
+
+  void start(std::span<const int32_t> toks, int batch, int n) {
+    if (batch <= 0 || batch > max_batch) throw std::invalid_argument("batch " + std::to_string(batch) + " outside 1.." + std::to_string(max_batch));
+    if (n <= 0 || static_cast<int64_t>(toks.size()) != static_cast<int64_t>(batch) * n)
+      throw std::invalid_argument("token count does not match batch x tokens");
+    if (position + n > max_context)
+      throw std::length_error("context overflow: " + std::to_string(position + n) + " tokens > " +
+                              std::to_string(max_context));
+    model::check_token_ids(toks, cfg.vocab);
+    ensure_tokens(static_cast<int64_t>(batch) * n);
+    cuda_check(cudaMemcpyAsync(tokens.ptr, toks.data(), toks.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream),
+               "upload tokens");
+    cuda_check(cudaStreamSynchronize(stream), "upload tokens");  // toks may go away after return
+  }
+
+  void add_mx_linear(DeviceLinear& L, const std::vector<int32_t>& perm, MixPlan plan, const HostMx* host,
+                     uint64_t seed) {
+    L.mx = true;
+    L.plan = plan;
+    L.perm = to_device(perm);
+    L.w = DeviceMx(plan, L.out, false);
+    if (host != nullptr) {
+      L.w.upload(*host);
+    } else {
+      for (int s = 0; s < 3; ++s) fill_random(L.w.q[s].ptr, L.w.q[s].count, seed * 7 + s, 0, 0, 0, stream);
+      fill_random(L.w.scales.ptr, L.w.scales.count, seed * 7 + 3, 1, 127 - 9, 0, stream);
+    }
+    fold_scratch_for(L);
+  }
+};
+
+bool gpu_available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major == 9;
+}
+
+GpuRuntime::GpuRuntime(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spec, int max_context, int max_batch) {
+  using quant::QuantMode;
+  const bool mx = spec.mode == QuantMode::MicroMix || spec.mode == QuantMode::MXFP8 || spec.mode == QuantMode::MXFP6 ||
+                  spec.mode == QuantMode::MXFP4;
+  if (!mx && spec.mode != QuantMode::BF16)
+    throw std::invalid_argument(std::string("--device cuda runs bf16, micromix, mxfp8, mxfp6 and mxfp4, not ") +
+                                quant::quant_mode_name(spec.mode));
+  if (spec.mode == QuantMode::MicroMix && !spec.plan) throw std::invalid_argument("micromix needs a plan");
+  impl_ = std::make_unique<Impl>(w.config, max_context, max_batch);
+  Impl& I = *impl_;
+  const auto& c = w.config;
+  if (static_cast<int>(w.layers.size()) != c.n_layers) throw std::invalid_argument("layer count does not match the config");
+  I.mx = mx;
+  I.rule = spec.rule;
+  I.embedding = to_device(to_bf16(w.token_embedding.data(), w.token_embedding.size()));
+  if (!w.lm_head.empty()) I.lm_head = to_device(to_bf16(w.lm_head.data(), w.lm_head.size()));
+  I.output_norm = to_device(w.output_norm);
+  for (int l = 0; l < c.n_layers; ++l) {
+    const model::LayerWeights& src = w.layers[l];
+    DeviceLayer& dst = I.layers[l];
+    dst.attn_norm = to_device(src.attn_norm);
+    dst.ffn_norm = to_device(src.ffn_norm);
+    for (int si = 0; si < kNumLinearSlots; ++si) {
+      const auto slot = static_cast<LinearSlot>(si);
+      const model::Linear& lin = src.linear[si];
+      DeviceLinear& L = dst.linear[si];
+      L.out = I.linear_out(slot);
+      L.in = I.linear_in(slot);
+      if (lin.out != L.out || lin.in != L.in || lin.weight.size() != static_cast<size_t>(L.out * L.in))
+        throw std::invalid_argument(std::string("layer ") + std::to_string(l) + " " + model::linear_slot_name(slot) +
+                                    ": weight shape does not match the config");
+      if (!lin.bias.empty()) {
+        if (slot != LinearSlot::QKV) throw std::invalid_argument("GPU runtime: only the q/k/v projection may have a bias");
+        L.bias = to_device(lin.bias);
+      }
+      if (!mx) {
+        L.w_bf16 = to_device(to_bf16(lin.weight.data(), lin.weight.size()));
+        continue;
+      }
+      std::vector<int32_t> order(L.in);
+      MixPlan plan;
+      if (spec.mode == QuantMode::MicroMix) {
+        const quant::LinearPlan& lp = spec.plan->at(l, slot);
+        order = lp.order;
+        plan = lp.mix();
+      } else {
+        std::iota(order.begin(), order.end(), 0);
+        const int k = static_cast<int>(L.in);
+        plan = spec.mode == QuantMode::MXFP4 ? MixPlan{k, 0, 0} : spec.mode == QuantMode::MXFP6 ? MixPlan{0, k, 0} : MixPlan{0, 0, k};
+      }
+      if (!plan.valid() || plan.k() != L.in || static_cast<int64_t>(order.size()) != L.in)
+        throw std::invalid_argument(std::string("layer ") + std::to_string(l) + " " + model::linear_slot_name(slot) +
+                                    ": the plan does not fit (K must be a multiple of 32)");
+      std::vector<float> reordered(static_cast<size_t>(L.out) * L.in);
+      for (int64_t r = 0; r < L.out; ++r)
+        for (int64_t j = 0; j < L.in; ++j) reordered[r * L.in + j] = lin.weight[r * L.in + order[j]];
+      const HostMx packed = quantize_segments(reordered, L.out, plan, spec.rule);
+      for (int64_t r = 0; r < L.out; ++r)
+        for (int j = 0; j < plan.k(); ++j)
+          if (segment_value(packed, r, j) != reordered[r * L.in + j])
+            throw std::invalid_argument(std::string("layer ") + std::to_string(l) + " " + model::linear_slot_name(slot) +
+                                        ": the weights are not this mode's MX values (quantize them first)");
+      I.add_mx_linear(L, order, plan, &packed, 0);
+    }
+  }
+  I.note_peak();
+}
+
+std::unique_ptr<GpuRuntime> GpuRuntime::synthetic(const model::ModelConfig& config,
+                                                  const std::array<mx::MixPlan, kNumLinearSlots>* plans,
+                                                  mx::ScaleRule rule, int max_context, int max_batch, uint64_t seed) {
+  auto impl = std::make_unique<Impl>(config, max_context, max_batch);
+  Impl& I = *impl;
+  const auto& c = I.cfg;
+  I.mx = plans != nullptr;
+  I.rule = rule;
+  I.embedding = DeviceBuffer<uint16_t>(static_cast<size_t>(c.vocab) * c.hidden);
+  fill_random(I.embedding.ptr, I.embedding.count, seed, 2, 0, 1.0f, I.stream);
+  if (!c.tied_embeddings) {
+    I.lm_head = DeviceBuffer<uint16_t>(static_cast<size_t>(c.vocab) * c.hidden);
+    fill_random(I.lm_head.ptr, I.lm_head.count, seed + 1, 2, 0, 1.0f / std::sqrt(float(c.hidden)), I.stream);
+  }
+  const std::vector<float> ones(c.hidden, 1.0f);
+  I.output_norm = to_device(ones);
+  uint64_t stream_id = seed * 1000 + 2;
+  for (int l = 0; l < c.n_layers; ++l) {
+    DeviceLayer& dst = I.layers[l];
+    dst.attn_norm = to_device(ones);
+    dst.ffn_norm = to_device(ones);
+    for (int si = 0; si < kNumLinearSlots; ++si) {
+      const auto slot = static_cast<LinearSlot>(si);
+      DeviceLinear& L = dst.linear[si];
+      L.out = I.linear_out(slot);
+      L.in = I.linear_in(slot);
+      if (plans == nullptr) {
+        L.w_bf16 = DeviceBuffer<uint16_t>(static_cast<size_t>(L.out) * L.in);
+        fill_random(L.w_bf16.ptr, L.w_bf16.count, ++stream_id, 2, 0, std::sqrt(3.0f / float(L.in)), I.stream);
+        continue;
+      }
+      const MixPlan plan = (*plans)[si];
+      if (!plan.valid() || plan.k() != L.in)
+        throw std::invalid_argument(std::string("synthetic plan for ") + model::linear_slot_name(slot) +
+                                    " does not cover K = " + std::to_string(L.in));
+      std::vector<int32_t> order(L.in);
+      std::iota(order.begin(), order.end(), 0);
+      std::reverse(order.begin(), order.end());  // a real permutation, so the gather is exercised
+      I.add_mx_linear(L, order, plan, nullptr, ++stream_id);
+    }
+  }
+  cuda_check(cudaStreamSynchronize(I.stream), "synthetic weights");
+  I.note_peak();
+  return std::unique_ptr<GpuRuntime>(new GpuRuntime(std::move(impl)));
+}
+
+GpuRuntime::~GpuRuntime() = default;
+
+void GpuRuntime::forward_batch(std::span<const int32_t> tokens, int batch, int n, float* logits) {
+  Impl& I = *impl_;
+  I.start(tokens, batch, n);
+  I.run_layers(batch, n);
+  if (logits == nullptr) return;
+  I.lm_head_rows(n - 1, batch, n);
+  cuda_check(cudaMemcpyAsync(logits, I.logits.ptr, sizeof(float) * batch * I.cfg.vocab, cudaMemcpyDeviceToHost, I.stream),
+             "download logits");
+  cuda_check(cudaStreamSynchronize(I.stream), "forward");
+}
+
+void GpuRuntime::forward_last(std::span<const int32_t> tokens, float* logits, int64_t last) {
+  Impl& I = *impl_;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (last < 0 || last > n)
+    throw std::out_of_range("logits requested for " + std::to_string(last) + " of " + std::to_string(n) + " tokens");
+  if (n == 0) return;
+  I.start(tokens, 1, static_cast<int>(n));
+  I.run_layers(1, static_cast<int>(n));
+  if (logits != nullptr && last > 0) {
+    I.lm_head_rows(n - last, last, 1);
+    cuda_check(cudaMemcpyAsync(logits, I.logits.ptr, sizeof(float) * last * I.cfg.vocab, cudaMemcpyDeviceToHost, I.stream),
+               "download logits");
+  }
+  cuda_check(cudaStreamSynchronize(I.stream), "forward");
+}
+
+void GpuRuntime::score(std::span<const int32_t> tokens, std::span<const int32_t> targets, double* logprob, bool* greedy) {
+  Impl& I = *impl_;
+  const int64_t n = static_cast<int64_t>(tokens.size()), last = static_cast<int64_t>(targets.size());
+  if (last > n) throw std::out_of_range(std::to_string(last) + " targets for " + std::to_string(n) + " tokens");
+  model::check_token_ids(targets, I.cfg.vocab);
+  if (n == 0) return;
+  I.start(tokens, 1, static_cast<int>(n));
+  I.run_layers(1, static_cast<int>(n));
+  if (last == 0) {
+    cuda_check(cudaStreamSynchronize(I.stream), "forward");
+    return;
+  }
+  I.lm_head_rows(n - last, last, 1);
+  reserve(I.targets, last);
+  reserve(I.logprob, last);
+  reserve(I.greedy, last);
+  I.note_peak();
+  cuda_check(cudaMemcpyAsync(I.targets.ptr, targets.data(), sizeof(int32_t) * last, cudaMemcpyHostToDevice, I.stream),
+             "upload targets");
+  cuda_check(token_logprobs(I.logits.ptr, I.targets.ptr, last, I.cfg.vocab, I.logprob.ptr, I.greedy.ptr, I.stream),
+             "log-softmax");
+  std::vector<uint8_t> g(last);
+  cuda_check(cudaMemcpyAsync(logprob, I.logprob.ptr, sizeof(double) * last, cudaMemcpyDeviceToHost, I.stream), "download");
+  cuda_check(cudaMemcpyAsync(g.data(), I.greedy.ptr, last, cudaMemcpyDeviceToHost, I.stream), "download");
+  cuda_check(cudaStreamSynchronize(I.stream), "score");
+  for (int64_t i = 0; i < last; ++i) greedy[i] = g[i] != 0;
+}
+
+void GpuRuntime::reset() { impl_->position = 0; }
+
+void GpuRuntime::truncate(int position) {
+  if (position < 0 || position > impl_->position)
+    throw std::out_of_range("cannot truncate the cache to " + std::to_string(position) + " tokens, it holds " +
+                            std::to_string(impl_->position));
+  impl_->position = position;
+}
+
+int GpuRuntime::position() const { return impl_->position; }
+int GpuRuntime::max_context() const { return impl_->max_context; }
+const model::ModelConfig& GpuRuntime::config() const { return impl_->cfg; }
+void GpuRuntime::synchronize() { cuda_check(cudaStreamSynchronize(impl_->stream), "synchronize"); }
+const char* GpuRuntime::device_name() const { return impl_->prop.name; }
+
+uint64_t GpuRuntime::lossy_activation_elements() {
+  unsigned long long v = 0;
+  cuda_check(cudaMemcpyAsync(&v, impl_->lossy.ptr, sizeof v, cudaMemcpyDeviceToHost, impl_->stream), "download");
+  cuda_check(cudaStreamSynchronize(impl_->stream), "download");
+  return v;
+}
+
+GpuMemory GpuRuntime::memory() const {
+  const Impl& I = *impl_;
+  GpuMemory m;
+  for (const auto& l : I.layers) {
+    m.other_weights += (l.attn_norm.count + l.ffn_norm.count) * sizeof(float);
+    for (const auto& L : l.linear) {
+      m.linear_weights += L.w_bf16.count * 2 + L.w.scales.count + L.perm.count * 4 + L.bias.count * 4;
+      for (const auto& q : L.w.q) m.linear_weights += q.count;
+      m.folded_weights += L.w.fq.count + L.w.ff.count * 4;
+    }
+  }
+  m.other_weights += (I.embedding.count + I.lm_head.count) * 2 + I.output_norm.count * 4 + I.rope.count * 8;
+  m.kv_cache = (I.k_cache.count + I.v_cache.count) * 2;
+  m.workspace = I.held_bytes() - m.linear_weights - m.folded_weights - m.other_weights - m.kv_cache;
+  m.peak = I.peak;
+  return m;
+}
+
+}  // namespace micromix::cuda

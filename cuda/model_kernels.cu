@@ -1,0 +1,412 @@
+// The decoder's non-GEMM kernels (model_kernels.h). The attention is FlashAttention-2
+// style on bf16 mma.sync: a warp owns 16 rows (query, head) of one KV-head group, keys
+// and values stream through shared memory 64 positions at a time, the softmax runs
+// online in fp32 registers and P is re-used from the score accumulators as the A operand.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "mx_kernels.h"
+#include "model_kernels.h"
+#include "mx_ptx.cuh"
+
+namespace micromix::cuda {
+
+using mx::bf16_bits_to_float;
+using mx::float_to_bf16_bits;
+using ptx::mma_bf16_m16n8k16;
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+// Sum of v over the CTA (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[32];
+  v = warp_sum(v);
+  __syncthreads();  // partial may still be read from a previous call
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  float t = 0.0f;
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) t += partial[w];
+  return t;
+}
+
+__global__ void embed_kernel(const int32_t* tokens, const uint16_t* table, int hidden, float* x) {
+  const int64_t t = blockIdx.x;
+  const uint16_t* src = table + static_cast<int64_t>(tokens[t]) * hidden;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) x[t * hidden + i] = bf16_bits_to_float(src[i]);
+}
+
+__global__ void add_rmsnorm_kernel(float* x, const uint16_t* y, int hidden, const float* gamma, float eps,
+                                   uint16_t* out) {
+  const int64_t r = blockIdx.x;
+  float* xr = x + r * hidden;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float v = xr[i];
+    if (y != nullptr) {
+      v += bf16_bits_to_float(y[r * hidden + i]);
+      xr[i] = v;
+    }
+    ss = fmaf(v, v, ss);
+  }
+  const float inv = 1.0f / sqrtf(block_sum(ss) / static_cast<float>(hidden) + eps);
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[r * hidden + i] = float_to_bf16_bits(xr[i] * inv * gamma[i]);
+}
+
+__global__ void rope_kernel(const uint16_t* qkv, const float* bias, AttentionShape s, const float2* rope, bool neox,
+                            uint16_t* q, uint16_t* k_cache, uint16_t* v_cache) {
+  const int64_t row = blockIdx.x;
+  const int b = static_cast<int>(row / s.tokens), pos = s.position + static_cast<int>(row % s.tokens);
+  const int hd = s.head_dim, half = hd / 2, q_dim = s.q_dim(), kv_dim = s.kv_dim();
+  const uint16_t* src = qkv + row * (q_dim + 2 * kv_dim);
+  const float2* cs = rope + static_cast<int64_t>(pos) * half;
+  auto value = [&](int c) { return bf16_bits_to_float(src[c]) + (bias != nullptr ? bias[c] : 0.0f); };
+  // Rotated pairs: q heads, then k heads.
+  const int pairs = (s.n_heads + s.n_kv_heads) * half;
+  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    const int head = p / half, i = p % half;
+    const int c0 = head * hd + (neox ? i : 2 * i), c1 = c0 + (neox ? half : 1);
+    const float x0 = value(c0), x1 = value(c1), c = cs[i].x, sn = cs[i].y;
+    const uint16_t y0 = float_to_bf16_bits(x0 * c - x1 * sn), y1 = float_to_bf16_bits(x0 * sn + x1 * c);
+    if (head < s.n_heads) {
+      q[row * q_dim + c0] = y0;
+      q[row * q_dim + c1] = y1;
+    } else {
+      const int kvh = head - s.n_heads;
+      uint16_t* dst = k_cache + ((static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context + pos) * hd;
+      dst[c0 - q_dim - kvh * hd] = y0;
+      dst[c1 - q_dim - kvh * hd] = y1;
+    }
+  }
+  for (int c = threadIdx.x; c < kv_dim; c += blockDim.x) {
+    const int kvh = c / hd;
+    v_cache[((static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context + pos) * hd + c % hd] =
+        float_to_bf16_bits(value(q_dim + kv_dim + c));
+  }
+}
+
+__device__ __forceinline__ uint32_t load_u32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  return static_cast<uint32_t>(float_to_bf16_bits(lo)) | (static_cast<uint32_t>(float_to_bf16_bits(hi)) << 16);
+}
+
+constexpr int kAttnKeys = 64;      // keys per shared-memory tile
+constexpr int kAttnRows = 64;      // rows (query, head) per CTA: 4 warps x 16
+constexpr int kAttnThreads = 128;
+
+// Grid: (row tiles, n_kv_heads, batch * splits). Row r of a KV head's group is query
+// r / group, head kv_head * group + r % group.
+template <int D>
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t* __restrict__ q,
+                                                                 const uint16_t* __restrict__ k_cache,
+                                                                 const uint16_t* __restrict__ v_cache,
+                                                                 AttentionShape s, int splits, uint16_t* out,
+                                                                 float* part_o, float* part_lse) {
+  constexpr int KS = D + 8, VS = kAttnKeys + 8;  // padded strides: conflict-free fragment loads
+  __shared__ __align__(16) uint16_t ks[kAttnKeys * KS];
+  __shared__ __align__(16) uint16_t vt[D * VS];  // V transposed: [dim][key]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int kvh = blockIdx.y, b = blockIdx.z / splits, split = blockIdx.z % splits;
+  const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group, q_dim = s.q_dim();
+  const int r0 = blockIdx.x * kAttnRows;
+
+  int row[2], qrow[2], head[2], visible[2];  // this thread's two rows: g and g + 8 of its warp's 16
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row[i] = r0 + warp * 16 + g + 8 * i;
+    const int rr = row[i] < rows ? row[i] : rows - 1;
+    qrow[i] = rr / group;
+    head[i] = kvh * group + rr % group;
+    visible[i] = s.position + qrow[i];  // last key this row may see
+  }
+  const uint16_t* q0 = q + (static_cast<int64_t>(b) * s.tokens + qrow[0]) * q_dim + head[0] * D;
+  const uint16_t* q1 = q + (static_cast<int64_t>(b) * s.tokens + qrow[1]) * q_dim + head[1] * D;
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) {
+    qf[c][0] = load_u32(q0 + 16 * c + 2 * t4);
+    qf[c][1] = load_u32(q1 + 16 * c + 2 * t4);
+    qf[c][2] = load_u32(q0 + 16 * c + 8 + 2 * t4);
+    qf[c][3] = load_u32(q1 + 16 * c + 8 + 2 * t4);
+  }
+
+  const int last_row = min(r0 + kAttnRows, rows) - 1;
+  const int key_end = s.position + last_row / group + 1;
+  const int blocks = (key_end + kAttnKeys - 1) / kAttnKeys, per_split = (blocks + splits - 1) / splits;
+  const int blk_begin = split * per_split, blk_end = min(blocks, blk_begin + per_split);
+  const int64_t cache_base = (static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context * D;
+  const float scale = kLog2e / sqrtf(static_cast<float>(D));
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+  for (int blk = blk_begin; blk < blk_end; ++blk) {
+    const int key0 = blk * kAttnKeys;
+    __syncthreads();  // the previous tile is no longer read
+    for (int i = threadIdx.x; i < kAttnKeys * D / 8; i += kAttnThreads) {
+      const int key = i / (D / 8), c8 = i % (D / 8) * 8;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // zeros past the end: no NaN from 0 * garbage
+      if (key0 + key < key_end) {
+        kv = *reinterpret_cast<const uint4*>(k_cache + cache_base + static_cast<int64_t>(key0 + key) * D + c8);
+        vv = *reinterpret_cast<const uint4*>(v_cache + cache_base + static_cast<int64_t>(key0 + key) * D + c8);
+      }
+      *reinterpret_cast<uint4*>(ks + key * KS + c8) = kv;
+      const uint32_t w[4] = {vv.x, vv.y, vv.z, vv.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        vt[(c8 + 2 * j) * VS + key] = static_cast<uint16_t>(w[j] & 0xFFFFu);
+        vt[(c8 + 2 * j + 1) * VS + key] = static_cast<uint16_t>(w[j] >> 16);
+      }
+    }
+    __syncthreads();
+
+    float sc[kAttnKeys / 8][4];
+#pragma unroll
+    for (int j = 0; j < kAttnKeys / 8; ++j) {
+      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c) {
+        const uint32_t bk[2] = {load_u32(ks + (8 * j + g) * KS + 16 * c + 2 * t4),
+                                load_u32(ks + (8 * j + g) * KS + 16 * c + 8 + 2 * t4)};
+        mma_bf16_m16n8k16(sc[j], qf[c], bk);
+      }
+    }
+    // Scale into the log2 domain and mask keys past each row's own position.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kAttnKeys / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = key0 + 8 * j + 2 * t4 + e;
+          float& v = sc[j][2 * i + e];
+          v = key <= visible[i] ? v * scale : -INFINITY;
+          mx = fmaxf(mx, v);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
+      const float m_new = fmaxf(m[i], mx);
+      const float base = m_new == -INFINITY ? 0.0f : m_new;  // a row with no visible key yet
+      const float alpha = exp2f(m[i] - base);
+      m[i] = m_new;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kAttnKeys / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& v = sc[j][2 * i + e];
+          v = exp2f(v - base);
+          sum += v;
+        }
+      l[i] = l[i] * alpha + sum;  // this thread's share; the quad is summed at the end
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        o[j][2 * i] *= alpha;
+        o[j][2 * i + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kAttnKeys / 16; ++c) {
+      const uint32_t pa[4] = {pack_bf16x2(sc[2 * c][0], sc[2 * c][1]), pack_bf16x2(sc[2 * c][2], sc[2 * c][3]),
+                              pack_bf16x2(sc[2 * c + 1][0], sc[2 * c + 1][1]),
+                              pack_bf16x2(sc[2 * c + 1][2], sc[2 * c + 1][3])};
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        const uint32_t bv[2] = {load_u32(vt + (8 * j + g) * VS + 16 * c + 2 * t4),
+                                load_u32(vt + (8 * j + g) * VS + 16 * c + 8 + 2 * t4)};
+        mma_bf16_m16n8k16(o[j], pa, bv);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 2);
+    if (row[i] >= rows) continue;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    if (splits == 1) {
+      uint16_t* dst = out + (static_cast<int64_t>(b) * s.tokens + qrow[i]) * q_dim + head[i] * D;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<uint32_t*>(dst + 8 * j + 2 * t4) = pack_bf16x2(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
+    } else {
+      const int64_t slot = ((static_cast<int64_t>(split) * s.batch + b) * s.n_kv_heads + kvh) * rows + row[i];
+      float* dst = part_o + slot * D;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        dst[8 * j + 2 * t4] = o[j][2 * i] * inv;
+        dst[8 * j + 2 * t4 + 1] = o[j][2 * i + 1] * inv;
+      }
+      if (t4 == 0) part_lse[slot] = l[i] > 0.0f ? m[i] + log2f(l[i]) : -INFINITY;
+    }
+  }
+}
+
+// Merges the per-split partial outputs: weights 2^(lse_s - max lse). Grid (rows, kv heads,
+// batch), head_dim threads.
+__global__ void attention_merge_kernel(const float* part_o, const float* part_lse, AttentionShape s, int splits,
+                                       uint16_t* out) {
+  const int row = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, d = threadIdx.x;
+  const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group;
+  const int64_t stride = static_cast<int64_t>(s.batch) * s.n_kv_heads * rows;
+  const int64_t slot0 = (static_cast<int64_t>(b) * s.n_kv_heads + kvh) * rows + row;
+  float top = -INFINITY;
+  for (int sp = 0; sp < splits; ++sp) top = fmaxf(top, part_lse[slot0 + sp * stride]);
+  float num = 0.0f, den = 0.0f;
+  for (int sp = 0; sp < splits; ++sp) {
+    const float lse = part_lse[slot0 + sp * stride];
+    if (lse == -INFINITY) continue;
+    const float w = exp2f(lse - top);
+    num += w * part_o[(slot0 + sp * stride) * s.head_dim + d];
+    den += w;
+  }
+  const int qi = row / group, head = kvh * group + row % group;
+  out[(static_cast<int64_t>(b) * s.tokens + qi) * s.q_dim() + head * s.head_dim + d] =
+      float_to_bf16_bits(den > 0.0f ? num / den : 0.0f);
+}
+
+__global__ void swiglu_kernel(const uint16_t* gate_up, int ffn, uint16_t* out) {
+  const int64_t t = blockIdx.x;
+  for (int i = threadIdx.x; i < ffn; i += blockDim.x) {
+    const float g = bf16_bits_to_float(gate_up[t * 2 * ffn + i]), u = bf16_bits_to_float(gate_up[t * 2 * ffn + ffn + i]);
+    out[t * ffn + i] = float_to_bf16_bits(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+__global__ void logprob_kernel(const float* logits, const int32_t* targets, int vocab, double* logprob,
+                               uint8_t* greedy) {
+  const int64_t r = blockIdx.x;
+  const float* row = logits + r * vocab;
+  __shared__ float best_v[32];
+  __shared__ int best_i[32];
+  float bv = -INFINITY;
+  int bi = vocab;
+  for (int v = threadIdx.x; v < vocab; v += blockDim.x)
+    if (row[v] > bv || bi == vocab) {
+      bv = row[v];
+      bi = v;
+    }
+  for (int o = 16; o > 0; o >>= 1) {  // first maximum: the larger value, then the lower index
+    const float ov = __shfl_xor_sync(0xFFFFFFFFu, bv, o);
+    const int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, o);
+    if (ov > bv || (ov == bv && oi < bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  if ((threadIdx.x & 31) == 0) {
+    best_v[threadIdx.x / 32] = bv;
+    best_i[threadIdx.x / 32] = bi;
+  }
+  __syncthreads();
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w)
+    if (best_v[w] > bv || (best_v[w] == bv && best_i[w] < bi)) {
+      bv = best_v[w];
+      bi = best_i[w];
+    }
+  double sum = 0.0;
+  for (int v = threadIdx.x; v < vocab; v += blockDim.x) sum += exp(static_cast<double>(row[v]) - bv);
+  __shared__ double partial[32];
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, o);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x / 32] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += partial[w];
+    const int target = targets[r];
+    logprob[r] = static_cast<double>(row[target]) - bv - log(total);
+    greedy[r] = bi == target ? 1 : 0;
+  }
+}
+
+unsigned grid_rows(int64_t rows) { return static_cast<unsigned>(rows); }
+
+}  // namespace
+
+cudaError_t embed_tokens(const int32_t* tokens, int64_t M, const uint16_t* table, int hidden, float* x,
+                         cudaStream_t stream) {
+  if (M <= 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  embed_kernel<<<grid_rows(M), 256, 0, stream>>>(tokens, table, hidden, x);
+  return cudaGetLastError();
+}
+
+cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, const float* gamma, float eps,
+                        uint16_t* out, cudaStream_t stream) {
+  if (M <= 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  add_rmsnorm_kernel<<<grid_rows(M), 256, 0, stream>>>(x, y, hidden, gamma, eps, out);
+  return cudaGetLastError();
+}
+
+cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
+                           bool neox, uint16_t* q, uint16_t* k_cache, uint16_t* v_cache, cudaStream_t stream) {
+  if (s.rows() <= 0 || s.position + s.tokens > s.max_context || s.head_dim % 2 != 0) return cudaErrorInvalidValue;
+  rope_kernel<<<grid_rows(s.rows()), 256, 0, stream>>>(qkv, bias, s, rope, neox, q, k_cache, v_cache);
+  return cudaGetLastError();
+}
+
+bool attention_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+size_t attention_workspace_floats(const AttentionShape& s, int splits) {
+  if (splits <= 1) return 0;
+  const size_t slots = static_cast<size_t>(splits) * s.batch * s.n_kv_heads * s.tokens * (s.n_heads / s.n_kv_heads);
+  return slots * (s.head_dim + 1);
+}
+
+int attention_splits(const AttentionShape& s) {
+  const int64_t group_rows = static_cast<int64_t>(s.tokens) * (s.n_heads / s.n_kv_heads);
+  const int64_t ctas = (group_rows + kAttnRows - 1) / kAttnRows * s.n_kv_heads * s.batch;
+  const int64_t target = 2 * static_cast<int64_t>(device_sm_count());
+  if (ctas >= target) return 1;
+  const int64_t key_blocks = (s.position + s.tokens + kAttnKeys - 1) / kAttnKeys;
+  const int64_t splits = std::min<int64_t>({(target + ctas - 1) / ctas, key_blocks, 64});
+  return static_cast<int>(std::max<int64_t>(splits, 1));
+}
+
+cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const AttentionShape& s,
+                      uint16_t* out, int splits, float* workspace, cudaStream_t stream) {
+  if (s.rows() <= 0 || s.n_kv_heads <= 0 || s.n_heads % s.n_kv_heads != 0 || !attention_supports_head_dim(s.head_dim) ||
+      splits < 1 || (splits > 1 && workspace == nullptr) || s.position + s.tokens > s.max_context)
+    return cudaErrorInvalidValue;
+  const int group_rows = s.tokens * (s.n_heads / s.n_kv_heads);
+  const dim3 grid(static_cast<unsigned>((group_rows + kAttnRows - 1) / kAttnRows), static_cast<unsigned>(s.n_kv_heads),
+                  static_cast<unsigned>(s.batch * splits));
+  float* part_o = workspace;
+  float* part_lse = splits > 1 ? workspace + static_cast<size_t>(splits) * s.batch * s.n_kv_heads * group_rows * s.head_dim
+                               : nullptr;
+  if (s.head_dim == 64)
+    attention_kernel<64><<<grid, kAttnThreads, 0, stream>>>(q, k_cache, v_cache, s, splits, out, part_o, part_lse);
+  else
+    attention_kernel<128><<<grid, kAttnThreads, 0, stream>>>(q, k_cache, v_cache, s, splits, out, part_o, part_lse);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || splits == 1) return e;
+  attention_merge_kernel<<<dim3(static_cast<unsigned>(group_rows), static_cast<unsigned>(s.n_kv_heads),
+                                static_cast<unsigned>(s.batch)),
+                           static_cast<unsigned>(s.head_dim), 0, stream>>>(part_o, part_lse, s, splits, out);
+  return cudaGetLastError();
+}
+
+cudaError_t swiglu(const uint16_t* gate_up, int64_t M, int ffn, uint16_t* out, cudaStream_t stream) {
+  if (M <= 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  swiglu_kernel<<<grid_rows(M), 256, 0, stream>>>(gate_up, ffn, out);
+  return cudaGetLastError();
+}
+
+cudaError_t token_logprobs(const float* logits, const int32_t* targets, int64_t rows, int vocab, double* logprob,
+                           uint8_t* greedy, cudaStream_t stream) {
+  if (rows <= 0) return rows == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  logprob_kernel<<<grid_rows(rows), 512, 0, stream>>>(logits, targets, vocab, logprob, greedy);
+  return cudaGetLastError();
+}
+
+}  // namespace micromix::cuda

@@ -1,0 +1,63 @@
+// The non-GEMM kernels of the GPU decoder runtime: embedding lookup, residual add +
+// RMSNorm, RoPE with the KV-cache write, causal attention over the cache (flash-style,
+// bf16 tensor cores, optionally split over the keys for decode), SwiGLU and the
+// per-token log-softmax score. Activations between layers are bf16; the residual stream
+// is fp32. Shapes follow model::ModelConfig; every pointer is a device pointer and every
+// function is asynchronous on `stream`.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "micromix/mx/format.h"  // MICROMIX_HD
+
+namespace micromix::cuda {
+
+// x[t, :] = table[tokens[t], :] (bf16 table, fp32 residual rows [M, hidden]).
+cudaError_t embed_tokens(const int32_t* tokens, int64_t M, const uint16_t* table, int hidden, float* x,
+                         cudaStream_t stream);
+
+// x += y (when y is set; y bf16), then out = bf16(x / rms(x) * gamma), rms in fp32:
+// sqrt(mean(x^2) + eps). x fp32 [M, hidden].
+cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, const float* gamma, float eps,
+                        uint16_t* out, cudaStream_t stream);
+
+// Where the batch stands: `batch` sequences of `tokens` new tokens each, all at the
+// same `position`; token t of sequence b is row b * tokens + t.
+struct AttentionShape {
+  int batch = 1, tokens = 0, position = 0;
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int max_context = 0;  // positions per sequence in the cache
+  MICROMIX_HD int q_dim() const { return n_heads * head_dim; }
+  MICROMIX_HD int kv_dim() const { return n_kv_heads * head_dim; }
+  MICROMIX_HD int64_t rows() const { return static_cast<int64_t>(batch) * tokens; }
+};
+
+// qkv bf16 [rows, q_dim + 2 kv_dim] (+ bias fp32 [q_dim + 2 kv_dim] when set): rotates q
+// and k (rope: [max_context, head_dim / 2] (cos, sin) pairs; neox: pairs (i, i + d/2),
+// else (2i, 2i+1)), writes q bf16 [rows, q_dim] and k, v into the layer's cache, bf16
+// [batch, n_kv_heads, max_context, head_dim].
+cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
+                           bool neox, uint16_t* q, uint16_t* k_cache, uint16_t* v_cache, cudaStream_t stream);
+
+// Causal attention of q [rows, q_dim] over cache positions [0, position + t] for token t;
+// out bf16 [rows, q_dim]. Heads that share a KV head are scored together. head_dim 64 or
+// 128. `splits` > 1 divides each query tile's keys over that many CTAs and merges them
+// after (flash decoding); workspace then holds attention_workspace_floats(s, splits).
+cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const AttentionShape& s,
+                      uint16_t* out, int splits, float* workspace, cudaStream_t stream);
+size_t attention_workspace_floats(const AttentionShape& s, int splits);
+// A split count that fills the GPU for this shape (1 when the query tiles already do).
+int attention_splits(const AttentionShape& s);
+bool attention_supports_head_dim(int head_dim);
+
+// out[t, i] = bf16(silu(g) * u), g = gate_up[t, i], u = gate_up[t, ffn + i].
+cudaError_t swiglu(const uint16_t* gate_up, int64_t M, int ffn, uint16_t* out, cudaStream_t stream);
+
+// For each row r of logits fp32 [rows, vocab]: logprob[r] = log softmax(row)[targets[r]]
+// (sum of exponentials in double) and greedy[r] = 1 when targets[r] is the first maximum.
+cudaError_t token_logprobs(const float* logits, const int32_t* targets, int64_t rows, int vocab, double* logprob,
+                           uint8_t* greedy, cudaStream_t stream);
+
+}  // namespace micromix::cuda

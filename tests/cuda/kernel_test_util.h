@@ -1,0 +1,41 @@
+// Shared by the CUDA kernel tests (on a GPU and in the CPU execution of tests/cuda/cpu).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+
+#include <cuda_runtime.h>
+
+namespace micromix::cuda::test_support {
+
+inline bool have_gpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+// Inputs come from a fixed seed; MICROMIX_TEST_SEED picks another.
+inline uint64_t test_seed() {
+  static const uint64_t seed = [] {
+    const char* env = std::getenv("MICROMIX_TEST_SEED");
+    const uint64_t s = env ? std::strtoull(env, nullptr, 10) : 20260823ull;
+    std::printf("random inputs from seed %llu (MICROMIX_TEST_SEED)\n", static_cast<unsigned long long>(s));
+    return s;
+  }();
+  return seed;
+}
+
+inline std::mt19937_64& rng() {
+  static std::mt19937_64 g(test_seed());
+  return g;
+}
+
+}  // namespace micromix::cuda::test_support
+
+#define REQUIRE_GPU() \
+  if (!::micromix::cuda::test_support::have_gpu()) GTEST_SKIP() << "no CUDA device"
+
+#define CK(x) ASSERT_EQ((x), cudaSuccess) << #x

@@ -1,0 +1,268 @@
+// The GPU runtime's non-GEMM kernels against float64 / exact CPU references:
+// - rope_and_cache: rotated q and k and the copied v, within one bf16 rounding of the
+//   float64 rotation of the same inputs; cache slots of other positions untouched.
+// - attention: prefill (causal, GQA) and decode with and without splitting the keys,
+//   against a float64 softmax attention over the same bf16 q/k/v. Error budget per
+//   element: P is rounded to bf16 before P.V (2^-9 relative per weight, at most
+//   2^-9 max|v| in all) and the output to bf16 (2^-9 |out|); the bound is twice that.
+//   A key masked wrongly moves the output by about max|v| / keys, well beyond it.
+// - add_rmsnorm, swiglu, embed_tokens: element-wise against float64 (one bf16 rounding).
+// - token_logprobs: log-softmax against float64 and first-maximum argmax with ties.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernel_test_util.h"
+#include "micromix/mx/format.h"
+#include "model_kernels.h"
+#include "mx_host.h"
+
+using namespace micromix;
+using namespace micromix::cuda;
+using micromix::cuda::test_support::rng;
+
+namespace {
+
+float bf(uint16_t b) { return mx::bf16_bits_to_float(b); }
+
+std::vector<uint16_t> random_bf16(size_t n, float scale) {
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<uint16_t> v(n);
+  for (auto& x : v) x = mx::float_to_bf16_bits(nd(rng()));
+  return v;
+}
+
+// |got - want| <= 2^-8 |want| (one bf16 rounding of a value computed in fp32) + abs.
+void expect_bf16_close(float got, double want, double abs, const char* what, size_t i) {
+  ASSERT_LE(std::fabs(got - want), std::ldexp(std::fabs(want), -8) + abs) << what << " element " << i;
+}
+
+struct AttnCase {
+  AttentionShape s;
+  std::vector<uint16_t> q, kc, vc;  // device results read back
+};
+
+// Float64 reference of one attention output row.
+std::vector<double> reference_row(const AttnCase& c, int b, int t, int h) {
+  const AttentionShape& s = c.s;
+  const int D = s.head_dim, kvh = h / (s.n_heads / s.n_kv_heads), keys = s.position + t + 1;
+  const uint16_t* q = c.q.data() + (static_cast<size_t>(b) * s.tokens + t) * s.q_dim() + h * D;
+  const size_t base = (static_cast<size_t>(b) * s.n_kv_heads + kvh) * s.max_context * D;
+  std::vector<double> score(keys), out(D, 0.0);
+  double mx = -INFINITY;
+  for (int j = 0; j < keys; ++j) {
+    double dot = 0;
+    for (int d = 0; d < D; ++d) dot += double(bf(q[d])) * bf(c.kc[base + static_cast<size_t>(j) * D + d]);
+    score[j] = dot / std::sqrt(double(D));
+    mx = std::max(mx, score[j]);
+  }
+  double sum = 0;
+  for (int j = 0; j < keys; ++j) sum += (score[j] = std::exp(score[j] - mx));
+  for (int j = 0; j < keys; ++j)
+    for (int d = 0; d < D; ++d) out[d] += score[j] / sum * bf(c.vc[base + static_cast<size_t>(j) * D + d]);
+  return out;
+}
+
+void check_attention(const AttnCase& c, const std::vector<uint16_t>& out) {
+  const AttentionShape& s = c.s;
+  float vmax = 0;
+  for (const uint16_t v : c.vc)
+    if (!std::isnan(bf(v))) vmax = std::max(vmax, std::fabs(bf(v)));
+  for (int b = 0; b < s.batch; ++b)
+    for (int t = 0; t < s.tokens; ++t)
+      for (int h = 0; h < s.n_heads; ++h) {
+        const auto ref = reference_row(c, b, t, h);
+        for (int d = 0; d < s.head_dim; ++d) {
+          const float got = bf(out[(static_cast<size_t>(b) * s.tokens + t) * s.q_dim() + h * s.head_dim + d]);
+          ASSERT_LE(std::fabs(got - ref[d]), std::ldexp(vmax, -8) + std::ldexp(std::fabs(ref[d]), -8))
+              << "batch " << b << " token " << t << " head " << h << " dim " << d << " (position " << s.position << ")";
+        }
+      }
+}
+
+void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, int prompt, bool neox) {
+  AttentionShape s;
+  s.batch = batch;
+  s.n_heads = n_heads;
+  s.n_kv_heads = n_kv_heads;
+  s.head_dim = head_dim;
+  s.max_context = prompt + 8;
+  const int qkv_dim = s.q_dim() + 2 * s.kv_dim(), half = head_dim / 2;
+  std::vector<float2> rope(static_cast<size_t>(s.max_context) * half);
+  for (int p = 0; p < s.max_context; ++p)
+    for (int i = 0; i < half; ++i) {
+      const double a = p * std::pow(10000.0, -2.0 * i / head_dim);
+      rope[static_cast<size_t>(p) * half + i] = {static_cast<float>(std::cos(a)), static_cast<float>(std::sin(a))};
+    }
+  std::vector<float> bias(qkv_dim);
+  for (auto& x : bias) x = std::normal_distribution<float>(0.0f, 0.1f)(rng());
+  const size_t cache_n = static_cast<size_t>(batch) * s.kv_dim() * s.max_context;
+  DeviceBuffer<float2> d_rope(rope.size());
+  d_rope.upload(rope);
+  DeviceBuffer<float> d_bias(bias.size());
+  d_bias.upload(bias);
+  DeviceBuffer<uint16_t> kc(cache_n), vc(cache_n);
+  kc.upload(std::vector<uint16_t>(cache_n, 0x7FC0));  // NaN: any read of an unwritten slot shows
+  vc.upload(std::vector<uint16_t>(cache_n, 0x7FC0));
+
+  // Prefill of `prompt` tokens, then two decode steps.
+  int position = 0;
+  for (const int tokens : {prompt, 1, 1}) {
+    s.position = position;
+    s.tokens = tokens;
+    const size_t rows = static_cast<size_t>(s.rows());
+    const auto qkv = random_bf16(rows * qkv_dim, 1.0f);
+    DeviceBuffer<uint16_t> d_qkv(qkv.size()), d_q(rows * s.q_dim());
+    d_qkv.upload(qkv);
+    CK(rope_and_cache(d_qkv.ptr, d_bias.ptr, s, d_rope.ptr, neox, d_q.ptr, kc.ptr, vc.ptr, nullptr));
+    AttnCase c{s, d_q.download(), kc.download(), vc.download()};
+    // RoPE: q and k rotated, v copied, all from qkv + bias.
+    for (size_t r = 0; r < rows; ++r) {
+      const int b = static_cast<int>(r / tokens), pos = position + static_cast<int>(r % tokens);
+      auto in = [&](int col) { return double(bf(qkv[r * qkv_dim + col])) + bias[col]; };
+      for (int head = 0; head < n_heads + n_kv_heads; ++head)
+        for (int i = 0; i < half; ++i) {
+          const int c0 = head * head_dim + (neox ? i : 2 * i), c1 = c0 + (neox ? half : 1);
+          const float2 cs = rope[static_cast<size_t>(pos) * half + i];
+          const double y0 = in(c0) * cs.x - in(c1) * cs.y, y1 = in(c0) * cs.y + in(c1) * cs.x;
+          float g0, g1;
+          if (head < n_heads) {
+            g0 = bf(c.q[r * s.q_dim() + c0]);
+            g1 = bf(c.q[r * s.q_dim() + c1]);
+          } else {
+            const int kvh = head - n_heads;
+            const size_t at = ((static_cast<size_t>(b) * n_kv_heads + kvh) * s.max_context + pos) * head_dim;
+            g0 = bf(c.kc[at + c0 - s.q_dim() - kvh * head_dim]);
+            g1 = bf(c.kc[at + c1 - s.q_dim() - kvh * head_dim]);
+          }
+          expect_bf16_close(g0, y0, 1e-6, "rope", r);
+          expect_bf16_close(g1, y1, 1e-6, "rope", r);
+        }
+      for (int col = 0; col < s.kv_dim(); ++col) {
+        const size_t at = ((static_cast<size_t>(b) * n_kv_heads + col / head_dim) * s.max_context + pos) * head_dim;
+        expect_bf16_close(bf(c.vc[at + col % head_dim]), in(s.q_dim() + s.kv_dim() + col), 1e-6, "v", r);
+      }
+    }
+    // Unwritten cache slots keep their NaN.
+    for (int b = 0; b < batch; ++b)
+      for (int h = 0; h < n_kv_heads; ++h)
+        ASSERT_TRUE(std::isnan(bf(c.kc[((static_cast<size_t>(b) * n_kv_heads + h) * s.max_context + position + tokens) * head_dim])));
+
+    std::vector<int> split_counts = {1, attention_splits(s)};
+    if (tokens == 1) split_counts.push_back(3);
+    for (const int splits : split_counts) {
+      DeviceBuffer<uint16_t> out(rows * s.q_dim());
+      DeviceBuffer<float> ws(std::max<size_t>(attention_workspace_floats(s, splits), 1));
+      CK(attention(d_q.ptr, kc.ptr, vc.ptr, s, out.ptr, splits, ws.ptr, nullptr));
+      SCOPED_TRACE("splits " + std::to_string(splits));
+      check_attention(c, out.download());
+    }
+    position += tokens;
+  }
+}
+
+TEST(ModelKernels, RopeAndAttentionSmall) {
+  rope_attention_case(64, 4, 2, 2, 37, true);
+  rope_attention_case(128, 4, 1, 1, 70, false);
+}
+
+TEST(ModelKernels, RejectsUnsupportedShapes) {
+  AttentionShape s;
+  s.batch = 1;
+  s.tokens = 4;
+  s.n_heads = 4;
+  s.n_kv_heads = 2;
+  s.head_dim = 96;
+  s.max_context = 8;
+  EXPECT_EQ(attention(nullptr, nullptr, nullptr, s, nullptr, 1, nullptr, nullptr), cudaErrorInvalidValue);
+  s.head_dim = 64;
+  s.position = 6;  // 6 + 4 > 8
+  EXPECT_EQ(attention(nullptr, nullptr, nullptr, s, nullptr, 1, nullptr, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(rope_and_cache(nullptr, nullptr, s, nullptr, true, nullptr, nullptr, nullptr, nullptr), cudaErrorInvalidValue);
+  s.position = 0;
+  EXPECT_EQ(attention(nullptr, nullptr, nullptr, s, nullptr, 2, nullptr, nullptr), cudaErrorInvalidValue);  // no workspace
+}
+
+TEST(ModelKernels, NormSwigluEmbedSmall) {
+  const int M = 5, H = 96, F = 80, V = 11;
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(M * H), gamma(H);
+  for (auto& v : x) v = 3.0f * nd(rng());
+  for (auto& v : gamma) v = 1.0f + 0.3f * nd(rng());
+  const auto y = random_bf16(M * H, 2.0f);
+  DeviceBuffer<float> dx(x.size()), dg(gamma.size());
+  DeviceBuffer<uint16_t> dy(y.size()), dout(M * H);
+  dx.upload(x);
+  dg.upload(gamma);
+  dy.upload(y);
+  CK(add_rmsnorm(dx.ptr, dy.ptr, M, H, dg.ptr, 1e-5f, dout.ptr, nullptr));
+  const auto x2 = dx.download();
+  const auto out = dout.download();
+  for (int r = 0; r < M; ++r) {
+    double ss = 0;
+    for (int i = 0; i < H; ++i) {
+      const float sum = x[r * H + i] + bf(y[r * H + i]);
+      ASSERT_EQ(x2[r * H + i], sum) << "residual " << r << "," << i;
+      ss += double(sum) * sum;
+    }
+    const double inv = 1.0 / std::sqrt(ss / H + 1e-5);
+    for (int i = 0; i < H; ++i) expect_bf16_close(bf(out[r * H + i]), x2[r * H + i] * inv * gamma[i], 1e-5, "rmsnorm", i);
+  }
+
+  const auto gu = random_bf16(M * 2 * F, 2.0f);
+  DeviceBuffer<uint16_t> dgu(gu.size()), dact(M * F);
+  dgu.upload(gu);
+  CK(swiglu(dgu.ptr, M, F, dact.ptr, nullptr));
+  const auto act = dact.download();
+  for (int r = 0; r < M; ++r)
+    for (int i = 0; i < F; ++i) {
+      const double g = bf(gu[r * 2 * F + i]), u = bf(gu[r * 2 * F + F + i]);
+      expect_bf16_close(bf(act[r * F + i]), g / (1 + std::exp(-g)) * u, 1e-6, "swiglu", i);
+    }
+
+  const auto table = random_bf16(V * H, 1.0f);
+  const std::vector<int32_t> toks = {3, 0, 10, 3, 7};
+  DeviceBuffer<uint16_t> dt(table.size());
+  DeviceBuffer<int32_t> dtok(toks.size());
+  dt.upload(table);
+  dtok.upload(toks);
+  CK(embed_tokens(dtok.ptr, M, dt.ptr, H, dx.ptr, nullptr));
+  const auto e = dx.download();
+  for (int r = 0; r < M; ++r)
+    for (int i = 0; i < H; ++i) ASSERT_EQ(e[r * H + i], bf(table[toks[r] * H + i]));
+}
+
+TEST(ModelKernels, TokenLogprobsSmall) {
+  const int rows = 4, V = 1500;
+  std::normal_distribution<float> nd(0.0f, 4.0f);
+  std::vector<float> logits(rows * V);
+  for (auto& v : logits) v = nd(rng());
+  // Row 2: the maximum twice (indices 100 and 900); the first one is the argmax.
+  const float top = *std::max_element(logits.begin() + 2 * V, logits.begin() + 3 * V) + 1.0f;
+  logits[2 * V + 100] = logits[2 * V + 900] = top;
+  const std::vector<int32_t> targets = {5, int32_t(std::max_element(logits.begin() + V, logits.begin() + 2 * V) - logits.begin() - V), 900, V - 1};
+  DeviceBuffer<float> dl(logits.size());
+  DeviceBuffer<int32_t> dt(targets.size());
+  DeviceBuffer<double> dlp(rows);
+  DeviceBuffer<uint8_t> dg(rows);
+  dl.upload(logits);
+  dt.upload(targets);
+  CK(token_logprobs(dl.ptr, dt.ptr, rows, V, dlp.ptr, dg.ptr, nullptr));
+  const auto lp = dlp.download();
+  const auto g = dg.download();
+  for (int r = 0; r < rows; ++r) {
+    const float* row = logits.data() + r * V;
+    const double mx = *std::max_element(row, row + V);
+    double sum = 0;
+    for (int v = 0; v < V; ++v) sum += std::exp(double(row[v]) - mx);
+    EXPECT_NEAR(lp[r], row[targets[r]] - mx - std::log(sum), 1e-9) << "row " << r;
+    const int arg = static_cast<int>(std::max_element(row, row + V) - row);  // first maximum
+    EXPECT_EQ(g[r] != 0, arg == targets[r]) << "row " << r;
+  }
+  EXPECT_EQ(g[1], 1);
+  EXPECT_EQ(g[2], 0);  // a tie goes to the first index
+}
+
+}  // namespace

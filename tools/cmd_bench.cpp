@@ -1,0 +1,260 @@
+// `micromix bench`: end-to-end prefill latency, peak GPU memory and decode throughput of
+// the GPU runtime, on a loaded model or on a synthetic Llama-3.1-8B-shaped one.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+
+#include "common.h"
+#include "micromix/common/io.h"
+#include "micromix/model/presets.h"
+
+#ifdef MICROMIX_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "gpu_runtime.h"
+#include "mx_host.h"
+#endif
+
+namespace micromix::cli {
+namespace {
+
+std::vector<int> int_list(const std::string& s, const char* what) {
+  std::vector<int> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    char* end = nullptr;
+    const long x = std::strtol(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || x <= 0 || x > 1 << 20)
+      throw UsageError(std::string("--") + what + ": '" + item + "' is not a positive count");
+    v.push_back(static_cast<int>(x));
+  }
+  if (v.empty()) throw UsageError(std::string("--") + what + " is empty");
+  std::sort(v.begin(), v.end());
+  v.erase(std::unique(v.begin(), v.end()), v.end());
+  return v;
+}
+
+std::string utc_timestamp() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+#ifdef MICROMIX_HAVE_CUDA
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Device-to-device copy bandwidth (bytes read + written per second), the ceiling that
+// decode is held against.
+double copy_bandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  cuda::cuda_check(cudaMalloc(&a, bytes), "cudaMalloc");
+  cuda::cuda_check(cudaMalloc(&b, bytes), "cudaMalloc");
+  std::vector<double> t;
+  for (int i = 0; i < 12; ++i) {
+    cuda::cuda_check(cudaDeviceSynchronize(), "sync");
+    const auto t0 = Clock::now();
+    cuda::cuda_check(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "copy");
+    cuda::cuda_check(cudaDeviceSynchronize(), "sync");
+    if (i >= 2) t.push_back(seconds_since(t0));
+  }
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * bytes / median(t);
+}
+
+nlohmann::json run_mode(cuda::GpuRuntime& rt, const std::string& mode, const std::vector<int>& batches,
+                        const std::vector<int>& decode_batches, int prompt, int decode_tokens, int repeats,
+                        double bandwidth) {
+  const auto& c = rt.config();
+  std::mt19937 rng(1234);
+  std::uniform_int_distribution<int32_t> tok(0, c.vocab - 1);
+  auto random_tokens = [&](size_t n) {
+    std::vector<int32_t> v(n);
+    for (auto& t : v) t = tok(rng);
+    return v;
+  };
+  nlohmann::json out = {{"mode", mode}, {"prefill", nlohmann::json::array()}, {"decode", nlohmann::json::array()}};
+  std::vector<float> logits;
+  for (const int b : batches) {
+    logits.resize(static_cast<size_t>(b) * c.vocab);
+    std::vector<double> t;
+    for (int r = 0; r < repeats + 1; ++r) {  // the first run warms up (allocations, cuBLAS heuristics)
+      const auto tokens = random_tokens(static_cast<size_t>(b) * prompt);
+      rt.reset();
+      rt.synchronize();
+      const auto t0 = Clock::now();
+      rt.forward_batch(tokens, b, prompt, logits.data());
+      if (r > 0) t.push_back(seconds_since(t0));
+      char line[160];
+      std::snprintf(line, sizeof line, "bench %s: prefill batch %d x %d, run %d/%d", mode.c_str(), b, prompt, r + 1,
+                    repeats + 1);
+      progress(line);
+    }
+    const auto mem = rt.memory();
+    const double ms = median(t) * 1e3;
+    out["prefill"].push_back({{"batch", b},
+                              {"tokens", prompt},
+                              {"ms", ms},
+                              {"tokens_per_second", b * prompt / (ms * 1e-3)},
+                              {"peak_memory_gib", mem.peak / double(1 << 30)}});
+  }
+  for (const int b : decode_batches) {
+    logits.resize(static_cast<size_t>(b) * c.vocab);
+    rt.reset();
+    rt.forward_batch(random_tokens(static_cast<size_t>(b) * prompt), b, prompt, logits.data());
+    std::vector<double> t;
+    for (int s = 0; s < decode_tokens + 2; ++s) {
+      const auto next = random_tokens(b);
+      const auto t0 = Clock::now();
+      rt.forward_batch(next, b, 1, logits.data());
+      if (s >= 2) t.push_back(seconds_since(t0));
+    }
+    char line[160];
+    std::snprintf(line, sizeof line, "bench %s: decode batch %d done", mode.c_str(), b);
+    progress(line);
+    const double step = median(t);
+    const auto mem = rt.memory();
+    // Bytes one decode step must read: every linear weight (codes and scales), the
+    // lm_head, the KV cache of every sequence at the mean context, the norms.
+    const double ctx = prompt + decode_tokens / 2.0 + 1;
+    const double kv = 2.0 * c.n_layers * c.kv_dim() * 2.0 * ctx * b;
+    const double lm_head = 2.0 * c.vocab * c.hidden;
+    const double bytes = double(mem.linear_weights) + lm_head + kv;
+    out["decode"].push_back({{"batch", b},
+                             {"context", prompt},
+                             {"ms_per_step", step * 1e3},
+                             {"tokens_per_second", b / step},
+                             {"bytes_per_step", bytes},
+                             {"gb_per_second", bytes / step / 1e9},
+                             {"fraction_of_copy_bandwidth", bytes / step / bandwidth}});
+  }
+  const auto mem = rt.memory();
+  out["linear_weight_bytes"] = mem.linear_weights;
+  out["folded_weight_bytes"] = mem.folded_weights;
+  out["other_weight_bytes"] = mem.other_weights;
+  out["kv_cache_bytes"] = mem.kv_cache;
+  out["lossy_activation_elements"] = rt.lossy_activation_elements();
+  return out;
+}
+#endif
+
+int run_bench(const ParsedArgs& args) {
+  if (device_from_args(args) != "cuda") throw UsageError("bench measures the GPU runtime: give --device cuda");
+#ifndef MICROMIX_HAVE_CUDA
+  return 1;
+#else
+  const auto batches = int_list(args.str("batches"), "batches");
+  const auto decode_batches = int_list(args.str("decode-batches"), "decode-batches");
+  const int64_t prompt = args.integer("prompt"), decode_tokens = args.integer("decode-tokens"),
+                repeats = args.integer("repeats");
+  if (prompt < 1 || prompt > 1 << 17) throw UsageError("--prompt must be between 1 and 131072");
+  if (decode_tokens < 1 || decode_tokens > 4096) throw UsageError("--decode-tokens must be between 1 and 4096");
+  if (repeats < 1 || repeats > 100) throw UsageError("--repeats must be between 1 and 100");
+  std::vector<std::string> modes;
+  {
+    std::stringstream ss(args.str("modes"));
+    std::string m;
+    while (std::getline(ss, m, ','))
+      if (!m.empty()) modes.push_back(m);
+  }
+  if (modes.empty()) throw UsageError("--modes is empty");
+  if (!cuda::gpu_available()) throw std::runtime_error("no Hopper (compute capability 9.0) GPU found");
+  const int max_batch = std::max(batches.back(), decode_batches.back());
+  const int context = static_cast<int>(prompt + decode_tokens + 2);
+  const bool synthetic = args.given("synthetic");
+  if (synthetic && args.str("synthetic") != "llama-3.1-8b")
+    throw UsageError("--synthetic: the known shape is llama-3.1-8b");
+  progress("bench: measuring copy bandwidth");
+  const double bandwidth = copy_bandwidth();
+  nlohmann::json out = {{"date", utc_timestamp()},
+                        {"prompt_tokens", prompt},
+                        {"decode_tokens", decode_tokens},
+                        {"repeats", repeats},
+                        {"copy_bandwidth_gbs", bandwidth / 1e9},
+                        {"modes", nlohmann::json::array()}};
+  for (const auto& mode : modes) {
+    std::unique_ptr<cuda::GpuRuntime> rt;
+    if (synthetic) {
+      const auto cfg = model::llama31_8b_config();
+      std::array<mx::MixPlan, model::kNumLinearSlots> plans{};
+      const int ks[model::kNumLinearSlots] = {cfg.hidden, cfg.q_dim(), cfg.hidden, cfg.ffn};
+      for (int s = 0; s < model::kNumLinearSlots; ++s) {
+        if (mode == "micromix") plans[s] = model::mix_from_counts(model::kLlama31_8bMicroMixCounts[s], ks[s]);
+        else if (mode == "mxfp4") plans[s] = {ks[s], 0, 0};
+        else if (mode == "mxfp6") plans[s] = {0, ks[s], 0};
+        else if (mode == "mxfp8") plans[s] = {0, 0, ks[s]};
+        else if (mode != "bf16") throw UsageError("unknown mode '" + mode + "' (bf16, micromix, mxfp4, mxfp6, mxfp8)");
+      }
+      progress("bench: building the synthetic " + cfg.name + " model (" + mode + ")");
+      rt = cuda::GpuRuntime::synthetic(cfg, mode == "bf16" ? nullptr : &plans, mx::ScaleRule::Ceil, context, max_batch,
+                                       42);
+      out["model"] = cfg.name + ", synthetic weights";
+    } else {
+      ParsedArgs a = args;
+      a.values["quant"] = mode;
+      LoadedModel m = load_model_from_args(a);
+      rt = std::make_unique<cuda::GpuRuntime>(m.weights, m.quant, context, max_batch);
+      out["model"] = m.path;
+    }
+    out["device"] = rt->device_name();
+    nlohmann::json r = run_mode(*rt, mode, batches, decode_batches, static_cast<int>(prompt),
+                                static_cast<int>(decode_tokens), static_cast<int>(repeats), bandwidth);
+    progress_done();
+    for (const auto& p : r["prefill"])
+      std::fprintf(stderr, "%-9s prefill %2d x %lld: %9.2f ms  %8.0f tok/s  peak %.2f GiB\n", mode.c_str(),
+                   p["batch"].get<int>(), static_cast<long long>(prompt), p["ms"].get<double>(),
+                   p["tokens_per_second"].get<double>(), p["peak_memory_gib"].get<double>());
+    for (const auto& d : r["decode"])
+      std::fprintf(stderr, "%-9s decode  %2d: %8.3f ms/step  %8.1f tok/s  %6.0f GB/s (%.0f%% of copy)\n", mode.c_str(),
+                   d["batch"].get<int>(), d["ms_per_step"].get<double>(), d["tokens_per_second"].get<double>(),
+                   d["gb_per_second"].get<double>(), 100 * d["fraction_of_copy_bandwidth"].get<double>());
+    out["modes"].push_back(std::move(r));
+  }
+  if (args.given("output")) write_file_atomic(args.str("output"), out.dump(2) + "\n");
+  if (args.flag("json")) std::cout << out.dump(2) << "\n";
+  return 0;
+#endif
+}
+
+std::vector<OptionSpec> bench_options() {
+  auto o = model_options();
+  o.push_back(device_option());
+  o.insert(o.end(), {{"synthetic", "SHAPE", "", "random weights of this shape instead of --model (llama-3.1-8b)"},
+                     {"modes", "LIST", "micromix,bf16", "modes to run, one after the other"},
+                     {"batches", "LIST", "1,8,16", "prefill batch sizes"},
+                     {"prompt", "N", "2048", "prompt tokens per sequence"},
+                     {"decode-batches", "LIST", "1,16", "decode batch sizes (after a prompt of --prompt tokens)"},
+                     {"decode-tokens", "N", "32", "timed decode steps"},
+                     {"repeats", "N", "3", "timed prefill runs per batch (median; one more warms up)"},
+                     {"output", "FILE", "", "also write the results as JSON to FILE"},
+                     {"json", "", "", "print JSON"}});
+  return o;
+}
+
+const RegisterCommand register_bench(
+    {"bench", "GPU prefill latency, peak memory and decode speed",
+     "--device cuda [--synthetic llama-3.1-8b | --model M] [--modes micromix,bf16] [--batches 1,8,16] [--json]",
+     "Prefill: median wall time of a forward over batch x prompt tokens with the last\n"
+     "token's logits. Decode: median step of batch sequences one token each after the\n"
+     "prompt, against the bytes a step must read (weights, lm_head, KV cache).",
+     bench_options(), run_bench});
+
+}  // namespace
+}  // namespace micromix::cli
