@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -125,6 +126,42 @@ struct GpuRuntime::Impl {
   DeviceBuffer<unsigned long long> lossy;
   size_t peak = 0;
 
+  // Optional per-stage timing (CUDA events around each launch group).
+  bool profiling = false;
+  struct Pending {
+    std::string name;
+    cudaEvent_t start, stop;
+  };
+  std::vector<Pending> pending;
+  std::map<std::string, double> profile_ms;
+
+  template <typename F>
+  void stage(const std::string& name, F&& launch) {
+    if (!profiling) {
+      launch();
+      return;
+    }
+    Pending p{name, nullptr, nullptr};
+    cuda_check(cudaEventCreate(&p.start), "cudaEventCreate");
+    cuda_check(cudaEventCreate(&p.stop), "cudaEventCreate");
+    cuda_check(cudaEventRecord(p.start, stream), "cudaEventRecord");
+    launch();
+    cuda_check(cudaEventRecord(p.stop, stream), "cudaEventRecord");
+    pending.push_back(p);
+  }
+
+  void collect_profile() {
+    cuda_check(cudaStreamSynchronize(stream), "profile");
+    for (auto& p : pending) {
+      float ms = 0;
+      cuda_check(cudaEventElapsedTime(&ms, p.start, p.stop), "cudaEventElapsedTime");
+      profile_ms[p.name] += ms;
+      cudaEventDestroy(p.start);
+      cudaEventDestroy(p.stop);
+    }
+    pending.clear();
+  }
+
   Impl(const model::ModelConfig& c, int ctx, int batch) : cfg(c), max_context(ctx), max_batch(batch) {
     cfg.validate();
     if (ctx <= 0 || batch <= 0) throw std::invalid_argument("GPU runtime: context and batch must be positive");
@@ -158,6 +195,10 @@ struct GpuRuntime::Impl {
   }
 
   ~Impl() {
+    for (auto& p : pending) {
+      cudaEventDestroy(p.start);
+      cudaEventDestroy(p.stop);
+    }
     if (blas) cublasDestroy(blas);
     if (stream) cudaStreamDestroy(stream);
   }
@@ -227,38 +268,51 @@ struct GpuRuntime::Impl {
     note_peak();
   }
 
-  void linear(const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out) {
+  void linear(int slot, const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out) {
+    const std::string name = model::linear_slot_name(static_cast<LinearSlot>(slot));
     if (!L.mx) {
-      const float one = 1.0f, zero = 0.0f;
-      blas_check(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(L.out), static_cast<int>(M),
-                              static_cast<int>(L.in), &one, L.w_bf16.ptr, CUDA_R_16BF, static_cast<int>(L.in), in,
-                              CUDA_R_16BF, static_cast<int>(L.in), &zero, out, CUDA_R_16BF, static_cast<int>(L.out),
-                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                 "bf16 linear");
+      stage("gemm " + name, [&] {
+        const float one = 1.0f, zero = 0.0f;
+        blas_check(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(L.out), static_cast<int>(M),
+                                static_cast<int>(L.in), &one, L.w_bf16.ptr, CUDA_R_16BF, static_cast<int>(L.in), in,
+                                CUDA_R_16BF, static_cast<int>(L.in), &zero, out, CUDA_R_16BF, static_cast<int>(L.out),
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "bf16 linear");
+      });
       return;
     }
     if (M <= kDecodeMaxM) {
       const MxSegments a{packed_a[0].ptr, packed_a[1].ptr, packed_a[2].ptr, packed_a_scales.ptr};
-      cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, a, {}, nullptr, stream), "quantize");
-      cuda_check(mx_gemm_decode(a, L.w.segments(), M, L.out, L.plan, out, nullptr, stream), "decode GEMM");
+      stage("activation quant", [&] {
+        cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, a, {}, nullptr, stream), "quantize");
+      });
+      stage("gemm " + name, [&] {
+        cuda_check(mx_gemm_decode(a, L.w.segments(), M, L.out, L.plan, out, nullptr, stream), "decode GEMM");
+      });
       return;
     }
     const FoldedOperand a{folded_a.ptr, folded_a_f.ptr};
-    cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, {}, a, lossy.ptr, stream), "quantize");
+    stage("activation quant", [&] {
+      cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, {}, a, lossy.ptr, stream), "quantize");
+    });
     FoldedOperand w = L.w.folded();
     if (w.q == nullptr) {  // fold the packed weights into the scratch right before use
       w = {folded_w.ptr, folded_w_f.ptr};
-      cuda_check(fold_operand(L.w.segments(), L.out, L.plan, w, nullptr, stream), "fold weights");
+      stage("weight fold", [&] {
+        cuda_check(fold_operand(L.w.segments(), L.out, L.plan, w, nullptr, stream), "fold weights");
+      });
     }
-    cuda_check(mx_gemm_fp8(a, w, M, L.out, L.plan, out, stream), "MX GEMM");
+    stage("gemm " + name, [&] { cuda_check(mx_gemm_fp8(a, w, M, L.out, L.plan, out, stream), "MX GEMM"); });
   }
 
   // Runs batch x n tokens (already in `tokens`) through every layer; xn then holds the
   // final-normed hidden states of all rows.
   void run_layers(int batch, int n) {
-    const int64_t M = static_cast<int64_t>(batch) * n, H = cfg.hidden;
-    cuda_check(embed_tokens(tokens.ptr, M, embedding.ptr, cfg.hidden, x.ptr, stream), "embedding");
-    cuda_check(add_rmsnorm(x.ptr, nullptr, M, cfg.hidden, layers[0].attn_norm.ptr, cfg.rms_eps, xn.ptr, stream), "norm");
+    const int64_t M = static_cast<int64_t>(batch) * n;
+    stage("embedding", [&] { cuda_check(embed_tokens(tokens.ptr, M, embedding.ptr, cfg.hidden, x.ptr, stream), "embedding"); });
+    stage("norm", [&] {
+      cuda_check(add_rmsnorm(x.ptr, nullptr, M, cfg.hidden, layers[0].attn_norm.ptr, cfg.rms_eps, xn.ptr, stream), "norm");
+    });
     AttentionShape s;
     s.batch = batch;
     s.tokens = n;
@@ -273,20 +327,23 @@ struct GpuRuntime::Impl {
     const size_t layer_cache = static_cast<size_t>(max_batch) * cfg.kv_dim() * max_context;
     for (int l = 0; l < cfg.n_layers; ++l) {
       DeviceLayer& L = layers[l];
-      linear(L.linear[0], xn.ptr, M, qkv.ptr);
+      linear(0, L.linear[0], xn.ptr, M, qkv.ptr);
       uint16_t* kc = k_cache.ptr + l * layer_cache;
       uint16_t* vc = v_cache.ptr + l * layer_cache;
-      cuda_check(rope_and_cache(qkv.ptr, L.linear[0].bias.ptr, s, rope.ptr, cfg.rope_neox, q.ptr, kc, vc, stream), "rope");
-      cuda_check(attention(q.ptr, kc, vc, s, attn.ptr, splits, attn_ws.ptr, stream), "attention");
-      linear(L.linear[1], attn.ptr, M, y.ptr);
-      cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, L.ffn_norm.ptr, cfg.rms_eps, xn.ptr, stream), "norm");
-      linear(L.linear[2], xn.ptr, M, gate_up.ptr);
-      cuda_check(swiglu(gate_up.ptr, M, cfg.ffn, act.ptr, stream), "swiglu");
-      linear(L.linear[3], act.ptr, M, y.ptr);
+      stage("rope", [&] {
+        cuda_check(rope_and_cache(qkv.ptr, L.linear[0].bias.ptr, s, rope.ptr, cfg.rope_neox, q.ptr, kc, vc, stream), "rope");
+      });
+      stage("attention", [&] { cuda_check(attention(q.ptr, kc, vc, s, attn.ptr, splits, attn_ws.ptr, stream), "attention"); });
+      linear(1, L.linear[1], attn.ptr, M, y.ptr);
+      stage("norm", [&] {
+        cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, L.ffn_norm.ptr, cfg.rms_eps, xn.ptr, stream), "norm");
+      });
+      linear(2, L.linear[2], xn.ptr, M, gate_up.ptr);
+      stage("swiglu", [&] { cuda_check(swiglu(gate_up.ptr, M, cfg.ffn, act.ptr, stream), "swiglu"); });
+      linear(3, L.linear[3], act.ptr, M, y.ptr);
       const float* next = l + 1 < cfg.n_layers ? layers[l + 1].attn_norm.ptr : output_norm.ptr;
-      cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, next, cfg.rms_eps, xn.ptr, stream), "norm");
+      stage("norm", [&] { cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, next, cfg.rms_eps, xn.ptr, stream), "norm"); });
     }
-    (void)H;
     position += n;
   }
 
@@ -297,11 +354,13 @@ struct GpuRuntime::Impl {
     note_peak();
     const float one = 1.0f, zero = 0.0f;
     const uint16_t* w = lm_head.ptr != nullptr ? lm_head.ptr : embedding.ptr;
-    blas_check(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, cfg.vocab, static_cast<int>(rows), cfg.hidden, &one, w,
-                            CUDA_R_16BF, cfg.hidden, xn.ptr + first * cfg.hidden, CUDA_R_16BF,
-                            static_cast<int>(stride * cfg.hidden), &zero, logits.ptr, CUDA_R_32F, cfg.vocab,
-                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-               "lm_head");
+    stage("lm_head", [&] {
+      blas_check(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, cfg.vocab, static_cast<int>(rows), cfg.hidden, &one, w,
+                              CUDA_R_16BF, cfg.hidden, xn.ptr + first * cfg.hidden, CUDA_R_16BF,
+                              static_cast<int>(stride * cfg.hidden), &zero, logits.ptr, CUDA_R_32F, cfg.vocab,
+                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                 "lm_head");
+    });
   }
 
   void start(std::span<const int32_t> toks, int batch, int n) {
@@ -536,6 +595,17 @@ uint64_t GpuRuntime::lossy_activation_elements() {
   cuda_check(cudaMemcpyAsync(&v, impl_->lossy.ptr, sizeof v, cudaMemcpyDeviceToHost, impl_->stream), "download");
   cuda_check(cudaStreamSynchronize(impl_->stream), "download");
   return v;
+}
+
+void GpuRuntime::set_profiling(bool on) {
+  impl_->collect_profile();
+  impl_->profiling = on;
+  impl_->profile_ms.clear();
+}
+
+std::map<std::string, double> GpuRuntime::profile() {
+  impl_->collect_profile();
+  return impl_->profile_ms;
 }
 
 GpuMemory GpuRuntime::memory() const {

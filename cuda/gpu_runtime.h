@@ -9,7 +9,9 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <string>
 #include <span>
 
 #include "micromix/model/llama.h"
@@ -61,6 +63,11 @@ class GpuRuntime : public model::Runtime {
   void synchronize();
 
   GpuMemory memory() const;
+  // Per-stage GPU time (CUDA events around each launch group: "gemm qkv", "attention",
+  // "activation quant", ...), in ms summed since set_profiling(true); the events cost a
+  // little, so time runs without it.
+  void set_profiling(bool on);
+  std::map<std::string, double> profile();
   // Folded activation elements that were not exact (scale spread wider than the E4M3
   // window), counted since construction.
   uint64_t lossy_activation_elements();

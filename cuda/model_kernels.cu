@@ -1,7 +1,8 @@
 // The decoder's non-GEMM kernels (model_kernels.h). The attention is FlashAttention-2
 // style on bf16 mma.sync: a warp owns 16 rows (query, head) of one KV-head group, keys
-// and values stream through shared memory 64 positions at a time, the softmax runs
-// online in fp32 registers and P is re-used from the score accumulators as the A operand.
+// and values stream through a cp.async shared-memory ring 64 positions at a time, the
+// softmax runs online in fp32 registers and P is re-used from the score accumulators as
+// the A operand of P.V.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,6 +15,11 @@ namespace micromix::cuda {
 
 using mx::bf16_bits_to_float;
 using mx::float_to_bf16_bits;
+using ptx::cp_async_16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans;
 using ptx::mma_bf16_m16n8k16;
 
 namespace {
@@ -101,17 +107,23 @@ constexpr int kAttnKeys = 64;      // keys per shared-memory tile
 constexpr int kAttnRows = 64;      // rows (query, head) per CTA: 4 warps x 16
 constexpr int kAttnThreads = 128;
 
+template <int D>
+constexpr int attention_smem_bytes() {
+  return 2 * 2 * kAttnKeys * (D + 8) * 2;  // two stages of K and V tiles, bf16, padded rows
+}
+
 // Grid: (row tiles, n_kv_heads, batch * splits). Row r of a KV head's group is query
-// r / group, head kv_head * group + r % group.
+// r / group, head kv_head * group + r % group. K and V tiles (64 keys, rows padded to
+// D + 8 elements so that ldmatrix is conflict-free) stream through a two-stage cp.async
+// ring; ldmatrix gives the K fragments and, transposed, the V fragments.
 template <int D>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t* __restrict__ q,
                                                                  const uint16_t* __restrict__ k_cache,
                                                                  const uint16_t* __restrict__ v_cache,
                                                                  AttentionShape s, int splits, uint16_t* out,
                                                                  float* part_o, float* part_lse) {
-  constexpr int KS = D + 8, VS = kAttnKeys + 8;  // padded strides: conflict-free fragment loads
-  __shared__ __align__(16) uint16_t ks[kAttnKeys * KS];
-  __shared__ __align__(16) uint16_t vt[D * VS];  // V transposed: [dim][key]
+  constexpr int KS = D + 8;
+  extern __shared__ __align__(16) uint16_t attn_smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int kvh = blockIdx.y, b = blockIdx.z / splits, split = blockIdx.z % splits;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group, q_dim = s.q_dim();
@@ -144,42 +156,53 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
   const int64_t cache_base = (static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context * D;
   const float scale = kLog2e / sqrtf(static_cast<float>(D));
 
+  auto tile_k = [&](int stage) { return attn_smem + stage * 2 * kAttnKeys * KS; };
+  auto tile_v = [&](int stage) { return attn_smem + (stage * 2 + 1) * kAttnKeys * KS; };
+  auto load_tile = [&](int blk, int stage) {
+    const int key0 = blk * kAttnKeys;
+    for (int i = threadIdx.x; i < kAttnKeys * D / 8; i += kAttnThreads) {
+      const int key = i / (D / 8), c8 = i % (D / 8) * 8;
+      const bool valid = key0 + key < key_end;  // zeros past the end: no NaN from 0 * garbage
+      const int64_t at = cache_base + static_cast<int64_t>(valid ? key0 + key : 0) * D + c8;
+      cp_async_16(tile_k(stage) + key * KS + c8, k_cache + at, valid);
+      cp_async_16(tile_v(stage) + key * KS + c8, v_cache + at, valid);
+    }
+    cp_async_commit();
+  };
+
   float o[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  // ldmatrix row addresses: lanes 8i..8i+7 address matrix i.
+  const int mi = lane / 8, mr = lane % 8;
 
+  if (blk_begin < blk_end) load_tile(blk_begin, 0);
   for (int blk = blk_begin; blk < blk_end; ++blk) {
-    const int key0 = blk * kAttnKeys;
-    __syncthreads();  // the previous tile is no longer read
-    for (int i = threadIdx.x; i < kAttnKeys * D / 8; i += kAttnThreads) {
-      const int key = i / (D / 8), c8 = i % (D / 8) * 8;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // zeros past the end: no NaN from 0 * garbage
-      if (key0 + key < key_end) {
-        kv = *reinterpret_cast<const uint4*>(k_cache + cache_base + static_cast<int64_t>(key0 + key) * D + c8);
-        vv = *reinterpret_cast<const uint4*>(v_cache + cache_base + static_cast<int64_t>(key0 + key) * D + c8);
-      }
-      *reinterpret_cast<uint4*>(ks + key * KS + c8) = kv;
-      const uint32_t w[4] = {vv.x, vv.y, vv.z, vv.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        vt[(c8 + 2 * j) * VS + key] = static_cast<uint16_t>(w[j] & 0xFFFFu);
-        vt[(c8 + 2 * j + 1) * VS + key] = static_cast<uint16_t>(w[j] >> 16);
-      }
+    const int stage = (blk - blk_begin) & 1;
+    if (blk + 1 < blk_end) {
+      load_tile(blk + 1, stage ^ 1);  // that stage was released by the barrier ending the last iteration
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
+    const uint16_t* ks = tile_k(stage);
+    const uint16_t* vs = tile_v(stage);
+    const int key0 = blk * kAttnKeys;
 
     float sc[kAttnKeys / 8][4];
 #pragma unroll
-    for (int j = 0; j < kAttnKeys / 8; ++j) {
-      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+    for (int j = 0; j < kAttnKeys / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+    for (int jp = 0; jp < kAttnKeys / 16; ++jp)
 #pragma unroll
       for (int c = 0; c < D / 16; ++c) {
-        const uint32_t bk[2] = {load_u32(ks + (8 * j + g) * KS + 16 * c + 2 * t4),
-                                load_u32(ks + (8 * j + g) * KS + 16 * c + 8 + 2 * t4)};
-        mma_bf16_m16n8k16(sc[j], qf[c], bk);
+        uint32_t kb[4];  // b0, b1 of key tiles 2jp and 2jp + 1
+        ldmatrix_x4(kb, ks + (16 * jp + (mi >= 2 ? 8 : 0) + mr) * KS + 16 * c + (mi & 1) * 8);
+        mma_bf16_m16n8k16(sc[2 * jp], qf[c], kb);
+        mma_bf16_m16n8k16(sc[2 * jp + 1], qf[c], kb + 2);
       }
-    }
     // Scale into the log2 domain and mask keys past each row's own position.
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -221,12 +244,14 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
                               pack_bf16x2(sc[2 * c + 1][0], sc[2 * c + 1][1]),
                               pack_bf16x2(sc[2 * c + 1][2], sc[2 * c + 1][3])};
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        const uint32_t bv[2] = {load_u32(vt + (8 * j + g) * VS + 16 * c + 2 * t4),
-                                load_u32(vt + (8 * j + g) * VS + 16 * c + 8 + 2 * t4)};
-        mma_bf16_m16n8k16(o[j], pa, bv);
+      for (int jd = 0; jd < D / 16; ++jd) {
+        uint32_t vb[4];  // b0, b1 of dim tiles 2jd and 2jd + 1
+        ldmatrix_x4_trans(vb, vs + (16 * c + (mi & 1) * 8 + mr) * KS + 16 * jd + (mi >= 2 ? 8 : 0));
+        mma_bf16_m16n8k16(o[2 * jd], pa, vb);
+        mma_bf16_m16n8k16(o[2 * jd + 1], pa, vb + 2);
       }
     }
+    __syncthreads();  // this stage is refilled two iterations on
   }
 
 #pragma unroll
@@ -276,11 +301,22 @@ __global__ void attention_merge_kernel(const float* part_o, const float* part_ls
       float_to_bf16_bits(den > 0.0f ? num / den : 0.0f);
 }
 
-__global__ void swiglu_kernel(const uint16_t* gate_up, int ffn, uint16_t* out) {
-  const int64_t t = blockIdx.x;
-  for (int i = threadIdx.x; i < ffn; i += blockDim.x) {
-    const float g = bf16_bits_to_float(gate_up[t * 2 * ffn + i]), u = bf16_bits_to_float(gate_up[t * 2 * ffn + ffn + i]);
-    out[t * ffn + i] = float_to_bf16_bits(g / (1.0f + expf(-g)) * u);
+// Pairs of elements, grid-strided over the whole [M, ffn] output (ffn is even).
+__global__ void swiglu_kernel(const uint16_t* gate_up, int64_t M, int ffn, uint16_t* out) {
+  const int64_t pairs = M * ffn / 2;
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pairs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = 2 * p / ffn, i = 2 * p % ffn;
+    const uint32_t g2 = *reinterpret_cast<const uint32_t*>(gate_up + t * 2 * ffn + i);
+    const uint32_t u2 = *reinterpret_cast<const uint32_t*>(gate_up + t * 2 * ffn + ffn + i);
+    float y[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float g = bf16_bits_to_float(static_cast<uint16_t>(g2 >> (16 * h)));
+      const float u = bf16_bits_to_float(static_cast<uint16_t>(u2 >> (16 * h)));
+      y[h] = g / (1.0f + expf(-g)) * u;
+    }
+    *reinterpret_cast<uint32_t*>(out + t * ffn + i) = pack_bf16x2(y[0], y[1]);
   }
 }
 
@@ -384,10 +420,20 @@ cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t
   float* part_o = workspace;
   float* part_lse = splits > 1 ? workspace + static_cast<size_t>(splits) * s.batch * s.n_kv_heads * group_rows * s.head_dim
                                : nullptr;
+  static const cudaError_t attr = [] {
+    const cudaError_t e = cudaFuncSetAttribute(attention_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               attention_smem_bytes<64>());
+    return e != cudaSuccess ? e
+                            : cudaFuncSetAttribute(attention_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   attention_smem_bytes<128>());
+  }();
+  if (attr != cudaSuccess) return attr;
   if (s.head_dim == 64)
-    attention_kernel<64><<<grid, kAttnThreads, 0, stream>>>(q, k_cache, v_cache, s, splits, out, part_o, part_lse);
+    attention_kernel<64><<<grid, kAttnThreads, attention_smem_bytes<64>(), stream>>>(q, k_cache, v_cache, s, splits, out,
+                                                                                     part_o, part_lse);
   else
-    attention_kernel<128><<<grid, kAttnThreads, 0, stream>>>(q, k_cache, v_cache, s, splits, out, part_o, part_lse);
+    attention_kernel<128><<<grid, kAttnThreads, attention_smem_bytes<128>(), stream>>>(q, k_cache, v_cache, s, splits,
+                                                                                       out, part_o, part_lse);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || splits == 1) return e;
   attention_merge_kernel<<<dim3(static_cast<unsigned>(group_rows), static_cast<unsigned>(s.n_kv_heads),
@@ -398,7 +444,10 @@ cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t
 
 cudaError_t swiglu(const uint16_t* gate_up, int64_t M, int ffn, uint16_t* out, cudaStream_t stream) {
   if (M <= 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
-  swiglu_kernel<<<grid_rows(M), 256, 0, stream>>>(gate_up, ffn, out);
+  if (ffn % 2 != 0) return cudaErrorInvalidValue;
+  const int64_t blocks = (M * ffn / 2 + 255) / 256;
+  swiglu_kernel<<<static_cast<unsigned>(std::min<int64_t>(blocks, 16LL * device_sm_count())), 256, 0, stream>>>(
+      gate_up, M, ffn, out);
   return cudaGetLastError();
 }
 

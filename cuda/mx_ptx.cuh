@@ -1,5 +1,5 @@
 // PTX wrappers used by the micromix kernels (sm_90a): mbarriers, 2-D TMA tile loads,
-// shared-memory matrix descriptors, wgmma (FP8), mma.sync (bf16), named barriers, and the
+// shared-memory matrix descriptors, wgmma (FP8), mma.sync (bf16), ldmatrix, cp.async, named barriers, and the
 // host-side encoding of TMA tensor maps. Kept in one header so that the kernels' source can
 // also be executed on the CPU with stand-ins of these functions (tests/cuda/cpu/).
 #pragma once
@@ -100,6 +100,31 @@ __device__ __forceinline__ void mma_f16_m16n8k16(float* c, const uint32_t* a, co
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four 8x8 b16 matrices from shared memory; lanes 8i..8i+7 give the row addresses of
+// matrix i (16-byte aligned). Lane l receives row l/4, columns 2(l%4) and 2(l%4)+1 of
+// each (trans: column l/4, rows 2(l%4) and 2(l%4)+1).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row)));
+}
+
+// 16-byte asynchronous global -> shared copy; !valid writes zeros (src is not read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // Two E4M3 codes (low byte, high byte of the 16-bit input) to an f16x2 (exact: E4M3 is a

@@ -122,7 +122,7 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
       }
       __syncthreads();
       inv = rsqrtf(partial[0] / static_cast<float>(k) + eps);
-      if (inv_rms_out != nullptr && threadIdx.x == 0) inv_rms_out[m] = inv;
+      if (inv_rms_out != nullptr && threadIdx.x == 0 && blockIdx.y == 0) inv_rms_out[m] = inv;
     } else {
       __syncthreads();
     }
@@ -130,7 +130,9 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
     const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
     unsigned lossy = 0;
     const int nloop = folded.q != nullptr ? fstride : nblk;
-    for (int b0 = 0; b0 < nloop; b0 += blockDim.x) {  // warp-uniform trip count (shuffles inside)
+    // A row's blocks may be split over gridDim.y CTAs (few rows: decode); warp-uniform
+    // trip count (shuffles inside), starts aligned to whole 128-wide tiles.
+    for (int b0 = blockIdx.y * blockDim.x; b0 < nloop; b0 += gridDim.y * blockDim.x) {
       const int b = b0 + threadIdx.x;
       const bool valid = b < nblk;
       uint8_t codes[kBlockSize];
@@ -222,13 +224,20 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
         cudaFuncSetAttribute(act_quant_kernel<kNorm>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  const int threads = act_threads(plan.blocks());
+  int threads = act_threads(plan.blocks());
+  int splits = 1;
+  const int sms = device_sm_count();
+  if (M < sms) {  // too few rows to fill the GPU: split each row's blocks over CTAs
+    threads = 64;
+    const int nloop = folded.q != nullptr ? folded_fstride(plan.k()) : plan.blocks();
+    splits = std::max(1, std::min<int>((nloop + threads - 1) / threads, static_cast<int>(2 * sms / M)));
+  }
   int per_sm = 0;
   cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, act_quant_kernel<kNorm>, threads, smem);
   if (e != cudaSuccess) return e;
-  const int64_t grid = std::min<int64_t>(M, static_cast<int64_t>(std::max(per_sm, 1)) * device_sm_count());
-  act_quant_kernel<kNorm><<<static_cast<unsigned>(grid), threads, smem, stream>>>(x, M, ldx, gamma, eps, perm, plan,
-                                                                                 rule, packed, folded, inv_rms, lossy);
+  const int64_t grid = std::min<int64_t>(M, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
+  act_quant_kernel<kNorm><<<dim3(static_cast<unsigned>(grid), static_cast<unsigned>(splits)), threads, smem, stream>>>(
+      x, M, ldx, gamma, eps, perm, plan, rule, packed, folded, inv_rms, lossy);
   return cudaGetLastError();
 }
 

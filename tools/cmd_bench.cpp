@@ -109,11 +109,18 @@ nlohmann::json run_mode(cuda::GpuRuntime& rt, const std::string& mode, const std
     }
     const auto mem = rt.memory();
     const double ms = median(t) * 1e3;
+    // One more run with per-stage events: where the time goes.
+    rt.reset();
+    rt.set_profiling(true);
+    rt.forward_batch(random_tokens(static_cast<size_t>(b) * prompt), b, prompt, logits.data());
+    const auto stages = rt.profile();
+    rt.set_profiling(false);
     out["prefill"].push_back({{"batch", b},
                               {"tokens", prompt},
                               {"ms", ms},
                               {"tokens_per_second", b * prompt / (ms * 1e-3)},
-                              {"peak_memory_gib", mem.peak / double(1 << 30)}});
+                              {"peak_memory_gib", mem.peak / double(1 << 30)},
+                              {"stages_ms", stages}});
   }
   for (const int b : decode_batches) {
     logits.resize(static_cast<size_t>(b) * c.vocab);
@@ -126,6 +133,10 @@ nlohmann::json run_mode(cuda::GpuRuntime& rt, const std::string& mode, const std
       rt.forward_batch(next, b, 1, logits.data());
       if (s >= 2) t.push_back(seconds_since(t0));
     }
+    rt.set_profiling(true);
+    rt.forward_batch(random_tokens(b), b, 1, logits.data());
+    const auto stages = rt.profile();
+    rt.set_profiling(false);
     char line[160];
     std::snprintf(line, sizeof line, "bench %s: decode batch %d done", mode.c_str(), b);
     progress(line);
@@ -143,7 +154,8 @@ nlohmann::json run_mode(cuda::GpuRuntime& rt, const std::string& mode, const std
                              {"tokens_per_second", b / step},
                              {"bytes_per_step", bytes},
                              {"gb_per_second", bytes / step / 1e9},
-                             {"fraction_of_copy_bandwidth", bytes / step / bandwidth}});
+                             {"fraction_of_copy_bandwidth", bytes / step / bandwidth},
+                             {"stages_ms", stages}});
   }
   const auto mem = rt.memory();
   out["linear_weight_bytes"] = mem.linear_weights;
@@ -177,7 +189,7 @@ int run_bench(const ParsedArgs& args) {
   if (modes.empty()) throw UsageError("--modes is empty");
   if (!cuda::gpu_available()) throw std::runtime_error("no Hopper (compute capability 9.0) GPU found");
   const int max_batch = std::max(batches.back(), decode_batches.back());
-  const int context = static_cast<int>(prompt + decode_tokens + 2);
+  const int context = static_cast<int>(prompt + decode_tokens + 3);  // + 2 warm-up steps + 1 profiled
   const bool synthetic = args.given("synthetic");
   if (synthetic && args.str("synthetic") != "llama-3.1-8b")
     throw UsageError("--synthetic: the known shape is llama-3.1-8b");
@@ -221,10 +233,24 @@ int run_bench(const ParsedArgs& args) {
       std::fprintf(stderr, "%-9s prefill %2d x %lld: %9.2f ms  %8.0f tok/s  peak %.2f GiB\n", mode.c_str(),
                    p["batch"].get<int>(), static_cast<long long>(prompt), p["ms"].get<double>(),
                    p["tokens_per_second"].get<double>(), p["peak_memory_gib"].get<double>());
+    auto print_stages = [](const nlohmann::json& st) {
+      std::vector<std::pair<double, std::string>> v;
+      double total = 0;
+      for (const auto& [name, ms] : st.items()) {
+        v.push_back({ms.get<double>(), name});
+        total += ms.get<double>();
+      }
+      std::sort(v.rbegin(), v.rend());
+      std::string line = "          stages:";
+      for (const auto& [ms, name] : v) line += " " + name + " " + std::to_string(static_cast<int>(100 * ms / total + 0.5)) + "%";
+      std::fprintf(stderr, "%s (sum %.3f ms)\n", line.c_str(), total);
+    };
+    if (!r["prefill"].empty()) print_stages(r["prefill"].back()["stages_ms"]);
     for (const auto& d : r["decode"])
       std::fprintf(stderr, "%-9s decode  %2d: %8.3f ms/step  %8.1f tok/s  %6.0f GB/s (%.0f%% of copy)\n", mode.c_str(),
                    d["batch"].get<int>(), d["ms_per_step"].get<double>(), d["tokens_per_second"].get<double>(),
                    d["gb_per_second"].get<double>(), 100 * d["fraction_of_copy_bandwidth"].get<double>());
+    if (!r["decode"].empty()) print_stages(r["decode"].front()["stages_ms"]);
     out["modes"].push_back(std::move(r));
   }
   if (args.given("output")) write_file_atomic(args.str("output"), out.dump(2) + "\n");

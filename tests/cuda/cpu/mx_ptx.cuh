@@ -168,6 +168,33 @@ inline uint32_t cvt_e4m3x2_f16x2(uint16_t codes) {
   return d;
 }
 
+inline void ldmatrix_impl(uint32_t* r, const void* row, bool trans) {
+  const int l = emu::lin(), w = l / 32, lane = l % 32;
+  static std::vector<std::vector<const uint16_t*>> rows;
+  {
+    std::lock_guard g(emu8::mu);
+    if (rows.size() < emu::warp_slots.size()) rows.resize(emu::warp_slots.size());
+    if (rows[w].size() < 32) rows[w].assign(32, nullptr);
+    rows[w][lane] = static_cast<const uint16_t*>(row);
+  }
+  emu::warp_bars[w]->arrive_and_wait();
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t e0 = trans ? rows[w][8 * i + 2 * t][g] : rows[w][8 * i + g][2 * t];
+    const uint16_t e1 = trans ? rows[w][8 * i + 2 * t + 1][g] : rows[w][8 * i + g][2 * t + 1];
+    r[i] = static_cast<uint32_t>(e0) | static_cast<uint32_t>(e1) << 16;
+  }
+  emu::warp_bars[w]->arrive_and_wait();
+}
+inline void ldmatrix_x4(uint32_t* r, const void* row) { ldmatrix_impl(r, row, false); }
+inline void ldmatrix_x4_trans(uint32_t* r, const void* row) { ldmatrix_impl(r, row, true); }
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (valid) std::memcpy(dst, src, 16);
+  else std::memset(dst, 0, 16);
+}
+inline void cp_async_commit() {}
+template <int kPending> inline void cp_async_wait() {}
+
 inline bool make_map(CUtensorMap* map, CUtensorMapDataType, size_t elem_bytes, const void* ptr, uint64_t inner,
                      uint64_t outer, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swizzle) {
   *reinterpret_cast<emu8::Map*>(map) = {static_cast<const uint8_t*>(ptr), static_cast<int>(elem_bytes), inner, outer,
