@@ -164,6 +164,7 @@ void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, i
 }
 
 TEST(ModelKernels, RopeAndAttentionSmall) {
+  REQUIRE_GPU();
   rope_attention_case(64, 4, 2, 2, 37, true);
   rope_attention_case(128, 4, 1, 1, 70, false);
 }
@@ -186,6 +187,7 @@ TEST(ModelKernels, RejectsUnsupportedShapes) {
 }
 
 TEST(ModelKernels, NormSwigluEmbedSmall) {
+  REQUIRE_GPU();
   const int M = 5, H = 96, F = 80, V = 11;
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> x(M * H), gamma(H);
@@ -235,6 +237,7 @@ TEST(ModelKernels, NormSwigluEmbedSmall) {
 }
 
 TEST(ModelKernels, TokenLogprobsSmall) {
+  REQUIRE_GPU();
   const int rows = 4, V = 1500;
   std::normal_distribution<float> nd(0.0f, 4.0f);
   std::vector<float> logits(rows * V);
