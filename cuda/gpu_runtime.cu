@@ -123,7 +123,7 @@ struct GpuRuntime::Impl {
   DeviceBuffer<int32_t> tokens, targets;
   DeviceBuffer<double> logprob;
   DeviceBuffer<uint8_t> greedy;
-  DeviceBuffer<unsigned long long> lossy;
+  DeviceBuffer<unsigned long long> lossy, lossy_w;  // inexact folded activation / weight elements
   size_t peak = 0;
 
   // Optional per-stage timing (CUDA events around each launch group).
@@ -190,7 +190,9 @@ struct GpuRuntime::Impl {
     cuda_check(cudaMemset(k_cache.ptr, 0, cache * 2), "cudaMemset");
     cuda_check(cudaMemset(v_cache.ptr, 0, cache * 2), "cudaMemset");
     lossy = DeviceBuffer<unsigned long long>(1);
+    lossy_w = DeviceBuffer<unsigned long long>(1);
     cuda_check(cudaMemset(lossy.ptr, 0, sizeof(unsigned long long)), "cudaMemset");
+    cuda_check(cudaMemset(lossy_w.ptr, 0, sizeof(unsigned long long)), "cudaMemset");
     layers.resize(cfg.n_layers);
   }
 
@@ -237,7 +239,7 @@ struct GpuRuntime::Impl {
     add(x); add(xn); add(qkv); add(q); add(attn); add(y); add(gate_up); add(act);
     add(folded_a); add(folded_a_f); add(folded_w); add(folded_w_f);
     for (const auto& p : packed_a) add(p);
-    add(packed_a_scales); add(attn_ws); add(logits); add(tokens); add(targets); add(logprob); add(greedy); add(lossy);
+    add(packed_a_scales); add(attn_ws); add(logits); add(tokens); add(targets); add(logprob); add(greedy); add(lossy); add(lossy_w);
     return b;
   }
 
@@ -297,7 +299,7 @@ struct GpuRuntime::Impl {
     });
     FoldedOperand w = L.w.folded();
     if (w.q == nullptr) {  // fold the packed weights into the scratch right before use
-      w = {folded_w.ptr, folded_w_f.ptr};
+      w = {folded_w.ptr, folded_w_f.ptr, kWeightRowGroup};
       stage("weight fold", [&] {
         cuda_check(fold_operand(L.w.segments(), L.out, L.plan, w, nullptr, stream), "fold weights");
       });
@@ -390,6 +392,10 @@ struct GpuRuntime::Impl {
       fill_random(L.w.scales.ptr, L.w.scales.count, seed * 7 + 3, 1, 127 - 9, 0, stream);
     }
     fold_scratch_for(L);
+    // Fold once now to count the weight elements the grouped fold cannot keep exact.
+    cuda_check(fold_operand(L.w.segments(), L.out, plan, {folded_w.ptr, folded_w_f.ptr, kWeightRowGroup}, lossy_w.ptr,
+                            stream),
+               "fold weights");
   }
 };
 
@@ -590,12 +596,17 @@ const model::ModelConfig& GpuRuntime::config() const { return impl_->cfg; }
 void GpuRuntime::synchronize() { cuda_check(cudaStreamSynchronize(impl_->stream), "synchronize"); }
 const char* GpuRuntime::device_name() const { return impl_->prop.name; }
 
-uint64_t GpuRuntime::lossy_activation_elements() {
+namespace {
+uint64_t read_counter(const unsigned long long* counter, cudaStream_t stream) {
   unsigned long long v = 0;
-  cuda_check(cudaMemcpyAsync(&v, impl_->lossy.ptr, sizeof v, cudaMemcpyDeviceToHost, impl_->stream), "download");
-  cuda_check(cudaStreamSynchronize(impl_->stream), "download");
+  cuda_check(cudaMemcpyAsync(&v, counter, sizeof v, cudaMemcpyDeviceToHost, stream), "download");
+  cuda_check(cudaStreamSynchronize(stream), "download");
   return v;
 }
+}  // namespace
+
+uint64_t GpuRuntime::lossy_activation_elements() { return read_counter(impl_->lossy.ptr, impl_->stream); }
+uint64_t GpuRuntime::lossy_weight_elements() { return read_counter(impl_->lossy_w.ptr, impl_->stream); }
 
 void GpuRuntime::set_profiling(bool on) {
   impl_->collect_profile();

@@ -71,6 +71,9 @@ class GpuRuntime : public model::Runtime {
   // Folded activation elements that were not exact (scale spread wider than the E4M3
   // window), counted since construction.
   uint64_t lossy_activation_elements();
+  // Weight elements that the prefill GEMM's grouped fold (one factor per 128 rows of a
+  // 128-wide K tile in the MXFP4/MXFP6 part) cannot keep exact; counted at load.
+  uint64_t lossy_weight_elements();
   const char* device_name() const;
 
  private:

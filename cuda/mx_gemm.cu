@@ -147,7 +147,9 @@ struct Turn {
 };
 
 // One group of n (1..4) consecutive 32-blocks starting at j0: n wgmma k32 into tmp,
-// then acc += tmp * (factor_a[row] * factor_w[col]).
+// then acc += tmp * (factor_a[row] * factor_w[col]). kSharedW: the 128 columns of this
+// half share one W factor (weights folded in row groups), read once.
+template <bool kSharedW>
 __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, uint64_t db, int j0, int n,
                                           const float* fa, const float* fw, int row0, int lane, Turn& turn) {
   turn.wait();
@@ -160,18 +162,29 @@ __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, u
   turn.pass();
   wgmma_wait0();
   const float a0 = fa[row0 * 4 + j0], a1 = fa[(row0 + 8) * 4 + j0];
+  if constexpr (kSharedW) {
+    const float s0 = a0 * fw[j0], s1 = a1 * fw[j0];
 #pragma unroll
-  for (int jj = 0; jj < 128 / 8; ++jj) {  // one m64n128 half
-    const int c = jj * 8 + 2 * (lane % 4);
-    const float w0 = fw[c * 4 + j0], w1 = fw[(c + 1) * 4 + j0];
-    acc[4 * jj + 0] = fmaf(tmp[4 * jj + 0], a0 * w0, acc[4 * jj + 0]);
-    acc[4 * jj + 1] = fmaf(tmp[4 * jj + 1], a0 * w1, acc[4 * jj + 1]);
-    acc[4 * jj + 2] = fmaf(tmp[4 * jj + 2], a1 * w0, acc[4 * jj + 2]);
-    acc[4 * jj + 3] = fmaf(tmp[4 * jj + 3], a1 * w1, acc[4 * jj + 3]);
+    for (int jj = 0; jj < 128 / 8; ++jj) {
+      acc[4 * jj + 0] = fmaf(tmp[4 * jj + 0], s0, acc[4 * jj + 0]);
+      acc[4 * jj + 1] = fmaf(tmp[4 * jj + 1], s0, acc[4 * jj + 1]);
+      acc[4 * jj + 2] = fmaf(tmp[4 * jj + 2], s1, acc[4 * jj + 2]);
+      acc[4 * jj + 3] = fmaf(tmp[4 * jj + 3], s1, acc[4 * jj + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int jj = 0; jj < 128 / 8; ++jj) {  // one m64n128 half
+      const int c = jj * 8 + 2 * (lane % 4);
+      const float w0 = fw[c * 4 + j0], w1 = fw[(c + 1) * 4 + j0];
+      acc[4 * jj + 0] = fmaf(tmp[4 * jj + 0], a0 * w0, acc[4 * jj + 0]);
+      acc[4 * jj + 1] = fmaf(tmp[4 * jj + 1], a0 * w1, acc[4 * jj + 1]);
+      acc[4 * jj + 2] = fmaf(tmp[4 * jj + 2], a1 * w0, acc[4 * jj + 2]);
+      acc[4 * jj + 3] = fmaf(tmp[4 * jj + 3], a1 * w1, acc[4 * jj + 3]);
+    }
   }
 }
 
-template <bool kAlternate>
+template <bool kAlternate, bool kGroupedW>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_fp8_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                     const __grid_constant__ CUtensorMap map_fa, const __grid_constant__ CUtensorMap map_fw,
@@ -251,10 +264,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         float* acc_h = acc + 64 * h;
         int j = 0;
         if (nf > 0) {
-          run_group(acc_h, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
+          run_group<kGroupedW>(acc_h, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
           j = nf;
         }
-        for (; j < nb; ++j) run_group(acc_h, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
+        for (; j < nb; ++j) run_group<false>(acc_h, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);
@@ -302,25 +315,23 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
       !make_map(&mfa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, A.f, fstride, M, 4, kBM, CU_TENSOR_MAP_SWIZZLE_NONE) ||
       !make_map(&mfw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, W.f, fstride, N, 4, kBN, CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
+  if (A.row_group != 1 || (W.row_group != 1 && W.row_group != kWeightRowGroup)) return cudaErrorInvalidValue;
   static std::once_flag once;
   static cudaError_t attr = cudaSuccess;
   std::call_once(once, [] {
-    attr = cudaFuncSetAttribute(gemm_fp8_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (attr == cudaSuccess)
-      attr = cudaFuncSetAttribute(gemm_fp8_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    for (auto kernel : {gemm_fp8_kernel<true, false>, gemm_fp8_kernel<false, false>, gemm_fp8_kernel<true, true>,
+                        gemm_fp8_kernel<false, true>})
+      if (attr == cudaSuccess) attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   });
   if (attr != cudaSuccess) return attr;
   const int64_t num_tiles = ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(num_tiles, device_sm_count())));
   if (schedule == Fp8Schedule::Auto) schedule = plan.p8 > 0 ? Fp8Schedule::Concurrent : Fp8Schedule::Alternating;
-  if (schedule == Fp8Schedule::Alternating)
-    gemm_fp8_kernel<true><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M),
-                                                                  static_cast<int>(N), plan.blocks(),
-                                                                  plan.first_fp8_block());
-  else
-    gemm_fp8_kernel<false><<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M),
-                                                                   static_cast<int>(N), plan.blocks(),
-                                                                   plan.first_fp8_block());
+  const bool alternate = schedule == Fp8Schedule::Alternating, grouped = W.row_group != 1;
+  auto kernel = alternate ? (grouped ? gemm_fp8_kernel<true, true> : gemm_fp8_kernel<true, false>)
+                          : (grouped ? gemm_fp8_kernel<false, true> : gemm_fp8_kernel<false, false>);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M), static_cast<int>(N),
+                                                 plan.blocks(), plan.first_fp8_block());
   return cudaGetLastError();
 }
 

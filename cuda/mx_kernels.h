@@ -24,6 +24,7 @@ using mx::MixPlan;
 using mx::kSegmentFormat;
 using mx::seg_row_bytes;
 using mx::folded_fstride;
+using mx::kWeightRowGroup;
 
 // An MX matrix [rows, K] split into the three K segments, each row-major with its own
 // packing (FP4 two per byte, FP6 four per three bytes, FP8 one per byte), plus one
@@ -43,6 +44,10 @@ struct MxSegments {
 struct FoldedOperand {
   uint8_t* q = nullptr;
   float* f = nullptr;
+  // Rows sharing a tile's MXFP4/MXFP6 factor (mx::fold_rows): 1 (activations; the only
+  // value for A) or mx::kWeightRowGroup (weights folded so, by fold_operand; the GEMM then
+  // promotes those tiles with one factor per 128 output columns).
+  int row_group = 1;
 };
 
 // ---- activation quantization -------------------------------------------------
@@ -62,7 +67,8 @@ cudaError_t rmsnorm_quantize_activations(const uint16_t* x, int64_t M, int64_t l
                                          MxSegments packed, FoldedOperand folded, float* inv_rms_out,
                                          unsigned long long* lossy_count, cudaStream_t stream);
 
-// Re-encode a packed MX matrix (weights, offline) as a folded operand.
+// Re-encode a packed MX matrix (weights) as a folded operand, with out.row_group rows
+// sharing each tile's MXFP4/MXFP6 factor (1 or mx::kWeightRowGroup).
 cudaError_t fold_operand(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
                          unsigned long long* lossy_count, cudaStream_t stream);
 

@@ -169,6 +169,31 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
   }
 }
 
+// Codes and scale of block b (< nblk) of row m of a packed matrix; returns the segment.
+__device__ __forceinline__ int load_block(const MxSegments& in, const MixPlan& plan, int64_t m, int b,
+                                          uint8_t* codes, uint8_t* scale) {
+  const int nblk = plan.blocks(), b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  *scale = in.scales[m * nblk + b];
+  if (b < b4) {
+    const uint8_t* p = in.q4 + m * (plan.p4 / 2) + static_cast<size_t>(b) * 16;
+#pragma unroll
+    for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E2M1, p, i);
+    return 0;
+  }
+  if (b < b8) {
+    const uint8_t* p = in.q6 + m * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24;
+#pragma unroll
+    for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E3M2, p, i);
+    return 1;
+  }
+  const uint8_t* p = in.q8 + m * plan.p8 + static_cast<size_t>(b - b8) * 32;
+#pragma unroll
+  for (int i = 0; i < kBlockSize; ++i) codes[i] = p[i];
+  return 2;
+}
+
+// Per-row folding (out.row_group == 1): one thread per (row, block), the four lanes of a
+// 128-wide tile combine their keys.
 __global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
                             unsigned long long* lossy_count) {
   const int k = plan.k();
@@ -179,31 +204,71 @@ __global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOpe
   __shared__ FoldTable table;
   for (int i = threadIdx.x; i < kFoldTableEntries; i += blockDim.x) fold_table_fill(table, i);
   __syncthreads();
-  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
   const bool valid = b < nblk;
   uint8_t codes[kBlockSize] = {};
   uint8_t scale = 0;
-  int seg = 0;
-  if (valid) {
-    scale = in.scales[m * nblk + b];
-    if (b < b4) {
-      const uint8_t* p = in.q4 + m * (plan.p4 / 2) + static_cast<size_t>(b) * 16;
-#pragma unroll
-      for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E2M1, p, i);
-    } else if (b < b8) {
-      seg = 1;
-      const uint8_t* p = in.q6 + m * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24;
-#pragma unroll
-      for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E3M2, p, i);
-    } else {
-      seg = 2;
-      const uint8_t* p = in.q8 + m * plan.p8 + static_cast<size_t>(b - b8) * 32;
-#pragma unroll
-      for (int i = 0; i < kBlockSize; ++i) codes[i] = p[i];
-    }
-  }
+  const int seg = valid ? load_block(in, plan, m, b, codes, &scale) : 0;
   unsigned lossy = 0;
   emit_folded(seg, valid, codes, scale, m, b, k, fstride, out, &lossy, &table);
+  if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
+}
+
+// Grouped folding (out.row_group == kWeightRowGroup): a CTA per (group of rows, 128-wide
+// tile); its threads take the group's rows 32 at a time, four lanes to a row (one block
+// each, so that a row's tile is read and written contiguously). The group's exponent is
+// the largest any of its rows needs (mx::fold_rows).
+__global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
+                                    unsigned long long* lossy_count) {
+  constexpr int kRowsPerPass = 32;  // 128 threads, four per row
+  __shared__ FoldTable table;
+  __shared__ int warp_key[4];
+  __shared__ int row_nan[kWeightRowGroup];
+  for (int i = threadIdx.x; i < kFoldTableEntries; i += blockDim.x) fold_table_fill(table, i);
+  const int k = plan.k(), nblk = k / kBlockSize, fstride = folded_fstride(k), b8 = plan.first_fp8_block();
+  const int t = blockIdx.y, j = threadIdx.x % 4, b = 4 * t + j;
+  const int64_t group0 = static_cast<int64_t>(blockIdx.x) * kWeightRowGroup;
+  uint8_t codes[kBlockSize];
+  uint8_t scale = 0;
+  int key = INT_MIN;
+  for (int pass = 0; pass < kWeightRowGroup / kRowsPerPass; ++pass) {
+    const int local = pass * kRowsPerPass + threadIdx.x / 4;
+    const int64_t m = group0 + local;
+    FoldKey mine;
+    if (m < rows && b < nblk && b < b8) {
+      const int seg = load_block(in, plan, m, b, codes, &scale);
+      mine = seg == 0 ? fold_key<ElemFormat::E2M1>(codes, scale) : fold_key<ElemFormat::E3M2>(codes, scale);
+    }
+    const FoldKey row = tile_reduce(mine);  // the row's four blocks
+    if (j == 0) row_nan[local] = row.nan;
+    key = row.key > key ? row.key : key;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const int other = __shfl_xor_sync(0xFFFFFFFFu, key, o);
+    key = other > key ? other : key;
+  }
+  if (threadIdx.x % 32 == 0) warp_key[threadIdx.x / 32] = key;
+  __syncthreads();
+  const int group_key = max(max(warp_key[0], warp_key[1]), max(warp_key[2], warp_key[3]));
+  unsigned lossy = 0;
+  for (int pass = 0; pass < kWeightRowGroup / kRowsPerPass; ++pass) {
+    const int local = pass * kRowsPerPass + threadIdx.x / 4;
+    const int64_t m = group0 + local;
+    if (m >= rows) continue;
+    if (b >= nblk) {  // padding of the last tile
+      out.f[m * fstride + b] = 0.0f;
+      continue;
+    }
+    const int seg = load_block(in, plan, m, b, codes, &scale);
+    const FoldKey use{group_key, row_nan[local]};
+    uint8_t payload[kBlockSize];
+    float factor;
+    if (seg == 0) factor = fold_payload<ElemFormat::E2M1>(codes, scale, use, payload, &lossy, &table);
+    else if (seg == 1) factor = fold_payload<ElemFormat::E3M2>(codes, scale, use, payload, &lossy, &table);
+    else factor = fold_payload<ElemFormat::E4M3>(codes, scale, use, payload, &lossy);
+    if (seg < 2 && factor != factor) factor = exp2i(group_key == INT_MIN ? 0 : group_key);  // NaN rides on the payload
+    store_bytes(out.q + m * k + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
+    out.f[m * fstride + b] = factor;
+  }
   if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }
 
@@ -271,6 +336,12 @@ cudaError_t fold_operand(MxSegments in, int64_t rows, MixPlan plan, FoldedOperan
   if (!plan.valid()) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const int fstride = folded_fstride(plan.k());
+  if (out.row_group == kWeightRowGroup) {
+    const dim3 grid(static_cast<unsigned>((rows + kWeightRowGroup - 1) / kWeightRowGroup), static_cast<unsigned>(fstride / 4));
+    fold_grouped_kernel<<<grid, kWeightRowGroup, 0, stream>>>(in, rows, plan, out, lossy_count);
+    return cudaGetLastError();
+  }
+  if (out.row_group != 1) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(rows), (fstride + 127) / 128);
   fold_kernel<<<grid, 128, 0, stream>>>(in, rows, plan, out, lossy_count);
   return cudaGetLastError();

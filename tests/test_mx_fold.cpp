@@ -130,6 +130,50 @@ TEST(MxFold, NanBlocks) {
   }
 }
 
+// Weights folded with 128-row groups: every row of a group has the same factor for a
+// tile's folded blocks; values are preserved (here the rows' scales sit within a few
+// binades, inside the window) and agree with the per-row fold; lossy rows appear only when
+// a row's blocks sit far below its group's top, within the same 2^-16 bound as per-row
+// folding measured against the group's largest value; a NaN block poisons only its row.
+TEST(MxFold, RowGroupsShareTheFactor) {
+  const MixPlan p{256, 128, 128};
+  const int64_t rows = 300;  // two whole groups and a partial one
+  auto x = random_rows(rows, p.k(), 3.0);
+  const SegmentedMx m = quantize_segments(x, rows, p, ScaleRule::Ceil);
+  const FoldedMx per_row = fold_rows(m), grouped = fold_rows(m, kWeightRowGroup);
+  EXPECT_EQ(per_row.lossy, 0u);
+  EXPECT_EQ(grouped.lossy, 0u);
+  const int fs = folded_fstride(p.k()), b8 = p.first_fp8_block();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int c = 0; c < p.k(); ++c) ASSERT_EQ(folded_value(grouped, r, c), segment_value(m, r, c)) << r << "," << c;
+    const int64_t first = r / kWeightRowGroup * kWeightRowGroup;
+    for (int b = 0; b < b8; ++b) ASSERT_EQ(grouped.f[r * fs + b], grouped.f[first * fs + b]) << r << "," << b;
+    for (int b = b8; b < p.blocks(); ++b) ASSERT_EQ(grouped.f[r * fs + b], per_row.f[r * fs + b]);  // MXFP8: per row
+  }
+  // One row 2^-20 below the others: lossy, but within 2^-16 of the group's tile maximum.
+  for (int c = 0; c < p.k(); ++c) x[5 * p.k() + c] *= 0x1p-20f;
+  SegmentedMx low = quantize_segments(x, rows, p, ScaleRule::Ceil);
+  const FoldedMx g2 = fold_rows(low, kWeightRowGroup);
+  EXPECT_GT(g2.lossy, 0u);
+  EXPECT_EQ(fold_rows(low).lossy, 0u);
+  for (int t = 0; t * 128 < p.k(); ++t) {
+    double tmax = 0;
+    for (int64_t r = 0; r < kWeightRowGroup; ++r)
+      for (int c = t * 128; c < t * 128 + 128; ++c) tmax = std::max(tmax, std::fabs(double(segment_value(low, r, c))));
+    for (int c = t * 128; c < t * 128 + 128; ++c)
+      EXPECT_LE(std::fabs(double(folded_value(g2, 5, c)) - segment_value(low, 5, c)), std::ldexp(tmax, -16)) << c;
+  }
+  // A NaN block in row 7's FP4 part: row 7's folded blocks of that tile are NaN, the factor
+  // stays the group's, every other row is unchanged.
+  low.scales[7 * p.blocks() + 1] = kScaleNaN;
+  const FoldedMx g3 = fold_rows(low, kWeightRowGroup);
+  for (int c = 0; c < 128; ++c) EXPECT_TRUE(std::isnan(folded_value(g3, 7, c))) << c;
+  for (int b = 0; b < 4; ++b) EXPECT_TRUE(std::isfinite(g3.f[7 * fs + b]));
+  for (int64_t r = 0; r < rows; ++r)
+    if (r != 7)
+      for (int c = 0; c < p.k(); ++c) ASSERT_EQ(folded_value(g3, r, c), folded_value(g2, r, c));
+}
+
 // The kernel's arithmetic on folded operands: per 128-K tile, the folded group's sum of
 // payload products (exact here; the tensor core keeps about 14 bits), times fa * fw,
 // accumulated in fp32; each MXFP8 block promoted on its own.

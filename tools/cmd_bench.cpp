@@ -163,6 +163,7 @@ nlohmann::json run_mode(cuda::GpuRuntime& rt, const std::string& mode, const std
   out["other_weight_bytes"] = mem.other_weights;
   out["kv_cache_bytes"] = mem.kv_cache;
   out["lossy_activation_elements"] = rt.lossy_activation_elements();
+  out["lossy_weight_elements"] = rt.lossy_weight_elements();
   return out;
 }
 #endif

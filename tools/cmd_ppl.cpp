@@ -7,6 +7,10 @@
 #include "micromix/common/io.h"
 #include "micromix/eval/perplexity.h"
 
+#ifdef MICROMIX_HAVE_CUDA
+#include "gpu_runtime.h"
+#endif
+
 namespace micromix::cli {
 namespace {
 
@@ -47,6 +51,13 @@ int run_ppl(const ParsedArgs& args) {
                         {"load_seconds", m.load_seconds},
                         {"peak_memory_mib", peak_memory_mib()}};
   if (args.given("plan")) out["plan"] = args.str("plan");
+#ifdef MICROMIX_HAVE_CUDA
+  if (auto* gpu = dynamic_cast<cuda::GpuRuntime*>(runtime.get())) {
+    out["device_name"] = gpu->device_name();
+    out["lossy_weight_elements"] = gpu->lossy_weight_elements();
+    out["lossy_activation_elements"] = gpu->lossy_activation_elements();
+  }
+#endif
   if (json) {
     std::cout << out.dump(2) << "\n";
   } else {

@@ -396,6 +396,39 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
     EXPECT_LE(g.max_ratio, 1.0) << path_name(p);
     EXPECT_LE(g.rel_norm, 4e-3) << path_name(p);
   }
+  if (spread) return;
+  // W folded in groups of 128 rows (the runtime's prefill form): bit-identical to the host
+  // fold, no lossy element for these weights (row scales within a few binades), and the FP8
+  // paths, now promoting the folded tiles with one W factor per 128 columns, within the
+  // same bound.
+  FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup};
+  CK(cudaMemset(lossy.ptr, 0, 8));
+  CK(fold_operand(W.segments(), N, c.plan, wg, lossy.ptr, nullptr));
+  CK(cudaDeviceSynchronize());
+  const mx::FoldedMx ref = mx::fold_rows(hw, kWeightRowGroup);
+  EXPECT_EQ(ref.lossy, 0u);
+  EXPECT_EQ(lossy.download()[0], 0u) << "grouped fold of W: lossy elements";
+  EXPECT_EQ(W.fq.download(), ref.q) << "grouped GPU fold of W differs from the host fold";
+  const auto ff = W.ff.download();
+  size_t bad = 0;
+  for (size_t i = 0; i < ff.size(); ++i) bad += !(ff[i] == ref.f[i] || (std::isnan(ff[i]) && std::isnan(ref.f[i])));
+  EXPECT_EQ(bad, 0u) << "grouped GPU fold factors of W differ from the host fold";
+  for (const Fp8Schedule schedule : {Fp8Schedule::Alternating, Fp8Schedule::Concurrent}) {
+    CK(cudaMemset(y.ptr, 0xFF, y.count * 2));
+    CK(mx_gemm_fp8(A.folded(), wg, M, N, c.plan, y.ptr, nullptr, schedule));
+    CK(cudaDeviceSynchronize());
+    const GemmResult g = compare(y.download(), r, s, std::ldexp(1.0, -10), n_lossy > 0 ? &tt : nullptr);
+    const char* name = schedule == Fp8Schedule::Alternating ? "fp8, grouped W" : "fp8-concurrent, grouped W";
+    std::printf("  [%s] M=%lld N=%lld K=%d: max err/bound %.3g, rel norm err %.3g\n", name, static_cast<long long>(M),
+                static_cast<long long>(N), K, g.max_ratio, g.rel_norm);
+    EXPECT_EQ(g.non_finite, 0u) << name;
+    EXPECT_LE(g.max_ratio, 1.0) << name;
+    EXPECT_LE(g.rel_norm, 4e-3) << name;
+  }
+  // Activations are never folded in groups.
+  FoldedOperand ag = A.folded();
+  ag.row_group = kWeightRowGroup;
+  EXPECT_EQ(mx_gemm_fp8(ag, wg, M, N, c.plan, y.ptr, nullptr), cudaErrorInvalidValue);
 }
 
 TEST(MxGemm, SmallShapes) {
@@ -447,22 +480,35 @@ TEST(MxGemm, SmallNanPropagation) {
   for (auto& v : w) v = nd(rng());
   HostMx hw = quantize_segments(w, N, plan, mx::ScaleRule::Ceil);
   hw.scales[50 * (K / 32) + 7] = mx::kScaleNaN;  // NaN block: weight row 50, FP8 segment
+  hw.scales[0 * (K / 32) + 1] = mx::kScaleNaN;   // and row 0, FP4 segment (the first row of a 128-row group)
   W.upload(hw);
   CK(fold_operand(W.segments(), N, plan, W.folded(), nullptr, nullptr));
   DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
   DeviceBuffer<float> ws(static_cast<size_t>(M) * N);
-  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
-    CK(cudaMemset(y.ptr, 0, y.count * 2));
-    CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
-    CK(cudaDeviceSynchronize());
+  auto check = [&](const char* what) {
     const auto yh = y.download();
     size_t wrong = 0;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
-        const bool expect_nan = m == 3 || n == 50;
+        const bool expect_nan = m == 3 || n == 50 || n == 0;
         wrong += std::isnan(mx::bf16_bits_to_float(yh[m * N + n])) != expect_nan;
       }
-    EXPECT_EQ(wrong, 0u) << path_name(p);
+    EXPECT_EQ(wrong, 0u) << what;
+  };
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
+    CK(cudaMemset(y.ptr, 0, y.count * 2));
+    CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
+    CK(cudaDeviceSynchronize());
+    check(path_name(p));
+  }
+  // Grouped W: the NaN rows stay NaN through their payloads and poison no other column.
+  const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup};
+  CK(fold_operand(W.segments(), N, plan, wg, nullptr, nullptr));
+  for (const Fp8Schedule schedule : {Fp8Schedule::Alternating, Fp8Schedule::Concurrent}) {
+    CK(cudaMemset(y.ptr, 0, y.count * 2));
+    CK(mx_gemm_fp8(A.folded(), wg, M, N, plan, y.ptr, nullptr, schedule));
+    CK(cudaDeviceSynchronize());
+    check("fp8, grouped W");
   }
 }
 

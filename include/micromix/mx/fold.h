@@ -150,38 +150,61 @@ MICROMIX_HD constexpr int folded_fstride(int k) { return ((k / kBlockSize) + 3) 
 
 // The folded operand on the host: q [rows, K] E4M3 payloads, f [rows, fstride] factors
 // (one per 32-block; the folded blocks of a tile repeat their group's factor; padding 0).
+// row_group: how many consecutive rows (from row 0) share the factor of a tile's folded
+// blocks. 1 for activations. Weights may use 128 (the FP8 GEMM's half tile), so that the
+// GEMM promotes those tiles with one factor per 128 columns; the group's exponent is the
+// largest any of its rows needs, so rows whose blocks sit far below the group's top can
+// turn lossy (counted). NaN blocks keep NaN payloads; with row_group > 1 their factor is
+// the group's (finite), so one bad row cannot poison the other rows through the factor.
 struct FoldedMx {
   int64_t rows = 0;
   int k = 0;
+  int row_group = 1;
   std::vector<uint8_t> q;
   std::vector<float> f;
   uint64_t lossy = 0;
 };
 
-inline FoldedMx fold_rows(const SegmentedMx& m) {
+inline constexpr int kWeightRowGroup = 128;
+
+inline FoldedMx fold_rows(const SegmentedMx& m, int row_group = 1) {
   const MixPlan& p = m.plan;
   FoldedMx out;
   out.rows = m.rows;
   out.k = p.k();
+  out.row_group = row_group;
   const int nblk = p.blocks(), fs = folded_fstride(p.k()), b8 = p.first_fp8_block();
   out.q.assign(static_cast<size_t>(m.rows) * p.k(), 0);
   out.f.assign(static_cast<size_t>(m.rows) * fs, 0.0f);
-  for (int64_t r = 0; r < m.rows; ++r) {
+  std::vector<uint8_t> codes(static_cast<size_t>(row_group) * 4 * kBlockSize);
+  std::vector<FoldKey> row_key(static_cast<size_t>(row_group));
+  for (int64_t g0 = 0; g0 < m.rows; g0 += row_group) {
+    const int64_t g1 = g0 + row_group < m.rows ? g0 + row_group : m.rows;
     for (int t = 0; t * 4 < nblk; ++t) {
-      uint8_t codes[4][kBlockSize];
-      FoldKey group;
       const int nb = nblk - 4 * t < 4 ? nblk - 4 * t : 4;
-      for (int j = 0; j < nb; ++j) {
-        const int b = 4 * t + j;
-        for (int i = 0; i < kBlockSize; ++i) codes[j][i] = segment_code(m, r, b * kBlockSize + i);
-        if (b < b8) group = fold_combine(group, fold_key_rt(kSegmentFormat[segment_of_block(p, b)], codes[j], m.scales[r * nblk + b]));
+      int group_key = INT_MIN;
+      for (int64_t r = g0; r < g1; ++r) {
+        FoldKey key;
+        for (int j = 0; j < nb; ++j) {
+          const int b = 4 * t + j;
+          uint8_t* c = &codes[((r - g0) * 4 + j) * kBlockSize];
+          for (int i = 0; i < kBlockSize; ++i) c[i] = segment_code(m, r, b * kBlockSize + i);
+          if (b < b8) key = fold_combine(key, fold_key_rt(kSegmentFormat[segment_of_block(p, b)], c, m.scales[r * nblk + b]));
+        }
+        row_key[r - g0] = key;
+        group_key = key.key > group_key ? key.key : group_key;
       }
-      for (int j = 0; j < nb; ++j) {
-        const int b = 4 * t + j;
-        unsigned lossy = 0;
-        out.f[r * fs + b] = fold_payload_rt(kSegmentFormat[segment_of_block(p, b)], codes[j], m.scales[r * nblk + b],
-                                            group, out.q.data() + r * p.k() + b * kBlockSize, &lossy);
-        out.lossy += lossy;
+      for (int64_t r = g0; r < g1; ++r) {
+        const FoldKey use = row_group == 1 ? row_key[0] : FoldKey{group_key, row_key[r - g0].nan};
+        for (int j = 0; j < nb; ++j) {
+          const int b = 4 * t + j;
+          unsigned lossy = 0;
+          float f = fold_payload_rt(kSegmentFormat[segment_of_block(p, b)], &codes[((r - g0) * 4 + j) * kBlockSize],
+                                    m.scales[r * nblk + b], use, out.q.data() + r * p.k() + b * kBlockSize, &lossy);
+          if (row_group > 1 && b < b8 && f != f) f = exp2i(group_key == INT_MIN ? 0 : group_key);
+          out.f[r * fs + b] = f;
+          out.lossy += lossy;
+        }
       }
     }
   }
