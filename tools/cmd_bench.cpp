@@ -23,7 +23,7 @@
 namespace micromix::cli {
 namespace {
 
-std::vector<int> int_list(const std::string& s, const char* what) {
+[[maybe_unused]] std::vector<int> int_list(const std::string& s, const char* what) {
   std::vector<int> v;
   std::stringstream ss(s);
   std::string item;
@@ -40,7 +40,7 @@ std::vector<int> int_list(const std::string& s, const char* what) {
   return v;
 }
 
-std::string utc_timestamp() {
+[[maybe_unused]] std::string utc_timestamp() {
   const std::time_t now = std::time(nullptr);
   std::tm tm{};
   gmtime_r(&now, &tm);
@@ -49,7 +49,7 @@ std::string utc_timestamp() {
   return buf;
 }
 
-double median(std::vector<double> v) {
+[[maybe_unused]] double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
@@ -170,6 +170,7 @@ nlohmann::json run_mode(cuda::GpuRuntime& rt, const std::string& mode, const std
 
 int run_bench(const ParsedArgs& args) {
   if (device_from_args(args) != "cuda") throw UsageError("bench measures the GPU runtime: give --device cuda");
+  if (args.given("quant")) throw UsageError("bench takes the modes to compare as --modes (e.g. micromix,bf16), not --quant");
 #ifndef MICROMIX_HAVE_CUDA
   return 1;
 #else
