@@ -84,3 +84,22 @@ TEST(CliEndToEnd, BadInputGivesClearErrors) {
   r = run("nosuchcommand");
   EXPECT_EQ(r.status, 2);
 }
+
+TEST(CliEndToEnd, DeviceOptionErrors) {
+  CliResult r = run("ppl --device tpu --text /etc/hostname");
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_NE(r.out.find("unknown --device"), std::string::npos) << r.out;
+  r = run("bench");
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_NE(r.out.find("--device cuda"), std::string::npos) << r.out;
+  r = run("bench --device cuda --quant bf16");
+  EXPECT_EQ(r.status, 2) << r.out;
+  // Without a Hopper GPU (or without CUDA in the build) --device cuda fails with a message
+  // that says so; with one, this text is too short for a single window.
+  if (!std::filesystem::exists(micromix::model::default_model_path())) return;
+  r = run("ppl --device cuda --quant bf16 --text /etc/hostname");
+  EXPECT_NE(r.status, 0) << r.out;
+  const bool said = r.out.find("GPU") != std::string::npos || r.out.find("CUDA") != std::string::npos ||
+                    r.out.find("window") != std::string::npos;
+  EXPECT_TRUE(said) << r.out;
+}
