@@ -399,6 +399,15 @@ struct GpuRuntime::Impl {
   }
 };
 
+std::optional<mx::MixPlan> uniform_mix(quant::QuantMode mode, int k) {
+  switch (mode) {
+    case quant::QuantMode::MXFP4: return MixPlan{k, 0, 0};
+    case quant::QuantMode::MXFP6: return MixPlan{0, k, 0};
+    case quant::QuantMode::MXFP8: return MixPlan{0, 0, k};
+    default: return std::nullopt;
+  }
+}
+
 bool gpu_available() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) return false;
@@ -412,8 +421,7 @@ GpuRuntime::GpuRuntime(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spec, int max_context, int max_batch) {
   using quant::QuantMode;
-  const bool mx = spec.mode == QuantMode::MicroMix || spec.mode == QuantMode::MXFP8 || spec.mode == QuantMode::MXFP6 ||
-                  spec.mode == QuantMode::MXFP4;
+  const bool mx = spec.mode == QuantMode::MicroMix || uniform_mix(spec.mode, 0).has_value();
   if (!mx && spec.mode != QuantMode::BF16)
     throw std::invalid_argument(std::string("--device cuda runs bf16, micromix, mxfp8, mxfp6 and mxfp4, not ") +
                                 quant::quant_mode_name(spec.mode));
@@ -457,8 +465,7 @@ GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spe
         plan = lp.mix();
       } else {
         std::iota(order.begin(), order.end(), 0);
-        const int k = static_cast<int>(L.in);
-        plan = spec.mode == QuantMode::MXFP4 ? MixPlan{k, 0, 0} : spec.mode == QuantMode::MXFP6 ? MixPlan{0, k, 0} : MixPlan{0, 0, k};
+        plan = *uniform_mix(spec.mode, static_cast<int>(L.in));
       }
       if (!plan.valid() || plan.k() != L.in || static_cast<int64_t>(order.size()) != L.in)
         throw std::invalid_argument(std::string("layer ") + std::to_string(l) + " " + model::linear_slot_name(slot) +

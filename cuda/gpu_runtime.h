@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <span>
 
@@ -81,6 +82,10 @@ class GpuRuntime : public model::Runtime {
   explicit GpuRuntime(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// The one-segment plan of a uniform MX mode (mxfp4, mxfp6, mxfp8) over k channels;
+// nullopt for every other mode.
+std::optional<mx::MixPlan> uniform_mix(quant::QuantMode mode, int k);
 
 // Whether a CUDA device of compute capability 9.0 is present.
 bool gpu_available();

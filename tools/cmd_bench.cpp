@@ -23,7 +23,8 @@
 namespace micromix::cli {
 namespace {
 
-[[maybe_unused]] std::vector<int> int_list(const std::string& s, const char* what) {
+#ifdef MICROMIX_HAVE_CUDA  // the helpers below serve the GPU runtime only
+std::vector<int> int_list(const std::string& s, const char* what) {
   std::vector<int> v;
   std::stringstream ss(s);
   std::string item;
@@ -40,7 +41,7 @@ namespace {
   return v;
 }
 
-[[maybe_unused]] std::string utc_timestamp() {
+std::string utc_timestamp() {
   const std::time_t now = std::time(nullptr);
   std::tm tm{};
   gmtime_r(&now, &tm);
@@ -49,12 +50,11 @@ namespace {
   return buf;
 }
 
-[[maybe_unused]] double median(std::vector<double> v) {
+double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
 
-#ifdef MICROMIX_HAVE_CUDA
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
@@ -181,14 +181,13 @@ int run_bench(const ParsedArgs& args) {
   if (prompt < 1 || prompt > 1 << 17) throw UsageError("--prompt must be between 1 and 131072");
   if (decode_tokens < 1 || decode_tokens > 4096) throw UsageError("--decode-tokens must be between 1 and 4096");
   if (repeats < 1 || repeats > 100) throw UsageError("--repeats must be between 1 and 100");
-  std::vector<std::string> modes;
-  {
-    std::stringstream ss(args.str("modes"));
-    std::string m;
-    while (std::getline(ss, m, ','))
-      if (!m.empty()) modes.push_back(m);
-  }
+  const std::vector<std::string> modes = split_list(args.str("modes"));
   if (modes.empty()) throw UsageError("--modes is empty");
+  for (const auto& mode : modes) {  // all checked before any model is built
+    const auto q = quant::parse_quant_mode(mode);
+    if (!q || !(*q == quant::QuantMode::BF16 || *q == quant::QuantMode::MicroMix || cuda::uniform_mix(*q, 0)))
+      throw UsageError("unknown mode '" + mode + "' (bf16, micromix, mxfp4, mxfp6, mxfp8)");
+  }
   if (!cuda::gpu_available()) throw std::runtime_error("no Hopper (compute capability 9.0) GPU found");
   const int max_batch = std::max(batches.back(), decode_batches.back());
   const int context = static_cast<int>(prompt + decode_tokens + 3);  // + 2 warm-up steps + 1 profiled
@@ -209,15 +208,13 @@ int run_bench(const ParsedArgs& args) {
       const auto cfg = model::llama31_8b_config();
       std::array<mx::MixPlan, model::kNumLinearSlots> plans{};
       const int ks[model::kNumLinearSlots] = {cfg.hidden, cfg.q_dim(), cfg.hidden, cfg.ffn};
-      for (int s = 0; s < model::kNumLinearSlots; ++s) {
-        if (mode == "micromix") plans[s] = model::mix_from_counts(model::kLlama31_8bMicroMixCounts[s], ks[s]);
-        else if (mode == "mxfp4") plans[s] = {ks[s], 0, 0};
-        else if (mode == "mxfp6") plans[s] = {0, ks[s], 0};
-        else if (mode == "mxfp8") plans[s] = {0, 0, ks[s]};
-        else if (mode != "bf16") throw UsageError("unknown mode '" + mode + "' (bf16, micromix, mxfp4, mxfp6, mxfp8)");
-      }
+      const auto q = *quant::parse_quant_mode(mode);
+      for (int s = 0; s < model::kNumLinearSlots; ++s)
+        plans[s] = q == quant::QuantMode::MicroMix ? model::mix_from_counts(model::kLlama31_8bMicroMixCounts[s], ks[s])
+                   : q == quant::QuantMode::BF16   ? mx::MixPlan{}
+                                                   : *cuda::uniform_mix(q, ks[s]);
       progress("bench: building the synthetic " + cfg.name + " model (" + mode + ")");
-      rt = cuda::GpuRuntime::synthetic(cfg, mode == "bf16" ? nullptr : &plans, mx::ScaleRule::Ceil, context, max_batch,
+      rt = cuda::GpuRuntime::synthetic(cfg, q == quant::QuantMode::BF16 ? nullptr : &plans, mx::ScaleRule::Ceil, context, max_batch,
                                        42);
       out["model"] = cfg.name + ", synthetic weights";
     } else {
