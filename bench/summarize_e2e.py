@@ -23,37 +23,32 @@ def main():
     print(f"Device: {ours.get('device', '?')} (PyTorch run: {torch.get('device', '?')}); micromix {ours['date']}, "
           f"PyTorch {torch['date']}; copy bandwidth {ours['copy_bandwidth_gbs']:.0f} GB/s (read + write).\n")
 
-    batches = sorted({p["batch"] for m in order for p in modes[m]["prefill"]})
-    print(f"**Prefill**, {ours['prompt_tokens']} tokens per sequence: median ms (peak GiB)\n")
-    head = "| batch | " + " | ".join(names[m] for m in order)
     ratio_cols = [b for b in ("torch_bf16", "torch_fp8") if b in modes and "micromix" in modes]
-    head += "".join(f" | MicroMix vs {names[b]}" for b in ratio_cols)
-    print(head + " |")
-    print("|---" * (1 + len(order) + len(ratio_cols)) + "|")
-    for b in batches:
-        row = {m: next((p for p in modes[m]["prefill"] if p["batch"] == b), None) for m in order}
-        cells = [f"{row[m]['ms']:.1f} ({row[m]['peak_memory_gib']:.1f})" if row[m] else "-" for m in order]
-        for base in ratio_cols:
-            ok = row[base] and row["micromix"]
-            cells.append(f"{row[base]['ms'] / row['micromix']['ms']:.2f}x" if ok else "-")
-        print(f"| {b} | " + " | ".join(cells) + " |")
 
-    dbatches = sorted({d["batch"] for m in order for d in modes[m]["decode"]})
+    def table(kind, cell, speedup, extra_heads=(), extra_cells=lambda mm: []):
+        """One row per batch: every mode's cell, MicroMix's speed-up over each PyTorch
+        baseline (speedup(base, micromix) from the two rows), then extra MicroMix columns."""
+        head = "| batch | " + " | ".join(names[m] for m in order)
+        head += "".join(f" | MicroMix vs {names[b]}" for b in ratio_cols)
+        print(head + "".join(f" | {h}" for h in extra_heads) + " |")
+        print("|---" * (1 + len(order) + len(ratio_cols) + len(extra_heads)) + "|")
+        for b in sorted({r["batch"] for m in order for r in modes[m][kind]}):
+            row = {m: next((r for r in modes[m][kind] if r["batch"] == b), None) for m in order}
+            cells = [cell(row[m]) if row[m] else "-" for m in order]
+            for base in ratio_cols:
+                ok = row[base] and row["micromix"]
+                cells.append(f"{speedup(row[base], row['micromix']):.2f}x" if ok else "-")
+            mm = row.get("micromix")
+            cells += extra_cells(mm) if mm else ["-"] * len(extra_heads)
+            print(f"| {b} | " + " | ".join(cells) + " |")
+
+    print(f"**Prefill**, {ours['prompt_tokens']} tokens per sequence: median ms (peak GiB)\n")
+    table("prefill", lambda r: f"{r['ms']:.1f} ({r['peak_memory_gib']:.1f})", lambda base, mm: base["ms"] / mm["ms"])
     print(f"\n**Decode** after {ours['prompt_tokens']} prompt tokens: tokens/s (ms per step)\n")
-    head = "| batch | " + " | ".join(names[m] for m in order)
-    head += "".join(f" | MicroMix vs {names[b]}" for b in ratio_cols)
-    print(head + " | MicroMix bytes read per step / time | of copy bandwidth |")
-    print("|---" * (3 + len(order) + len(ratio_cols)) + "|")
-    for b in dbatches:
-        row = {m: next((d for d in modes[m]["decode"] if d["batch"] == b), None) for m in order}
-        cells = [f"{row[m]['tokens_per_second']:.1f} ({row[m]['ms_per_step']:.2f})" if row[m] else "-" for m in order]
-        for base in ratio_cols:
-            ok = row[base] and row["micromix"]
-            cells.append(f"{row['micromix']['tokens_per_second'] / row[base]['tokens_per_second']:.2f}x" if ok else "-")
-        mm = row.get("micromix")
-        cells.append(f"{mm['gb_per_second']:.0f} GB/s" if mm else "-")
-        cells.append(f"{100 * mm['fraction_of_copy_bandwidth']:.0f}%" if mm else "-")
-        print(f"| {b} | " + " | ".join(cells) + " |")
+    table("decode", lambda r: f"{r['tokens_per_second']:.1f} ({r['ms_per_step']:.2f})",
+          lambda base, mm: mm["tokens_per_second"] / base["tokens_per_second"],
+          ("MicroMix bytes read per step / time", "of copy bandwidth"),
+          lambda mm: [f"{mm['gb_per_second']:.0f} GB/s", f"{100 * mm['fraction_of_copy_bandwidth']:.0f}%"])
 
     print("\n**Linear-layer weights** (bytes the kernels read; MX codes with their scales)\n")
     print("| | " + " | ".join(names[m] for m in order) + " |")
