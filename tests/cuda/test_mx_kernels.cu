@@ -331,6 +331,15 @@ cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, in
   }
 }
 
+// The folded operand held by W (payloads and factors) equals the host fold bit for bit.
+void expect_same_fold(const DeviceMx& W, const mx::FoldedMx& ref, const char* what) {
+  EXPECT_EQ(W.fq.download(), ref.q) << what << ": payloads differ from the host fold";
+  const auto ff = W.ff.download();
+  size_t bad = 0;
+  for (size_t i = 0; i < ff.size(); ++i) bad += !(ff[i] == ref.f[i] || (std::isnan(ff[i]) && std::isnan(ref.f[i])));
+  EXPECT_EQ(bad, 0u) << what << ": factors differ from the host fold";
+}
+
 struct GemmCase {
   int64_t M, N;
   MixPlan plan;
@@ -370,11 +379,7 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   {
     const mx::FoldedMx ref = mx::fold_rows(hw);
     EXPECT_EQ(n_lossy, ref.lossy + mx::fold_rows(ha).lossy) << "lossy count differs from the host folds";
-    EXPECT_EQ(W.fq.download(), ref.q) << "GPU fold of W differs from the host fold";
-    const auto ff = W.ff.download();
-    size_t bad = 0;
-    for (size_t i = 0; i < ff.size(); ++i) bad += !(ff[i] == ref.f[i] || (std::isnan(ff[i]) && std::isnan(ref.f[i])));
-    EXPECT_EQ(bad, 0u) << "GPU fold factors of W differ from the host fold";
+    expect_same_fold(W, ref, "GPU fold of W");
   }
   if (spread) EXPECT_GT(n_lossy, 0u) << "the spread case must exercise lossy folding";
   std::vector<double> r, s, tt;
@@ -408,11 +413,7 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   const mx::FoldedMx ref = mx::fold_rows(hw, kWeightRowGroup);
   EXPECT_EQ(ref.lossy, 0u);
   EXPECT_EQ(lossy.download()[0], 0u) << "grouped fold of W: lossy elements";
-  EXPECT_EQ(W.fq.download(), ref.q) << "grouped GPU fold of W differs from the host fold";
-  const auto ff = W.ff.download();
-  size_t bad = 0;
-  for (size_t i = 0; i < ff.size(); ++i) bad += !(ff[i] == ref.f[i] || (std::isnan(ff[i]) && std::isnan(ref.f[i])));
-  EXPECT_EQ(bad, 0u) << "grouped GPU fold factors of W differ from the host fold";
+  expect_same_fold(W, ref, "grouped GPU fold of W");
   for (const Fp8Schedule schedule : {Fp8Schedule::Alternating, Fp8Schedule::Concurrent}) {
     CK(cudaMemset(y.ptr, 0xFF, y.count * 2));
     CK(mx_gemm_fp8(A.folded(), wg, M, N, c.plan, y.ptr, nullptr, schedule));
