@@ -133,6 +133,16 @@ nlohmann::json run_mode(cuda::GpuRuntime& rt, const std::string& mode, const std
       rt.forward_batch(next, b, 1, logits.data());
       if (s >= 2) t.push_back(seconds_since(t0));
     }
+    // The host's share: time to issue one step's launches (no lm_head, no wait). Close
+    // to ms_per_step means the step is bound by launches, not by the GPU.
+    std::vector<double> issue;
+    for (int s = 0; s < std::max(4, decode_tokens / 4); ++s) {
+      const auto next = random_tokens(b);
+      const auto t0 = Clock::now();
+      rt.forward_batch(next, b, 1, nullptr);
+      issue.push_back(seconds_since(t0));
+      rt.synchronize();
+    }
     rt.set_profiling(true);
     rt.forward_batch(random_tokens(b), b, 1, logits.data());
     const auto stages = rt.profile();
@@ -151,6 +161,7 @@ nlohmann::json run_mode(cuda::GpuRuntime& rt, const std::string& mode, const std
     out["decode"].push_back({{"batch", b},
                              {"context", prompt},
                              {"ms_per_step", step * 1e3},
+                             {"host_issue_ms_per_step", median(issue) * 1e3},
                              {"tokens_per_second", b / step},
                              {"bytes_per_step", bytes},
                              {"gb_per_second", bytes / step / 1e9},
@@ -190,7 +201,8 @@ int run_bench(const ParsedArgs& args) {
   }
   if (!cuda::gpu_available()) throw std::runtime_error("no Hopper (compute capability 9.0) GPU found");
   const int max_batch = std::max(batches.back(), decode_batches.back());
-  const int context = static_cast<int>(prompt + decode_tokens + 3);  // + 2 warm-up steps + 1 profiled
+  // + 2 warm-up steps, the host-issue steps and 1 profiled step
+  const int context = static_cast<int>(prompt + decode_tokens + std::max<int64_t>(4, decode_tokens / 4) + 3);
   const bool synthetic = args.given("synthetic");
   if (synthetic && args.str("synthetic") != "llama-3.1-8b")
     throw UsageError("--synthetic: the known shape is llama-3.1-8b");
@@ -246,9 +258,11 @@ int run_bench(const ParsedArgs& args) {
     };
     if (!r["prefill"].empty()) print_stages(r["prefill"].back()["stages_ms"]);
     for (const auto& d : r["decode"])
-      std::fprintf(stderr, "%-9s decode  %2d: %8.3f ms/step  %8.1f tok/s  %6.0f GB/s (%.0f%% of copy)\n", mode.c_str(),
-                   d["batch"].get<int>(), d["ms_per_step"].get<double>(), d["tokens_per_second"].get<double>(),
-                   d["gb_per_second"].get<double>(), 100 * d["fraction_of_copy_bandwidth"].get<double>());
+      std::fprintf(stderr,
+                   "%-9s decode  %2d: %8.3f ms/step  %8.1f tok/s  %6.0f GB/s (%.0f%% of copy)  host issue %.3f ms\n",
+                   mode.c_str(), d["batch"].get<int>(), d["ms_per_step"].get<double>(),
+                   d["tokens_per_second"].get<double>(), d["gb_per_second"].get<double>(),
+                   100 * d["fraction_of_copy_bandwidth"].get<double>(), d["host_issue_ms_per_step"].get<double>());
     if (!r["decode"].empty()) print_stages(r["decode"].front()["stages_ms"]);
     out["modes"].push_back(std::move(r));
   }
