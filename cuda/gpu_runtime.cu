@@ -72,6 +72,8 @@ __global__ void fill_random_kernel(void* p, size_t n, uint64_t seed, int kind, i
   }
 }
 
+__global__ void store_int_kernel(int* p, int v) { *p = v; }
+
 void fill_random(void* p, size_t n, uint64_t seed, int kind, int base, float amp, cudaStream_t stream) {
   if (n == 0) return;
   fill_random_kernel<<<1024, 256, 0, stream>>>(p, n, seed, kind, base, amp);
@@ -124,7 +126,19 @@ struct GpuRuntime::Impl {
   DeviceBuffer<double> logprob;
   DeviceBuffer<uint8_t> greedy;
   DeviceBuffer<unsigned long long> lossy, lossy_w;  // inexact folded activation / weight elements
+  DeviceBuffer<int32_t> position_dev;                // the position the step's kernels read
+  DeviceBuffer<uint8_t> blas_workspace;              // fixed, so that cuBLAS calls can be recorded in graphs
   size_t peak = 0;
+
+  // Decode steps (one token per sequence) run as one CUDA graph per batch size, recorded
+  // at the first step and replayed after: the ~14 launches per layer otherwise cost a
+  // launch latency each. Dropped whenever a buffer they point into is reallocated.
+  bool use_graphs = true;
+  std::map<int, cudaGraphExec_t> decode_graphs;
+  void drop_graphs() {
+    for (auto& [batch, exec] : decode_graphs) cudaGraphExecDestroy(exec);
+    decode_graphs.clear();
+  }
 
   // Optional per-stage timing (CUDA events around each launch group).
   bool profiling = false;
@@ -193,10 +207,14 @@ struct GpuRuntime::Impl {
     lossy_w = DeviceBuffer<unsigned long long>(1);
     cuda_check(cudaMemset(lossy.ptr, 0, sizeof(unsigned long long)), "cudaMemset");
     cuda_check(cudaMemset(lossy_w.ptr, 0, sizeof(unsigned long long)), "cudaMemset");
+    position_dev = DeviceBuffer<int32_t>(1);
+    blas_workspace = DeviceBuffer<uint8_t>(size_t{32} << 20);
+    blas_check(cublasSetWorkspace(blas, blas_workspace.ptr, blas_workspace.count), "cublasSetWorkspace");
     layers.resize(cfg.n_layers);
   }
 
   ~Impl() {
+    drop_graphs();
     for (auto& p : pending) {
       cudaEventDestroy(p.start);
       cudaEventDestroy(p.stop);
@@ -240,6 +258,7 @@ struct GpuRuntime::Impl {
     add(folded_a); add(folded_a_f); add(folded_w); add(folded_w_f);
     for (const auto& p : packed_a) add(p);
     add(packed_a_scales); add(attn_ws); add(logits); add(tokens); add(targets); add(logprob); add(greedy); add(lossy); add(lossy_w);
+    add(position_dev); add(blas_workspace);
     return b;
   }
 
@@ -247,6 +266,7 @@ struct GpuRuntime::Impl {
 
   void ensure_tokens(int64_t M) {
     if (M <= capacity) return;
+    drop_graphs();
     const int64_t H = cfg.hidden, F = cfg.ffn, qd = cfg.q_dim(), qkvd = qd + 2 * cfg.kv_dim();
     reserve(x, M * H);
     reserve(xn, M * H);
@@ -310,22 +330,64 @@ struct GpuRuntime::Impl {
   // Runs batch x n tokens (already in `tokens`) through every layer; xn then holds the
   // final-normed hidden states of all rows.
   void run_layers(int batch, int n) {
-    const int64_t M = static_cast<int64_t>(batch) * n;
-    stage("embedding", [&] { cuda_check(embed_tokens(tokens.ptr, M, embedding.ptr, cfg.hidden, x.ptr, stream), "embedding"); });
-    stage("norm", [&] {
-      cuda_check(add_rmsnorm(x.ptr, nullptr, M, cfg.hidden, layers[0].attn_norm.ptr, cfg.rms_eps, xn.ptr, stream), "norm");
-    });
     AttentionShape s;
     s.batch = batch;
     s.tokens = n;
     s.position = position;
+    s.position_ptr = position_dev.ptr;
     s.n_heads = cfg.n_heads;
     s.n_kv_heads = cfg.n_kv_heads;
     s.head_dim = cfg.head_dim;
     s.max_context = max_context;
-    const int splits = attention_splits(s);
-    reserve(attn_ws, attention_workspace_floats(s, splits));
+    const bool graph = use_graphs && n == 1 && !profiling;
+    // Decode steps size the key splits for the end of the cache, so that a recorded step
+    // serves every later position and a replayed step computes what a launched one does.
+    AttentionShape sizing = s;
+    if (n == 1) sizing.position = max_context - n;
+    const int splits = attention_splits(sizing);
+    const size_t ws_floats = attention_workspace_floats(s, splits);
+    if (ws_floats > attn_ws.count) drop_graphs();
+    reserve(attn_ws, ws_floats);
     note_peak();
+    store_int_kernel<<<1, 1, 0, stream>>>(position_dev.ptr, position);
+    cuda_check(cudaGetLastError(), "position");
+    if (!graph) {
+      layer_launches(s, splits);
+    } else {
+      auto it = decode_graphs.find(batch);
+      if (it == decode_graphs.end()) it = decode_graphs.emplace(batch, record(s, splits)).first;
+      cuda_check(cudaGraphLaunch(it->second, stream), "decode graph");
+    }
+    position += n;
+  }
+
+  cudaGraphExec_t record(const AttentionShape& s, int splits) {
+    cudaGraph_t g = nullptr;
+    cuda_check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed), "graph capture");
+    try {
+      layer_launches(s, splits);
+    } catch (...) {
+      cudaStreamEndCapture(stream, &g);
+      if (g != nullptr) cudaGraphDestroy(g);
+      throw;
+    }
+    cuda_check(cudaStreamEndCapture(stream, &g), "graph capture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&exec, g, 0);
+    cudaGraphDestroy(g);
+    cuda_check(e, "graph instantiate");
+    return exec;
+  }
+
+  void layer_launches(const AttentionShape& s, int splits) {
+    const int64_t M = s.rows();
+    stage("embedding", [&] {
+      cuda_check(embed_tokens(tokens.ptr, M, embedding.ptr, cfg.hidden, x.ptr, stream), "embedding");
+    });
+    stage("norm", [&] {
+      cuda_check(add_rmsnorm(x.ptr, nullptr, M, cfg.hidden, layers[0].attn_norm.ptr, cfg.rms_eps, xn.ptr, stream),
+                 "norm");
+    });
     const size_t layer_cache = static_cast<size_t>(max_batch) * cfg.kv_dim() * max_context;
     for (int l = 0; l < cfg.n_layers; ++l) {
       DeviceLayer& L = layers[l];
@@ -346,7 +408,6 @@ struct GpuRuntime::Impl {
       const float* next = l + 1 < cfg.n_layers ? layers[l + 1].attn_norm.ptr : output_norm.ptr;
       stage("norm", [&] { cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, next, cfg.rms_eps, xn.ptr, stream), "norm"); });
     }
-    position += n;
   }
 
   // logits [rows, vocab] fp32 of `rows` final hidden states starting at row `first`,
@@ -619,6 +680,11 @@ void GpuRuntime::set_profiling(bool on) {
   impl_->collect_profile();
   impl_->profiling = on;
   impl_->profile_ms.clear();
+}
+
+void GpuRuntime::set_cuda_graphs(bool on) {
+  impl_->use_graphs = on;
+  if (!on) impl_->drop_graphs();
 }
 
 std::map<std::string, double> GpuRuntime::profile() {

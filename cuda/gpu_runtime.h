@@ -69,6 +69,9 @@ class GpuRuntime : public model::Runtime {
   // little, so time runs without it.
   void set_profiling(bool on);
   std::map<std::string, double> profile();
+  // Decode steps (one token per sequence) replay a recorded CUDA graph (on by default;
+  // profiling runs launch by launch).
+  void set_cuda_graphs(bool on);
   // Folded activation elements that were not exact (scale spread wider than the E4M3
   // window), counted since construction.
   uint64_t lossy_activation_elements();

@@ -66,10 +66,14 @@ __global__ void add_rmsnorm_kernel(float* x, const uint16_t* y, int hidden, cons
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[r * hidden + i] = float_to_bf16_bits(xr[i] * inv * gamma[i]);
 }
 
+__device__ __forceinline__ int current_position(const AttentionShape& s) {
+  return s.position_ptr != nullptr ? *s.position_ptr : s.position;
+}
+
 __global__ void rope_kernel(const uint16_t* qkv, const float* bias, AttentionShape s, const float2* rope, bool neox,
                             uint16_t* q, uint16_t* k_cache, uint16_t* v_cache) {
   const int64_t row = blockIdx.x;
-  const int b = static_cast<int>(row / s.tokens), pos = s.position + static_cast<int>(row % s.tokens);
+  const int b = static_cast<int>(row / s.tokens), pos = current_position(s) + static_cast<int>(row % s.tokens);
   const int hd = s.head_dim, half = hd / 2, q_dim = s.q_dim(), kv_dim = s.kv_dim();
   const uint16_t* src = qkv + row * (q_dim + 2 * kv_dim);
   const float2* cs = rope + static_cast<int64_t>(pos) * half;
@@ -127,7 +131,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int kvh = blockIdx.y, b = blockIdx.z / splits, split = blockIdx.z % splits;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group, q_dim = s.q_dim();
-  const int r0 = blockIdx.x * kAttnRows;
+  const int r0 = blockIdx.x * kAttnRows, position = current_position(s);
 
   int row[2], qrow[2], head[2], visible[2];  // this thread's two rows: g and g + 8 of its warp's 16
   uint32_t qf[D / 16][4];
@@ -137,7 +141,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
     const int rr = row[i] < rows ? row[i] : rows - 1;
     qrow[i] = rr / group;
     head[i] = kvh * group + rr % group;
-    visible[i] = s.position + qrow[i];  // last key this row may see
+    visible[i] = position + qrow[i];  // last key this row may see
   }
   const uint16_t* q0 = q + (static_cast<int64_t>(b) * s.tokens + qrow[0]) * q_dim + head[0] * D;
   const uint16_t* q1 = q + (static_cast<int64_t>(b) * s.tokens + qrow[1]) * q_dim + head[1] * D;
@@ -150,7 +154,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
   }
 
   const int last_row = min(r0 + kAttnRows, rows) - 1;
-  const int key_end = s.position + last_row / group + 1;
+  const int key_end = position + last_row / group + 1;
   const int blocks = (key_end + kAttnKeys - 1) / kAttnKeys, per_split = (blocks + splits - 1) / splits;
   const int blk_begin = split * per_split, blk_end = min(blocks, blk_begin + per_split);
   const int64_t cache_base = (static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context * D;

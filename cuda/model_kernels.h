@@ -27,6 +27,9 @@ cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, cons
 // same `position`; token t of sequence b is row b * tokens + t.
 struct AttentionShape {
   int batch = 1, tokens = 0, position = 0;
+  // When set, the kernels read the position from this device int instead (so that one
+  // recorded CUDA graph serves every decode step); `position` then only bounds the checks.
+  const int* position_ptr = nullptr;
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
   int max_context = 0;  // positions per sequence in the cache
   MICROMIX_HD int q_dim() const { return n_heads * head_dim; }
@@ -48,7 +51,8 @@ cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const Attenti
 cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const AttentionShape& s,
                       uint16_t* out, int splits, float* workspace, cudaStream_t stream);
 size_t attention_workspace_floats(const AttentionShape& s, int splits);
-// A split count that fills the GPU for this shape (1 when the query tiles already do).
+// A split count that fills the GPU for this shape (1 when the query tiles already do). With
+// position_ptr set, pass the largest position it may hold: splits past the keys stay idle.
 int attention_splits(const AttentionShape& s);
 bool attention_supports_head_dim(int head_dim);
 

@@ -213,6 +213,7 @@ int run_bench(const ParsedArgs& args) {
                         {"decode_tokens", decode_tokens},
                         {"repeats", repeats},
                         {"copy_bandwidth_gbs", bandwidth / 1e9},
+                        {"decode_cuda_graphs", !args.flag("no-cuda-graphs")},
                         {"modes", nlohmann::json::array()}};
   for (const auto& mode : modes) {
     std::unique_ptr<cuda::GpuRuntime> rt;
@@ -237,6 +238,7 @@ int run_bench(const ParsedArgs& args) {
       out["model"] = m.path;
     }
     out["device"] = rt->device_name();
+    rt->set_cuda_graphs(!args.flag("no-cuda-graphs"));
     nlohmann::json r = run_mode(*rt, mode, batches, decode_batches, static_cast<int>(prompt),
                                 static_cast<int>(decode_tokens), static_cast<int>(repeats), bandwidth);
     progress_done();
@@ -282,6 +284,7 @@ std::vector<OptionSpec> bench_options() {
                      {"decode-batches", "LIST", "1,16", "decode batch sizes (after a prompt of --prompt tokens)"},
                      {"decode-tokens", "N", "32", "timed decode steps"},
                      {"repeats", "N", "3", "timed prefill runs per batch (median; one more warms up)"},
+                     {"no-cuda-graphs", "", "", "launch each decode step's kernels one by one (no graph replay)"},
                      {"output", "FILE", "", "also write the results as JSON to FILE"},
                      {"json", "", "", "print JSON"}});
   return o;

@@ -188,6 +188,17 @@ TEST(GpuRuntime, DecodeChunksAndBatchesAgreeWithOnePrefill) {
   std::printf("decode steps vs prefill: mean gap %.4g (bound %.4g)\n", step_gap, bound);
   EXPECT_LE(step_gap, bound);
 
+  // The steps above replayed a recorded CUDA graph; launched kernel by kernel they give the
+  // same logits to the bit.
+  g.set_cuda_graphs(false);
+  g.reset();
+  g.forward_last(std::span(seqs[0]).first(n - tail), nullptr, 0);
+  std::vector<float> launched(full.size());
+  for (int t = n - tail; t < n; ++t)
+    g.forward_last(std::span(seqs[0]).subspan(t, 1), launched.data() + (t - (n - tail)) * c.vocab, 1);
+  EXPECT_EQ(launched, steps);
+  g.set_cuda_graphs(true);
+
   // Prefill in two chunks (the second attends to the cached first).
   g.reset();
   std::vector<float> chunked(full.size());

@@ -159,6 +159,31 @@ void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, i
       SCOPED_TRACE("splits " + std::to_string(splits));
       check_attention(c, out.download());
     }
+    if (tokens == 1) {
+      // The same step with the position read from device memory, as a recorded decode graph
+      // runs it: the host-side position is set elsewhere (a kernel reading it would rotate
+      // by the wrong angle and write the wrong slot), and the splits are sized for the end
+      // of the cache, so most of them find no keys.
+      DeviceBuffer<int> d_pos(1);
+      d_pos.upload(std::vector<int>{position});
+      AttentionShape sd = s;
+      sd.position_ptr = d_pos.ptr;
+      sd.position = s.max_context - 1;
+      DeviceBuffer<uint16_t> kc2(cache_n), vc2(cache_n), q2(rows * s.q_dim());
+      kc2.upload(c.kc);
+      vc2.upload(c.vc);
+      CK(rope_and_cache(d_qkv.ptr, d_bias.ptr, sd, d_rope.ptr, neox, q2.ptr, kc2.ptr, vc2.ptr, nullptr));
+      EXPECT_EQ(q2.download(), c.q);
+      EXPECT_EQ(kc2.download(), c.kc);
+      EXPECT_EQ(vc2.download(), c.vc);
+      for (const int splits : {attention_splits(sd), 64}) {
+        DeviceBuffer<uint16_t> out(rows * s.q_dim());
+        DeviceBuffer<float> ws(std::max<size_t>(attention_workspace_floats(sd, splits), 1));
+        CK(attention(q2.ptr, kc2.ptr, vc2.ptr, sd, out.ptr, splits, ws.ptr, nullptr));
+        SCOPED_TRACE("device position, splits " + std::to_string(splits));
+        check_attention(c, out.download());
+      }
+    }
     position += tokens;
   }
 }
