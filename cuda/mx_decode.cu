@@ -169,26 +169,23 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(MxSegments A,
   }
 }
 
-// Tensor-core variant, any M <= 16: mma.sync m16n8k16 with f16 operands and fp32
+// Tensor-core variant, any M <= 16: mma.sync m16n8k32 with E4M3 operands and fp32
 // accumulation, weights as the 16-row A operand, tokens as the 8-column B operand (two B
 // tiles for M > 8). No shared memory and no dequantization pass: every lane loads its own
 // 8 consecutive elements of a 32-block (lane (g, t) of the fragment layout: weight rows g
 // and g + 8, token g, elements 8t .. 8t+7) straight from the packed codes, for weights and
-// activations alike, and turns them into four f16x2 registers:
-//   FP4: a shift and one logic op put code bits (e1 e0 m) into the f16 exponent/mantissa
-//        field, giving the value times 2^-14 (the E2M1 subnormal lands on the f16 one);
-//   FP6: the same with (e2 e1 e0 m1 m0), the value times 2^-12;
-//   FP8: the hardware conversion E4M3x2 -> f16x2 (exact).
-// Both operands go through the same element-to-register map, so the tensor core pairs
-// the right elements whatever order the map visits them in. Each 32-block is two MMAs into
-// a zeroed temporary, promoted as acc += tmp * (2^s_w * 2^s_a * 2^bias): the scales stay
-// out of the MMA, which therefore only ever sees code values (exact products).
-// A CTA is 16 warps on the same 32 weight rows (two 16-row tiles per warp, sharing the
-// activation fragments), each warp a contiguous 1/16 of the K blocks, so that all warps
-// have their loads in flight at once; a shared-memory sum of the 16 partial tiles gives
-// the output, with no atomics and no second pass. A warp's share is cut at the format
+// activations alike, and turns them into two E4M3x4 registers (to_e4m3): FP4 and FP6 code
+// bits move into an E4M3 byte with a few shifts and masks (the value times 2^-6 or 2^-4,
+// subnormals included), FP8 bytes are used as loaded. Both operands go through the same
+// element-to-register map, so the tensor core pairs the right elements whatever order the
+// map visits them in. Each 32-block is one MMA into a zeroed temporary, promoted as
+// acc += tmp * (2^s_w * 2^s_a * 2^bias): the scales stay out of the MMA, which therefore
+// only ever sees code values (exact products).
+// A CTA is 8 or 16 warps on the same 32 weight rows (two 16-row tiles per warp, sharing the
+// activation fragments), each warp a contiguous share of the K blocks, so that all warps
+// have their loads in flight at once; a shared-memory sum of the partial tiles gives the
+// output, with no atomics and no second pass. A warp's share is cut at the format
 // boundaries and each piece runs a loop where the format is a compile-time constant.
-constexpr int kTcWarps = 16;    // warps of a CTA, each on its own part of K
 constexpr int kTcRowTiles = 2;  // 16-row MMA tiles per warp (they share the activation fragments)
 constexpr int kTcRows = 16 * kTcRowTiles;
 
@@ -218,32 +215,30 @@ __device__ __forceinline__ LaneWords load_lane(const uint8_t* block, int t) {
   }
 }
 
-// The four f16x2 fragment registers of one lane's 8 elements (register p = MMA step p/2,
-// k-half p%2). The f16 values are the element values times 2^-kF16Bias<F>.
+// The two E4M3 fragment registers of one lane's 8 elements (for mma m16n8k32): the element
+// bits moved into an E4M3 byte, so the byte is the element value times 2^-kE4m3Bias<F>
+// (FP4 (s e1 e0 m) -> (s 0 0 e1 e0 m 0 0), FP6 (s e2 e1 e0 m1 m0) -> (s 0 e2 e1 e0 m1 m0 0),
+// subnormals included); FP8 bytes are taken as they are.
 template <ElemFormat F>
-inline constexpr int kF16Bias = F == ElemFormat::E2M1 ? 14 : F == ElemFormat::E3M2 ? 12 : 0;
+inline constexpr int kE4m3Bias = F == ElemFormat::E2M1 ? 6 : F == ElemFormat::E3M2 ? 4 : 0;
 
 template <ElemFormat F>
-__device__ __forceinline__ void to_f16x2(LaneWords w, uint32_t r[4]) {
-  if constexpr (F == ElemFormat::E2M1) {  // nibbles j and j + 4 -> register j
+__device__ __forceinline__ void to_e4m3(LaneWords w, uint32_t r[2]) {
+  if constexpr (F == ElemFormat::E2M1) {  // even nibbles -> r[0], odd nibbles -> r[1]
     const uint32_t v = w.lo;
-    r[0] = ((v << 9) & 0x0E000E00u) | ((v << 12) & 0x80008000u);
-    r[1] = ((v << 5) & 0x0E000E00u) | ((v << 8) & 0x80008000u);
-    r[2] = ((v << 1) & 0x0E000E00u) | ((v << 4) & 0x80008000u);
-    r[3] = ((v >> 3) & 0x0E000E00u) | (v & 0x80008000u);
-  } else if constexpr (F == ElemFormat::E3M2) {  // codes 2p and 2p + 1 (6 bits each) -> register p
-    const uint64_t v = static_cast<uint64_t>(w.hi) << 32 | w.lo;
+    r[0] = ((v << 4) & 0x80808080u) | ((v << 2) & 0x1C1C1C1Cu);
+    r[1] = (v & 0x80808080u) | ((v >> 2) & 0x1C1C1C1Cu);
+  } else if constexpr (F == ElemFormat::E3M2) {  // codes 0..3 -> r[0], 4..7 -> r[1]
+    const uint32_t lo = w.lo, hi = (w.lo >> 24) | (w.hi << 8);
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const uint32_t c = static_cast<uint32_t>(v >> (12 * p));   // two codes in bits 0..11
-      const uint32_t pair = (c & 0x3Fu) | ((c & 0xFC0u) << 10);  // code 0 in bits 0..5, code 1 in 16..21
-      r[p] = ((pair << 8) & 0x1F001F00u) | ((pair << 10) & 0x80008000u);
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t x = h ? hi : lo;  // four 6-bit codes in bits 0..23
+      const uint32_t y = (x & 0x3Fu) | ((x << 2) & 0x3F00u) | ((x << 4) & 0x3F0000u) | ((x << 6) & 0x3F000000u);
+      r[h] = ((y << 2) & 0x80808080u) | ((y << 1) & 0x3E3E3E3Eu);
     }
-  } else {  // bytes 2p, 2p + 1 -> register p
-    r[0] = ptx::cvt_e4m3x2_f16x2(static_cast<uint16_t>(w.lo));
-    r[1] = ptx::cvt_e4m3x2_f16x2(static_cast<uint16_t>(w.lo >> 16));
-    r[2] = ptx::cvt_e4m3x2_f16x2(static_cast<uint16_t>(w.hi));
-    r[3] = ptx::cvt_e4m3x2_f16x2(static_cast<uint16_t>(w.hi >> 16));
+  } else {
+    r[0] = w.lo;
+    r[1] = w.hi;
   }
 }
 
@@ -257,21 +252,18 @@ struct LaneSegment {
   const uint8_t* as[NT][2];           // token scales of columns 2t, 2t+1 (nullptr: absent)
 };
 
-// Blocks whose loads a warp issues together (fewer with two token tiles: registers).
-template <int NT>
-inline constexpr int kTcUnroll = NT == 1 ? 4 : 2;
-
-// Blocks [lo, hi) of the segment (segment-local numbers).
-template <ElemFormat F, int NT>
+// Blocks [lo, hi) of the segment (segment-local numbers), kUnroll blocks' loads issued
+// together (fewer with two token tiles or two CTAs per multiprocessor: registers).
+template <ElemFormat F, int NT, int kUnroll>
 __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int lo, int hi, int t,
                                                float (&acc)[kTcRowTiles][NT][4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
-  const float bias = exp2i(2 * kF16Bias<F>);
-  for (int base = lo; base < hi; base += kTcUnroll<NT>) {
-    LaneWords w[kTcUnroll<NT>][kTcRowTiles][2], a[kTcUnroll<NT>][NT];
-    uint8_t sw[kTcUnroll<NT>][kTcRowTiles][2], sa[kTcUnroll<NT>][NT][2];
+  const float bias = exp2i(2 * kE4m3Bias<F>);
+  for (int base = lo; base < hi; base += kUnroll) {
+    LaneWords w[kUnroll][kTcRowTiles][2], a[kUnroll][NT];
+    uint8_t sw[kUnroll][kTcRowTiles][2], sa[kUnroll][NT][2];
 #pragma unroll
-    for (int u = 0; u < kTcUnroll<NT>; ++u) {  // all loads of the group first
+    for (int u = 0; u < kUnroll; ++u) {  // all loads of the group first
       const int b = base + u;
       if (b >= hi) break;
 #pragma unroll
@@ -289,31 +281,28 @@ __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int l
       }
     }
 #pragma unroll
-    for (int u = 0; u < kTcUnroll<NT>; ++u) {
+    for (int u = 0; u < kUnroll; ++u) {
       if (base + u >= hi) break;
-      uint32_t ar[NT][4];
       float ca[NT][2];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        to_f16x2<F>(a[u][nt], ar[nt]);
         ca[nt][0] = decode_scale(sa[u][nt][0]) * bias;
         ca[nt][1] = decode_scale(sa[u][nt][1]) * bias;
       }
+      uint32_t ar[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) to_e4m3<F>(a[u][nt], ar[nt]);
 #pragma unroll
       for (int rt = 0; rt < kTcRowTiles; ++rt) {
-        uint32_t wr0[4], wr1[4];
-        to_f16x2<F>(w[u][rt][0], wr0);
-        to_f16x2<F>(w[u][rt][1], wr1);
+        uint32_t wr0[2], wr1[2];
+        to_e4m3<F>(w[u][rt][0], wr0);
+        to_e4m3<F>(w[u][rt][1], wr1);
         const float f0 = decode_scale(sw[u][rt][0]), f1 = decode_scale(sw[u][rt][1]);
+        const uint32_t fa[4] = {wr0[0], wr1[0], wr0[1], wr1[1]};
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-          for (int step = 0; step < 2; ++step) {
-            const uint32_t fa[4] = {wr0[2 * step], wr1[2 * step], wr0[2 * step + 1], wr1[2 * step + 1]};
-            const uint32_t fb[2] = {ar[nt][2 * step], ar[nt][2 * step + 1]};
-            ptx::mma_f16_m16n8k16(tmp, fa, fb);
-          }
+          ptx::mma_e4m3_m16n8k32(tmp, fa, ar[nt]);
           acc[rt][nt][0] = fmaf(tmp[0], f0 * ca[nt][0], acc[rt][nt][0]);
           acc[rt][nt][1] = fmaf(tmp[1], f0 * ca[nt][1], acc[rt][nt][1]);
           acc[rt][nt][2] = fmaf(tmp[2], f1 * ca[nt][0], acc[rt][nt][2]);
@@ -355,8 +344,10 @@ __device__ __forceinline__ LaneSegment<NT> lane_segment(const MxSegments& A, con
   return seg;
 }
 
-template <int NT>  // 8-token tiles: 1 (M <= 8) or 2 (M <= 16)
-__global__ void __launch_bounds__(kTcWarps * 32) decode_tc_kernel(MxSegments A, MxSegments W, int M, int N,
+// NT 8-token tiles: 1 (M <= 8) or 2 (M <= 16). kTcWarps 16: one CTA per multiprocessor
+// (registers); 8: two, whose load and MMA phases interleave, for grids of several waves.
+template <int NT, int kTcWarps, int kUnroll>
+__global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_tc_kernel(MxSegments A, MxSegments W, int M, int N,
                                                                     MixPlan plan, uint16_t* Y) {
   __shared__ float partial[kTcWarps][kTcRowTiles][NT][4][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -366,12 +357,12 @@ __global__ void __launch_bounds__(kTcWarps * 32) decode_tc_kernel(MxSegments A, 
   const int nblk = plan.blocks(), per = (nblk + kTcWarps - 1) / kTcWarps;
   const int start = min(warp * per, nblk), end = min(start + per, nblk);
   const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
-  if (start < b4) decode_segment<ElemFormat::E2M1>(lane_segment<NT>(A, W, plan, 0, M, N, n0, g, t), start, min(end, b4), t, acc);
+  if (start < b4) decode_segment<ElemFormat::E2M1, NT, kUnroll>(lane_segment<NT>(A, W, plan, 0, M, N, n0, g, t), start, min(end, b4), t, acc);
   if (start < b8 && end > b4)
-    decode_segment<ElemFormat::E3M2>(lane_segment<NT>(A, W, plan, 1, M, N, n0, g, t), max(start, b4) - b4,
+    decode_segment<ElemFormat::E3M2, NT, kUnroll>(lane_segment<NT>(A, W, plan, 1, M, N, n0, g, t), max(start, b4) - b4,
                                      min(end, b8) - b4, t, acc);
   if (end > b8)
-    decode_segment<ElemFormat::E4M3>(lane_segment<NT>(A, W, plan, 2, M, N, n0, g, t), max(start, b8) - b8, end - b8, t,
+    decode_segment<ElemFormat::E4M3, NT, kUnroll>(lane_segment<NT>(A, W, plan, 2, M, N, n0, g, t), max(start, b8) - b8, end - b8, t,
                                      acc);
 #pragma unroll
   for (int rt = 0; rt < kTcRowTiles; ++rt)
@@ -431,8 +422,16 @@ cudaError_t launch_decode(MxSegments A, MxSegments W, int M, int N, MixPlan plan
 
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>((N + kTcRows - 1) / kTcRows);
-  if (M <= 8) decode_tc_kernel<1><<<grid, kTcWarps * 32, 0, stream>>>(A, W, M, N, plan, Y);
-  else decode_tc_kernel<2><<<grid, kTcWarps * 32, 0, stream>>>(A, W, M, N, plan, Y);
+  // Measured on H100 (docs/kernels.md, section 6): two 8-warp CTAs per multiprocessor
+  // beat one of 16 warps where the grid covers the GPU (qkv, gate_up), and lose where it
+  // does not (o, down: 128 CTAs).
+  if (grid >= static_cast<unsigned>(device_sm_count())) {
+    if (M <= 8) decode_tc_kernel<1, 8, 2><<<grid, 8 * 32, 0, stream>>>(A, W, M, N, plan, Y);
+    else decode_tc_kernel<2, 8, 1><<<grid, 8 * 32, 0, stream>>>(A, W, M, N, plan, Y);
+  } else {
+    if (M <= 8) decode_tc_kernel<1, 16, 4><<<grid, 16 * 32, 0, stream>>>(A, W, M, N, plan, Y);
+    else decode_tc_kernel<2, 16, 2><<<grid, 16 * 32, 0, stream>>>(A, W, M, N, plan, Y);
+  }
   return cudaGetLastError();
 }
 

@@ -1,5 +1,5 @@
 // PTX wrappers used by the micromix kernels (sm_90a): mbarriers, 2-D TMA tile loads,
-// shared-memory matrix descriptors, wgmma (FP8), mma.sync (bf16), ldmatrix, cp.async, named barriers, and the
+// shared-memory matrix descriptors, wgmma (FP8), mma.sync (bf16, E4M3), ldmatrix, cp.async, named barriers, and the
 // host-side encoding of TMA tensor maps. Kept in one header so that the kernels' source can
 // also be executed on the CPU with stand-ins of these functions (tests/cuda/cpu/).
 #pragma once
@@ -94,9 +94,10 @@ __device__ __forceinline__ void mma_bf16_m16n8k16(float* c, const uint32_t* a, c
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ void mma_f16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
+// D = A x B + D, m16n8k32, E4M3 operands (four per register), fp32 accumulators (sm_89+).
+__device__ __forceinline__ void mma_e4m3_m16n8k32(float* c, const uint32_t* a, const uint32_t* b) {
   asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
@@ -125,14 +126,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-// Two E4M3 codes (low byte, high byte of the 16-bit input) to an f16x2 (exact: E4M3 is a
-// subset of f16).
-__device__ __forceinline__ uint32_t cvt_e4m3x2_f16x2(uint16_t codes) {
-  uint32_t d;
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(d) : "h"(codes));
-  return d;
 }
 
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {

@@ -452,6 +452,9 @@ TEST(MxGemm, LargeShapes) {
       {7, 4104, {14336 - 1920 - 2496, 1920, 2496}},
       {16, 1000, {4096 - 1024 - 640, 1024, 640}},
       {300, 4096, {4096, 0, 0}},
+      // decode grids of at least one CTA per multiprocessor (the 8-warp CTAs)
+      {1, 6144, {4096 - 1248 - 640, 1248, 640}},
+      {12, 4256, {4096 - 1024 - 640, 1024, 640}},
   };
   for (const auto& c : cases) run_gemm_case(c);
 }

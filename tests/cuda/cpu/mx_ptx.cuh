@@ -7,7 +7,8 @@
 // The products are summed in fp32 here; the tensor core keeps about 14 bits per group.
 // mma.sync m16n8k16 bf16 is a warp-collective exchange of the fragments (row-major A: lane
 // (g = lane/4, t = lane%4) holds rows g, g+8 and columns 2t, 2t+1, 2t+8, 2t+9; B: column g,
-// rows 2t, 2t+1, 2t+8, 2t+9; C: rows g, g+8, columns 2t, 2t+1).
+// rows 2t, 2t+1, 2t+8, 2t+9; C: rows g, g+8, columns 2t, 2t+1); m16n8k32 E4M3 the same
+// with four elements per register (A: columns 4t .. 4t+3 and 4t+16 .. 4t+19).
 #pragma once
 #include <cuda.h>
 #include <cstdint>
@@ -111,15 +112,13 @@ inline float bf16_half(uint32_t v, int hi) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
-inline float f16_half(uint32_t v, int hi) {
-  const uint16_t bits = static_cast<uint16_t>(hi ? v >> 16 : v & 0xFFFF);
-  _Float16 h;
-  std::memcpy(&h, &bits, 2);
-  return static_cast<float>(h);
+inline float e4m3_byte(uint32_t v, int i) {
+  return micromix::mx::decode_elem(micromix::mx::ElemFormat::E4M3, static_cast<uint8_t>(v >> (8 * i)));
 }
 
-template <float (*Half)(uint32_t, int)>
-inline void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
+// mma.sync m16n8 with K elements per row, kPer elements per register (PTX ISA fragment layouts).
+template <float (*Half)(uint32_t, int), int K = 16, int kPer = 2>
+inline void mma_m16n8(float* c, const uint32_t* a, const uint32_t* b) {
   const int l = emu::lin(), w = l / 32, lane = l % 32;
   static thread_local uint32_t dummy;
   (void)dummy;
@@ -136,36 +135,27 @@ inline void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
   emu::warp_bars[w]->arrive_and_wait();
   auto half = Half;
   auto A = [&](int r, int k) {
-    const int ln = (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    return half(frag[w][ln * 6 + reg], k % 2);
+    const int ln = (r % 8) * 4 + (k % (K / 2)) / kPer, reg = (r >= 8 ? 1 : 0) + (k >= K / 2 ? 2 : 0);
+    return half(frag[w][ln * 6 + reg], k % kPer);
   };
   auto B = [&](int k, int n) {
-    const int ln = n * 4 + (k % 8) / 2, reg = 4 + (k >= 8 ? 1 : 0);
-    return half(frag[w][ln * 6 + reg], k % 2);
+    const int ln = n * 4 + (k % (K / 2)) / kPer, reg = 4 + (k >= K / 2 ? 1 : 0);
+    return half(frag[w][ln * 6 + reg], k % kPer);
   };
   const int g = lane / 4, t = lane % 4;
   float out[4];
   for (int i = 0; i < 4; ++i) {
     const int r = g + (i >= 2 ? 8 : 0), n = 2 * t + (i % 2);
     float s = c[i];
-    for (int k = 0; k < 16; ++k) s = std::fma(A(r, k), B(k, n), s);
+    for (int k = 0; k < K; ++k) s = std::fma(A(r, k), B(k, n), s);
     out[i] = s;
   }
   emu::warp_bars[w]->arrive_and_wait();
   for (int i = 0; i < 4; ++i) c[i] = out[i];
 }
-inline void mma_bf16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) { mma_m16n8k16<bf16_half>(c, a, b); }
-inline void mma_f16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) { mma_m16n8k16<f16_half>(c, a, b); }
-inline uint32_t cvt_e4m3x2_f16x2(uint16_t codes) {
-  uint32_t d = 0;
-  for (int h = 0; h < 2; ++h) {
-    const _Float16 v = static_cast<_Float16>(micromix::mx::decode_elem(micromix::mx::ElemFormat::E4M3,
-                                                                       static_cast<uint8_t>(codes >> (8 * h))));
-    uint16_t bits;
-    std::memcpy(&bits, &v, 2);
-    d |= static_cast<uint32_t>(bits) << (16 * h);
-  }
-  return d;
+inline void mma_bf16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) { mma_m16n8<bf16_half>(c, a, b); }
+inline void mma_e4m3_m16n8k32(float* c, const uint32_t* a, const uint32_t* b) {
+  mma_m16n8<e4m3_byte, 32, 4>(c, a, b);
 }
 
 inline void ldmatrix_impl(uint32_t* r, const void* row, bool trans) {
