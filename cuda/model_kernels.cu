@@ -43,35 +43,62 @@ __device__ __forceinline__ float block_sum(float v) {
   return t;
 }
 
-__global__ void embed_kernel(const int32_t* tokens, const uint16_t* table, int hidden, float* x) {
-  const int64_t t = blockIdx.x;
-  const uint16_t* src = table + static_cast<int64_t>(tokens[t]) * hidden;
-  for (int i = threadIdx.x; i < hidden; i += blockDim.x) x[t * hidden + i] = bf16_bits_to_float(src[i]);
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  return static_cast<uint32_t>(float_to_bf16_bits(lo)) | (static_cast<uint32_t>(float_to_bf16_bits(hi)) << 16);
 }
 
-__global__ void add_rmsnorm_kernel(float* x, const uint16_t* y, int hidden, const float* gamma, float eps,
-                                   uint16_t* out) {
+// The per-row kernels below keep their loads independent of their stores (__restrict__,
+// four elements per thread): with one row per step (decode) a chain of dependent
+// load-store iterations would cost a memory latency each.
+__global__ void embed_kernel(const int32_t* __restrict__ tokens, const uint16_t* __restrict__ table, int hidden,
+                             float* __restrict__ x) {
+  const int64_t t = blockIdx.x;
+  const uint2* src = reinterpret_cast<const uint2*>(table + static_cast<int64_t>(tokens[t]) * hidden);
+  float4* dst = reinterpret_cast<float4*>(x + t * hidden);
+  for (int i = threadIdx.x; i < hidden / 4; i += blockDim.x) {
+    const uint2 v = src[i];
+    dst[i] = make_float4(bf16_bits_to_float(static_cast<uint16_t>(v.x)), bf16_bits_to_float(static_cast<uint16_t>(v.x >> 16)),
+                         bf16_bits_to_float(static_cast<uint16_t>(v.y)), bf16_bits_to_float(static_cast<uint16_t>(v.y >> 16)));
+  }
+}
+
+__global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __restrict__ y, int hidden,
+                                   const float* __restrict__ gamma, float eps, uint16_t* __restrict__ out) {
   const int64_t r = blockIdx.x;
-  float* xr = x + r * hidden;
+  float4* xr = reinterpret_cast<float4*>(x + r * hidden);
+  const uint2* yr = reinterpret_cast<const uint2*>(y + r * hidden);
+  const float4* g4 = reinterpret_cast<const float4*>(gamma);
+  uint2* o = reinterpret_cast<uint2*>(out + r * hidden);
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-    float v = xr[i];
+  for (int i = threadIdx.x; i < hidden / 4; i += blockDim.x) {
+    float4 v = xr[i];
     if (y != nullptr) {
-      v += bf16_bits_to_float(y[r * hidden + i]);
+      const uint2 a = yr[i];
+      v.x += bf16_bits_to_float(static_cast<uint16_t>(a.x));
+      v.y += bf16_bits_to_float(static_cast<uint16_t>(a.x >> 16));
+      v.z += bf16_bits_to_float(static_cast<uint16_t>(a.y));
+      v.w += bf16_bits_to_float(static_cast<uint16_t>(a.y >> 16));
       xr[i] = v;
     }
-    ss = fmaf(v, v, ss);
+    ss = fmaf(v.x, v.x, ss);
+    ss = fmaf(v.y, v.y, ss);
+    ss = fmaf(v.z, v.z, ss);
+    ss = fmaf(v.w, v.w, ss);
   }
   const float inv = 1.0f / sqrtf(block_sum(ss) / static_cast<float>(hidden) + eps);
-  for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[r * hidden + i] = float_to_bf16_bits(xr[i] * inv * gamma[i]);
+  for (int i = threadIdx.x; i < hidden / 4; i += blockDim.x) {
+    const float4 v = xr[i], g = g4[i];
+    o[i] = make_uint2(pack_bf16x2(v.x * inv * g.x, v.y * inv * g.y), pack_bf16x2(v.z * inv * g.z, v.w * inv * g.w));
+  }
 }
 
 __device__ __forceinline__ int current_position(const AttentionShape& s) {
   return s.position_ptr != nullptr ? *s.position_ptr : s.position;
 }
 
-__global__ void rope_kernel(const uint16_t* qkv, const float* bias, AttentionShape s, const float2* rope, bool neox,
-                            uint16_t* q, uint16_t* k_cache, uint16_t* v_cache) {
+__global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __restrict__ bias, AttentionShape s,
+                            const float2* __restrict__ rope, bool neox, uint16_t* __restrict__ q,
+                            uint16_t* __restrict__ k_cache, uint16_t* __restrict__ v_cache) {
   const int64_t row = blockIdx.x;
   const int b = static_cast<int>(row / s.tokens), pos = current_position(s) + static_cast<int>(row % s.tokens);
   const int hd = s.head_dim, half = hd / 2, q_dim = s.q_dim(), kv_dim = s.kv_dim();
@@ -103,9 +130,6 @@ __global__ void rope_kernel(const uint16_t* qkv, const float* bias, AttentionSha
 }
 
 __device__ __forceinline__ uint32_t load_u32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  return static_cast<uint32_t>(float_to_bf16_bits(lo)) | (static_cast<uint32_t>(float_to_bf16_bits(hi)) << 16);
-}
 
 constexpr int kAttnKeys = 64;      // keys per shared-memory tile
 constexpr int kAttnRows = 64;      // rows (query, head) per CTA: 4 warps x 16
@@ -371,27 +395,30 @@ __global__ void logprob_kernel(const float* logits, const int32_t* targets, int 
 }
 
 unsigned grid_rows(int64_t rows) { return static_cast<unsigned>(rows); }
+// Threads for a CTA that owns one row of `work` items: all of them at once, up to 1024.
+unsigned row_threads(int64_t work) { return static_cast<unsigned>(std::clamp<int64_t>((work + 31) / 32 * 32, 32, 1024)); }
 
 }  // namespace
 
 cudaError_t embed_tokens(const int32_t* tokens, int64_t M, const uint16_t* table, int hidden, float* x,
                          cudaStream_t stream) {
-  if (M <= 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
-  embed_kernel<<<grid_rows(M), 256, 0, stream>>>(tokens, table, hidden, x);
+  if (M <= 0 || hidden % 4 != 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  embed_kernel<<<grid_rows(M), row_threads(hidden / 4), 0, stream>>>(tokens, table, hidden, x);
   return cudaGetLastError();
 }
 
 cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, const float* gamma, float eps,
                         uint16_t* out, cudaStream_t stream) {
-  if (M <= 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
-  add_rmsnorm_kernel<<<grid_rows(M), 256, 0, stream>>>(x, y, hidden, gamma, eps, out);
+  if (M <= 0 || hidden % 4 != 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  add_rmsnorm_kernel<<<grid_rows(M), row_threads(hidden / 4), 0, stream>>>(x, y, hidden, gamma, eps, out);
   return cudaGetLastError();
 }
 
 cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
                            bool neox, uint16_t* q, uint16_t* k_cache, uint16_t* v_cache, cudaStream_t stream) {
   if (s.rows() <= 0 || s.position + s.tokens > s.max_context || s.head_dim % 2 != 0) return cudaErrorInvalidValue;
-  rope_kernel<<<grid_rows(s.rows()), 256, 0, stream>>>(qkv, bias, s, rope, neox, q, k_cache, v_cache);
+  rope_kernel<<<grid_rows(s.rows()), row_threads(static_cast<int64_t>(s.n_heads + s.n_kv_heads) * s.head_dim / 2), 0,
+                stream>>>(qkv, bias, s, rope, neox, q, k_cache, v_cache);
   return cudaGetLastError();
 }
 

@@ -14,12 +14,12 @@
 
 namespace micromix::cuda {
 
-// x[t, :] = table[tokens[t], :] (bf16 table, fp32 residual rows [M, hidden]).
+// x[t, :] = table[tokens[t], :] (bf16 table, fp32 residual rows [M, hidden]; hidden % 4 == 0).
 cudaError_t embed_tokens(const int32_t* tokens, int64_t M, const uint16_t* table, int hidden, float* x,
                          cudaStream_t stream);
 
 // x += y (when y is set; y bf16), then out = bf16(x / rms(x) * gamma), rms in fp32:
-// sqrt(mean(x^2) + eps). x fp32 [M, hidden].
+// sqrt(mean(x^2) + eps). x fp32 [M, hidden], hidden % 4 == 0.
 cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, const float* gamma, float eps,
                         uint16_t* out, cudaStream_t stream);
 

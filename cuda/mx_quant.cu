@@ -169,6 +169,56 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
   }
 }
 
+// Decode-sized inputs, packed output only: one warp per (row, 32-block), a lane per element,
+// so that a few rows spread over the GPU instead of each block being one thread's loop
+// (the thread-per-block kernel above took 8 us for one row of 4096). The numerics are
+// quantize_block's, split over the lanes: the same amax, block_scale and encode_scaled.
+template <ElemFormat F>
+__device__ __forceinline__ void quantize_block_by_lanes(float v, ScaleRule rule, int lane, uint8_t* seg_block,
+                                                        uint8_t* scale) {
+  const float a = fabsf(v);
+  float amax = a;
+  unsigned non_finite = is_finite_value(a) ? 0u : 1u;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
+    non_finite |= __shfl_xor_sync(0xFFFFFFFFu, non_finite, o);
+  }
+  const uint8_t sb = non_finite ? kScaleNaN : block_scale(F, rule, amax);
+  const uint32_t code = sb == kScaleNaN ? 0u : encode_scaled(F, v, sb);
+  uint8_t codes[kBlockSize];
+#pragma unroll
+  for (int j = 0; j < kBlockSize; ++j) codes[j] = static_cast<uint8_t>(__shfl_sync(0xFFFFFFFFu, code, j));
+  if (lane == 0) {
+    constexpr int bb = static_cast<int>(packed_bytes(F, kBlockSize));
+    uint8_t bytes[bb];
+    pack_codes(F, codes, kBlockSize, bytes);
+    store_bytes(seg_block, bytes, bb);
+    *scale = sb;
+  }
+}
+
+__global__ void __launch_bounds__(128) act_quant_lanes_kernel(const uint16_t* __restrict__ x, int64_t M, int64_t ldx,
+                                                              const int32_t* __restrict__ perm, MixPlan plan,
+                                                              ScaleRule rule, MxSegments packed) {
+  const int nblk = plan.blocks(), lane = threadIdx.x % 32;
+  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (w >= M * nblk) return;  // whole warps
+  const int64_t m = w / nblk;
+  const int b = static_cast<int>(w % nblk), b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  const float v = bf16f(x[m * ldx + perm[b * kBlockSize + lane]]);
+  uint8_t* scale = packed.scales + m * nblk + b;
+  if (b < b4)
+    quantize_block_by_lanes<ElemFormat::E2M1>(v, rule, lane, packed.q4 + m * (plan.p4 / 2) + static_cast<size_t>(b) * 16,
+                                              scale);
+  else if (b < b8)
+    quantize_block_by_lanes<ElemFormat::E3M2>(
+        v, rule, lane, packed.q6 + m * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24, scale);
+  else
+    quantize_block_by_lanes<ElemFormat::E4M3>(v, rule, lane, packed.q8 + m * plan.p8 + static_cast<size_t>(b - b8) * 32,
+                                              scale);
+}
+
 // Codes and scale of block b (< nblk) of row m of a packed matrix; returns the segment.
 __device__ __forceinline__ int load_block(const MxSegments& in, const MixPlan& plan, int64_t m, int b,
                                           uint8_t* codes, uint8_t* scale) {
@@ -283,6 +333,12 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
                        float* inv_rms, unsigned long long* lossy, cudaStream_t stream) {
   if (!plan.valid() || ldx < plan.k() || ldx % 8 != 0) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
+  if (!kNorm && folded.q == nullptr && M <= kDecodeMaxM) {
+    const int64_t threads = M * plan.blocks() * 32;
+    act_quant_lanes_kernel<<<static_cast<unsigned>((threads + 127) / 128), 128, 0, stream>>>(x, M, ldx, perm, plan, rule,
+                                                                                             packed);
+    return cudaGetLastError();
+  }
   const size_t smem = static_cast<size_t>(plan.k()) * sizeof(uint16_t);
   if (smem > 48 * 1024) {
     const cudaError_t e =

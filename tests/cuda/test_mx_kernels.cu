@@ -182,6 +182,17 @@ void run_act_case(const ActCase& c, bool norm) {
   expect_same_packed(out.download(), cpu);
   const uint64_t host_lossy = expect_folded_exact(out, cpu);
   EXPECT_EQ(lossy.download()[0], host_lossy) << "lossy count differs from the host fold";
+  if (!norm && c.M <= kDecodeMaxM) {  // packed only, as decode asks for it (a warp per block)
+    DeviceMx packed_only(c.plan, c.M, false);
+    for (int s = 0; s < 3; ++s)
+      if (packed_only.q[s].count) CK(cudaMemset(packed_only.q[s].ptr, 0xA5, packed_only.q[s].count));
+    CK(cudaMemset(packed_only.scales.ptr, 0xA5, packed_only.scales.count));
+    CK(quantize_activations(dx.ptr, c.M, ldx, dp.ptr, c.plan, c.rule, packed_only.segments(), FoldedOperand{}, nullptr,
+                            nullptr));
+    CK(cudaDeviceSynchronize());
+    SCOPED_TRACE("packed only");
+    expect_same_packed(packed_only.download(), cpu);
+  }
 }
 
 const ActCase kActCases[] = {
@@ -227,6 +238,11 @@ TEST(MxActQuant, SmallNanBlock) {
   EXPECT_EQ(cpu.scales[1 * 6 + 2], mx::kScaleNaN);
   expect_same_packed(out.download(), cpu);
   expect_folded_exact(out, cpu);
+  DeviceMx packed_only(plan, 3, false);
+  CK(quantize_activations(dx.ptr, 3, K, dp.ptr, plan, mx::ScaleRule::Ceil, packed_only.segments(), FoldedOperand{},
+                          nullptr, nullptr));
+  CK(cudaDeviceSynchronize());
+  expect_same_packed(packed_only.download(), cpu);
 }
 
 // ---- GEMM ------------------------------------------------------------------------

@@ -48,6 +48,15 @@ template <typename T> T shfl_xor(T v, int o) {
   warp_bars[w]->arrive_and_wait();
   T out; std::memcpy(&out, &r, sizeof out); return out;
 }
+template <typename T> T shfl_idx(T v, int src) {
+  const int l = lin(), w = l / 32, lane = l % 32;
+  uint64_t b = 0; std::memcpy(&b, &v, sizeof v);
+  warp_slots[w][lane] = b;
+  warp_bars[w]->arrive_and_wait();
+  uint64_t r = warp_slots[w][src & 31];
+  warp_bars[w]->arrive_and_wait();
+  T out; std::memcpy(&out, &r, sizeof out); return out;
+}
 inline void launch(dim3 g, dim3 b, size_t sm, cudaStream_t, const std::function<void()>& f) {
   gDim = g; bDim = b;
   const int n = b.x * b.y * b.z;
@@ -75,6 +84,7 @@ inline void launch(dim3 g, dim3 b, size_t sm, cudaStream_t, const std::function<
 #define __syncthreads() emu::syncthreads()
 #define __syncwarp() emu::syncwarp()
 #define __shfl_xor_sync(m, v, o) emu::shfl_xor((v), (o))
+#define __shfl_sync(m, v, s) emu::shfl_idx((v), (s))
 template <typename T> T __ldcs(const T* p) { return *p; }
 template <typename T> T __ldg(const T* p) { return *p; }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
