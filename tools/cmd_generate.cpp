@@ -91,6 +91,7 @@ int run_generate(const ParsedArgs& args) {
     std::cout << nlohmann::json{{"model", m.path},
                                 {"quant", quant::quant_mode_name(m.quant.mode)},
                                 {"device", args.str("device")},
+                                {"prompt", args.str("prompt")},
                                 {"prompt_tokens", prompt_ids.size()},
                                 {"generated_tokens", out.size()},
                                 {"text", text},
