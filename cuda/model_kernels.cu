@@ -57,8 +57,10 @@ __global__ void embed_kernel(const int32_t* __restrict__ tokens, const uint16_t*
   float4* dst = reinterpret_cast<float4*>(x + t * hidden);
   for (int i = threadIdx.x; i < hidden / 4; i += blockDim.x) {
     const uint2 v = src[i];
-    dst[i] = make_float4(bf16_bits_to_float(static_cast<uint16_t>(v.x)), bf16_bits_to_float(static_cast<uint16_t>(v.x >> 16)),
-                         bf16_bits_to_float(static_cast<uint16_t>(v.y)), bf16_bits_to_float(static_cast<uint16_t>(v.y >> 16)));
+    dst[i] = make_float4(bf16_bits_to_float(static_cast<uint16_t>(v.x)),
+                         bf16_bits_to_float(static_cast<uint16_t>(v.x >> 16)),
+                         bf16_bits_to_float(static_cast<uint16_t>(v.y)),
+                         bf16_bits_to_float(static_cast<uint16_t>(v.y >> 16)));
   }
 }
 
@@ -215,68 +217,72 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
       cp_async_wait<0>();
     }
     __syncthreads();
-    const uint16_t* ks = tile_k(stage);
-    const uint16_t* vs = tile_v(stage);
-    const int key0 = blk * kAttnKeys;
+    // A warp whose 16 rows are all past the group's rows (decode: 1 token x group heads)
+    // only helps load the tiles.
+    if (r0 + warp * 16 < rows) {
+      const uint16_t* ks = tile_k(stage);
+      const uint16_t* vs = tile_v(stage);
+      const int key0 = blk * kAttnKeys;
 
-    float sc[kAttnKeys / 8][4];
+      float sc[kAttnKeys / 8][4];
 #pragma unroll
-    for (int j = 0; j < kAttnKeys / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+      for (int j = 0; j < kAttnKeys / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
 #pragma unroll
-    for (int jp = 0; jp < kAttnKeys / 16; ++jp)
+      for (int jp = 0; jp < kAttnKeys / 16; ++jp)
 #pragma unroll
-      for (int c = 0; c < D / 16; ++c) {
-        uint32_t kb[4];  // b0, b1 of key tiles 2jp and 2jp + 1
-        ldmatrix_x4(kb, ks + (16 * jp + (mi >= 2 ? 8 : 0) + mr) * KS + 16 * c + (mi & 1) * 8);
-        mma_bf16_m16n8k16(sc[2 * jp], qf[c], kb);
-        mma_bf16_m16n8k16(sc[2 * jp + 1], qf[c], kb + 2);
-      }
-    // Scale into the log2 domain and mask keys past each row's own position.
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kAttnKeys / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = key0 + 8 * j + 2 * t4 + e;
-          float& v = sc[j][2 * i + e];
-          v = key <= visible[i] ? v * scale : -INFINITY;
-          mx = fmaxf(mx, v);
+        for (int c = 0; c < D / 16; ++c) {
+          uint32_t kb[4];  // b0, b1 of key tiles 2jp and 2jp + 1
+          ldmatrix_x4(kb, ks + (16 * jp + (mi >= 2 ? 8 : 0) + mr) * KS + 16 * c + (mi & 1) * 8);
+          mma_bf16_m16n8k16(sc[2 * jp], qf[c], kb);
+          mma_bf16_m16n8k16(sc[2 * jp + 1], qf[c], kb + 2);
         }
-      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
-      const float m_new = fmaxf(m[i], mx);
-      const float base = m_new == -INFINITY ? 0.0f : m_new;  // a row with no visible key yet
-      const float alpha = exp2f(m[i] - base);
-      m[i] = m_new;
-      float sum = 0.0f;
+      // Scale into the log2 domain and mask keys past each row's own position.
 #pragma unroll
-      for (int j = 0; j < kAttnKeys / 8; ++j)
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& v = sc[j][2 * i + e];
-          v = exp2f(v - base);
-          sum += v;
+        for (int j = 0; j < kAttnKeys / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int key = key0 + 8 * j + 2 * t4 + e;
+            float& v = sc[j][2 * i + e];
+            v = key <= visible[i] ? v * scale : -INFINITY;
+            mx = fmaxf(mx, v);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
+        const float m_new = fmaxf(m[i], mx);
+        const float base = m_new == -INFINITY ? 0.0f : m_new;  // a row with no visible key yet
+        const float alpha = exp2f(m[i] - base);
+        m[i] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kAttnKeys / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& v = sc[j][2 * i + e];
+            v = exp2f(v - base);
+            sum += v;
+          }
+        l[i] = l[i] * alpha + sum;  // this thread's share; the quad is summed at the end
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          o[j][2 * i] *= alpha;
+          o[j][2 * i + 1] *= alpha;
         }
-      l[i] = l[i] * alpha + sum;  // this thread's share; the quad is summed at the end
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        o[j][2 * i] *= alpha;
-        o[j][2 * i + 1] *= alpha;
       }
-    }
 #pragma unroll
-    for (int c = 0; c < kAttnKeys / 16; ++c) {
-      const uint32_t pa[4] = {pack_bf16x2(sc[2 * c][0], sc[2 * c][1]), pack_bf16x2(sc[2 * c][2], sc[2 * c][3]),
-                              pack_bf16x2(sc[2 * c + 1][0], sc[2 * c + 1][1]),
-                              pack_bf16x2(sc[2 * c + 1][2], sc[2 * c + 1][3])};
+      for (int c = 0; c < kAttnKeys / 16; ++c) {
+        const uint32_t pa[4] = {pack_bf16x2(sc[2 * c][0], sc[2 * c][1]), pack_bf16x2(sc[2 * c][2], sc[2 * c][3]),
+                                pack_bf16x2(sc[2 * c + 1][0], sc[2 * c + 1][1]),
+                                pack_bf16x2(sc[2 * c + 1][2], sc[2 * c + 1][3])};
 #pragma unroll
-      for (int jd = 0; jd < D / 16; ++jd) {
-        uint32_t vb[4];  // b0, b1 of dim tiles 2jd and 2jd + 1
-        ldmatrix_x4_trans(vb, vs + (16 * c + (mi & 1) * 8 + mr) * KS + 16 * jd + (mi >= 2 ? 8 : 0));
-        mma_bf16_m16n8k16(o[2 * jd], pa, vb);
-        mma_bf16_m16n8k16(o[2 * jd + 1], pa, vb + 2);
+        for (int jd = 0; jd < D / 16; ++jd) {
+          uint32_t vb[4];  // b0, b1 of dim tiles 2jd and 2jd + 1
+          ldmatrix_x4_trans(vb, vs + (16 * c + (mi & 1) * 8 + mr) * KS + 16 * jd + (mi >= 2 ? 8 : 0));
+          mma_bf16_m16n8k16(o[2 * jd], pa, vb);
+          mma_bf16_m16n8k16(o[2 * jd + 1], pa, vb + 2);
+        }
       }
     }
     __syncthreads();  // this stage is refilled two iterations on
@@ -396,7 +402,9 @@ __global__ void logprob_kernel(const float* logits, const int32_t* targets, int 
 
 unsigned grid_rows(int64_t rows) { return static_cast<unsigned>(rows); }
 // Threads for a CTA that owns one row of `work` items: all of them at once, up to 1024.
-unsigned row_threads(int64_t work) { return static_cast<unsigned>(std::clamp<int64_t>((work + 31) / 32 * 32, 32, 1024)); }
+unsigned row_threads(int64_t work) {
+  return static_cast<unsigned>(std::clamp<int64_t>((work + 31) / 32 * 32, 32, 1024));
+}
 
 }  // namespace
 
