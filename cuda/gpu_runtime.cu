@@ -38,14 +38,6 @@ std::vector<uint16_t> to_bf16(const float* x, size_t n) {
   return out;
 }
 
-// Grows a buffer to at least n elements (contents are not kept).
-template <typename T>
-void reserve(DeviceBuffer<T>& b, size_t n) {
-  if (b.count >= n) return;
-  b = DeviceBuffer<T>();
-  b = DeviceBuffer<T>(n);
-}
-
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
@@ -132,12 +124,22 @@ struct GpuRuntime::Impl {
 
   // Decode steps (one token per sequence) run as one CUDA graph per batch size, recorded
   // at the first step and replayed after: the ~14 launches per layer otherwise cost a
-  // launch latency each. Dropped whenever a buffer they point into is reallocated.
+  // launch latency each. Dropped whenever a buffer they point into is reallocated (reserve).
   bool use_graphs = true;
   std::map<int, cudaGraphExec_t> decode_graphs;
   void drop_graphs() {
     for (auto& [batch, exec] : decode_graphs) cudaGraphExecDestroy(exec);
     decode_graphs.clear();
+  }
+
+  // Grows a buffer to at least n elements (contents are not kept); the recorded graphs may
+  // point into it, so a reallocation drops them.
+  template <typename T>
+  void reserve(DeviceBuffer<T>& b, size_t n) {
+    if (b.count >= n) return;
+    drop_graphs();
+    b = DeviceBuffer<T>();
+    b = DeviceBuffer<T>(n);
   }
 
   // Optional per-stage timing (CUDA events around each launch group).
@@ -266,7 +268,6 @@ struct GpuRuntime::Impl {
 
   void ensure_tokens(int64_t M) {
     if (M <= capacity) return;
-    drop_graphs();
     const int64_t H = cfg.hidden, F = cfg.ffn, qd = cfg.q_dim(), qkvd = qd + 2 * cfg.kv_dim();
     reserve(x, M * H);
     reserve(xn, M * H);
@@ -345,9 +346,7 @@ struct GpuRuntime::Impl {
     AttentionShape sizing = s;
     if (n == 1) sizing.position = max_context - n;
     const int splits = attention_splits(sizing);
-    const size_t ws_floats = attention_workspace_floats(s, splits);
-    if (ws_floats > attn_ws.count) drop_graphs();
-    reserve(attn_ws, ws_floats);
+    reserve(attn_ws, attention_workspace_floats(s, splits));
     note_peak();
     store_int_kernel<<<1, 1, 0, stream>>>(position_dev.ptr, position);
     cuda_check(cudaGetLastError(), "position");
@@ -634,9 +633,9 @@ void GpuRuntime::score(std::span<const int32_t> tokens, std::span<const int32_t>
     return;
   }
   I.lm_head_rows(n - last, last, 1);
-  reserve(I.targets, last);
-  reserve(I.logprob, last);
-  reserve(I.greedy, last);
+  I.reserve(I.targets, last);
+  I.reserve(I.logprob, last);
+  I.reserve(I.greedy, last);
   I.note_peak();
   cuda_check(cudaMemcpyAsync(I.targets.ptr, targets.data(), sizeof(int32_t) * last, cudaMemcpyHostToDevice, I.stream),
              "upload targets");
