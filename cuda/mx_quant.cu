@@ -36,6 +36,16 @@ __device__ __forceinline__ void store_bytes(uint8_t* dst, const uint8_t* src, in
   }
 }
 
+// One block's codes packed into its place in a segment, and its scale byte.
+template <ElemFormat F>
+__device__ __forceinline__ void store_packed_block(const uint8_t* codes, uint8_t sb, uint8_t* block, uint8_t* scale) {
+  constexpr int bb = static_cast<int>(packed_bytes(F, kBlockSize));
+  uint8_t packed[bb];
+  pack_codes(F, codes, kBlockSize, packed);
+  store_bytes(block, packed, bb);
+  *scale = sb;
+}
+
 // Block b of row m: quantize the 32 values v (format F), store codes and scale into the
 // packed segment (when present); returns the codes and the scale for folding.
 template <ElemFormat F>
@@ -43,13 +53,10 @@ __device__ __forceinline__ uint8_t emit_packed(const float* v, ScaleRule rule, i
                                                size_t seg_row_bytes, uint8_t* seg_base, uint8_t* scales, int nblk,
                                                uint8_t* codes) {
   const uint8_t sb = quantize_block(F, rule, v, kBlockSize, codes);
-  if (seg_base != nullptr) {
-    constexpr int bb = static_cast<int>(packed_bytes(F, kBlockSize));
-    uint8_t packed[bb];
-    pack_codes(F, codes, kBlockSize, packed);
-    store_bytes(seg_base + m * seg_row_bytes + static_cast<size_t>(b - seg_first_block) * bb, packed, bb);
-    scales[m * nblk + b] = sb;
-  }
+  constexpr size_t bb = packed_bytes(F, kBlockSize);
+  if (seg_base != nullptr)
+    store_packed_block<F>(codes, sb, seg_base + m * seg_row_bytes + static_cast<size_t>(b - seg_first_block) * bb,
+                          scales + m * nblk + b);
   return sb;
 }
 
@@ -189,13 +196,7 @@ __device__ __forceinline__ void quantize_block_by_lanes(float v, ScaleRule rule,
   uint8_t codes[kBlockSize];
 #pragma unroll
   for (int j = 0; j < kBlockSize; ++j) codes[j] = static_cast<uint8_t>(__shfl_sync(0xFFFFFFFFu, code, j));
-  if (lane == 0) {
-    constexpr int bb = static_cast<int>(packed_bytes(F, kBlockSize));
-    uint8_t bytes[bb];
-    pack_codes(F, codes, kBlockSize, bytes);
-    store_bytes(seg_block, bytes, bb);
-    *scale = sb;
-  }
+  if (lane == 0) store_packed_block<F>(codes, sb, seg_block, scale);
 }
 
 __global__ void __launch_bounds__(128) act_quant_lanes_kernel(const uint16_t* __restrict__ x, int64_t M, int64_t ldx,
