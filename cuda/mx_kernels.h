@@ -91,10 +91,10 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
 // Multiprocessors of the current device (read once).
 int device_sm_count();
 
-// Decode path (M <= 16): streams the packed weights once. Auto and TensorCores: f16
-// mma.sync straight from the packed codes (the faster one at every measured shape);
-// CudaCores: the second implementation, which needs workspace (fp32 [M, N] scratch) when
-// it splits K over CTAs.
+// Decode path (M <= 16): streams the packed weights once. Auto and TensorCores: E4M3
+// mma.sync with every lane loading its fragments straight from the packed codes (the faster
+// one at every measured shape); CudaCores: the second implementation, which needs workspace
+// (fp32 [M, N] scratch) when it splits K over CTAs.
 enum class DecodeKernel { Auto, CudaCores, TensorCores };
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                            float* workspace, cudaStream_t stream, DecodeKernel kernel = DecodeKernel::Auto);

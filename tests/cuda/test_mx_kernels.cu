@@ -456,6 +456,9 @@ TEST(MxGemm, SmallShapes) {
       // decode with K split over CTAs (fp32 atomics + bf16 pass)
       {3, 48, {4096 - 384 - 640, 384, 640}}, {16, 24, {1024, 0, 1024}}, {1, 40, {0, 2048, 96}},
       {2, 72, {128, 64, 64}},
+      // odd N with an odd number of FP6 blocks (rows 8 bytes off 16-byte alignment), partial
+      // last row tiles
+      {6, 41, {2048, 1120, 32}}, {12, 23, {0, 96, 0}},
   };
   for (const auto& c : cases) run_gemm_case(c);
 }
