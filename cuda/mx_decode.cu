@@ -242,49 +242,6 @@ __device__ __forceinline__ void to_e4m3(LaneWords w, uint32_t r[2]) {
   }
 }
 
-// Scale byte of absent token columns (their MMA products are zero): 2^0 keeps their factor a
-// normal float, so it never sends the warp down the general path of mma_block.
-constexpr uint8_t kUnitScale = kScaleBias;
-
-// The promotion factor 2^(sw - 127) * 2^(sa - 127) * 2^bias2 of two E8M0 scale bytes, as
-// the product of the decoded scales: the general form (NaN blocks, subnormal or overflowing
-// products).
-__device__ __forceinline__ float scale_product(int sw, int sa, int bias2) {
-  return decode_scale(static_cast<uint8_t>(sw)) * (decode_scale(static_cast<uint8_t>(sa)) * exp2i(bias2));
-}
-
-// One 32-block of a 16-row tile against NT token tiles: an MMA on code values into a zeroed
-// temporary, promoted with the scales of weight rows g (sw0) and g + 8 (sw1) and of token
-// columns 2t, 2t + 1 (sa), times 2^bias2. While all four factors are normal floats they are
-// built from the exponent bits with an integer add (the same powers of two the general form
-// gives, for a fraction of the instructions).
-template <int NT>
-__device__ __forceinline__ void mma_block(const uint32_t (&w_lo)[2], const uint32_t (&w_hi)[2],
-                                          const uint32_t (&ar)[NT][2], int sw0, int sw1, const uint8_t (&sa)[NT][2],
-                                          int bias2, float (&acc)[NT][4]) {
-  const uint32_t fa[4] = {w_lo[0], w_hi[0], w_lo[1], w_hi[1]};
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    ptx::mma_e4m3_m16n8k32(tmp, fa, ar[nt]);
-    const int sws[4] = {sw0, sw0, sw1, sw1}, sas[4] = {sa[nt][0], sa[nt][1], sa[nt][0], sa[nt][1]};
-    float f[4];
-    bool normal = max(max(sw0, sw1), max(sas[0], sas[1])) < kScaleNaN;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int e = sws[i] + sas[i] + bias2 - kScaleBias;
-      normal &= static_cast<unsigned>(e - 1) < 254u;
-      f[i] = bits_to_float(static_cast<uint32_t>(e) << 23);
-    }
-    if (!normal) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) f[i] = scale_product(sws[i], sas[i], bias2);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] = fmaf(tmp[i], f[i], acc[nt][i]);
-  }
-}
-
 // Per-lane view of one segment: weight rows (g, g+8 of each row tile) and tokens (g of each
 // 8-token tile; columns 2t, 2t+1 for the scales).
 template <int NT>
@@ -301,6 +258,7 @@ template <ElemFormat F, int NT, int kUnroll>
 __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int lo, int hi, int t,
                                                float (&acc)[kTcRowTiles][NT][4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
+  const float bias = exp2i(2 * kE4m3Bias<F>);
   for (int base = lo; base < hi; base += kUnroll) {
     LaneWords w[kUnroll][kTcRowTiles][2], a[kUnroll][NT];
     uint8_t sw[kUnroll][kTcRowTiles][2], sa[kUnroll][NT][2];
@@ -319,12 +277,18 @@ __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int l
       for (int nt = 0; nt < NT; ++nt) {
         a[u][nt] = seg.a[nt] ? load_lane<F, false>(seg.a[nt] + b * kBytes, t) : LaneWords{0u, 0u};
 #pragma unroll
-        for (int h = 0; h < 2; ++h) sa[u][nt][h] = seg.as[nt][h] ? __ldg(seg.as[nt][h] + b) : kUnitScale;
+        for (int h = 0; h < 2; ++h) sa[u][nt][h] = seg.as[nt][h] ? __ldg(seg.as[nt][h] + b) : uint8_t(0);
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (base + u >= hi) break;
+      float ca[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        ca[nt][0] = decode_scale(sa[u][nt][0]) * bias;
+        ca[nt][1] = decode_scale(sa[u][nt][1]) * bias;
+      }
       uint32_t ar[NT][2];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) to_e4m3<F>(a[u][nt], ar[nt]);
@@ -333,7 +297,17 @@ __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int l
         uint32_t wr0[2], wr1[2];
         to_e4m3<F>(w[u][rt][0], wr0);
         to_e4m3<F>(w[u][rt][1], wr1);
-        mma_block<NT>(wr0, wr1, ar, sw[u][rt][0], sw[u][rt][1], sa[u], 2 * kE4m3Bias<F>, acc[rt]);
+        const float f0 = decode_scale(sw[u][rt][0]), f1 = decode_scale(sw[u][rt][1]);
+        const uint32_t fa[4] = {wr0[0], wr1[0], wr0[1], wr1[1]};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          ptx::mma_e4m3_m16n8k32(tmp, fa, ar[nt]);
+          acc[rt][nt][0] = fmaf(tmp[0], f0 * ca[nt][0], acc[rt][nt][0]);
+          acc[rt][nt][1] = fmaf(tmp[1], f0 * ca[nt][1], acc[rt][nt][1]);
+          acc[rt][nt][2] = fmaf(tmp[2], f1 * ca[nt][0], acc[rt][nt][2]);
+          acc[rt][nt][3] = fmaf(tmp[3], f1 * ca[nt][1], acc[rt][nt][3]);
+        }
       }
     }
   }
