@@ -98,6 +98,7 @@ __device__ __forceinline__ int current_position(const AttentionShape& s) {
   return s.position_ptr != nullptr ? *s.position_ptr : s.position;
 }
 
+// Grid (rows, chunks): chunk c of a row takes every gridDim.y-th block of blockDim.x pairs.
 __global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __restrict__ bias, AttentionShape s,
                             const float2* __restrict__ rope, bool neox, uint16_t* __restrict__ q,
                             uint16_t* __restrict__ k_cache, uint16_t* __restrict__ v_cache) {
@@ -109,7 +110,8 @@ __global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __res
   auto value = [&](int c) { return bf16_bits_to_float(src[c]) + (bias != nullptr ? bias[c] : 0.0f); };
   // Rotated pairs: q heads, then k heads.
   const int pairs = (s.n_heads + s.n_kv_heads) * half;
-  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+  const int first = blockIdx.y * blockDim.x, step = gridDim.y * blockDim.x;
+  for (int p = first + threadIdx.x; p < pairs; p += step) {
     const int head = p / half, i = p % half;
     const int c0 = head * hd + (neox ? i : 2 * i), c1 = c0 + (neox ? half : 1);
     const float x0 = value(c0), x1 = value(c1), c = cs[i].x, sn = cs[i].y;
@@ -124,7 +126,7 @@ __global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __res
       dst[c1 - q_dim - kvh * hd] = y1;
     }
   }
-  for (int c = threadIdx.x; c < kv_dim; c += blockDim.x) {
+  for (int c = first + threadIdx.x; c < kv_dim; c += step) {
     const int kvh = c / hd;
     v_cache[((static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context + pos) * hd + c % hd] =
         float_to_bf16_bits(value(q_dim + kv_dim + c));
@@ -313,21 +315,30 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
 }
 
 // Merges the per-split partial outputs: weights 2^(lse_s - max lse). Grid (rows, kv heads,
-// batch), head_dim threads.
+// batch), head_dim threads. The splits' log-sum-exps are loaded together into shared memory
+// and the partial outputs' loads are unrolled, so that the loop over up to 64 splits does not
+// wait for one memory round trip per split.
 __global__ void attention_merge_kernel(const float* part_o, const float* part_lse, AttentionShape s, int splits,
                                        uint16_t* out) {
+  __shared__ float lse_s[kMaxAttnSplits];
   const int row = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, d = threadIdx.x;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group;
   const int64_t stride = static_cast<int64_t>(s.batch) * s.n_kv_heads * rows;
   const int64_t slot0 = (static_cast<int64_t>(b) * s.n_kv_heads + kvh) * rows + row;
+  for (int sp = d; sp < splits; sp += blockDim.x) lse_s[sp] = part_lse[slot0 + sp * stride];
+  __syncthreads();
   float top = -INFINITY;
-  for (int sp = 0; sp < splits; ++sp) top = fmaxf(top, part_lse[slot0 + sp * stride]);
+  for (int sp = 0; sp < splits; ++sp) top = fmaxf(top, lse_s[sp]);
+  const float* o = part_o + slot0 * s.head_dim + d;
+  const int64_t o_stride = stride * s.head_dim;
   float num = 0.0f, den = 0.0f;
+#pragma unroll 8
   for (int sp = 0; sp < splits; ++sp) {
-    const float lse = part_lse[slot0 + sp * stride];
+    const float v = o[sp * o_stride];  // read for empty splits too (in bounds), so the loads need no branch
+    const float lse = lse_s[sp];
     if (lse == -INFINITY) continue;
     const float w = exp2f(lse - top);
-    num += w * part_o[(slot0 + sp * stride) * s.head_dim + d];
+    num += w * v;
     den += w;
   }
   const int qi = row / group, head = kvh * group + row % group;
@@ -425,8 +436,12 @@ cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, cons
 cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
                            bool neox, uint16_t* q, uint16_t* k_cache, uint16_t* v_cache, cudaStream_t stream) {
   if (s.rows() <= 0 || s.position + s.tokens > s.max_context || s.head_dim % 2 != 0) return cudaErrorInvalidValue;
-  rope_kernel<<<grid_rows(s.rows()), row_threads(static_cast<int64_t>(s.n_heads + s.n_kv_heads) * s.head_dim / 2), 0,
-                stream>>>(qkv, bias, s, rope, neox, q, k_cache, v_cache);
+  // A CTA per row; with fewer rows than multiprocessors (decode) each row is split over CTAs
+  // of 128 threads, one pair per thread, instead of one CTA looping over the heads.
+  const int64_t pairs = static_cast<int64_t>(s.n_heads + s.n_kv_heads) * s.head_dim / 2;
+  const bool few_rows = s.rows() < device_sm_count();
+  const unsigned threads = few_rows ? 128 : row_threads(pairs), chunks = few_rows ? (pairs + 127) / 128 : 1;
+  rope_kernel<<<dim3(grid_rows(s.rows()), chunks), threads, 0, stream>>>(qkv, bias, s, rope, neox, q, k_cache, v_cache);
   return cudaGetLastError();
 }
 
@@ -444,14 +459,15 @@ int attention_splits(const AttentionShape& s) {
   const int64_t target = 2 * static_cast<int64_t>(device_sm_count());
   if (ctas >= target) return 1;
   const int64_t key_blocks = (s.position + s.tokens + kAttnKeys - 1) / kAttnKeys;
-  const int64_t splits = std::min<int64_t>({(target + ctas - 1) / ctas, key_blocks, 64});
+  const int64_t splits = std::min<int64_t>({(target + ctas - 1) / ctas, key_blocks, kMaxAttnSplits});
   return static_cast<int>(std::max<int64_t>(splits, 1));
 }
 
 cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const AttentionShape& s,
                       uint16_t* out, int splits, float* workspace, cudaStream_t stream) {
   if (s.rows() <= 0 || s.n_kv_heads <= 0 || s.n_heads % s.n_kv_heads != 0 || !attention_supports_head_dim(s.head_dim) ||
-      splits < 1 || (splits > 1 && workspace == nullptr) || s.position + s.tokens > s.max_context)
+      splits < 1 || splits > kMaxAttnSplits || (splits > 1 && workspace == nullptr) ||
+      s.position + s.tokens > s.max_context)
     return cudaErrorInvalidValue;
   const int group_rows = s.tokens * (s.n_heads / s.n_kv_heads);
   const dim3 grid(static_cast<unsigned>((group_rows + kAttnRows - 1) / kAttnRows), static_cast<unsigned>(s.n_kv_heads),

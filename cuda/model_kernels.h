@@ -46,8 +46,10 @@ cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const Attenti
 
 // Causal attention of q [rows, q_dim] over cache positions [0, position + t] for token t;
 // out bf16 [rows, q_dim]. Heads that share a KV head are scored together. head_dim 64 or
-// 128. `splits` > 1 divides each query tile's keys over that many CTAs and merges them
-// after (flash decoding); workspace then holds attention_workspace_floats(s, splits).
+// 128. `splits` > 1 (at most kMaxAttnSplits) divides each query tile's keys over that many
+// CTAs and merges them after (flash decoding); workspace then holds
+// attention_workspace_floats(s, splits).
+inline constexpr int kMaxAttnSplits = 64;
 cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const AttentionShape& s,
                       uint16_t* out, int splits, float* workspace, cudaStream_t stream);
 size_t attention_workspace_floats(const AttentionShape& s, int splits);
