@@ -291,6 +291,17 @@ struct GpuRuntime::Impl {
     note_peak();
   }
 
+  // Decode (M <= kDecodeMaxM): the packed activation operand, written by the quantizer, and
+  // the GEMM that reads it.
+  MxSegments decode_operand() const {
+    return {packed_a[0].ptr, packed_a[1].ptr, packed_a[2].ptr, packed_a_scales.ptr};
+  }
+  void decode_gemm(int slot, const DeviceLinear& L, int64_t M, uint16_t* out) {
+    stage("gemm " + std::string(model::linear_slot_name(static_cast<LinearSlot>(slot))), [&] {
+      cuda_check(mx_gemm_decode(decode_operand(), L.w.segments(), M, L.out, L.plan, out, nullptr, stream), "decode GEMM");
+    });
+  }
+
   void linear(int slot, const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out) {
     const std::string name = model::linear_slot_name(static_cast<LinearSlot>(slot));
     if (!L.mx) {
@@ -305,13 +316,11 @@ struct GpuRuntime::Impl {
       return;
     }
     if (M <= kDecodeMaxM) {
-      const MxSegments a{packed_a[0].ptr, packed_a[1].ptr, packed_a[2].ptr, packed_a_scales.ptr};
       stage("activation quant", [&] {
-        cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, a, {}, nullptr, stream), "quantize");
+        cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, decode_operand(), {}, nullptr, stream),
+                   "quantize");
       });
-      stage("gemm " + name, [&] {
-        cuda_check(mx_gemm_decode(a, L.w.segments(), M, L.out, L.plan, out, nullptr, stream), "decode GEMM");
-      });
+      decode_gemm(slot, L, M, out);
       return;
     }
     const FoldedOperand a{folded_a.ptr, folded_a_f.ptr};
@@ -402,8 +411,18 @@ struct GpuRuntime::Impl {
         cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, L.ffn_norm.ptr, cfg.rms_eps, xn.ptr, stream), "norm");
       });
       linear(2, L.linear[2], xn.ptr, M, gate_up.ptr);
-      stage("swiglu", [&] { cuda_check(swiglu(gate_up.ptr, M, cfg.ffn, act.ptr, stream), "swiglu"); });
-      linear(3, L.linear[3], act.ptr, M, y.ptr);
+      const DeviceLinear& down = L.linear[3];
+      if (down.mx && M <= kDecodeMaxM) {  // one launch: SwiGLU inside the down projection's quantizer
+        stage("swiglu + activation quant", [&] {
+          cuda_check(swiglu_quantize_activations(gate_up.ptr, M, cfg.ffn, down.perm.ptr, down.plan, rule,
+                                                 decode_operand(), stream),
+                     "swiglu + quantize");
+        });
+        decode_gemm(3, down, M, y.ptr);
+      } else {
+        stage("swiglu", [&] { cuda_check(swiglu(gate_up.ptr, M, cfg.ffn, act.ptr, stream), "swiglu"); });
+        linear(3, down, act.ptr, M, y.ptr);
+      }
       const float* next = l + 1 < cfg.n_layers ? layers[l + 1].attn_norm.ptr : output_norm.ptr;
       stage("norm", [&] { cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, next, cfg.rms_eps, xn.ptr, stream), "norm"); });
     }

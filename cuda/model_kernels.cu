@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "micromix/model/swiglu.h"
 #include "mx_kernels.h"
 #include "model_kernels.h"
 #include "mx_ptx.cuh"
@@ -359,7 +360,7 @@ __global__ void swiglu_kernel(const uint16_t* gate_up, int64_t M, int ffn, uint1
     for (int h = 0; h < 2; ++h) {
       const float g = bf16_bits_to_float(static_cast<uint16_t>(g2 >> (16 * h)));
       const float u = bf16_bits_to_float(static_cast<uint16_t>(u2 >> (16 * h)));
-      y[h] = g / (1.0f + expf(-g)) * u;
+      y[h] = model::swiglu(g, u);
     }
     *reinterpret_cast<uint32_t*>(out + t * ffn + i) = pack_bf16x2(y[0], y[1]);
   }

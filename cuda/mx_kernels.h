@@ -59,6 +59,12 @@ cudaError_t quantize_activations(const uint16_t* x, int64_t M, int64_t ldx, cons
                                  ScaleRule rule, MxSegments packed, FoldedOperand folded,
                                  unsigned long long* lossy_count, cudaStream_t stream);
 
+// Decode (M <= kDecodeMaxM, packed output only): SwiGLU of gate_up bf16 [M, 2 * ffn] (gate
+// half first) rounded to bf16, then reorder and quantize as above (K = ffn). Bit-identical to
+// swiglu() followed by quantize_activations(), one launch instead of two.
+cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int ffn, const int32_t* perm, MixPlan plan,
+                                        ScaleRule rule, MxSegments packed, cudaStream_t stream);
+
 // Fused RMSNorm: y = (x * inv_rms) * gamma, inv_rms = rsqrtf(mean(x^2) + eps) in fp32,
 // gamma bf16 [K] in the original channel order; then reorder and quantize as above.
 // inv_rms_out (optional) receives inv_rms per row.

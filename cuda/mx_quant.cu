@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "micromix/model/swiglu.h"
 #include "mx_kernels.h"
 
 namespace micromix::cuda {
@@ -199,15 +200,31 @@ __device__ __forceinline__ void quantize_block_by_lanes(float v, ScaleRule rule,
   if (lane == 0) store_packed_block<F>(codes, sb, seg_block, scale);
 }
 
-__global__ void __launch_bounds__(128) act_quant_lanes_kernel(const uint16_t* __restrict__ x, int64_t M, int64_t ldx,
-                                                              const int32_t* __restrict__ perm, MixPlan plan,
-                                                              ScaleRule rule, MxSegments packed) {
+// Where the lanes kernel reads channel c of row m: a bf16 matrix, or the SwiGLU of a
+// [gate | up] row (rounded to bf16, as the separate SwiGLU kernel stores it).
+struct RowsSource {
+  const uint16_t* __restrict__ x;
+  int64_t ldx;
+  __device__ float operator()(int64_t m, int c) const { return bf16f(x[m * ldx + c]); }
+};
+struct SwigluSource {
+  const uint16_t* __restrict__ gate_up;
+  int ffn;
+  __device__ float operator()(int64_t m, int c) const {
+    const uint16_t* row = gate_up + m * 2 * ffn;
+    return bf16f(float_to_bf16_bits(model::swiglu(bf16f(row[c]), bf16f(row[ffn + c]))));
+  }
+};
+
+template <class Source>
+__global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_t M, const int32_t* __restrict__ perm,
+                                                              MixPlan plan, ScaleRule rule, MxSegments packed) {
   const int nblk = plan.blocks(), lane = threadIdx.x % 32;
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (w >= M * nblk) return;  // whole warps
   const int64_t m = w / nblk;
   const int b = static_cast<int>(w % nblk), b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
-  const float v = bf16f(x[m * ldx + perm[b * kBlockSize + lane]]);
+  const float v = src(m, perm[b * kBlockSize + lane]);
   uint8_t* scale = packed.scales + m * nblk + b;
   if (b < b4)
     quantize_block_by_lanes<ElemFormat::E2M1>(v, rule, lane, packed.q4 + m * (plan.p4 / 2) + static_cast<size_t>(b) * 16,
@@ -323,6 +340,15 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
   if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }
 
+template <class Source>
+cudaError_t launch_lanes(Source src, int64_t M, const int32_t* perm, MixPlan plan, ScaleRule rule, MxSegments packed,
+                         cudaStream_t stream) {
+  const int64_t threads = M * plan.blocks() * 32;
+  act_quant_lanes_kernel<<<static_cast<unsigned>((threads + 127) / 128), 128, 0, stream>>>(src, M, perm, plan, rule,
+                                                                                           packed);
+  return cudaGetLastError();
+}
+
 int act_threads(int nblk) {
   int t = (nblk + 31) / 32 * 32;
   return t < 64 ? 64 : t > 256 ? 256 : t;
@@ -334,12 +360,7 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
                        float* inv_rms, unsigned long long* lossy, cudaStream_t stream) {
   if (!plan.valid() || ldx < plan.k() || ldx % 8 != 0) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
-  if (!kNorm && folded.q == nullptr && M <= kDecodeMaxM) {
-    const int64_t threads = M * plan.blocks() * 32;
-    act_quant_lanes_kernel<<<static_cast<unsigned>((threads + 127) / 128), 128, 0, stream>>>(x, M, ldx, perm, plan, rule,
-                                                                                             packed);
-    return cudaGetLastError();
-  }
+  if (!kNorm && folded.q == nullptr && M <= kDecodeMaxM) return launch_lanes(RowsSource{x, ldx}, M, perm, plan, rule, packed, stream);
   const size_t smem = static_cast<size_t>(plan.k()) * sizeof(uint16_t);
   if (smem > 48 * 1024) {
     const cudaError_t e =
@@ -386,6 +407,13 @@ cudaError_t rmsnorm_quantize_activations(const uint16_t* x, int64_t M, int64_t l
                                          MxSegments packed, FoldedOperand folded, float* inv_rms_out,
                                          unsigned long long* lossy_count, cudaStream_t stream) {
   return launch_act<true>(x, M, ldx, gamma, eps, perm, plan, rule, packed, folded, inv_rms_out, lossy_count, stream);
+}
+
+cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int ffn, const int32_t* perm, MixPlan plan,
+                                        ScaleRule rule, MxSegments packed, cudaStream_t stream) {
+  if (!plan.valid() || plan.k() != ffn || M < 0 || M > kDecodeMaxM) return cudaErrorInvalidValue;
+  if (M == 0) return cudaSuccess;
+  return launch_lanes(SwigluSource{gate_up, ffn}, M, perm, plan, rule, packed, stream);
 }
 
 cudaError_t fold_operand(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,

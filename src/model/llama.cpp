@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "micromix/common/error.h"
+#include "micromix/model/swiglu.h"
 
 namespace micromix::model {
 
@@ -249,7 +250,7 @@ void CpuRuntime::forward_last(std::span<const int32_t> tokens, float* logits, in
       const float* g = gate_up.data() + t * 2 * F;
       const float* u = g + F;
       float* a = act.data() + t * F;
-      for (int64_t i = 0; i < F; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      for (int64_t i = 0; i < F; ++i) a[i] = swiglu(g[i], u[i]);
     }
     if (hook_) hook_(l, LinearSlot::Down, act.data(), n, F);
     linear_forward(L.slot(LinearSlot::Down), act.data(), n, x.data(), true);

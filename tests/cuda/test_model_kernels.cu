@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <random>
 #include <vector>
 
 #include "kernel_test_util.h"
@@ -259,6 +260,46 @@ TEST(ModelKernels, NormSwigluEmbedSmall) {
   const auto e = dx.download();
   for (int r = 0; r < M; ++r)
     for (int i = 0; i < H; ++i) ASSERT_EQ(e[r * H + i], bf(table[toks[r] * H + i]));
+}
+
+// Decode's fused SwiGLU + quantization against the two kernels it replaces (swiglu, then
+// quantize_activations, itself bit-exact with the CPU library): the same bytes.
+TEST(ModelKernels, SwigluQuantizeMatchesSeparateKernels) {
+  REQUIRE_GPU();
+  const MixPlan plan{160, 96, 64};
+  const int F = plan.k();
+  std::vector<int32_t> perm(F);
+  for (int i = 0; i < F; ++i) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng());
+  DeviceBuffer<int32_t> dp(F);
+  dp.upload(perm);
+  for (const int64_t M : {1, 5, 16}) {
+    auto gu = random_bf16(M * 2 * F, 2.0f);
+    gu[(M - 1) * 2 * F + 7] = 0x7FC0;  // a NaN gate: its block's scale is NaN in both
+    DeviceBuffer<uint16_t> dgu(gu.size()), dact(M * F);
+    dgu.upload(gu);
+    DeviceMx separate(plan, M, false), fused(plan, M, false);
+    for (DeviceMx* d : {&separate, &fused}) {
+      for (auto& q : d->q)
+        if (q.count) CK(cudaMemset(q.ptr, 0xA5, q.count));
+      CK(cudaMemset(d->scales.ptr, 0xA5, d->scales.count));
+    }
+    CK(swiglu(dgu.ptr, M, F, dact.ptr, nullptr));
+    CK(quantize_activations(dact.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, separate.segments(), FoldedOperand{},
+                            nullptr, nullptr));
+    CK(swiglu_quantize_activations(dgu.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, fused.segments(), nullptr));
+    CK(cudaDeviceSynchronize());
+    const HostMx a = separate.download(), b = fused.download();
+    for (int s = 0; s < 3; ++s) EXPECT_EQ(a.q[s], b.q[s]) << "segment " << s << ", M " << M;
+    EXPECT_EQ(a.scales, b.scales) << "M " << M;
+    EXPECT_NE(std::find(b.scales.begin(), b.scales.end(), mx::kScaleNaN), b.scales.end()) << "M " << M;
+  }
+  DeviceMx out(plan, 17, false);
+  EXPECT_EQ(swiglu_quantize_activations(nullptr, kDecodeMaxM + 1, F, dp.ptr, plan, mx::ScaleRule::Ceil, out.segments(),
+                                        nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(swiglu_quantize_activations(nullptr, 1, F + 32, dp.ptr, plan, mx::ScaleRule::Ceil, out.segments(), nullptr),
+            cudaErrorInvalidValue);
 }
 
 TEST(ModelKernels, TokenLogprobsSmall) {
