@@ -360,7 +360,8 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
                        float* inv_rms, unsigned long long* lossy, cudaStream_t stream) {
   if (!plan.valid() || ldx < plan.k() || ldx % 8 != 0) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
-  if (!kNorm && folded.q == nullptr && M <= kDecodeMaxM) return launch_lanes(RowsSource{x, ldx}, M, perm, plan, rule, packed, stream);
+  if (!kNorm && folded.q == nullptr && M <= kDecodeMaxM)
+    return launch_lanes(RowsSource{x, ldx}, M, perm, plan, rule, packed, stream);
   const size_t smem = static_cast<size_t>(plan.k()) * sizeof(uint16_t);
   if (smem > 48 * 1024) {
     const cudaError_t e =
