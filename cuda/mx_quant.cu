@@ -177,6 +177,19 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
   }
 }
 
+// Where block b (< nblk) of row m lives in a packed matrix: its segment (0 FP4, 1 FP6,
+// 2 FP8) and its first byte.
+struct BlockAt {
+  int seg;
+  uint8_t* bytes;
+};
+__device__ __forceinline__ BlockAt block_at(const MxSegments& s, const MixPlan& plan, int64_t m, int b) {
+  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  if (b < b4) return {0, s.q4 + m * (plan.p4 / 2) + static_cast<size_t>(b) * 16};
+  if (b < b8) return {1, s.q6 + m * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24};
+  return {2, s.q8 + m * plan.p8 + static_cast<size_t>(b - b8) * 32};
+}
+
 // Decode-sized inputs, packed output only: one warp per (row, 32-block), a lane per element,
 // so that a few rows spread over the GPU instead of each block being one thread's loop
 // (the thread-per-block kernel above took 8 us for one row of 4096). The numerics are
@@ -223,41 +236,31 @@ __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (w >= M * nblk) return;  // whole warps
   const int64_t m = w / nblk;
-  const int b = static_cast<int>(w % nblk), b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  const int b = static_cast<int>(w % nblk);
   const float v = src(m, perm[b * kBlockSize + lane]);
   uint8_t* scale = packed.scales + m * nblk + b;
-  if (b < b4)
-    quantize_block_by_lanes<ElemFormat::E2M1>(v, rule, lane, packed.q4 + m * (plan.p4 / 2) + static_cast<size_t>(b) * 16,
-                                              scale);
-  else if (b < b8)
-    quantize_block_by_lanes<ElemFormat::E3M2>(
-        v, rule, lane, packed.q6 + m * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24, scale);
-  else
-    quantize_block_by_lanes<ElemFormat::E4M3>(v, rule, lane, packed.q8 + m * plan.p8 + static_cast<size_t>(b - b8) * 32,
-                                              scale);
+  const BlockAt at = block_at(packed, plan, m, b);
+  if (at.seg == 0) quantize_block_by_lanes<ElemFormat::E2M1>(v, rule, lane, at.bytes, scale);
+  else if (at.seg == 1) quantize_block_by_lanes<ElemFormat::E3M2>(v, rule, lane, at.bytes, scale);
+  else quantize_block_by_lanes<ElemFormat::E4M3>(v, rule, lane, at.bytes, scale);
 }
 
 // Codes and scale of block b (< nblk) of row m of a packed matrix; returns the segment.
 __device__ __forceinline__ int load_block(const MxSegments& in, const MixPlan& plan, int64_t m, int b,
                                           uint8_t* codes, uint8_t* scale) {
-  const int nblk = plan.blocks(), b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
-  *scale = in.scales[m * nblk + b];
-  if (b < b4) {
-    const uint8_t* p = in.q4 + m * (plan.p4 / 2) + static_cast<size_t>(b) * 16;
+  *scale = in.scales[m * plan.blocks() + b];
+  const BlockAt at = block_at(in, plan, m, b);
+  if (at.seg == 0) {
 #pragma unroll
-    for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E2M1, p, i);
-    return 0;
+    for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E2M1, at.bytes, i);
+  } else if (at.seg == 1) {
+#pragma unroll
+    for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E3M2, at.bytes, i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kBlockSize; ++i) codes[i] = at.bytes[i];
   }
-  if (b < b8) {
-    const uint8_t* p = in.q6 + m * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24;
-#pragma unroll
-    for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E3M2, p, i);
-    return 1;
-  }
-  const uint8_t* p = in.q8 + m * plan.p8 + static_cast<size_t>(b - b8) * 32;
-#pragma unroll
-  for (int i = 0; i < kBlockSize; ++i) codes[i] = p[i];
-  return 2;
+  return at.seg;
 }
 
 // Per-row folding (out.row_group == 1): one thread per (row, block), the four lanes of a
