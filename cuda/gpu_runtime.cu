@@ -109,7 +109,7 @@ struct GpuRuntime::Impl {
   DeviceBuffer<float> x;
   DeviceBuffer<uint16_t> xn, qkv, q, attn, y, gate_up, act;
   DeviceBuffer<uint8_t> folded_a;  // [M, K] E4M3
-  DeviceBuffer<float> folded_a_f;  // [M, fstride]
+  DeviceBuffer<float> folded_a_f;  // M x fstride, tile-major
   DeviceBuffer<uint8_t> folded_w;  // weight fold scratch (weights not kept folded)
   DeviceBuffer<float> folded_w_f;
   DeviceBuffer<uint8_t> packed_a[3], packed_a_scales;  // decode-path activations, kDecodeMaxM rows

@@ -119,6 +119,7 @@ constexpr int kTileBytesA = kBM * kBK;           // E4M3 tiles
 constexpr int kTileBytesW = kBN * kBK;
 constexpr int kFactorBytesA = kBM * 4 * 4;       // fp32 factors [rows][4 blocks]
 constexpr int kFactorBytesW = kBN * 4 * 4;
+constexpr int kFactorBoxRows = 64;              // 256 fp32 factors, the largest TMA box side
 constexpr int kStageBytes = kTileBytesA + kTileBytesW + kFactorBytesA + kFactorBytesW;
 constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 2 * kStages * 8;
 constexpr int kThreads = 384;  // warpgroup 0: producer; 1 and 2: consumers
@@ -146,6 +147,16 @@ struct Turn {
   }
 };
 
+// kN consecutive k32 steps into one accumulator, issued and committed as one batch, in
+// straight-line code (with a branch before each wgmma, ptxas fenced each one on its own).
+template <int kN>
+__device__ __forceinline__ void wgmma_chain(float* d, uint64_t da, uint64_t db, int j0) {
+  wgmma_fence();
+#pragma unroll
+  for (int i = 0; i < kN; ++i) wgmma_m64n128k32_e4m3(d, da + 2 * (j0 + i), db + 2 * (j0 + i), i > 0 ? 1 : 0);
+  wgmma_commit();
+}
+
 // One group of n (1..4) consecutive 32-blocks starting at j0: n wgmma k32 into tmp,
 // then acc += tmp * (factor_a[row] * factor_w[col]). kSharedW: the 128 columns of this
 // half share one W factor (weights folded in row groups), read once.
@@ -153,12 +164,12 @@ template <bool kSharedW>
 __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, uint64_t db, int j0, int n,
                                           const float* fa, const float* fw, int row0, int lane, Turn& turn) {
   turn.wait();
-  wgmma_fence();
-  wgmma_m64n128k32_e4m3(tmp, da + 2 * j0, db + 2 * j0, 0);
-  if (n > 1) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 1), db + 2 * (j0 + 1), 1);
-  if (n > 2) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 2), db + 2 * (j0 + 2), 1);
-  if (n > 3) wgmma_m64n128k32_e4m3(tmp, da + 2 * (j0 + 3), db + 2 * (j0 + 3), 1);
-  wgmma_commit();
+  switch (n) {
+    case 4: wgmma_chain<4>(tmp, da, db, j0); break;
+    case 3: wgmma_chain<3>(tmp, da, db, j0); break;
+    case 2: wgmma_chain<2>(tmp, da, db, j0); break;
+    default: wgmma_chain<1>(tmp, da, db, j0); break;
+  }
   turn.pass();
   wgmma_wait0();
   const float a0 = fa[row0 * 4 + j0], a1 = fa[(row0 + 8) * 4 + j0];
@@ -225,8 +236,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_expect_tx(&full[s], kStageBytes);
           tma_load_2d(tiles_a + s * kTileBytesA, &map_a, &full[s], t * kBK, m0);
           tma_load_2d(tiles_w + s * kTileBytesW, &map_w, &full[s], t * kBK, n0);
-          tma_load_2d(reinterpret_cast<uint8_t*>(fac_a) + s * kFactorBytesA, &map_fa, &full[s], t * 4, m0);
-          tma_load_2d(reinterpret_cast<uint8_t*>(fac_w) + s * kFactorBytesW, &map_fw, &full[s], t * 4, n0);
+          // Factors, [rows][4] per K tile (mx::folded_factor_index): 1 KB boxes of 64 rows.
+          for (int c = 0; c < kBM / kFactorBoxRows; ++c)
+            tma_load_2d(fac_a + s * (kFactorBytesA / 4) + c * kFactorBoxRows * 4, &map_fa, &full[s],
+                        (m0 + c * kFactorBoxRows) * 4, t);
+          for (int c = 0; c < kBN / kFactorBoxRows; ++c)
+            tma_load_2d(fac_w + s * (kFactorBytesW / 4) + c * kFactorBoxRows * 4, &map_fw, &full[s],
+                        (n0 + c * kFactorBoxRows) * 4, t);
         }
       }
     }
@@ -308,12 +324,14 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
                         cudaStream_t stream, Fp8Schedule schedule) {
   if (!plan.valid() || ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM) > INT32_MAX) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
-  const int k = plan.k(), fstride = folded_fstride(k);
+  const int k = plan.k(), ktiles = folded_fstride(k) / 4;
   CUtensorMap ma, mw, mfa, mfw;
   if (!make_map(&ma, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, A.q, k, M, kBK, kBM, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&mw, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, W.q, k, N, kBK, kBN, CU_TENSOR_MAP_SWIZZLE_128B) ||
-      !make_map(&mfa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, A.f, fstride, M, 4, kBM, CU_TENSOR_MAP_SWIZZLE_NONE) ||
-      !make_map(&mfw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, W.f, fstride, N, 4, kBN, CU_TENSOR_MAP_SWIZZLE_NONE))
+      !make_map(&mfa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, A.f, 4 * M, ktiles, 4 * kFactorBoxRows, 1,
+                CU_TENSOR_MAP_SWIZZLE_NONE) ||
+      !make_map(&mfw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, W.f, 4 * N, ktiles, 4 * kFactorBoxRows, 1,
+                CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
   if (A.row_group != 1 || (W.row_group != 1 && W.row_group != kWeightRowGroup)) return cudaErrorInvalidValue;
   static std::once_flag once;

@@ -60,6 +60,7 @@ struct DeviceMx {
   DeviceBuffer<uint8_t> scales;
   DeviceBuffer<uint8_t> fq;
   DeviceBuffer<float> ff;
+  int row_group = 1;  // of the folded factors (FoldedOperand::row_group)
 
   DeviceMx() = default;
   DeviceMx(MixPlan p, int64_t r, bool with_folded) : plan(p), rows(r) {
@@ -71,7 +72,7 @@ struct DeviceMx {
     }
   }
   MxSegments segments() const { return {q[0].ptr, q[1].ptr, q[2].ptr, scales.ptr}; }
-  FoldedOperand folded() const { return {fq.ptr, ff.ptr}; }
+  FoldedOperand folded() const { return {fq.ptr, ff.ptr, row_group}; }
   void upload(const HostMx& h) {
     for (int s = 0; s < 3; ++s) if (q[s].count) q[s].upload(h.q[s]);
     scales.upload(h.scales);

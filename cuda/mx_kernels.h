@@ -39,8 +39,8 @@ struct MxSegments {
 // The operand of the FP8 tensor-core GEMM: every element re-encoded as E4M3 with its
 // per-32 scale folded in, and one fp32 factor per (row, 32-block). Within a 128-wide
 // K tile all MXFP4/MXFP6 blocks of a row share one factor (a power of two); each MXFP8
-// block keeps its own. q is [rows, K]; f is [rows, fstride], fstride = K/32 rounded up
-// to a multiple of 4 (padding holds zeros).
+// block keeps its own. q is [rows, K]; f holds rows x fstride factors (fstride = K/32
+// rounded up to a multiple of 4, padding zeros), tile-major: mx::folded_factor_index.
 struct FoldedOperand {
   uint8_t* q = nullptr;
   float* f = nullptr;

@@ -64,8 +64,8 @@ __device__ __forceinline__ uint8_t emit_packed(const float* v, ScaleRule rule, i
 // Shared tail of both kernels: fold block b (format index seg: 0 FP4, 1 FP6, 2 FP8;
 // valid == false past K) and store payloads and factor. All lanes call it together.
 __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* codes, uint8_t sb, int64_t m, int b,
-                                            int64_t k, int fstride, const FoldedOperand& folded, unsigned* lossy,
-                                            const FoldTable* table) {
+                                            int64_t k, int64_t rows, int fstride, const FoldedOperand& folded,
+                                            unsigned* lossy, const FoldTable* table) {
   FoldKey key;
   if (valid) key = seg == 0 ? fold_key<ElemFormat::E2M1>(codes, sb)
                  : seg == 1 ? fold_key<ElemFormat::E3M2>(codes, sb)
@@ -73,7 +73,7 @@ __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* 
   const FoldKey group = tile_reduce(key);
   if (b >= fstride) return;
   if (!valid) {
-    folded.f[m * fstride + b] = 0.0f;
+    folded.f[folded_factor_index(m, b, rows)] = 0.0f;
     return;
   }
   uint8_t payload[kBlockSize];
@@ -82,7 +82,7 @@ __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* 
   else if (seg == 1) factor = fold_payload<ElemFormat::E3M2>(codes, sb, group, payload, lossy, table);
   else factor = fold_payload<ElemFormat::E4M3>(codes, sb, group, payload, lossy);
   store_bytes(folded.q + m * k + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
-  folded.f[m * fstride + b] = factor;
+  folded.f[folded_factor_index(m, b, rows)] = factor;
 }
 
 __device__ __forceinline__ float bf16f(uint16_t h) { return bf16_bits_to_float(h); }
@@ -170,7 +170,7 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
           sb = emit_packed<ElemFormat::E4M3>(v, rule, m, b, b8, plan.p8, packed.q8, packed.scales, nblk, codes);
         }
       }
-      if (folded.q != nullptr) emit_folded(seg, valid, codes, sb, m, b, k, fstride, folded, &lossy, &table);
+      if (folded.q != nullptr) emit_folded(seg, valid, codes, sb, m, b, k, M, fstride, folded, &lossy, &table);
     }
     if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
     __syncthreads();  // the next row reuses the shared row buffer
@@ -280,7 +280,7 @@ __global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOpe
   uint8_t scale = 0;
   const int seg = valid ? load_block(in, plan, m, b, codes, &scale) : 0;
   unsigned lossy = 0;
-  emit_folded(seg, valid, codes, scale, m, b, k, fstride, out, &lossy, &table);
+  emit_folded(seg, valid, codes, scale, m, b, k, rows, fstride, out, &lossy, &table);
   if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }
 
@@ -295,7 +295,7 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
   __shared__ int warp_key[4];
   __shared__ int row_nan[kWeightRowGroup];
   for (int i = threadIdx.x; i < kFoldTableEntries; i += blockDim.x) fold_table_fill(table, i);
-  const int k = plan.k(), nblk = k / kBlockSize, fstride = folded_fstride(k), b8 = plan.first_fp8_block();
+  const int k = plan.k(), nblk = k / kBlockSize, b8 = plan.first_fp8_block();
   const int t = blockIdx.y, j = threadIdx.x % 4, b = 4 * t + j;
   const int64_t group0 = static_cast<int64_t>(blockIdx.x) * kWeightRowGroup;
   uint8_t codes[kBlockSize];
@@ -326,7 +326,7 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
     const int64_t m = group0 + local;
     if (m >= rows) continue;
     if (b >= nblk) {  // padding of the last tile
-      out.f[m * fstride + b] = 0.0f;
+      out.f[folded_factor_index(m, b, rows)] = 0.0f;
       continue;
     }
     const int seg = load_block(in, plan, m, b, codes, &scale);
@@ -338,7 +338,7 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
     else factor = fold_payload<ElemFormat::E4M3>(codes, scale, use, payload, &lossy);
     if (seg < 2 && factor != factor) factor = exp2i(group_key == INT_MIN ? 0 : group_key);  // NaN rides on the payload
     store_bytes(out.q + m * k + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
-    out.f[m * fstride + b] = factor;
+    out.f[folded_factor_index(m, b, rows)] = factor;
   }
   if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }

@@ -83,11 +83,11 @@ TEST(MxFold, PreservesValuesWithinWindow) {
         for (int c = 0; c < p.k(); ++c) ASSERT_EQ(folded_value(f, r, c), segment_value(m, r, c)) << r << "," << c;
         for (int b = 0; b < p.blocks(); ++b) {
           if (b < b8 && (b / 4) * 4 < b8)  // folded blocks of a tile share their group's factor
-            EXPECT_EQ(f.f[r * fs + b], f.f[r * fs + (b / 4) * 4]);
+            EXPECT_EQ(folded_factor(f, r, b), folded_factor(f, r, (b / 4) * 4));
           else
-            EXPECT_EQ(f.f[r * fs + b], decode_scale(m.scales[r * p.blocks() + b]));
+            EXPECT_EQ(folded_factor(f, r, b), decode_scale(m.scales[r * p.blocks() + b]));
         }
-        for (int b = p.blocks(); b < fs; ++b) EXPECT_EQ(f.f[r * fs + b], 0.0f);
+        for (int b = p.blocks(); b < fs; ++b) EXPECT_EQ(folded_factor(f, r, b), 0.0f);
       }
     }
   }
@@ -143,12 +143,12 @@ TEST(MxFold, RowGroupsShareTheFactor) {
   const FoldedMx per_row = fold_rows(m), grouped = fold_rows(m, kWeightRowGroup);
   EXPECT_EQ(per_row.lossy, 0u);
   EXPECT_EQ(grouped.lossy, 0u);
-  const int fs = folded_fstride(p.k()), b8 = p.first_fp8_block();
+  const int b8 = p.first_fp8_block();
   for (int64_t r = 0; r < rows; ++r) {
     for (int c = 0; c < p.k(); ++c) ASSERT_EQ(folded_value(grouped, r, c), segment_value(m, r, c)) << r << "," << c;
     const int64_t first = r / kWeightRowGroup * kWeightRowGroup;
-    for (int b = 0; b < b8; ++b) ASSERT_EQ(grouped.f[r * fs + b], grouped.f[first * fs + b]) << r << "," << b;
-    for (int b = b8; b < p.blocks(); ++b) ASSERT_EQ(grouped.f[r * fs + b], per_row.f[r * fs + b]);  // MXFP8: per row
+    for (int b = 0; b < b8; ++b) ASSERT_EQ(folded_factor(grouped, r, b), folded_factor(grouped, first, b)) << r << "," << b;
+    for (int b = b8; b < p.blocks(); ++b) ASSERT_EQ(folded_factor(grouped, r, b), folded_factor(per_row, r, b));  // MXFP8: per row
   }
   // One row 2^-20 below the others: lossy, but within 2^-16 of the group's tile maximum.
   for (int c = 0; c < p.k(); ++c) x[5 * p.k() + c] *= 0x1p-20f;
@@ -168,7 +168,7 @@ TEST(MxFold, RowGroupsShareTheFactor) {
   low.scales[7 * p.blocks() + 1] = kScaleNaN;
   const FoldedMx g3 = fold_rows(low, kWeightRowGroup);
   for (int c = 0; c < 128; ++c) EXPECT_TRUE(std::isnan(folded_value(g3, 7, c))) << c;
-  for (int b = 0; b < 4; ++b) EXPECT_TRUE(std::isfinite(g3.f[7 * fs + b]));
+  for (int b = 0; b < 4; ++b) EXPECT_TRUE(std::isfinite(folded_factor(g3, 7, b)));
   for (int64_t r = 0; r < rows; ++r)
     if (r != 7)
       for (int c = 0; c < p.k(); ++c) ASSERT_EQ(folded_value(g3, r, c), folded_value(g2, r, c));
@@ -183,7 +183,7 @@ TEST(MxFold, EmulatedGemmMatchesFloat64) {
     const SegmentedMx a = quantize_segments(random_rows(M, p.k(), 5.0), M, p, ScaleRule::Ceil);
     const SegmentedMx w = quantize_segments(random_rows(N, p.k(), 5.0), N, p, ScaleRule::Ceil);
     const FoldedMx fa = fold_rows(a), fw = fold_rows(w);
-    const int nblk = p.blocks(), fs = folded_fstride(p.k()), b8 = p.first_fp8_block();
+    const int nblk = p.blocks(), b8 = p.first_fp8_block();
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) {
         double ref = 0, s = 0;
@@ -198,7 +198,7 @@ TEST(MxFold, EmulatedGemmMatchesFloat64) {
             double g = 0;
             for (int c = (4 * t + j0) * 32; c < (4 * t + j0 + n) * 32; ++c)
               g += double(decode_elem(ElemFormat::E4M3, fa.q[i * p.k() + c])) * decode_elem(ElemFormat::E4M3, fw.q[j * p.k() + c]);
-            acc = std::fma(float(g), fa.f[i * fs + 4 * t + j0] * fw.f[j * fs + 4 * t + j0], acc);
+            acc = std::fma(float(g), folded_factor(fa, i, 4 * t + j0) * folded_factor(fw, j, 4 * t + j0), acc);
           };
           if (nf > 0) group(0, nf);
           for (int jj = nf; jj < nb; ++jj) group(jj, 1);
