@@ -112,6 +112,7 @@ struct GpuRuntime::Impl {
   DeviceBuffer<float> folded_a_f;  // M x fstride, tile-major
   DeviceBuffer<uint8_t> folded_w;  // weight fold scratch (weights not kept folded)
   DeviceBuffer<float> folded_w_f;
+  DeviceBuffer<uint16_t> folded_a_8, folded_w_8;  // the MXFP8 parts as bf16 (FoldedOperand::mx8)
   DeviceBuffer<uint8_t> packed_a[3], packed_a_scales;  // decode-path activations, kDecodeMaxM rows
   DeviceBuffer<float> attn_ws, logits;
   DeviceBuffer<int32_t> tokens, targets;
@@ -241,6 +242,10 @@ struct GpuRuntime::Impl {
   void fold_scratch_for(const DeviceLinear& L) {
     reserve(folded_w, static_cast<size_t>(L.out) * L.in);
     reserve(folded_w_f, static_cast<size_t>(L.out) * folded_fstride(static_cast<int>(L.in)));
+    reserve(folded_w_8, static_cast<size_t>(L.out) * L.plan.p8);
+  }
+  FoldedOperand weight_fold_scratch(const DeviceLinear& L) const {
+    return {folded_w.ptr, folded_w_f.ptr, kWeightRowGroup, L.plan.p8 > 0 ? folded_w_8.ptr : nullptr};
   }
 
   size_t held_bytes() const {
@@ -257,7 +262,7 @@ struct GpuRuntime::Impl {
     }
     add(embedding); add(lm_head); add(output_norm); add(rope); add(k_cache); add(v_cache);
     add(x); add(xn); add(qkv); add(q); add(attn); add(y); add(gate_up); add(act);
-    add(folded_a); add(folded_a_f); add(folded_w); add(folded_w_f);
+    add(folded_a); add(folded_a_f); add(folded_w); add(folded_w_f); add(folded_a_8); add(folded_w_8);
     for (const auto& p : packed_a) add(p);
     add(packed_a_scales); add(attn_ws); add(logits); add(tokens); add(targets); add(logprob); add(greedy); add(lossy); add(lossy_w);
     add(position_dev); add(blas_workspace);
@@ -284,6 +289,10 @@ struct GpuRuntime::Impl {
       if (M > kDecodeMaxM) {
         reserve(folded_a, M * kmax);
         reserve(folded_a_f, M * folded_fstride(static_cast<int>(kmax)));
+        int64_t p8max = 0;
+        for (const auto& l : layers)
+          for (const auto& L : l.linear) p8max = std::max<int64_t>(p8max, L.plan.p8);
+        reserve(folded_a_8, M * p8max);
       }
     }
     reserve(tokens, M);
@@ -323,13 +332,13 @@ struct GpuRuntime::Impl {
       decode_gemm(slot, L, M, out);
       return;
     }
-    const FoldedOperand a{folded_a.ptr, folded_a_f.ptr};
+    const FoldedOperand a{folded_a.ptr, folded_a_f.ptr, 1, L.plan.p8 > 0 ? folded_a_8.ptr : nullptr};
     stage("activation quant", [&] {
       cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, {}, a, lossy.ptr, stream), "quantize");
     });
     FoldedOperand w = L.w.folded();
     if (w.q == nullptr) {  // fold the packed weights into the scratch right before use
-      w = {folded_w.ptr, folded_w_f.ptr, kWeightRowGroup};
+      w = weight_fold_scratch(L);
       stage("weight fold", [&] {
         cuda_check(fold_operand(L.w.segments(), L.out, L.plan, w, nullptr, stream), "fold weights");
       });
@@ -472,9 +481,7 @@ struct GpuRuntime::Impl {
     }
     fold_scratch_for(L);
     // Fold once now to count the weight elements the grouped fold cannot keep exact.
-    cuda_check(fold_operand(L.w.segments(), L.out, plan, {folded_w.ptr, folded_w_f.ptr, kWeightRowGroup}, lossy_w.ptr,
-                            stream),
-               "fold weights");
+    cuda_check(fold_operand(L.w.segments(), L.out, plan, weight_fold_scratch(L), lossy_w.ptr, stream), "fold weights");
   }
 };
 

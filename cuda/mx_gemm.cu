@@ -9,7 +9,8 @@
 // shared-memory ring, one producer thread, two consumer warpgroups each issuing wgmma
 // m64n128k32 (FP8) for each 128-column half into a temporary accumulator, promoted into
 // the fp32 result once per 128-K tile (times the two operands' factors, exact powers of
-// two) and once per 32-block in the MXFP8 part.
+// two). The MXFP8 part runs on its exact bf16 values (m64n128k16) straight into the fp32
+// result when both operands carry them, else as FP8 promoted once per 32-block.
 #include <mma.h>
 #include <cuda_bf16.h>
 
@@ -120,6 +121,7 @@ constexpr int kTileBytesW = kBN * kBK;
 constexpr int kFactorBytesA = kBM * 4 * 4;       // fp32 factors [rows][4 blocks]
 constexpr int kFactorBytesW = kBN * 4 * 4;
 constexpr int kFactorBoxRows = 64;              // 256 fp32 factors, the largest TMA box side
+constexpr int kWideK = 64;                      // bf16 elements per 128-byte tile row (MXFP8 part)
 constexpr int kStageBytes = kTileBytesA + kTileBytesW + kFactorBytesA + kFactorBytesW;
 constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 2 * kStages * 8;
 constexpr int kThreads = 384;  // warpgroup 0: producer; 1 and 2: consumers
@@ -146,6 +148,18 @@ struct Turn {
     ++group;
   }
 };
+
+// Output tile `tile` in bands of kBandTiles row tiles, row tile fastest inside a band: the
+// CTAs running together then cover a few row tiles by about 132 / kBandTiles column tiles,
+// whose A and W tiles stay in L2 (with column tiles fastest, a GEMM with many column tiles
+// such as gate_up reread all of W from DRAM once per row tile).
+constexpr int kBandTiles = 8;
+__device__ __forceinline__ void tile_origin(int tile, int tiles_m, int tiles_n, int* m0, int* n0) {
+  const int first = tile / (kBandTiles * tiles_n) * kBandTiles;
+  const int rows = min(kBandTiles, tiles_m - first), idx = tile - first * tiles_n;
+  *m0 = (first + idx % rows) * kBM;
+  *n0 = (idx / rows) * kBN;
+}
 
 // kN consecutive k32 steps into one accumulator, issued and committed as one batch, in
 // straight-line code (with a branch before each wgmma, ptxas fenced each one on its own).
@@ -199,7 +213,8 @@ template <bool kAlternate, bool kGroupedW>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_fp8_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                     const __grid_constant__ CUtensorMap map_fa, const __grid_constant__ CUtensorMap map_fw,
-                    uint16_t* __restrict__ Y, int M, int N, int nblk, int k8b) {
+                    const __grid_constant__ CUtensorMap map_a8, const __grid_constant__ CUtensorMap map_w8,
+                    uint16_t* __restrict__ Y, int M, int N, int nblk, int k8b, int wide_tiles) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* tiles_a = base;
@@ -208,12 +223,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* fac_w = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(fac_a) + kStages * kFactorBytesA);
   uint64_t* full = reinterpret_cast<uint64_t*>(base + kStages * kStageBytes);
   uint64_t* empty = full + kStages;
-  // Persistent CTAs: output tiles blockIdx.x, + gridDim.x, ... (N-tile index fastest, so
-  // the CTAs running together share A tiles); the shared-memory ring and its phases run on
-  // across output tiles, so the producer loads the next tile while the consumers store.
-  const int tiles_n = (N + kBN - 1) / kBN;
-  const int num_tiles = tiles_n * ((M + kBM - 1) / kBM);
-  const int ktiles = (nblk + 3) / 4;
+  // Persistent CTAs: output tiles blockIdx.x, + gridDim.x, ... (tile_origin); the
+  // shared-memory ring and its phases run on across output tiles, so the producer loads the
+  // next tile while the consumers store.
+  const int tiles_n = (N + kBN - 1) / kBN, tiles_m = (M + kBM - 1) / kBM;
+  const int num_tiles = tiles_n * tiles_m;
+  // K tiles of the folded operands: all of them, or (wide_tiles > 0: the MXFP8 part runs on
+  // bf16 operands, wide_tiles stages of kWideK) those holding folded blocks.
+  const int folded_blocks = min(k8b, nblk);
+  const int ktiles = wide_tiles > 0 ? (folded_blocks + 3) / 4 : (nblk + 3) / 4;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -229,7 +247,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0) {
       int it = 0;  // k-tiles issued by this CTA so far
       for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-        const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
+        int m0, n0;
+        tile_origin(tile, tiles_m, tiles_n, &m0, &n0);
         for (int t = 0; t < ktiles; ++t, ++it) {
           const int s = it % kStages;
           if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) - 1) & 1);
@@ -244,6 +263,13 @@ __global__ void __launch_bounds__(kThreads, 1)
             tma_load_2d(fac_w + s * (kFactorBytesW / 4) + c * kFactorBoxRows * 4, &map_fw, &full[s],
                         (n0 + c * kFactorBoxRows) * 4, t);
         }
+        for (int u = 0; u < wide_tiles; ++u, ++it) {  // same tile bytes: 128 or 256 rows x 64 bf16
+          const int s = it % kStages;
+          if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) - 1) & 1);
+          mbar_expect_tx(&full[s], kTileBytesA + kTileBytesW);
+          tma_load_2d(tiles_a + s * kTileBytesA, &map_a8, &full[s], u * kWideK, m0);
+          tma_load_2d(tiles_w + s * kTileBytesW, &map_w8, &full[s], u * kWideK, n0);
+        }
       }
     }
     return;
@@ -256,15 +282,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc[2 * 64], tmp[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) tmp[i] = 0.0f;
-  const int folded_blocks = min(k8b, nblk);
-  const int groups_per_tile = (folded_blocks + 3) / 4 + (nblk - folded_blocks);
+  const int groups_per_tile = (folded_blocks + 3) / 4 + (wide_tiles > 0 ? 0 : nblk - folded_blocks);
   const int my_tiles = (num_tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
   Turn turn{kAlternate, wg, 0, 2 * groups_per_tile * my_tiles};  // two halves per group
   const bool pair_ok = (N % 2) == 0;
 
   int it = 0;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
+    int m0, n0;
+    tile_origin(tile, tiles_m, tiles_n, &m0, &n0);
 #pragma unroll
     for (int i = 0; i < 2 * 64; ++i) acc[i] = 0.0f;
     for (int t = 0; t < ktiles; ++t, ++it) {
@@ -283,8 +309,29 @@ __global__ void __launch_bounds__(kThreads, 1)
           run_group<kGroupedW>(acc_h, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
           j = nf;
         }
-        for (; j < nb; ++j) run_group<false>(acc_h, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
+        if (wide_tiles == 0)
+          for (; j < nb; ++j) run_group<false>(acc_h, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
       }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);
+    }
+    // The MXFP8 part as exact bf16 values: products and sums in fp32 like the promotions,
+    // accumulated straight into acc.
+    for (int u = 0; u < wide_tiles; ++u, ++it) {
+      const int s = it % kStages;
+      mbar_wait(&full[s], (it / kStages) & 1);
+      const uint64_t da = smem_desc(tiles_a + s * kTileBytesA + wg * 64 * kBK);
+      fence_operands<2 * 64>(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint64_t db = smem_desc(tiles_w + s * kTileBytesW + h * 128 * kBK);
+#pragma unroll
+        for (int i = 0; i < kWideK / 16; ++i) wgmma_m64n128k16_bf16(acc + 64 * h, da + 2 * i, db + 2 * i, 1);
+      }
+      wgmma_commit();
+      wgmma_wait0();
+      fence_operands<2 * 64>(acc);
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);
     }
@@ -334,6 +381,14 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
                 CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
   if (A.row_group != 1 || (W.row_group != 1 && W.row_group != kWeightRowGroup)) return cudaErrorInvalidValue;
+  const bool wide = plan.p8 > 0 && A.mx8 != nullptr && W.mx8 != nullptr;
+  CUtensorMap ma8{}, mw8{};
+  if (wide && (!make_map(&ma8, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, A.mx8, plan.p8, M, kWideK, kBM,
+                         CU_TENSOR_MAP_SWIZZLE_128B) ||
+               !make_map(&mw8, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, W.mx8, plan.p8, N, kWideK, kBN,
+                         CU_TENSOR_MAP_SWIZZLE_128B)))
+    return cudaErrorInvalidValue;
+  const int wide_tiles = wide ? (plan.p8 + kWideK - 1) / kWideK : 0;
   static std::once_flag once;
   static cudaError_t attr = cudaSuccess;
   std::call_once(once, [] {
@@ -348,8 +403,8 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
   const bool alternate = schedule == Fp8Schedule::Alternating, grouped = W.row_group != 1;
   auto kernel = alternate ? (grouped ? gemm_fp8_kernel<true, true> : gemm_fp8_kernel<true, false>)
                           : (grouped ? gemm_fp8_kernel<false, true> : gemm_fp8_kernel<false, false>);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, Y, static_cast<int>(M), static_cast<int>(N),
-                                                 plan.blocks(), plan.first_fp8_block());
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, ma8, mw8, Y, static_cast<int>(M),
+                                                 static_cast<int>(N), plan.blocks(), plan.first_fp8_block(), wide_tiles);
   return cudaGetLastError();
 }
 

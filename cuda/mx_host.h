@@ -60,6 +60,7 @@ struct DeviceMx {
   DeviceBuffer<uint8_t> scales;
   DeviceBuffer<uint8_t> fq;
   DeviceBuffer<float> ff;
+  DeviceBuffer<uint16_t> f8;  // FoldedOperand::mx8
   int row_group = 1;  // of the folded factors (FoldedOperand::row_group)
 
   DeviceMx() = default;
@@ -69,10 +70,11 @@ struct DeviceMx {
     if (with_folded) {
       fq = DeviceBuffer<uint8_t>(static_cast<size_t>(r) * p.k());
       ff = DeviceBuffer<float>(static_cast<size_t>(r) * folded_fstride(p.k()));
+      f8 = DeviceBuffer<uint16_t>(static_cast<size_t>(r) * p.p8);
     }
   }
   MxSegments segments() const { return {q[0].ptr, q[1].ptr, q[2].ptr, scales.ptr}; }
-  FoldedOperand folded() const { return {fq.ptr, ff.ptr, row_group}; }
+  FoldedOperand folded() const { return {fq.ptr, ff.ptr, row_group, f8.ptr}; }
   void upload(const HostMx& h) {
     for (int s = 0; s < 3; ++s) if (q[s].count) q[s].upload(h.q[s]);
     scales.upload(h.scales);

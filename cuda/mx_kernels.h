@@ -48,6 +48,10 @@ struct FoldedOperand {
   // value for A) or mx::kWeightRowGroup (weights folded so, by fold_operand; the GEMM then
   // promotes those tiles with one factor per 128 output columns).
   int row_group = 1;
+  // Optional: the MXFP8 part as bf16 values, [rows, p8] (mx::mx8_as_bf16). When both GEMM
+  // operands have it, the GEMM runs that part on the bf16 tensor cores straight into its
+  // fp32 accumulators instead of promoting every MXFP8 block on its own.
+  uint16_t* mx8 = nullptr;
 };
 
 // ---- activation quantization -------------------------------------------------

@@ -61,17 +61,32 @@ __device__ __forceinline__ uint8_t emit_packed(const float* v, ScaleRule rule, i
   return sb;
 }
 
+// The MXFP8 block b of row m as bf16 values (FoldedOperand::mx8), when that part is wanted.
+__device__ __forceinline__ void store_mx8(const uint8_t* codes, uint8_t scale, int64_t m, int b, const MixPlan& plan,
+                                          const FoldedOperand& folded) {
+  if (folded.mx8 == nullptr) return;
+  uint4 wide[kBlockSize / 8];  // 64 bytes, 16-byte aligned (p8 is a multiple of 32)
+  uint16_t* w = reinterpret_cast<uint16_t*>(wide);
+#pragma unroll
+  for (int i = 0; i < kBlockSize; ++i) w[i] = mx8_as_bf16(codes[i], scale);
+  uint4* dst = reinterpret_cast<uint4*>(folded.mx8 + m * plan.p8 +
+                                        static_cast<int64_t>(b - plan.first_fp8_block()) * kBlockSize);
+#pragma unroll
+  for (int i = 0; i < kBlockSize / 8; ++i) dst[i] = wide[i];
+}
+
 // Shared tail of both kernels: fold block b (format index seg: 0 FP4, 1 FP6, 2 FP8;
 // valid == false past K) and store payloads and factor. All lanes call it together.
 __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* codes, uint8_t sb, int64_t m, int b,
-                                            int64_t k, int64_t rows, int fstride, const FoldedOperand& folded,
+                                            int64_t rows, const MixPlan& plan, const FoldedOperand& folded,
                                             unsigned* lossy, const FoldTable* table) {
+  const int64_t k = plan.k();
   FoldKey key;
   if (valid) key = seg == 0 ? fold_key<ElemFormat::E2M1>(codes, sb)
                  : seg == 1 ? fold_key<ElemFormat::E3M2>(codes, sb)
                             : fold_key<ElemFormat::E4M3>(codes, sb);
   const FoldKey group = tile_reduce(key);
-  if (b >= fstride) return;
+  if (b >= folded_fstride(plan.k())) return;
   if (!valid) {
     folded.f[folded_factor_index(m, b, rows)] = 0.0f;
     return;
@@ -83,6 +98,7 @@ __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* 
   else factor = fold_payload<ElemFormat::E4M3>(codes, sb, group, payload, lossy);
   store_bytes(folded.q + m * k + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
   folded.f[folded_factor_index(m, b, rows)] = factor;
+  if (seg == 2) store_mx8(codes, sb, m, b, plan, folded);
 }
 
 __device__ __forceinline__ float bf16f(uint16_t h) { return bf16_bits_to_float(h); }
@@ -170,7 +186,7 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
           sb = emit_packed<ElemFormat::E4M3>(v, rule, m, b, b8, plan.p8, packed.q8, packed.scales, nblk, codes);
         }
       }
-      if (folded.q != nullptr) emit_folded(seg, valid, codes, sb, m, b, k, M, fstride, folded, &lossy, &table);
+      if (folded.q != nullptr) emit_folded(seg, valid, codes, sb, m, b, M, plan, folded, &lossy, &table);
     }
     if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
     __syncthreads();  // the next row reuses the shared row buffer
@@ -269,7 +285,6 @@ __global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOpe
                             unsigned long long* lossy_count) {
   const int k = plan.k();
   const int nblk = k / kBlockSize;
-  const int fstride = folded_fstride(k);
   const int b = blockIdx.y * blockDim.x + threadIdx.x;
   const int64_t m = blockIdx.x;
   __shared__ FoldTable table;
@@ -280,7 +295,7 @@ __global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOpe
   uint8_t scale = 0;
   const int seg = valid ? load_block(in, plan, m, b, codes, &scale) : 0;
   unsigned lossy = 0;
-  emit_folded(seg, valid, codes, scale, m, b, k, rows, fstride, out, &lossy, &table);
+  emit_folded(seg, valid, codes, scale, m, b, rows, plan, out, &lossy, &table);
   if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }
 
@@ -339,6 +354,7 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
     if (seg < 2 && factor != factor) factor = exp2i(group_key == INT_MIN ? 0 : group_key);  // NaN rides on the payload
     store_bytes(out.q + m * k + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
     out.f[folded_factor_index(m, b, rows)] = factor;
+    if (seg == 2) store_mx8(codes, scale, m, b, plan, out);
   }
   if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }

@@ -32,6 +32,25 @@ TEST(MxFold, WindowIsExactAndTight) {
   }
 }
 
+// The MXFP8 part's bf16 operand (mx8_as_bf16) against a float64 product, every code at
+// every scale: exact exactly for scales 2^-124 ... 2^119, NaN for a NaN scale or code.
+TEST(MxFold, Mx8AsBf16ExactRange) {
+  for (int s = 0; s < 256; ++s) {
+    bool all_exact = true, nan_ok = true;
+    for (int c = 0; c < 256; ++c) {
+      const float code = decode_elem(ElemFormat::E4M3, static_cast<uint8_t>(c));
+      const float got = bf16_bits_to_float(mx8_as_bf16(static_cast<uint8_t>(c), static_cast<uint8_t>(s)));
+      if (s == kScaleNaN || std::isnan(code)) {
+        nan_ok &= std::isnan(got);
+        continue;
+      }
+      all_exact &= static_cast<double>(got) == std::ldexp(static_cast<double>(code), s - 127);
+    }
+    EXPECT_TRUE(nan_ok) << "scale " << s;
+    if (s != kScaleNaN) EXPECT_EQ(all_exact, s >= 3 && s <= 246) << "scale " << s;
+  }
+}
+
 TEST(MxFold, TableMatchesComputedPayloads) {
   FoldTable table;
   for (int i = 0; i < kFoldTableEntries; ++i) fold_table_fill(table, i);

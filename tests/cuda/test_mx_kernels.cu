@@ -111,7 +111,16 @@ uint64_t expect_folded_exact(const DeviceMx& d, const HostMx& cpu) {
   size_t bad_q = 0, bad_f = 0, bad_v = 0;
   for (size_t i = 0; i < fq.size(); ++i) bad_q += fq[i] != ref.q[i];
   for (size_t i = 0; i < ff.size(); ++i) bad_f += !(ff[i] == ref.f[i] || (std::isnan(ff[i]) && std::isnan(ref.f[i])));
-  const int nblk = d.plan.blocks(), b8 = d.plan.first_fp8_block();
+  const int nblk = d.plan.blocks(), b8 = d.plan.first_fp8_block(), p8 = d.plan.p8;
+  // The MXFP8 part as bf16: the host's bits, and every value equal to the packed one.
+  EXPECT_EQ(d.f8.download(), ref.mx8) << "bf16 MXFP8 part differs from the host fold";
+  size_t bad_wide = 0;
+  for (int64_t m = 0; m < d.rows; ++m)
+    for (int c = 0; c < p8; ++c) {
+      const float v = mx::bf16_bits_to_float(ref.mx8[m * p8 + c]), r = segment_value(cpu, m, b8 * 32 + c);
+      bad_wide += !(v == r || (std::isnan(v) && std::isnan(r)));
+    }
+  EXPECT_EQ(bad_wide, 0u) << "bf16 MXFP8 values differ from the packed values";
   auto group_has_nan = [&](int64_t m, int b) {  // a NaN block makes its whole folded group NaN
     if (b >= b8) return false;
     for (int j = b / 4 * 4; j < std::min(b / 4 * 4 + 4, b8); ++j)
@@ -320,12 +329,19 @@ GemmResult compare(const std::vector<uint16_t>& y, const std::vector<double>& r,
   return g;
 }
 
-enum class Path { Reference, Fp8, Fp8Concurrent, Decode, DecodeCudaCores, DecodeTensorCores };
+// Fp8 and Fp8Concurrent run the MXFP8 part on bf16 operands (FoldedOperand::mx8, as the
+// runtime does); Fp8PerBlock promotes each MXFP8 block on its own.
+enum class Path { Reference, Fp8, Fp8Concurrent, Fp8PerBlock, Decode, DecodeCudaCores, DecodeTensorCores };
+FoldedOperand per_block(FoldedOperand f) {
+  f.mx8 = nullptr;
+  return f;
+}
 const char* path_name(Path p) {
   switch (p) {
     case Path::Reference: return "reference";
     case Path::Fp8: return "fp8";
     case Path::Fp8Concurrent: return "fp8-concurrent";
+    case Path::Fp8PerBlock: return "fp8-per-block-mxfp8";
     case Path::Decode: return "decode";
     case Path::DecodeCudaCores: return "decode-cuda-cores";
     default: return "decode-tensor-cores";
@@ -339,6 +355,7 @@ cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, in
     case Path::Fp8: return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Alternating);
     case Path::Fp8Concurrent:
       return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Concurrent);
+    case Path::Fp8PerBlock: return mx_gemm_fp8(per_block(A.folded()), per_block(W.folded()), M, N, A.plan, y, nullptr);
     case Path::Decode: return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr);
     case Path::DecodeCudaCores:
       return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::CudaCores);
@@ -354,6 +371,7 @@ void expect_same_fold(const DeviceMx& W, const mx::FoldedMx& ref, const char* wh
   size_t bad = 0;
   for (size_t i = 0; i < ff.size(); ++i) bad += !(ff[i] == ref.f[i] || (std::isnan(ff[i]) && std::isnan(ref.f[i])));
   EXPECT_EQ(bad, 0u) << what << ": factors differ from the host fold";
+  EXPECT_EQ(W.f8.download(), ref.mx8) << what << ": bf16 MXFP8 part differs from the host fold";
 }
 
 struct GemmCase {
@@ -402,13 +420,14 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   reference(ha, hw, r, s, n_lossy > 0 ? &tt : nullptr);
   DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
   DeviceBuffer<float> ws(static_cast<size_t>(std::min<int64_t>(M, kDecodeMaxM)) * N);
-  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Fp8PerBlock, Path::DecodeCudaCores,
+                 Path::DecodeTensorCores}) {
     if (is_decode(p) && M > kDecodeMaxM) continue;
     CK(cudaMemset(y.ptr, 0xFF, y.count * 2));  // NaN poison
     CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
     CK(cudaDeviceSynchronize());
     const auto yh = y.download();
-    const bool fp8 = p == Path::Fp8 || p == Path::Fp8Concurrent;
+    const bool fp8 = p == Path::Fp8 || p == Path::Fp8Concurrent || p == Path::Fp8PerBlock;
     const GemmResult g = compare(yh, r, s, std::ldexp(1.0, -10), n_lossy > 0 && fp8 ? &tt : nullptr);
     std::printf("  [%s] M=%lld N=%lld K=%d plan=%d/%d/%d%s: max err/bound %.3g, rel norm err %.3g, lossy %llu\n",
                 path_name(p), static_cast<long long>(M), static_cast<long long>(N), K, c.plan.p4, c.plan.p6, c.plan.p8,
@@ -422,7 +441,7 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   // fold, no lossy element for these weights (row scales within a few binades), and the FP8
   // paths, now promoting the folded tiles with one W factor per 128 columns, within the
   // same bound.
-  FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup};
+  FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr};
   CK(cudaMemset(lossy.ptr, 0, 8));
   CK(fold_operand(W.segments(), N, c.plan, wg, lossy.ptr, nullptr));
   CK(cudaDeviceSynchronize());
@@ -430,12 +449,16 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   EXPECT_EQ(ref.lossy, 0u);
   EXPECT_EQ(lossy.download()[0], 0u) << "grouped fold of W: lossy elements";
   expect_same_fold(W, ref, "grouped GPU fold of W");
-  for (const Fp8Schedule schedule : {Fp8Schedule::Alternating, Fp8Schedule::Concurrent}) {
+  for (const Fp8Schedule schedule : {Fp8Schedule::Alternating, Fp8Schedule::Concurrent, Fp8Schedule::Auto}) {
+    const bool wide = schedule != Fp8Schedule::Auto;  // Auto: here with per-block MXFP8 promotions
     CK(cudaMemset(y.ptr, 0xFF, y.count * 2));
-    CK(mx_gemm_fp8(A.folded(), wg, M, N, c.plan, y.ptr, nullptr, schedule));
+    CK(mx_gemm_fp8(wide ? A.folded() : per_block(A.folded()), wide ? wg : per_block(wg), M, N, c.plan, y.ptr, nullptr,
+                   schedule));
     CK(cudaDeviceSynchronize());
     const GemmResult g = compare(y.download(), r, s, std::ldexp(1.0, -10), n_lossy > 0 ? &tt : nullptr);
-    const char* name = schedule == Fp8Schedule::Alternating ? "fp8, grouped W" : "fp8-concurrent, grouped W";
+    const char* name = schedule == Fp8Schedule::Alternating ? "fp8, grouped W"
+                       : wide                              ? "fp8-concurrent, grouped W"
+                                                           : "fp8-per-block-mxfp8, grouped W";
     std::printf("  [%s] M=%lld N=%lld K=%d: max err/bound %.3g, rel norm err %.3g\n", name, static_cast<long long>(M),
                 static_cast<long long>(N), K, g.max_ratio, g.rel_norm);
     EXPECT_EQ(g.non_finite, 0u) << name;
@@ -518,20 +541,25 @@ TEST(MxGemm, SmallNanPropagation) {
       }
     EXPECT_EQ(wrong, 0u) << what;
   };
-  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::DecodeCudaCores, Path::DecodeTensorCores}) {
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Fp8PerBlock, Path::DecodeCudaCores,
+                 Path::DecodeTensorCores}) {
     CK(cudaMemset(y.ptr, 0, y.count * 2));
     CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
     CK(cudaDeviceSynchronize());
     check(path_name(p));
   }
   // Grouped W: the NaN rows stay NaN through their payloads and poison no other column.
-  const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup};
+  const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr};
   CK(fold_operand(W.segments(), N, plan, wg, nullptr, nullptr));
   for (const Fp8Schedule schedule : {Fp8Schedule::Alternating, Fp8Schedule::Concurrent}) {
     CK(cudaMemset(y.ptr, 0, y.count * 2));
     CK(mx_gemm_fp8(A.folded(), wg, M, N, plan, y.ptr, nullptr, schedule));
     CK(cudaDeviceSynchronize());
     check("fp8, grouped W");
+    CK(cudaMemset(y.ptr, 0, y.count * 2));
+    CK(mx_gemm_fp8(per_block(A.folded()), per_block(wg), M, N, plan, y.ptr, nullptr, schedule));
+    CK(cudaDeviceSynchronize());
+    check("fp8 per-block MXFP8, grouped W");
   }
 }
 

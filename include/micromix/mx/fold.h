@@ -156,9 +156,17 @@ MICROMIX_HD constexpr int64_t folded_factor_index(int64_t row, int block, int64_
   return static_cast<int64_t>(block / 4) * rows * 4 + row * 4 + block % 4;
 }
 
+// An MXFP8 element as the bf16 value code x 2^scale, which the FP8 GEMM multiplies on the
+// bf16 tensor cores instead of promoting each MXFP8 block on its own. Exact for scales
+// 2^-124 ... 2^119 (every such value is a bf16 number); NaN for a NaN block; outside that
+// range rounded like the reference path's dequantization.
+MICROMIX_HD uint16_t mx8_as_bf16(uint8_t code, uint8_t scale) {
+  return float_to_bf16_bits(decode_scaled(ElemFormat::E4M3, code, scale));
+}
+
 // The folded operand on the host: q [rows, K] E4M3 payloads, f: rows x fstride factors at
 // folded_factor_index (one per 32-block; the folded blocks of a tile repeat their group's
-// factor; padding 0).
+// factor; padding 0), and mx8 [rows, p8]: the MXFP8 part as bf16 values (mx8_as_bf16).
 // row_group: how many consecutive rows (from row 0) share the factor of a tile's folded
 // blocks. 1 for activations. Weights may use 128 (the FP8 GEMM's half tile), so that the
 // GEMM promotes those tiles with one factor per 128 columns; the group's exponent is the
@@ -171,6 +179,7 @@ struct FoldedMx {
   int row_group = 1;
   std::vector<uint8_t> q;
   std::vector<float> f;
+  std::vector<uint16_t> mx8;
   uint64_t lossy = 0;
 };
 
@@ -185,6 +194,11 @@ inline FoldedMx fold_rows(const SegmentedMx& m, int row_group = 1) {
   const int nblk = p.blocks(), fs = folded_fstride(p.k()), b8 = p.first_fp8_block();
   out.q.assign(static_cast<size_t>(m.rows) * p.k(), 0);
   out.f.assign(static_cast<size_t>(m.rows) * fs, 0.0f);
+  out.mx8.assign(static_cast<size_t>(m.rows) * p.p8, 0);
+  for (int64_t r = 0; r < m.rows; ++r)
+    for (int c = 0; c < p.p8; ++c)
+      out.mx8[r * p.p8 + c] =
+          mx8_as_bf16(segment_code(m, r, b8 * kBlockSize + c), m.scales[r * nblk + b8 + c / kBlockSize]);
   std::vector<uint8_t> codes(static_cast<size_t>(row_group) * 4 * kBlockSize);
   std::vector<FoldKey> row_key(static_cast<size_t>(row_group));
   for (int64_t g0 = 0; g0 < m.rows; g0 += row_group) {

@@ -84,6 +84,8 @@ template <int kId> void named_bar_arrive() {
   if (++b.count == 256) { b.count = 0; ++b.gen; named_cv.notify_all(); }
 }
 inline void wgmma_fence() {}
+template <int kN>
+inline void fence_operands(float*) {}
 inline void wgmma_commit() {}
 inline void wgmma_wait0() {}
 template <int kRegs>
@@ -103,6 +105,25 @@ inline void wgmma_m64n128k32_e4m3(float* d, uint64_t da, uint64_t db, int scale_
       const uint32_t aa = sa + (row / 8) * sbo_a + (row % 8) * 128 + k, ab = sb + (col / 8) * sbo_b + (col % 8) * 128 + k;
       acc += decode_elem(ElemFormat::E4M3, s[emu8::swz(aa)]) * decode_elem(ElemFormat::E4M3, s[emu8::swz(ab)]);
     }
+    d[i] = acc;
+  }
+}
+// wgmma.m64n128k16 bf16: each shared-memory row holds 64 bf16 values (128 bytes), the
+// descriptor's start advances 32 bytes per k16 step, as for E4M3.
+inline void wgmma_m64n128k16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) {
+  const unsigned char* s = emu::smem.data();
+  const uint32_t sa = static_cast<uint32_t>(da & 0x3FFF) << 4, sb = static_cast<uint32_t>(db & 0x3FFF) << 4;
+  const uint32_t sbo_a = static_cast<uint32_t>((da >> 32) & 0x3FFF) << 4, sbo_b = static_cast<uint32_t>((db >> 32) & 0x3FFF) << 4;
+  const int t = emu::lin() % 128, w = t / 32, lane = t % 32;
+  auto value = [&](uint32_t addr) {
+    const uint16_t bits = static_cast<uint16_t>(s[emu8::swz(addr)] | (s[emu8::swz(addr + 1)] << 8));
+    return micromix::mx::bf16_bits_to_float(bits);
+  };
+  for (int i = 0; i < 64; ++i) {
+    const int row = 16 * w + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+    float acc = scale_d ? d[i] : 0.0f;
+    for (int k = 0; k < 16; ++k)
+      acc += value(sa + (row / 8) * sbo_a + (row % 8) * 128 + 2 * k) * value(sb + (col / 8) * sbo_b + (col % 8) * 128 + 2 * k);
     d[i] = acc;
   }
 }
