@@ -61,18 +61,46 @@ __device__ __forceinline__ uint8_t emit_packed(const float* v, ScaleRule rule, i
   return sb;
 }
 
+// Out of line, and fed by value (a pointer would put the codes on the stack): rare scales
+// outside 2^-124 ... 2^119, written straight to the destination.
+__device__ __noinline__ void mx8_block_rounded(uint4 c0, uint4 c1, uint8_t scale, uint4* dst) {
+  const uint32_t words[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+  for (int i = 0; i < kBlockSize / 8; ++i) {
+    uint32_t out[4];
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t w = words[2 * i + j / 2];
+      const uint8_t lo = static_cast<uint8_t>(w >> (16 * (j % 2))), hi = static_cast<uint8_t>(w >> (16 * (j % 2) + 8));
+      out[j] = mx8_as_bf16(lo, scale) | (static_cast<uint32_t>(mx8_as_bf16(hi, scale)) << 16);
+    }
+    dst[i] = make_uint4(out[0], out[1], out[2], out[3]);
+  }
+}
+
 // The MXFP8 block b of row m as bf16 values (FoldedOperand::mx8), when that part is wanted.
 __device__ __forceinline__ void store_mx8(const uint8_t* codes, uint8_t scale, int64_t m, int b, const MixPlan& plan,
                                           const FoldedOperand& folded) {
   if (folded.mx8 == nullptr) return;
-  uint4 wide[kBlockSize / 8];  // 64 bytes, 16-byte aligned (p8 is a multiple of 32)
-  uint16_t* w = reinterpret_cast<uint16_t*>(wide);
-#pragma unroll
-  for (int i = 0; i < kBlockSize; ++i) w[i] = mx8_as_bf16(codes[i], scale);
   uint4* dst = reinterpret_cast<uint4*>(folded.mx8 + m * plan.p8 +
                                         static_cast<int64_t>(b - plan.first_fp8_block()) * kBlockSize);
+  if (!mx8_exact_scale(scale)) {
+    uint32_t words[8];
 #pragma unroll
-  for (int i = 0; i < kBlockSize / 8; ++i) dst[i] = wide[i];
+    for (int i = 0; i < 8; ++i)
+      words[i] = codes[4 * i] | (codes[4 * i + 1] << 8) | (codes[4 * i + 2] << 16) | (static_cast<uint32_t>(codes[4 * i + 3]) << 24);
+    mx8_block_rounded(make_uint4(words[0], words[1], words[2], words[3]),
+                      make_uint4(words[4], words[5], words[6], words[7]), scale, dst);
+    return;
+  }
+  const float sv = decode_scale(scale);
+#pragma unroll
+  for (int i = 0; i < kBlockSize / 8; ++i) {  // 16-byte stores, 16-byte aligned (p8 is a multiple of 32)
+    uint32_t w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      w[j] = mx8_as_bf16_exact(codes[8 * i + 2 * j], sv) |
+             (static_cast<uint32_t>(mx8_as_bf16_exact(codes[8 * i + 2 * j + 1], sv)) << 16);
+    dst[i] = make_uint4(w[0], w[1], w[2], w[3]);
+  }
 }
 
 // Shared tail of both kernels: fold block b (format index seg: 0 FP4, 1 FP6, 2 FP8;

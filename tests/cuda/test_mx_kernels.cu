@@ -112,11 +112,14 @@ uint64_t expect_folded_exact(const DeviceMx& d, const HostMx& cpu) {
   for (size_t i = 0; i < fq.size(); ++i) bad_q += fq[i] != ref.q[i];
   for (size_t i = 0; i < ff.size(); ++i) bad_f += !(ff[i] == ref.f[i] || (std::isnan(ff[i]) && std::isnan(ref.f[i])));
   const int nblk = d.plan.blocks(), b8 = d.plan.first_fp8_block(), p8 = d.plan.p8;
-  // The MXFP8 part as bf16: the host's bits, and every value equal to the packed one.
+  // The MXFP8 part as bf16: the host's bits, and every value equal to the packed one where
+  // the scale keeps it exact.
   EXPECT_EQ(d.f8.download(), ref.mx8) << "bf16 MXFP8 part differs from the host fold";
   size_t bad_wide = 0;
   for (int64_t m = 0; m < d.rows; ++m)
     for (int c = 0; c < p8; ++c) {
+      const uint8_t scale = cpu.scales[m * nblk + b8 + c / 32];
+      if (scale != mx::kScaleNaN && !mx::mx8_exact_scale(scale)) continue;
       const float v = mx::bf16_bits_to_float(ref.mx8[m * p8 + c]), r = segment_value(cpu, m, b8 * 32 + c);
       bad_wide += !(v == r || (std::isnan(v) && std::isnan(r)));
     }
@@ -234,7 +237,11 @@ TEST(MxActQuant, SmallNanBlock) {
   const int K = plan.k();
   auto x = random_activations(3, K, K);
   auto perm = random_perm(K);
-  x[1 * K + perm[70]] = 0x7FC0;  // NaN in row 1, reordered channel 70 (FP6 segment)
+  x[1 * K + perm[70]] = 0x7FC0;   // NaN in row 1, reordered channel 70 (FP6 segment)
+  x[0 * K + perm[133]] = 0x7FC0;  // and in row 0's first MXFP8 block
+  // Row 2's last block (MXFP8) holds bf16 subnormals: a scale below the bf16 part's exact
+  // range, so its bf16 values take the rounded path.
+  for (int i = 0; i < 32; ++i) x[2 * K + perm[160 + i]] = static_cast<uint16_t>(1 + 3 * i);
   DeviceBuffer<uint16_t> dx(x.size());
   DeviceBuffer<int32_t> dp(K);
   dx.upload(x);
@@ -245,6 +252,8 @@ TEST(MxActQuant, SmallNanBlock) {
   const auto rows = reorder_rows(x, 3, K, K, perm, nullptr, nullptr);
   const HostMx cpu = quantize_segments(rows, 3, plan, mx::ScaleRule::Ceil);
   EXPECT_EQ(cpu.scales[1 * 6 + 2], mx::kScaleNaN);
+  EXPECT_EQ(cpu.scales[0 * 6 + 4], mx::kScaleNaN);
+  EXPECT_FALSE(mx::mx8_exact_scale(cpu.scales[2 * 6 + 5])) << int(cpu.scales[2 * 6 + 5]);
   expect_same_packed(out.download(), cpu);
   expect_folded_exact(out, cpu);
   DeviceMx packed_only(plan, 3, false);

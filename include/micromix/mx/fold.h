@@ -158,9 +158,21 @@ MICROMIX_HD constexpr int64_t folded_factor_index(int64_t row, int block, int64_
 
 // An MXFP8 element as the bf16 value code x 2^scale, which the FP8 GEMM multiplies on the
 // bf16 tensor cores instead of promoting each MXFP8 block on its own. Exact for scales
-// 2^-124 ... 2^119 (every such value is a bf16 number); NaN for a NaN block; outside that
-// range rounded like the reference path's dequantization.
+// 2^-124 ... 2^119 (mx8_exact_scale: every such value is a bf16 number); the quiet NaN 0x7FC0
+// for a NaN scale or code; outside that range rounded like the reference path's
+// dequantization.
+MICROMIX_HD constexpr bool mx8_exact_scale(uint8_t scale) { return scale >= 3 && scale <= 246; }
+// The exact case: the code's exponent and mantissa bits, moved into an fp32's, are its value
+// times 2^-120 (E4M3 subnormals land on fp32 subnormals); the product is exact with at most 4
+// significant bits, so its upper 16 bits are the bf16 value.
+MICROMIX_HD uint16_t mx8_as_bf16_exact(uint8_t code, float scale_value) {
+  if ((code & 0x7Fu) == 0x7Fu) return 0x7FC0;
+  const float v = bits_to_float((code & 0x7Fu) << 20) * 0x1p120f * scale_value;
+  return static_cast<uint16_t>((float_to_bits(v) >> 16) | ((code & 0x80u) << 8));
+}
 MICROMIX_HD uint16_t mx8_as_bf16(uint8_t code, uint8_t scale) {
+  if (scale == kScaleNaN || (code & 0x7Fu) == 0x7Fu) return 0x7FC0;
+  if (mx8_exact_scale(scale)) return mx8_as_bf16_exact(code, decode_scale(scale));
   return float_to_bf16_bits(decode_scaled(ElemFormat::E4M3, code, scale));
 }
 

@@ -23,6 +23,9 @@ using std::min; using std::max;
 #ifndef __forceinline__
 #define __forceinline__ inline
 #endif
+#ifndef __noinline__
+#define __noinline__
+#endif
 
 namespace emu {
 inline thread_local uint3 tIdx, bIdx;
