@@ -127,14 +127,20 @@ Pair quantized(const model::ModelConfig& c, quant::QuantMode mode) {
 }
 
 // CPU log-probabilities; bf16_inputs rounds every linear input to bf16 first (as the GPU).
-Logprobs cpu_scores(const Pair& p, const std::vector<int32_t>& tokens, bool bf16_inputs) {
-  model::CpuRuntime rt(p.w, 256);
-  auto quantizer = quant::activation_quantizer(p.spec);
-  rt.set_linear_input_hook([&](int l, model::LinearSlot s, float* x, int64_t rows, int64_t in) {
+// The CPU runtime quantizing its linear layers' inputs as p's mode does, optionally after
+// rounding them to bf16 first (as the GPU stores activations): the yardstick of the tests.
+void quantize_inputs(model::CpuRuntime& rt, const Pair& p, bool bf16_inputs) {
+  rt.set_linear_input_hook([quantizer = quant::activation_quantizer(p.spec), bf16_inputs](
+                               int l, model::LinearSlot s, float* x, int64_t rows, int64_t in) {
     if (bf16_inputs)
       for (int64_t i = 0; i < rows * in; ++i) x[i] = mx::bf16_bits_to_float(mx::float_to_bf16_bits(x[i]));
     quantizer(l, s, x, rows, in);
   });
+}
+
+Logprobs cpu_scores(const Pair& p, const std::vector<int32_t>& tokens, bool bf16_inputs) {
+  model::CpuRuntime rt(p.w, 256);
+  quantize_inputs(rt, p, bf16_inputs);
   return score(rt, tokens);
 }
 
@@ -250,12 +256,7 @@ TEST(GpuRuntime, PerplexityMatchesCpu) {
   const auto text = random_tokens(3 * 128 + 5, c.vocab, 9);
   auto cpu_ppl = [&](bool bf16_inputs) {
     model::CpuRuntime cpu(p.w, 128);
-    auto quantizer = quant::activation_quantizer(p.spec);
-    cpu.set_linear_input_hook([&](int l, model::LinearSlot s, float* x, int64_t rows, int64_t in) {
-      if (bf16_inputs)
-        for (int64_t i = 0; i < rows * in; ++i) x[i] = mx::bf16_bits_to_float(mx::float_to_bf16_bits(x[i]));
-      quantizer(l, s, x, rows, in);
-    });
+    quantize_inputs(cpu, p, bf16_inputs);
     return eval::perplexity(cpu, text, 128, 0, {});
   };
   GpuRuntime gpu(p.w, p.spec, 128);
