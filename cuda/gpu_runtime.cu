@@ -245,7 +245,7 @@ struct GpuRuntime::Impl {
     reserve(folded_w_8, static_cast<size_t>(L.out) * L.plan.p8);
   }
   FoldedOperand weight_fold_scratch(const DeviceLinear& L) const {
-    return {folded_w.ptr, folded_w_f.ptr, kWeightRowGroup, L.plan.p8 > 0 ? folded_w_8.ptr : nullptr};
+    return {folded_w.ptr, folded_w_f.ptr, kWeightRowGroup, folded_w_8.ptr};
   }
 
   size_t held_bytes() const {
@@ -332,7 +332,7 @@ struct GpuRuntime::Impl {
       decode_gemm(slot, L, M, out);
       return;
     }
-    const FoldedOperand a{folded_a.ptr, folded_a_f.ptr, 1, L.plan.p8 > 0 ? folded_a_8.ptr : nullptr};
+    const FoldedOperand a{folded_a.ptr, folded_a_f.ptr, 1, folded_a_8.ptr};
     stage("activation quant", [&] {
       cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, {}, a, lossy.ptr, stream), "quantize");
     });

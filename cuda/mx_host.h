@@ -52,6 +52,13 @@ struct DeviceBuffer {
   }
 };
 
+// The operand without its bf16 MXFP8 part: the FP8 GEMM then promotes each MXFP8 block on
+// its own (the second form of that part, for tests and benchmarks).
+inline FoldedOperand per_block_mxfp8(FoldedOperand f) {
+  f.mx8 = nullptr;
+  return f;
+}
+
 // Device copy of a three-segment matrix (packed) and, optionally, its folded form.
 struct DeviceMx {
   MixPlan plan;

@@ -114,7 +114,7 @@ __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* 
                  : seg == 1 ? fold_key<ElemFormat::E3M2>(codes, sb)
                             : fold_key<ElemFormat::E4M3>(codes, sb);
   const FoldKey group = tile_reduce(key);
-  if (b >= folded_fstride(plan.k())) return;
+  if (b >= folded_fstride(static_cast<int>(k))) return;
   if (!valid) {
     folded.f[folded_factor_index(m, b, rows)] = 0.0f;
     return;

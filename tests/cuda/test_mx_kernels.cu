@@ -341,10 +341,6 @@ GemmResult compare(const std::vector<uint16_t>& y, const std::vector<double>& r,
 // Fp8 and Fp8Concurrent run the MXFP8 part on bf16 operands (FoldedOperand::mx8, as the
 // runtime does); Fp8PerBlock promotes each MXFP8 block on its own.
 enum class Path { Reference, Fp8, Fp8Concurrent, Fp8PerBlock, Decode, DecodeCudaCores, DecodeTensorCores };
-FoldedOperand per_block(FoldedOperand f) {
-  f.mx8 = nullptr;
-  return f;
-}
 const char* path_name(Path p) {
   switch (p) {
     case Path::Reference: return "reference";
@@ -364,7 +360,8 @@ cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, in
     case Path::Fp8: return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Alternating);
     case Path::Fp8Concurrent:
       return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Concurrent);
-    case Path::Fp8PerBlock: return mx_gemm_fp8(per_block(A.folded()), per_block(W.folded()), M, N, A.plan, y, nullptr);
+    case Path::Fp8PerBlock:
+      return mx_gemm_fp8(per_block_mxfp8(A.folded()), per_block_mxfp8(W.folded()), M, N, A.plan, y, nullptr);
     case Path::Decode: return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr);
     case Path::DecodeCudaCores:
       return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::CudaCores);
@@ -461,8 +458,8 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   for (const Fp8Schedule schedule : {Fp8Schedule::Alternating, Fp8Schedule::Concurrent, Fp8Schedule::Auto}) {
     const bool wide = schedule != Fp8Schedule::Auto;  // Auto: here with per-block MXFP8 promotions
     CK(cudaMemset(y.ptr, 0xFF, y.count * 2));
-    CK(mx_gemm_fp8(wide ? A.folded() : per_block(A.folded()), wide ? wg : per_block(wg), M, N, c.plan, y.ptr, nullptr,
-                   schedule));
+    CK(mx_gemm_fp8(wide ? A.folded() : per_block_mxfp8(A.folded()), wide ? wg : per_block_mxfp8(wg), M, N, c.plan,
+                   y.ptr, nullptr, schedule));
     CK(cudaDeviceSynchronize());
     const GemmResult g = compare(y.download(), r, s, std::ldexp(1.0, -10), n_lossy > 0 ? &tt : nullptr);
     const char* name = schedule == Fp8Schedule::Alternating ? "fp8, grouped W"
@@ -566,7 +563,7 @@ TEST(MxGemm, SmallNanPropagation) {
     CK(cudaDeviceSynchronize());
     check("fp8, grouped W");
     CK(cudaMemset(y.ptr, 0, y.count * 2));
-    CK(mx_gemm_fp8(per_block(A.folded()), per_block(wg), M, N, plan, y.ptr, nullptr, schedule));
+    CK(mx_gemm_fp8(per_block_mxfp8(A.folded()), per_block_mxfp8(wg), M, N, plan, y.ptr, nullptr, schedule));
     CK(cudaDeviceSynchronize());
     check("fp8 per-block MXFP8, grouped W");
   }
