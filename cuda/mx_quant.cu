@@ -7,12 +7,14 @@
 
 #include "micromix/model/swiglu.h"
 #include "mx_kernels.h"
+#include "mx_ptx.cuh"
 
 namespace micromix::cuda {
 
 namespace {
 
 using namespace micromix::mx;
+using namespace micromix::cuda::ptx;
 
 // Combine the fold keys of the four lanes (4q..4q+3) that hold one 128-wide K tile.
 __device__ __forceinline__ FoldKey tile_reduce(FoldKey k) {
@@ -103,30 +105,102 @@ __device__ __forceinline__ void store_mx8(const uint8_t* codes, uint8_t scale, i
   }
 }
 
-// Shared tail of both kernels: fold block b (format index seg: 0 FP4, 1 FP6, 2 FP8;
-// valid == false past K) and store payloads and factor. All lanes call it together.
-__device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* codes, uint8_t sb, int64_t m, int b,
-                                            int64_t rows, const MixPlan& plan, const FoldedOperand& folded,
-                                            unsigned* lossy, const FoldTable* table) {
-  const int64_t k = plan.k();
-  FoldKey key;
-  if (valid) key = seg == 0 ? fold_key<ElemFormat::E2M1>(codes, sb)
-                 : seg == 1 ? fold_key<ElemFormat::E3M2>(codes, sb)
-                            : fold_key<ElemFormat::E4M3>(codes, sb);
-  const FoldKey group = tile_reduce(key);
-  if (b >= folded_fstride(static_cast<int>(k))) return;
-  if (!valid) {
-    folded.f[folded_factor_index(m, b, rows)] = 0.0f;
-    return;
-  }
+// Payload, factor and (MXFP8) bf16 values of block b of row m, given its tile's combined
+// fold key: the tail of every folding path.
+__device__ __forceinline__ void store_folded(int seg, const uint8_t* codes, uint8_t sb, FoldKey group, int64_t m, int b,
+                                             int64_t rows, const MixPlan& plan, const FoldedOperand& folded,
+                                             unsigned* lossy, const FoldTable* table) {
   uint8_t payload[kBlockSize];
   float factor;
   if (seg == 0) factor = fold_payload<ElemFormat::E2M1>(codes, sb, group, payload, lossy, table);
   else if (seg == 1) factor = fold_payload<ElemFormat::E3M2>(codes, sb, group, payload, lossy, table);
   else factor = fold_payload<ElemFormat::E4M3>(codes, sb, group, payload, lossy);
-  store_bytes(folded.q + m * k + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
+  store_bytes(folded.q + m * plan.k() + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
   folded.f[folded_factor_index(m, b, rows)] = factor;
   if (seg == 2) store_mx8(codes, sb, m, b, plan, folded);
+}
+
+// Fold block b (format index seg: 0 FP4, 1 FP6, 2 FP8; valid == false past K) from its
+// codes and store it. All lanes call it together.
+__device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* codes, uint8_t sb, int64_t m, int b,
+                                            int64_t rows, const MixPlan& plan, const FoldedOperand& folded,
+                                            unsigned* lossy, const FoldTable* table) {
+  FoldKey key;
+  if (valid) key = seg == 0 ? fold_key<ElemFormat::E2M1>(codes, sb)
+                 : seg == 1 ? fold_key<ElemFormat::E3M2>(codes, sb)
+                            : fold_key<ElemFormat::E4M3>(codes, sb);
+  const FoldKey group = tile_reduce(key);
+  if (b >= folded_fstride(plan.k())) return;
+  if (!valid) {
+    folded.f[folded_factor_index(m, b, rows)] = 0.0f;
+    return;
+  }
+  store_folded(seg, codes, sb, group, m, b, rows, plan, folded, lossy, table);
+}
+
+// The folded operand straight from a block's 32 values (no packed output wanted), in two
+// steps around the tile's key reduction. fold_scale_and_key: the scale and fold key from the
+// block maximum. fold_values: where the block's shift lies inside its window (every block of
+// ordinary data), the payload bytes from fold_element_value and the E4M3 conversion, without
+// element codes: a fraction of the instructions of quantize_block and the table lookups.
+// Other blocks (NaN, shifts below the window) go through the codes. Same bytes either way.
+template <ElemFormat F>
+__device__ __forceinline__ FoldKey fold_scale_and_key(const float* v, ScaleRule rule, uint8_t* scale) {
+  uint32_t amax_bits = 0;  // |v| as integers: NaN and Inf sort above every finite value
+#pragma unroll
+  for (int i = 0; i < kBlockSize; ++i) amax_bits = max(amax_bits, float_to_bits(v[i]) & 0x7FFFFFFFu);
+  const float amax = bits_to_float(amax_bits);
+  const uint8_t sb = amax_bits >= 0x7F800000u ? kScaleNaN : block_scale(F, rule, amax);
+  *scale = sb;
+  FoldKey key;
+  if constexpr (is_folded_format(F)) {
+    constexpr uint8_t mag_mask = static_cast<uint8_t>(sign_mask(F) - 1u);
+    if (sb == kScaleNaN) key.nan = 1;
+    else if ((encode_scaled(F, amax, sb) & mag_mask) != 0) key.key = static_cast<int>(sb) - kScaleBias - fold_window_top(F);
+  }
+  return key;
+}
+
+template <ElemFormat F>
+__device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint8_t sb, FoldKey group, int64_t m, int b,
+                                            int64_t rows, const MixPlan& plan, const FoldedOperand& folded,
+                                            unsigned* lossy, const FoldTable* table) {
+  constexpr int seg = F == ElemFormat::E2M1 ? 0 : F == ElemFormat::E3M2 ? 1 : 2;
+  const int s = static_cast<int>(sb) - kScaleBias;
+  const int e = group.key == INT_MIN ? 0 : group.key;
+  bool fast = sb != kScaleNaN;
+  if constexpr (is_folded_format(F))
+    fast = fast && !group.nan && group.key != INT_MIN && s - e >= fold_window_bottom(F) && s - e <= fold_window_top(F);
+  if (!fast) {
+    uint8_t codes[kBlockSize];
+    quantize_block(F, rule, v, kBlockSize, codes);
+    store_folded(seg, codes, sb, group, m, b, rows, plan, folded, lossy, table);
+    return;
+  }
+  const float y_scale = exp2i(kScaleBias - static_cast<int>(sb));  // encode_scaled's product
+  const int d = is_folded_format(F) ? s - e : 0;
+  const float lim = elem_traits(F).max * exp2i(d);
+  uint32_t words[kBlockSize / 4];
+#pragma unroll
+  for (int i = 0; i < kBlockSize / 4; ++i) {
+    float p[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float y = v[4 * i + j] * y_scale;
+      if constexpr (is_folded_format(F)) p[j] = fold_element_value<F>(y, d, lim);
+      else p[j] = y;  // MXFP8: the payload is the element code itself
+    }
+    words[i] = e4m3x2_rn(p[0], p[1]) | (static_cast<uint32_t>(e4m3x2_rn(p[2], p[3])) << 16);
+  }
+  uint4* dst = reinterpret_cast<uint4*>(folded.q + m * plan.k() + static_cast<int64_t>(b) * kBlockSize);
+  dst[0] = make_uint4(words[0], words[1], words[2], words[3]);
+  dst[1] = make_uint4(words[4], words[5], words[6], words[7]);
+  folded.f[folded_factor_index(m, b, rows)] = exp2i(is_folded_format(F) ? e : s);
+  if constexpr (seg == 2) {
+    uint8_t codes[kBlockSize];
+    memcpy(codes, words, kBlockSize);
+    store_mx8(codes, sb, m, b, plan, folded);
+  }
 }
 
 __device__ __forceinline__ float bf16f(uint16_t h) { return bf16_bits_to_float(h); }
@@ -136,22 +210,36 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
                                  float eps, const int32_t* __restrict__ perm, MixPlan plan, ScaleRule rule,
                                  MxSegments packed, FoldedOperand folded, float* inv_rms_out,
                                  unsigned long long* lossy_count) {
-  extern __shared__ uint4 smem_row[];
-  uint16_t* row = reinterpret_cast<uint16_t*>(smem_row);
+  extern __shared__ uint4 smem_rows[];  // two row buffers (the next row loads during this one), then gamma
   __shared__ FoldTable table;
   if (folded.q != nullptr)
     for (int i = threadIdx.x; i < kFoldTableEntries; i += blockDim.x) fold_table_fill(table, i);
   const int k = plan.k();
-  const int nblk = k / kBlockSize;
+  const int nblk = k / kBlockSize, chunks = k / 8;  // 16-byte chunks per row
+  // RMSNorm weights in the plan's channel order, once per CTA: each thread then reads its
+  // block's 32 contiguously instead of gathering them from global memory per element.
+  float* gamma_perm = reinterpret_cast<float*>(smem_rows + 2 * chunks);
+  if constexpr (kNorm)
+    for (int i = threadIdx.x; i < k; i += blockDim.x) gamma_perm[i] = bf16f(gamma[perm[i]]);
+  auto prefetch = [&](int64_t r, int buf) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + r * ldx);
+    for (int i = threadIdx.x; i < chunks; i += blockDim.x) cp_async_16(smem_rows + buf * chunks + i, src + i, true);
+  };
+  if (blockIdx.x < M) prefetch(blockIdx.x, 0);
+  cp_async_commit();
   // Rows are strided over a grid sized to fill the GPU once, so the fold table is built
   // once per CTA rather than once per token.
-  for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
-    const uint4* src = reinterpret_cast<const uint4*>(x + m * ldx);
+  int buf = 0;
+  for (int64_t m = blockIdx.x; m < M; m += gridDim.x, buf ^= 1) {
+    if (m + gridDim.x < M) prefetch(m + gridDim.x, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(smem_rows + buf * chunks);
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < k / 8; i += blockDim.x) {
-      const uint4 w = __ldcs(src + i);  // streamed: read once
-      smem_row[i] = w;
-      if constexpr (kNorm) {
+    if constexpr (kNorm)
+      for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
+        const uint4 w = smem_rows[buf * chunks + i];
         const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -160,7 +248,6 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
           ss = fmaf(b, b, ss);
         }
       }
-    }
     float inv = 1.0f;
     if constexpr (kNorm) {
       __shared__ float partial[32];
@@ -175,49 +262,68 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
       __syncthreads();
       inv = rsqrtf(partial[0] / static_cast<float>(k) + eps);
       if (inv_rms_out != nullptr && threadIdx.x == 0 && blockIdx.y == 0) inv_rms_out[m] = inv;
-    } else {
-      __syncthreads();
     }
     const int fstride = folded_fstride(k);
     const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
     unsigned lossy = 0;
     const int nloop = folded.q != nullptr ? fstride : nblk;
+    // Prefill wants only the folded operand: straight from the values (fold_values).
+    const bool folded_only = folded.q != nullptr && packed.q4 == nullptr && packed.q6 == nullptr &&
+                             packed.q8 == nullptr && packed.scales == nullptr;
     // A row's blocks may be split over gridDim.y CTAs (few rows: decode); warp-uniform
     // trip count (shuffles inside), starts aligned to whole 128-wide tiles.
     for (int b0 = blockIdx.y * blockDim.x; b0 < nloop; b0 += gridDim.y * blockDim.x) {
       const int b = b0 + threadIdx.x;
       const bool valid = b < nblk;
-      uint8_t codes[kBlockSize];
-      uint8_t sb = 0;
-      int seg = 0;
+      const int seg = b < b4 ? 0 : b < b8 ? 1 : 2;
+      float v[kBlockSize];
       if (valid) {
-        float v[kBlockSize];
         const int4* pp = reinterpret_cast<const int4*>(perm + b * kBlockSize);
 #pragma unroll
         for (int q = 0; q < kBlockSize / 4; ++q) {
           const int4 c = __ldg(pp + q);
           const int cs[4] = {c.x, c.y, c.z, c.w};
+          float4 g{};
+          if constexpr (kNorm) g = reinterpret_cast<const float4*>(gamma_perm + b * kBlockSize)[q];
+          const float gs[4] = {g.x, g.y, g.z, g.w};
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             float xv = bf16f(row[cs[j]]);
-            if constexpr (kNorm) xv = __fmul_rn(__fmul_rn(xv, inv), bf16f(__ldg(gamma + cs[j])));
+            if constexpr (kNorm) xv = __fmul_rn(__fmul_rn(xv, inv), gs[j]);
             v[4 * q + j] = xv;
           }
         }
-        if (b < b4) {
-          sb = emit_packed<ElemFormat::E2M1>(v, rule, m, b, 0, plan.p4 / 2, packed.q4, packed.scales, nblk, codes);
-        } else if (b < b8) {
-          seg = 1;
-          sb = emit_packed<ElemFormat::E3M2>(v, rule, m, b, b4, plan.p6 * 3 / 4, packed.q6, packed.scales, nblk, codes);
-        } else {
-          seg = 2;
-          sb = emit_packed<ElemFormat::E4M3>(v, rule, m, b, b8, plan.p8, packed.q8, packed.scales, nblk, codes);
+      }
+      uint8_t sb = 0;
+      if (folded_only) {
+        FoldKey key;
+        if (valid) key = seg == 0 ? fold_scale_and_key<ElemFormat::E2M1>(v, rule, &sb)
+                       : seg == 1 ? fold_scale_and_key<ElemFormat::E3M2>(v, rule, &sb)
+                                  : fold_scale_and_key<ElemFormat::E4M3>(v, rule, &sb);
+        const FoldKey group = tile_reduce(key);
+        if (b >= fstride) continue;
+        if (!valid) {
+          folded.f[folded_factor_index(m, b, M)] = 0.0f;
+          continue;
         }
+        if (seg == 0) fold_values<ElemFormat::E2M1>(v, rule, sb, group, m, b, M, plan, folded, &lossy, &table);
+        else if (seg == 1) fold_values<ElemFormat::E3M2>(v, rule, sb, group, m, b, M, plan, folded, &lossy, &table);
+        else fold_values<ElemFormat::E4M3>(v, rule, sb, group, m, b, M, plan, folded, &lossy, &table);
+        continue;
+      }
+      uint8_t codes[kBlockSize];
+      if (valid) {
+        if (seg == 0)
+          sb = emit_packed<ElemFormat::E2M1>(v, rule, m, b, 0, plan.p4 / 2, packed.q4, packed.scales, nblk, codes);
+        else if (seg == 1)
+          sb = emit_packed<ElemFormat::E3M2>(v, rule, m, b, b4, plan.p6 * 3 / 4, packed.q6, packed.scales, nblk, codes);
+        else
+          sb = emit_packed<ElemFormat::E4M3>(v, rule, m, b, b8, plan.p8, packed.q8, packed.scales, nblk, codes);
       }
       if (folded.q != nullptr) emit_folded(seg, valid, codes, sb, m, b, M, plan, folded, &lossy, &table);
     }
     if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
-    __syncthreads();  // the next row reuses the shared row buffer
+    __syncthreads();  // the prefetch two rows on reuses this buffer
   }
 }
 
@@ -409,7 +515,7 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
   if (M == 0) return cudaSuccess;
   if (!kNorm && folded.q == nullptr && M <= kDecodeMaxM)
     return launch_lanes(RowsSource{x, ldx}, M, perm, plan, rule, packed, stream);
-  const size_t smem = static_cast<size_t>(plan.k()) * sizeof(uint16_t);
+  const size_t smem = static_cast<size_t>(plan.k()) * (2 * sizeof(uint16_t) + (kNorm ? sizeof(float) : 0));
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(act_quant_kernel<kNorm>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));

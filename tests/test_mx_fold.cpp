@@ -74,6 +74,45 @@ TEST(MxFold, TableMatchesComputedPayloads) {
   }
 }
 
+// The quantizer's arithmetic shortcut (value -> folded payload without the element code)
+// against encode_elem then the fold table: every grid point of the format, the midpoints
+// between neighbours (ties), one ulp either side of each, values past the max and tiny ones,
+// both signs, every shift of the window; then the E4M3 bytes.
+TEST(MxFold, ElementValueMatchesEncodeThenFold) {
+  FoldTable table;
+  for (int i = 0; i < kFoldTableEntries; ++i) fold_table_fill(table, i);
+  auto check = [&](auto format_tag) {
+    constexpr ElemFormat F = decltype(format_tag)::value;
+    const ElemTraits t = elem_traits(F);
+    std::vector<float> grid;
+    for (int c = 0; c <= t.max_code; ++c) grid.push_back(decode_elem(F, static_cast<uint8_t>(c)));
+    std::vector<float> ys = {0.0f, 1e-30f, 1e-45f, t.max * 1.5f, t.max * 2.0f - 1e-3f, t.max * 1.0001f};
+    for (size_t i = 0; i < grid.size(); ++i) {
+      ys.push_back(grid[i]);
+      if (i + 1 < grid.size()) ys.push_back(0.5f * (grid[i] + grid[i + 1]));
+    }
+    for (size_t n = ys.size(), i = 0; i < n; ++i) {
+      ys.push_back(std::nextafter(ys[i], 0.0f));
+      ys.push_back(std::nextafter(ys[i], 100.0f));
+    }
+    int checked = 0;
+    for (float y0 : ys)
+      for (float y : {y0, -y0})
+        for (int d = fold_window_bottom(F); d <= fold_window_top(F); ++d) {
+          const uint8_t code = encode_elem(F, y);
+          const uint8_t want = F == ElemFormat::E2M1 ? table.fp4[d - fold_window_bottom(F)][code]
+                                                     : table.fp6[d - fold_window_bottom(F)][code];
+          const float v = fold_element_value<F>(y, d, t.max * exp2i(d));
+          ASSERT_EQ(static_cast<uint8_t>(e4m3x2_rn(v, 0.0f)), want) << t.name << " y=" << y << " d=" << d;
+          ASSERT_EQ(static_cast<uint8_t>(e4m3x2_rn(0.0f, v) >> 8), want);
+          ++checked;
+        }
+    EXPECT_GT(checked, 1000);
+  };
+  check(std::integral_constant<ElemFormat, ElemFormat::E2M1>{});
+  check(std::integral_constant<ElemFormat, ElemFormat::E3M2>{});
+}
+
 std::vector<float> random_rows(int64_t rows, int k, double block_spread_binades) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::uniform_real_distribution<double> ud(0.0, block_spread_binades);

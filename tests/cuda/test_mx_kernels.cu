@@ -141,6 +141,28 @@ uint64_t expect_folded_exact(const DeviceMx& d, const HostMx& cpu) {
   return ref.lossy;
 }
 
+// The folded operand alone, as prefill asks for it (no packed output: the quantizer goes
+// from the values straight to payloads): the same bytes and lossy count as the host fold.
+void expect_folded_only_exact(const uint16_t* dx, int64_t M, int64_t ldx, const uint16_t* gamma, const int32_t* perm,
+                              MixPlan plan, mx::ScaleRule rule, const HostMx& cpu) {
+  SCOPED_TRACE("folded only");
+  DeviceMx out(plan, M, true);
+  DeviceBuffer<unsigned long long> lossy(1);
+  DeviceBuffer<float> inv(M);
+  CK(cudaMemset(out.fq.ptr, 0xA5, out.fq.count));
+  CK(cudaMemset(out.ff.ptr, 0xFF, out.ff.count * 4));
+  if (out.f8.count) CK(cudaMemset(out.f8.ptr, 0xA5, out.f8.count * 2));
+  CK(cudaMemset(lossy.ptr, 0, 8));
+  if (gamma != nullptr)
+    CK(rmsnorm_quantize_activations(dx, M, ldx, gamma, 1e-5f, perm, plan, rule, MxSegments{}, out.folded(), inv.ptr,
+                                    lossy.ptr, nullptr));
+  else
+    CK(quantize_activations(dx, M, ldx, perm, plan, rule, MxSegments{}, out.folded(), lossy.ptr, nullptr));
+  CK(cudaDeviceSynchronize());
+  const uint64_t host_lossy = expect_folded_exact(out, cpu);
+  EXPECT_EQ(lossy.download()[0], host_lossy) << "lossy count differs from the host fold";
+}
+
 struct ActCase {
   MixPlan plan;
   int64_t M;
@@ -194,6 +216,7 @@ void run_act_case(const ActCase& c, bool norm) {
   expect_same_packed(out.download(), cpu);
   const uint64_t host_lossy = expect_folded_exact(out, cpu);
   EXPECT_EQ(lossy.download()[0], host_lossy) << "lossy count differs from the host fold";
+  expect_folded_only_exact(dx.ptr, c.M, ldx, norm ? dg.ptr : nullptr, dp.ptr, c.plan, c.rule, cpu);
   if (!norm && c.M <= kDecodeMaxM) {  // packed only, as decode asks for it (a warp per block)
     DeviceMx packed_only(c.plan, c.M, false);
     for (int s = 0; s < 3; ++s)
@@ -242,6 +265,10 @@ TEST(MxActQuant, SmallNanBlock) {
   // Row 2's last block (MXFP8) holds bf16 subnormals: a scale below the bf16 part's exact
   // range, so its bf16 values take the rounded path.
   for (int i = 0; i < 32; ++i) x[2 * K + perm[160 + i]] = static_cast<uint16_t>(1 + 3 * i);
+  // Row 2's second block (MXFP4) 2^-24 below its neighbour: a shift below the fold window,
+  // so its payloads are rounded (lossy).
+  for (int i = 0; i < 32; ++i)
+    x[2 * K + perm[32 + i]] = mx::float_to_bf16_bits(mx::bf16_bits_to_float(x[2 * K + perm[32 + i]]) * 0x1p-24f);
   DeviceBuffer<uint16_t> dx(x.size());
   DeviceBuffer<int32_t> dp(K);
   dx.upload(x);
@@ -255,7 +282,8 @@ TEST(MxActQuant, SmallNanBlock) {
   EXPECT_EQ(cpu.scales[0 * 6 + 4], mx::kScaleNaN);
   EXPECT_FALSE(mx::mx8_exact_scale(cpu.scales[2 * 6 + 5])) << int(cpu.scales[2 * 6 + 5]);
   expect_same_packed(out.download(), cpu);
-  expect_folded_exact(out, cpu);
+  EXPECT_GT(expect_folded_exact(out, cpu), 0u) << "the block below the window should fold lossy";
+  expect_folded_only_exact(dx.ptr, 3, K, nullptr, dp.ptr, plan, mx::ScaleRule::Ceil, cpu);
   DeviceMx packed_only(plan, 3, false);
   CK(quantize_activations(dx.ptr, 3, K, dp.ptr, plan, mx::ScaleRule::Ceil, packed_only.segments(), FoldedOperand{},
                           nullptr, nullptr));

@@ -119,6 +119,35 @@ MICROMIX_HD float fold_payload(const uint8_t* codes, uint8_t scale, FoldKey grou
   }
 }
 
+// E4M3 bytes of two floats, round to nearest even, saturating to +-448 (encode_elem's rule;
+// the device's conversion instruction does the same for non-NaN inputs).
+MICROMIX_HD uint16_t e4m3x2_rn(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  return static_cast<uint16_t>(encode_elem(ElemFormat::E4M3, lo) | (encode_elem(ElemFormat::E4M3, hi) << 8));
+#endif
+}
+
+// The folded payload value of one element straight from its value, without the element code:
+// y = x * 2^(127 - scale byte) (as encode_scaled forms it), rounded onto F's grid (RNE,
+// saturating), times 2^d. Equal to decode_elem(F, encode_elem(F, y)) * 2^d, and therefore an
+// exact E4M3 value, when d lies inside F's window and y is finite. lim = F's max * 2^d.
+// A handful of float and integer operations: the exponent field gives the grid spacing.
+template <ElemFormat F>
+MICROMIX_HD float fold_element_value(float y, int d, float lim) {
+  constexpr ElemTraits t = elem_traits(F);
+  constexpr uint32_t kMinField = static_cast<uint32_t>(127 + 1 - t.bias) << 23;  // emin's exponent field
+  uint32_t u = float_to_bits(y) & 0x7F800000u;
+  u = u > kMinField ? u : kMinField;
+  const float up = bits_to_float((static_cast<uint32_t>(254 + t.mbits) << 23) - u);                   // 2^(mbits - e)
+  const float down = bits_to_float(u + (static_cast<uint32_t>(d - t.mbits) << 23));                    // 2^(e - mbits + d)
+  const float v = rintf(y * up) * down;
+  return v > lim ? lim : v < -lim ? -lim : v;
+}
+
 // Runtime-format wrappers (host code, tests).
 inline FoldKey fold_key_rt(ElemFormat f, const uint8_t* codes, uint8_t scale) {
   switch (f) {
