@@ -115,16 +115,25 @@ __global__ void __launch_bounds__(128) gemm_ref_kernel(MxSegments A, MxSegments 
 // CTA tile 128 x 256: each consumer warpgroup owns 64 rows and both 128-column halves
 // (two m64n128 MMAs per k32 step, promoted one half at a time: 128 accumulators plus a
 // 64-register temporary, hence the register split below).
-constexpr int kBM = 128, kBN = 256, kBK = 128, kStages = 4;
+constexpr int kBM = 128, kBK = 128;
 constexpr int kTileBytesA = kBM * kBK;           // E4M3 tiles
-constexpr int kTileBytesW = kBN * kBK;
 constexpr int kFactorBytesA = kBM * 4 * 4;       // fp32 factors [rows][4 blocks]
-constexpr int kFactorBytesW = kBN * 4 * 4;
 constexpr int kFactorBoxRows = 64;              // 256 fp32 factors, the largest TMA box side
 constexpr int kWideK = 64;                      // bf16 elements per 128-byte tile row (MXFP8 part)
-constexpr int kStageBytes = kTileBytesA + kTileBytesW + kFactorBytesA + kFactorBytesW;
-constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 2 * kStages * 8;
 constexpr int kThreads = 384;  // warpgroup 0: producer; 1 and 2: consumers
+
+// The CTA tile's column count kBN (256: each consumer warpgroup owns 64 x 256 in two
+// 128-column halves; 128: 64 x 128, which leaves registers for a second temporary so that
+// the next K tile's MMAs run while this one is promoted) and what follows from it.
+template <int kBN>
+struct TileN {
+  static constexpr int kHalves = kBN / 128;
+  static constexpr int kTileBytesW = kBN * kBK;
+  static constexpr int kFactorBytesW = kBN * 4 * 4;
+  static constexpr int kStageBytes = kTileBytesA + kTileBytesW + kFactorBytesA + kFactorBytesW;
+  static constexpr int kStages = kBN == 256 ? 4 : 6;
+  static constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 2 * kStages * 8;
+};
 
 // Alternating schedule: the consumer warpgroups take turns issuing their MMAs, group by
 // group (warpgroup 0 first), so that one promotes while the tensor cores run the other's
@@ -154,6 +163,7 @@ struct Turn {
 // whose A and W tiles stay in L2 (with column tiles fastest, a GEMM with many column tiles
 // such as gate_up reread all of W from DRAM once per row tile).
 constexpr int kBandTiles = 8;
+template <int kBN>
 __device__ __forceinline__ void tile_origin(int tile, int tiles_m, int tiles_n, int* m0, int* n0) {
   const int first = tile / (kBandTiles * tiles_n) * kBandTiles;
   const int rows = min(kBandTiles, tiles_m - first), idx = tile - first * tiles_n;
@@ -171,21 +181,12 @@ __device__ __forceinline__ void wgmma_chain(float* d, uint64_t da, uint64_t db, 
   wgmma_commit();
 }
 
-// One group of n (1..4) consecutive 32-blocks starting at j0: n wgmma k32 into tmp,
-// then acc += tmp * (factor_a[row] * factor_w[col]). kSharedW: the 128 columns of this
-// half share one W factor (weights folded in row groups), read once.
+// acc += tmp * (factor_a[row] * factor_w[col]) for one m64n128 half, block j0's factors.
+// kSharedW: the 128 columns of this half share one W factor (weights folded in row groups),
+// read once.
 template <bool kSharedW>
-__device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, uint64_t db, int j0, int n,
-                                          const float* fa, const float* fw, int row0, int lane, Turn& turn) {
-  turn.wait();
-  switch (n) {
-    case 4: wgmma_chain<4>(tmp, da, db, j0); break;
-    case 3: wgmma_chain<3>(tmp, da, db, j0); break;
-    case 2: wgmma_chain<2>(tmp, da, db, j0); break;
-    default: wgmma_chain<1>(tmp, da, db, j0); break;
-  }
-  turn.pass();
-  wgmma_wait0();
+__device__ __forceinline__ void promote(float* acc, const float* tmp, const float* fa, const float* fw, int j0,
+                                        int row0, int lane) {
   const float a0 = fa[row0 * 4 + j0], a1 = fa[(row0 + 8) * 4 + j0];
   if constexpr (kSharedW) {
     const float s0 = a0 * fw[j0], s1 = a1 * fw[j0];
@@ -198,7 +199,7 @@ __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, u
     }
   } else {
 #pragma unroll
-    for (int jj = 0; jj < 128 / 8; ++jj) {  // one m64n128 half
+    for (int jj = 0; jj < 128 / 8; ++jj) {
       const int c = jj * 8 + 2 * (lane % 4);
       const float w0 = fw[c * 4 + j0], w1 = fw[(c + 1) * 4 + j0];
       acc[4 * jj + 0] = fmaf(tmp[4 * jj + 0], a0 * w0, acc[4 * jj + 0]);
@@ -209,12 +210,37 @@ __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, u
   }
 }
 
-template <bool kAlternate, bool kGroupedW>
+// n (1..4) consecutive k32 steps from block j0 into tmp, one committed batch.
+__device__ __forceinline__ void issue_group(float* tmp, uint64_t da, uint64_t db, int j0, int n) {
+  switch (n) {
+    case 4: wgmma_chain<4>(tmp, da, db, j0); break;
+    case 3: wgmma_chain<3>(tmp, da, db, j0); break;
+    case 2: wgmma_chain<2>(tmp, da, db, j0); break;
+    default: wgmma_chain<1>(tmp, da, db, j0); break;
+  }
+}
+
+// One group of n (1..4) consecutive 32-blocks starting at j0: n wgmma k32 into tmp, then
+// its promotion.
+template <bool kSharedW>
+__device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, uint64_t db, int j0, int n,
+                                          const float* fa, const float* fw, int row0, int lane, Turn& turn) {
+  turn.wait();
+  issue_group(tmp, da, db, j0, n);
+  turn.pass();
+  wgmma_wait0();
+  promote<kSharedW>(acc, tmp, fa, fw, j0, row0, lane);
+}
+
+template <bool kAlternate, bool kGroupedW, int kBN>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_fp8_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                     const __grid_constant__ CUtensorMap map_fa, const __grid_constant__ CUtensorMap map_fw,
                     const __grid_constant__ CUtensorMap map_a8, const __grid_constant__ CUtensorMap map_w8,
                     uint16_t* __restrict__ Y, int M, int N, int nblk, int k8b, int wide_tiles) {
+  using T = TileN<kBN>;
+  constexpr int kStages = T::kStages, kStageBytes = T::kStageBytes, kTileBytesW = T::kTileBytesW;
+  constexpr int kFactorBytesW = T::kFactorBytesW, kHalves = T::kHalves;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* tiles_a = base;
@@ -248,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       int it = 0;  // k-tiles issued by this CTA so far
       for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
         int m0, n0;
-        tile_origin(tile, tiles_m, tiles_n, &m0, &n0);
+        tile_origin<kBN>(tile, tiles_m, tiles_n, &m0, &n0);
         for (int t = 0; t < ktiles; ++t, ++it) {
           const int s = it % kStages;
           if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) - 1) & 1);
@@ -279,41 +305,86 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = threadIdx.x / 128 - 1;
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
   const int row0 = wg * 64 + warp * 16 + lane / 4;  // this thread's first row in the CTA tile
-  float acc[2 * 64], tmp[64];
+  float acc[kHalves * 64], tmp[64], tmp2[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) tmp[i] = 0.0f;
+  for (int i = 0; i < 64; ++i) tmp[i] = tmp2[i] = 0.0f;
   const int groups_per_tile = (folded_blocks + 3) / 4 + (wide_tiles > 0 ? 0 : nblk - folded_blocks);
   const int my_tiles = (num_tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
-  Turn turn{kAlternate, wg, 0, 2 * groups_per_tile * my_tiles};  // two halves per group
+  Turn turn{kAlternate, wg, 0, kHalves * groups_per_tile * my_tiles};  // a turn per half and group
   const bool pair_ok = (N % 2) == 0;
+  // One group per K tile (its folded blocks; the MXFP8 blocks, if any, in the bf16 part):
+  // the 128-column tile runs it software-pipelined.
+  const bool one_group = wide_tiles > 0 || k8b >= nblk;
 
   int it = 0;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     int m0, n0;
-    tile_origin(tile, tiles_m, tiles_n, &m0, &n0);
+    tile_origin<kBN>(tile, tiles_m, tiles_n, &m0, &n0);
 #pragma unroll
-    for (int i = 0; i < 2 * 64; ++i) acc[i] = 0.0f;
-    for (int t = 0; t < ktiles; ++t, ++it) {
-      const int s = it % kStages;
-      mbar_wait(&full[s], (it / kStages) & 1);
-      const int nb = min(4, nblk - 4 * t);
-      const int nf = folded_blocks_in_tile(t, nblk, k8b);
-      const uint64_t da = smem_desc(tiles_a + s * kTileBytesA + wg * 64 * kBK);
-      const float* fa = fac_a + s * (kFactorBytesA / 4);
-      for (int h = 0; h < 2; ++h) {  // column halves [128h, 128h + 128)
-        const uint64_t db = smem_desc(tiles_w + s * kTileBytesW + h * 128 * kBK);
-        const float* fw = fac_w + s * (kFactorBytesW / 4) + h * 128 * 4;
-        float* acc_h = acc + 64 * h;
-        int j = 0;
-        if (nf > 0) {
-          run_group<kGroupedW>(acc_h, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
-          j = nf;
-        }
-        if (wide_tiles == 0)
-          for (; j < nb; ++j) run_group<false>(acc_h, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
+    for (int i = 0; i < kHalves * 64; ++i) acc[i] = 0.0f;
+    if (kBN == 128 && one_group && ktiles >= 2) {
+      // K tile t's MMAs go into one of two temporaries while the other, holding K tile t - 1,
+      // is promoted: the tensor cores do not wait for the promotion.
+      const int it0 = it;
+      auto issue = [&](float* buf, int t) {
+        const int s = (it0 + t) % kStages;
+        mbar_wait(&full[s], ((it0 + t) / kStages) & 1);
+        issue_group(buf, smem_desc(tiles_a + s * kTileBytesA + wg * 64 * kBK), smem_desc(tiles_w + s * kTileBytesW), 0,
+                    folded_blocks_in_tile(t, nblk, k8b));
+      };
+      auto retire = [&](float* cur, int t) {  // after the wait that completes K tile t
+        fence_operands<64>(cur);  // keeps the promotion's reads of cur after that wait
+        const int s = (it0 + t) % kStages;
+        promote<kGroupedW>(acc, cur, fac_a + s * (kFactorBytesA / 4), fac_w + s * (kFactorBytesW / 4), 0, row0, lane);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[s]);
+      };
+      // Straight-line steps with fixed roles of the two temporaries (ptxas tracks which
+      // batch is in flight; with the roles chosen at run time it serialized the MMAs).
+      int t = 0;
+      issue(tmp, 0);
+      for (; t + 2 < ktiles; t += 2) {  // tmp holds K tile t in flight
+        issue(tmp2, t + 1);
+        wgmma_wait<1>();
+        retire(tmp, t);
+        issue(tmp, t + 2);
+        wgmma_wait<1>();
+        retire(tmp2, t + 1);
       }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[s]);
+      if (t + 1 < ktiles) {
+        issue(tmp2, t + 1);
+        wgmma_wait<1>();
+        retire(tmp, t);
+        wgmma_wait0();
+        retire(tmp2, t + 1);
+      } else {
+        wgmma_wait0();
+        retire(tmp, t);
+      }
+      it += ktiles;
+    } else {
+      for (int t = 0; t < ktiles; ++t, ++it) {
+        const int s = it % kStages;
+        mbar_wait(&full[s], (it / kStages) & 1);
+        const int nb = min(4, nblk - 4 * t);
+        const int nf = folded_blocks_in_tile(t, nblk, k8b);
+        const uint64_t da = smem_desc(tiles_a + s * kTileBytesA + wg * 64 * kBK);
+        const float* fa = fac_a + s * (kFactorBytesA / 4);
+        for (int h = 0; h < kHalves; ++h) {  // column halves [128h, 128h + 128)
+          const uint64_t db = smem_desc(tiles_w + s * kTileBytesW + h * 128 * kBK);
+          const float* fw = fac_w + s * (kFactorBytesW / 4) + h * 128 * 4;
+          float* acc_h = acc + 64 * h;
+          int j = 0;
+          if (nf > 0) {
+            run_group<kGroupedW>(acc_h, tmp, da, db, 0, nf, fa, fw, row0, lane, turn);
+            j = nf;
+          }
+          if (wide_tiles == 0)
+            for (; j < nb; ++j) run_group<false>(acc_h, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[s]);
+      }
     }
     // The MXFP8 part as exact bf16 values: products and sums in fp32 like the promotions,
     // accumulated straight into acc.
@@ -321,23 +392,23 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int s = it % kStages;
       mbar_wait(&full[s], (it / kStages) & 1);
       const uint64_t da = smem_desc(tiles_a + s * kTileBytesA + wg * 64 * kBK);
-      fence_operands<2 * 64>(acc);
+      fence_operands<kHalves * 64>(acc);
       wgmma_fence();
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < kHalves; ++h) {
         const uint64_t db = smem_desc(tiles_w + s * kTileBytesW + h * 128 * kBK);
 #pragma unroll
         for (int i = 0; i < kWideK / 16; ++i) wgmma_m64n128k16_bf16(acc + 64 * h, da + 2 * i, db + 2 * i, 1);
       }
       wgmma_commit();
       wgmma_wait0();
-      fence_operands<2 * 64>(acc);
+      fence_operands<kHalves * 64>(acc);
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);
     }
 
 #pragma unroll
-    for (int jj = 0; jj < kBN / 8; ++jj) {  // the two halves back to back: column n0 + 8 jj + ...
+    for (int jj = 0; jj < kBN / 8; ++jj) {  // the halves back to back: column n0 + 8 jj + ...
       const int col = n0 + jj * 8 + 2 * (lane % 4);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -367,10 +438,13 @@ cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, 
   return cudaGetLastError();
 }
 
-cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
-                        cudaStream_t stream, Fp8Schedule schedule) {
-  if (!plan.valid() || ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM) > INT32_MAX) return cudaErrorInvalidValue;
-  if (M == 0 || N == 0) return cudaSuccess;
+namespace {
+
+template <int kBN>
+cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
+                       cudaStream_t stream, bool alternate) {
+  using T = TileN<kBN>;
+  if (((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM) > INT32_MAX) return cudaErrorInvalidValue;
   const int k = plan.k(), ktiles = folded_fstride(k) / 4;
   CUtensorMap ma, mw, mfa, mfw;
   if (!make_map(&ma, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, A.q, k, M, kBK, kBM, CU_TENSOR_MAP_SWIZZLE_128B) ||
@@ -380,7 +454,6 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
       !make_map(&mfw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, W.f, 4 * N, ktiles, 4 * kFactorBoxRows, 1,
                 CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
-  if (A.row_group != 1 || (W.row_group != 1 && W.row_group != kWeightRowGroup)) return cudaErrorInvalidValue;
   const bool wide = plan.p8 > 0 && A.mx8 != nullptr && W.mx8 != nullptr;
   CUtensorMap ma8{}, mw8{};
   if (wide && (!make_map(&ma8, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, A.mx8, plan.p8, M, kWideK, kBM,
@@ -392,20 +465,33 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
   static std::once_flag once;
   static cudaError_t attr = cudaSuccess;
   std::call_once(once, [] {
-    for (auto kernel : {gemm_fp8_kernel<true, false>, gemm_fp8_kernel<false, false>, gemm_fp8_kernel<true, true>,
-                        gemm_fp8_kernel<false, true>})
-      if (attr == cudaSuccess) attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    for (auto kernel : {gemm_fp8_kernel<true, false, kBN>, gemm_fp8_kernel<false, false, kBN>,
+                        gemm_fp8_kernel<true, true, kBN>, gemm_fp8_kernel<false, true, kBN>})
+      if (attr == cudaSuccess)
+        attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   });
   if (attr != cudaSuccess) return attr;
   const int64_t num_tiles = ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(num_tiles, device_sm_count())));
-  if (schedule == Fp8Schedule::Auto) schedule = plan.p8 > 0 ? Fp8Schedule::Concurrent : Fp8Schedule::Alternating;
-  const bool alternate = schedule == Fp8Schedule::Alternating, grouped = W.row_group != 1;
-  auto kernel = alternate ? (grouped ? gemm_fp8_kernel<true, true> : gemm_fp8_kernel<true, false>)
-                          : (grouped ? gemm_fp8_kernel<false, true> : gemm_fp8_kernel<false, false>);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(ma, mw, mfa, mfw, ma8, mw8, Y, static_cast<int>(M),
-                                                 static_cast<int>(N), plan.blocks(), plan.first_fp8_block(), wide_tiles);
+  const bool grouped = W.row_group != 1;
+  auto kernel = alternate ? (grouped ? gemm_fp8_kernel<true, true, kBN> : gemm_fp8_kernel<true, false, kBN>)
+                          : (grouped ? gemm_fp8_kernel<false, true, kBN> : gemm_fp8_kernel<false, false, kBN>);
+  kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(ma, mw, mfa, mfw, ma8, mw8, Y, static_cast<int>(M),
+                                                    static_cast<int>(N), plan.blocks(), plan.first_fp8_block(),
+                                                    wide_tiles);
   return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
+                        cudaStream_t stream, Fp8Schedule schedule) {
+  if (!plan.valid()) return cudaErrorInvalidValue;
+  if (M == 0 || N == 0) return cudaSuccess;
+  if (A.row_group != 1 || (W.row_group != 1 && W.row_group != kWeightRowGroup)) return cudaErrorInvalidValue;
+  if (schedule == Fp8Schedule::Auto) schedule = plan.p8 > 0 ? Fp8Schedule::Concurrent : Fp8Schedule::Alternating;
+  if (schedule == Fp8Schedule::Pipelined) return launch_fp8<128>(A, W, M, N, plan, Y, stream, false);
+  return launch_fp8<256>(A, W, M, N, plan, Y, stream, schedule == Fp8Schedule::Alternating);
 }
 
 }  // namespace micromix::cuda

@@ -368,12 +368,14 @@ GemmResult compare(const std::vector<uint16_t>& y, const std::vector<double>& r,
 
 // Fp8 and Fp8Concurrent run the MXFP8 part on bf16 operands (FoldedOperand::mx8, as the
 // runtime does); Fp8PerBlock promotes each MXFP8 block on its own.
-enum class Path { Reference, Fp8, Fp8Concurrent, Fp8PerBlock, Decode, DecodeCudaCores, DecodeTensorCores };
+// Fp8Pipelined: 128 x 128 tiles, the next K tile's MMAs issued before this one's promotion.
+enum class Path { Reference, Fp8, Fp8Concurrent, Fp8Pipelined, Fp8PerBlock, Decode, DecodeCudaCores, DecodeTensorCores };
 const char* path_name(Path p) {
   switch (p) {
     case Path::Reference: return "reference";
     case Path::Fp8: return "fp8";
     case Path::Fp8Concurrent: return "fp8-concurrent";
+    case Path::Fp8Pipelined: return "fp8-pipelined";
     case Path::Fp8PerBlock: return "fp8-per-block-mxfp8";
     case Path::Decode: return "decode";
     case Path::DecodeCudaCores: return "decode-cuda-cores";
@@ -388,6 +390,8 @@ cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, in
     case Path::Fp8: return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Alternating);
     case Path::Fp8Concurrent:
       return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Concurrent);
+    case Path::Fp8Pipelined:
+      return mx_gemm_fp8(A.folded(), W.folded(), M, N, A.plan, y, nullptr, Fp8Schedule::Pipelined);
     case Path::Fp8PerBlock:
       return mx_gemm_fp8(per_block_mxfp8(A.folded()), per_block_mxfp8(W.folded()), M, N, A.plan, y, nullptr);
     case Path::Decode: return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr);
@@ -454,14 +458,14 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   reference(ha, hw, r, s, n_lossy > 0 ? &tt : nullptr);
   DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
   DeviceBuffer<float> ws(static_cast<size_t>(std::min<int64_t>(M, kDecodeMaxM)) * N);
-  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Fp8PerBlock, Path::DecodeCudaCores,
-                 Path::DecodeTensorCores}) {
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Fp8Pipelined, Path::Fp8PerBlock,
+                 Path::DecodeCudaCores, Path::DecodeTensorCores}) {
     if (is_decode(p) && M > kDecodeMaxM) continue;
     CK(cudaMemset(y.ptr, 0xFF, y.count * 2));  // NaN poison
     CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
     CK(cudaDeviceSynchronize());
     const auto yh = y.download();
-    const bool fp8 = p == Path::Fp8 || p == Path::Fp8Concurrent || p == Path::Fp8PerBlock;
+    const bool fp8 = p == Path::Fp8 || p == Path::Fp8Concurrent || p == Path::Fp8Pipelined || p == Path::Fp8PerBlock;
     const GemmResult g = compare(yh, r, s, std::ldexp(1.0, -10), n_lossy > 0 && fp8 ? &tt : nullptr);
     std::printf("  [%s] M=%lld N=%lld K=%d plan=%d/%d/%d%s: max err/bound %.3g, rel norm err %.3g, lossy %llu\n",
                 path_name(p), static_cast<long long>(M), static_cast<long long>(N), K, c.plan.p4, c.plan.p6, c.plan.p8,
@@ -483,7 +487,8 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   EXPECT_EQ(ref.lossy, 0u);
   EXPECT_EQ(lossy.download()[0], 0u) << "grouped fold of W: lossy elements";
   expect_same_fold(W, ref, "grouped GPU fold of W");
-  for (const Fp8Schedule schedule : {Fp8Schedule::Alternating, Fp8Schedule::Concurrent, Fp8Schedule::Auto}) {
+  for (const Fp8Schedule schedule :
+       {Fp8Schedule::Alternating, Fp8Schedule::Concurrent, Fp8Schedule::Pipelined, Fp8Schedule::Auto}) {
     const bool wide = schedule != Fp8Schedule::Auto;  // Auto: here with per-block MXFP8 promotions
     CK(cudaMemset(y.ptr, 0xFF, y.count * 2));
     CK(mx_gemm_fp8(wide ? A.folded() : per_block_mxfp8(A.folded()), wide ? wg : per_block_mxfp8(wg), M, N, c.plan,
@@ -491,8 +496,9 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
     CK(cudaDeviceSynchronize());
     const GemmResult g = compare(y.download(), r, s, std::ldexp(1.0, -10), n_lossy > 0 ? &tt : nullptr);
     const char* name = schedule == Fp8Schedule::Alternating ? "fp8, grouped W"
-                       : wide                              ? "fp8-concurrent, grouped W"
-                                                           : "fp8-per-block-mxfp8, grouped W";
+                       : schedule == Fp8Schedule::Pipelined ? "fp8-pipelined, grouped W"
+                       : wide                               ? "fp8-concurrent, grouped W"
+                                                            : "fp8-per-block-mxfp8, grouped W";
     std::printf("  [%s] M=%lld N=%lld K=%d: max err/bound %.3g, rel norm err %.3g\n", name, static_cast<long long>(M),
                 static_cast<long long>(N), K, g.max_ratio, g.rel_norm);
     EXPECT_EQ(g.non_finite, 0u) << name;
@@ -575,8 +581,8 @@ TEST(MxGemm, SmallNanPropagation) {
       }
     EXPECT_EQ(wrong, 0u) << what;
   };
-  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Fp8PerBlock, Path::DecodeCudaCores,
-                 Path::DecodeTensorCores}) {
+  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Fp8Pipelined, Path::Fp8PerBlock,
+                 Path::DecodeCudaCores, Path::DecodeTensorCores}) {
     CK(cudaMemset(y.ptr, 0, y.count * 2));
     CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
     CK(cudaDeviceSynchronize());
@@ -585,7 +591,7 @@ TEST(MxGemm, SmallNanPropagation) {
   // Grouped W: the NaN rows stay NaN through their payloads and poison no other column.
   const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr};
   CK(fold_operand(W.segments(), N, plan, wg, nullptr, nullptr));
-  for (const Fp8Schedule schedule : {Fp8Schedule::Alternating, Fp8Schedule::Concurrent}) {
+  for (const Fp8Schedule schedule : {Fp8Schedule::Alternating, Fp8Schedule::Concurrent, Fp8Schedule::Pipelined}) {
     CK(cudaMemset(y.ptr, 0, y.count * 2));
     CK(mx_gemm_fp8(A.folded(), wg, M, N, plan, y.ptr, nullptr, schedule));
     CK(cudaDeviceSynchronize());

@@ -88,6 +88,7 @@ template <int kN>
 inline void fence_operands(float*) {}
 inline void wgmma_commit() {}
 inline void wgmma_wait0() {}
+template <int kPending> inline void wgmma_wait() {}
 template <int kRegs>
 inline void setmaxnreg_inc() {}
 template <int kRegs>
