@@ -387,24 +387,37 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     // The MXFP8 part as exact bf16 values: products and sums in fp32 like the promotions,
-    // accumulated straight into acc.
-    for (int u = 0; u < wide_tiles; ++u, ++it) {
-      const int s = it % kStages;
-      mbar_wait(&full[s], (it / kStages) & 1);
-      const uint64_t da = smem_desc(tiles_a + s * kTileBytesA + wg * 64 * kBK);
+    // accumulated straight into acc. Stage u's MMAs are issued before stage u - 1 is waited
+    // for and released, so the tensor cores run back to back.
+    if (wide_tiles > 0) {
+      auto issue_wide = [&](int u) {
+        const int s = (it + u) % kStages;
+        mbar_wait(&full[s], ((it + u) / kStages) & 1);
+        const uint64_t da = smem_desc(tiles_a + s * kTileBytesA + wg * 64 * kBK);
+        wgmma_fence();
+#pragma unroll
+        for (int h = 0; h < kHalves; ++h) {
+          const uint64_t db = smem_desc(tiles_w + s * kTileBytesW + h * 128 * kBK);
+#pragma unroll
+          for (int i = 0; i < kWideK / 16; ++i) wgmma_m64n128k16_bf16(acc + 64 * h, da + 2 * i, db + 2 * i, 1);
+        }
+        wgmma_commit();
+      };
+      auto release = [&](int u) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[(it + u) % kStages]);
+      };
       fence_operands<kHalves * 64>(acc);
-      wgmma_fence();
-#pragma unroll
-      for (int h = 0; h < kHalves; ++h) {
-        const uint64_t db = smem_desc(tiles_w + s * kTileBytesW + h * 128 * kBK);
-#pragma unroll
-        for (int i = 0; i < kWideK / 16; ++i) wgmma_m64n128k16_bf16(acc + 64 * h, da + 2 * i, db + 2 * i, 1);
+      issue_wide(0);
+      for (int u = 1; u < wide_tiles; ++u) {
+        issue_wide(u);
+        wgmma_wait<1>();
+        release(u - 1);
       }
-      wgmma_commit();
       wgmma_wait0();
       fence_operands<kHalves * 64>(acc);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[s]);
+      release(wide_tiles - 1);
+      it += wide_tiles;
     }
 
 #pragma unroll
@@ -489,7 +502,11 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
   if (!plan.valid()) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   if (A.row_group != 1 || (W.row_group != 1 && W.row_group != kWeightRowGroup)) return cudaErrorInvalidValue;
-  if (schedule == Fp8Schedule::Auto) schedule = plan.p8 > 0 ? Fp8Schedule::Concurrent : Fp8Schedule::Alternating;
+  // Measured on H100 (docs/kernels.md section 6): Pipelined wherever the folded part is most of
+  // K (the authors' plans, all-MXFP4); with MXFP8 the majority its bf16 stages run better on the
+  // wider tiles.
+  if (schedule == Fp8Schedule::Auto)
+    schedule = plan.p4 + plan.p6 >= plan.p8 ? Fp8Schedule::Pipelined : Fp8Schedule::Alternating;
   if (schedule == Fp8Schedule::Pipelined) return launch_fp8<128>(A, W, M, N, plan, Y, stream, false);
   return launch_fp8<256>(A, W, M, N, plan, Y, stream, schedule == Fp8Schedule::Alternating);
 }
