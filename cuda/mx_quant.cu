@@ -161,6 +161,19 @@ __device__ __forceinline__ FoldKey fold_scale_and_key(const float* v, ScaleRule 
   return key;
 }
 
+// The rare blocks (NaN, shifts outside the window) through their element codes, out of line so
+// that their registers do not count against the fast path's; v is a copy, so that the
+// caller's values can stay in registers.
+template <ElemFormat F>
+__device__ __noinline__ void fold_values_by_codes(const float* v, ScaleRule rule, uint8_t sb, FoldKey group,
+                                                  int64_t m, int b, int64_t rows, MixPlan plan, FoldedOperand folded,
+                                                  unsigned* lossy, const FoldTable* table) {
+  uint8_t codes[kBlockSize];
+  quantize_block(F, rule, v, kBlockSize, codes);
+  store_folded(F == ElemFormat::E2M1 ? 0 : F == ElemFormat::E3M2 ? 1 : 2, codes, sb, group, m, b, rows, plan, folded,
+               lossy, table);
+}
+
 template <ElemFormat F>
 __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint8_t sb, FoldKey group, int64_t m, int b,
                                             int64_t rows, const MixPlan& plan, const FoldedOperand& folded,
@@ -172,9 +185,10 @@ __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint
   if constexpr (is_folded_format(F))
     fast = fast && !group.nan && group.key != INT_MIN && s - e >= fold_window_bottom(F) && s - e <= fold_window_top(F);
   if (!fast) {
-    uint8_t codes[kBlockSize];
-    quantize_block(F, rule, v, kBlockSize, codes);
-    store_folded(seg, codes, sb, group, m, b, rows, plan, folded, lossy, table);
+    float copy[kBlockSize];
+#pragma unroll
+    for (int i = 0; i < kBlockSize; ++i) copy[i] = v[i];
+    fold_values_by_codes<F>(copy, rule, sb, group, m, b, rows, plan, folded, lossy, table);
     return;
   }
   const float y_scale = exp2i(kScaleBias - static_cast<int>(sb));  // encode_scaled's product
@@ -205,8 +219,10 @@ __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint
 
 __device__ __forceinline__ float bf16f(uint16_t h) { return bf16_bits_to_float(h); }
 
-template <bool kNorm>
-__global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int64_t ldx, const uint16_t* __restrict__ gamma,
+// kFoldedOnly: prefill's form (folded operand, no packed output), compiled on its own so that
+// its register count (and so its occupancy) is not that of the codes path.
+template <bool kNorm, bool kFoldedOnly>
+__global__ void __launch_bounds__(256, 3) act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int64_t ldx, const uint16_t* __restrict__ gamma,
                                  float eps, const int32_t* __restrict__ perm, MixPlan plan, ScaleRule rule,
                                  MxSegments packed, FoldedOperand folded, float* inv_rms_out,
                                  unsigned long long* lossy_count) {
@@ -268,8 +284,7 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
     unsigned lossy = 0;
     const int nloop = folded.q != nullptr ? fstride : nblk;
     // Prefill wants only the folded operand: straight from the values (fold_values).
-    const bool folded_only = folded.q != nullptr && packed.q4 == nullptr && packed.q6 == nullptr &&
-                             packed.q8 == nullptr && packed.scales == nullptr;
+    constexpr bool folded_only = kFoldedOnly;
     // A row's blocks may be split over gridDim.y CTAs (few rows: decode); warp-uniform
     // trip count (shuffles inside), starts aligned to whole 128-wide tiles.
     for (int b0 = blockIdx.y * blockDim.x; b0 < nloop; b0 += gridDim.y * blockDim.x) {
@@ -295,7 +310,7 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t M, int6
         }
       }
       uint8_t sb = 0;
-      if (folded_only) {
+      if constexpr (folded_only) {
         FoldKey key;
         if (valid) key = seg == 0 ? fold_scale_and_key<ElemFormat::E2M1>(v, rule, &sb)
                        : seg == 1 ? fold_scale_and_key<ElemFormat::E3M2>(v, rule, &sb)
@@ -516,9 +531,11 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
   if (!kNorm && folded.q == nullptr && M <= kDecodeMaxM)
     return launch_lanes(RowsSource{x, ldx}, M, perm, plan, rule, packed, stream);
   const size_t smem = static_cast<size_t>(plan.k()) * (2 * sizeof(uint16_t) + (kNorm ? sizeof(float) : 0));
+  const bool folded_only = folded.q != nullptr && packed.q4 == nullptr && packed.q6 == nullptr &&
+                           packed.q8 == nullptr && packed.scales == nullptr;
+  auto kernel = folded_only ? act_quant_kernel<kNorm, true> : act_quant_kernel<kNorm, false>;
   if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(act_quant_kernel<kNorm>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
   int threads = act_threads(plan.blocks());
@@ -530,10 +547,10 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
     splits = std::max(1, std::min<int>((nloop + threads - 1) / threads, static_cast<int>(2 * sms / M)));
   }
   int per_sm = 0;
-  cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, act_quant_kernel<kNorm>, threads, smem);
+  cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
   if (e != cudaSuccess) return e;
   const int64_t grid = std::min<int64_t>(M, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
-  act_quant_kernel<kNorm><<<dim3(static_cast<unsigned>(grid), static_cast<unsigned>(splits)), threads, smem, stream>>>(
+  kernel<<<dim3(static_cast<unsigned>(grid), static_cast<unsigned>(splits)), threads, smem, stream>>>(
       x, M, ldx, gamma, eps, perm, plan, rule, packed, folded, inv_rms, lossy);
   return cudaGetLastError();
 }
