@@ -410,22 +410,53 @@ __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_
   else quantize_block_by_lanes<ElemFormat::E4M3>(v, rule, lane, at.bytes, scale);
 }
 
+// The packed bytes of block b (< nblk) of row m in vector loads (FP4 16 bytes and FP8 32 at
+// 16-byte alignment, FP6 24 at 8: the segments' row strides are multiples of those), and its
+// scale; returns the segment.
+__device__ __forceinline__ int load_block_raw(const MxSegments& in, const MixPlan& plan, int64_t m, int b,
+                                              uint32_t* raw, uint8_t* scale) {
+  *scale = in.scales[m * plan.blocks() + b];
+  const BlockAt at = block_at(in, plan, m, b);
+  if (at.seg == 1) {
+    const uint2* p = reinterpret_cast<const uint2*>(at.bytes);
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      const uint2 w = p[i];
+      raw[2 * i] = w.x;
+      raw[2 * i + 1] = w.y;
+    }
+    raw[6] = raw[7] = 0;
+  } else {
+    const uint4* p = reinterpret_cast<const uint4*>(at.bytes);
+    const uint4 w0 = p[0], w1 = at.seg == 2 ? p[1] : make_uint4(0, 0, 0, 0);
+    raw[0] = w0.x; raw[1] = w0.y; raw[2] = w0.z; raw[3] = w0.w;
+    raw[4] = w1.x; raw[5] = w1.y; raw[6] = w1.z; raw[7] = w1.w;
+  }
+  return at.seg;
+}
+
+__device__ __forceinline__ void codes_from_raw(int seg, const uint32_t* raw, uint8_t* codes) {
+  uint8_t bytes[kBlockSize];
+  memcpy(bytes, raw, kBlockSize);
+  if (seg == 0) {
+#pragma unroll
+    for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E2M1, bytes, i);
+  } else if (seg == 1) {
+#pragma unroll
+    for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E3M2, bytes, i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kBlockSize; ++i) codes[i] = bytes[i];
+  }
+}
+
 // Codes and scale of block b (< nblk) of row m of a packed matrix; returns the segment.
 __device__ __forceinline__ int load_block(const MxSegments& in, const MixPlan& plan, int64_t m, int b,
                                           uint8_t* codes, uint8_t* scale) {
-  *scale = in.scales[m * plan.blocks() + b];
-  const BlockAt at = block_at(in, plan, m, b);
-  if (at.seg == 0) {
-#pragma unroll
-    for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E2M1, at.bytes, i);
-  } else if (at.seg == 1) {
-#pragma unroll
-    for (int i = 0; i < kBlockSize; ++i) codes[i] = unpack_code(ElemFormat::E3M2, at.bytes, i);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kBlockSize; ++i) codes[i] = at.bytes[i];
-  }
-  return at.seg;
+  uint32_t raw[8];
+  const int seg = load_block_raw(in, plan, m, b, raw, scale);
+  codes_from_raw(seg, raw, codes);
+  return seg;
 }
 
 // Per-row folding (out.row_group == 1): one thread per (row, block), the four lanes of a
@@ -462,16 +493,26 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
   const int k = plan.k(), nblk = k / kBlockSize, b8 = plan.first_fp8_block();
   const int t = blockIdx.y, j = threadIdx.x % 4, b = 4 * t + j;
   const int64_t group0 = static_cast<int64_t>(blockIdx.x) * kWeightRowGroup;
+  constexpr int kPasses = kWeightRowGroup / kRowsPerPass;
   uint8_t codes[kBlockSize];
-  uint8_t scale = 0;
+  // Every pass's block is loaded once, up front, and kept in registers for both phases.
+  uint32_t raw[kPasses][8];
+  uint8_t scales[kPasses];
+  int segs[kPasses];
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int64_t m = group0 + pass * kRowsPerPass + threadIdx.x / 4;
+    segs[pass] = m < rows && b < nblk ? load_block_raw(in, plan, m, b, raw[pass], &scales[pass]) : -1;
+  }
   int key = INT_MIN;
-  for (int pass = 0; pass < kWeightRowGroup / kRowsPerPass; ++pass) {
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
     const int local = pass * kRowsPerPass + threadIdx.x / 4;
-    const int64_t m = group0 + local;
     FoldKey mine;
-    if (m < rows && b < nblk && b < b8) {
-      const int seg = load_block(in, plan, m, b, codes, &scale);
-      mine = seg == 0 ? fold_key<ElemFormat::E2M1>(codes, scale) : fold_key<ElemFormat::E3M2>(codes, scale);
+    if (segs[pass] >= 0 && b < b8) {
+      codes_from_raw(segs[pass], raw[pass], codes);
+      mine = segs[pass] == 0 ? fold_key<ElemFormat::E2M1>(codes, scales[pass])
+                             : fold_key<ElemFormat::E3M2>(codes, scales[pass]);
     }
     const FoldKey row = tile_reduce(mine);  // the row's four blocks
     if (j == 0) row_nan[local] = row.nan;
@@ -485,7 +526,8 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
   __syncthreads();
   const int group_key = max(max(warp_key[0], warp_key[1]), max(warp_key[2], warp_key[3]));
   unsigned lossy = 0;
-  for (int pass = 0; pass < kWeightRowGroup / kRowsPerPass; ++pass) {
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
     const int local = pass * kRowsPerPass + threadIdx.x / 4;
     const int64_t m = group0 + local;
     if (m >= rows) continue;
@@ -493,7 +535,9 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
       out.f[folded_factor_index(m, b, rows)] = 0.0f;
       continue;
     }
-    const int seg = load_block(in, plan, m, b, codes, &scale);
+    const int seg = segs[pass];
+    const uint8_t scale = scales[pass];
+    codes_from_raw(seg, raw[pass], codes);
     const FoldKey use{group_key, row_nan[local]};
     uint8_t payload[kBlockSize];
     float factor;
