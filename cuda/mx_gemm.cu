@@ -258,6 +258,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // bf16 operands, wide_tiles stages of kWideK) those holding folded blocks.
   const int folded_blocks = min(k8b, nblk);
   const int ktiles = wide_tiles > 0 ? (folded_blocks + 3) / 4 : (nblk + 3) / 4;
+  // One group per K tile (its folded blocks; the MXFP8 blocks, if any, in the bf16 part).
+  const bool one_group = wide_tiles > 0 || k8b >= nblk;
+  // Grouped W with one group per tile: the promotions read only the first row's factors of
+  // each 128-row group, so only those 16 bytes are loaded (map_fw's box is then 4 x 1).
+  const bool group_factors_only = kGroupedW && one_group;
+  const int stage_bytes = group_factors_only ? kStageBytes - kFactorBytesW + kHalves * 16 : kStageBytes;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -278,16 +284,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int t = 0; t < ktiles; ++t, ++it) {
           const int s = it % kStages;
           if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) - 1) & 1);
-          mbar_expect_tx(&full[s], kStageBytes);
+          mbar_expect_tx(&full[s], stage_bytes);
           tma_load_2d(tiles_a + s * kTileBytesA, &map_a, &full[s], t * kBK, m0);
           tma_load_2d(tiles_w + s * kTileBytesW, &map_w, &full[s], t * kBK, n0);
           // Factors, [rows][4] per K tile (mx::folded_factor_index): 1 KB boxes of 64 rows.
           for (int c = 0; c < kBM / kFactorBoxRows; ++c)
             tma_load_2d(fac_a + s * (kFactorBytesA / 4) + c * kFactorBoxRows * 4, &map_fa, &full[s],
                         (m0 + c * kFactorBoxRows) * 4, t);
-          for (int c = 0; c < kBN / kFactorBoxRows; ++c)
-            tma_load_2d(fac_w + s * (kFactorBytesW / 4) + c * kFactorBoxRows * 4, &map_fw, &full[s],
-                        (n0 + c * kFactorBoxRows) * 4, t);
+          if (group_factors_only)
+            for (int h = 0; h < kHalves; ++h)
+              tma_load_2d(fac_w + s * (kFactorBytesW / 4) + h * 128 * 4, &map_fw, &full[s], (n0 + h * 128) * 4, t);
+          else
+            for (int c = 0; c < kBN / kFactorBoxRows; ++c)
+              tma_load_2d(fac_w + s * (kFactorBytesW / 4) + c * kFactorBoxRows * 4, &map_fw, &full[s],
+                          (n0 + c * kFactorBoxRows) * 4, t);
         }
         for (int u = 0; u < wide_tiles; ++u, ++it) {  // same tile bytes: 128 or 256 rows x 64 bf16
           const int s = it % kStages;
@@ -312,9 +322,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int my_tiles = (num_tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
   Turn turn{kAlternate, wg, 0, kHalves * groups_per_tile * my_tiles};  // a turn per half and group
   const bool pair_ok = (N % 2) == 0;
-  // One group per K tile (its folded blocks; the MXFP8 blocks, if any, in the bf16 part):
-  // the 128-column tile runs it software-pipelined.
-  const bool one_group = wide_tiles > 0 || k8b >= nblk;
+  // With one group per K tile the 128-column tile runs it software-pipelined.
 
   int it = 0;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
@@ -459,15 +467,17 @@ cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, M
   using T = TileN<kBN>;
   if (((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM) > INT32_MAX) return cudaErrorInvalidValue;
   const int k = plan.k(), ktiles = folded_fstride(k) / 4;
+  const bool wide = plan.p8 > 0 && A.mx8 != nullptr && W.mx8 != nullptr;
+  // The kernel's group_factors_only, decided the same way.
+  const bool group_factors_only = W.row_group != 1 && (wide || plan.p8 == 0);
   CUtensorMap ma, mw, mfa, mfw;
   if (!make_map(&ma, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, A.q, k, M, kBK, kBM, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&mw, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, W.q, k, N, kBK, kBN, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&mfa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, A.f, 4 * M, ktiles, 4 * kFactorBoxRows, 1,
                 CU_TENSOR_MAP_SWIZZLE_NONE) ||
-      !make_map(&mfw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, W.f, 4 * N, ktiles, 4 * kFactorBoxRows, 1,
-                CU_TENSOR_MAP_SWIZZLE_NONE))
+      !make_map(&mfw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, W.f, 4 * N, ktiles,
+                group_factors_only ? 4 : 4 * kFactorBoxRows, 1, CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
-  const bool wide = plan.p8 > 0 && A.mx8 != nullptr && W.mx8 != nullptr;
   CUtensorMap ma8{}, mw8{};
   if (wide && (!make_map(&ma8, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, A.mx8, plan.p8, M, kWideK, kBM,
                          CU_TENSOR_MAP_SWIZZLE_128B) ||
