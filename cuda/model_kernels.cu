@@ -100,6 +100,8 @@ __device__ __forceinline__ int current_position(const AttentionShape& s) {
 }
 
 // Grid (rows, chunks): chunk c of a row takes every gridDim.y-th block of blockDim.x pairs.
+// Four rotated pairs per thread (head_dim a multiple of 8: 8- and 16-byte accesses): pair i of
+// a head is (i, i + half) for neox, (2i, 2i + 1) otherwise; v is copied eight channels at a time.
 __global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __restrict__ bias, AttentionShape s,
                             const float2* __restrict__ rope, bool neox, uint16_t* __restrict__ q,
                             uint16_t* __restrict__ k_cache, uint16_t* __restrict__ v_cache) {
@@ -108,29 +110,61 @@ __global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __res
   const int hd = s.head_dim, half = hd / 2, q_dim = s.q_dim(), kv_dim = s.kv_dim();
   const uint16_t* src = qkv + row * (q_dim + 2 * kv_dim);
   const float2* cs = rope + static_cast<int64_t>(pos) * half;
-  auto value = [&](int c) { return bf16_bits_to_float(src[c]) + (bias != nullptr ? bias[c] : 0.0f); };
-  // Rotated pairs: q heads, then k heads.
-  const int pairs = (s.n_heads + s.n_kv_heads) * half;
+  auto cache_row = [&](uint16_t* cache, int kvh) {
+    return cache + ((static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context + pos) * hd;
+  };
+  // Rotated pairs: q heads, then k heads, four at a time.
+  const int quads = (s.n_heads + s.n_kv_heads) * half / 4;
   const int first = blockIdx.y * blockDim.x, step = gridDim.y * blockDim.x;
-  for (int p = first + threadIdx.x; p < pairs; p += step) {
-    const int head = p / half, i = p % half;
-    const int c0 = head * hd + (neox ? i : 2 * i), c1 = c0 + (neox ? half : 1);
-    const float x0 = value(c0), x1 = value(c1), c = cs[i].x, sn = cs[i].y;
-    const uint16_t y0 = float_to_bf16_bits(x0 * c - x1 * sn), y1 = float_to_bf16_bits(x0 * sn + x1 * c);
-    if (head < s.n_heads) {
-      q[row * q_dim + c0] = y0;
-      q[row * q_dim + c1] = y1;
+  for (int p = first + threadIdx.x; p < quads; p += step) {
+    const int head = 4 * p / half, i0 = 4 * p % half;
+    const int c0 = head * hd + (neox ? i0 : 2 * i0);  // first channel of the four pairs
+    float x0[4], x1[4];
+    if (neox) {
+      const uint2 lo = *reinterpret_cast<const uint2*>(src + c0), hi = *reinterpret_cast<const uint2*>(src + c0 + half);
+      const uint32_t l[2] = {lo.x, lo.y}, h[2] = {hi.x, hi.y};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        x0[j] = bf16_bits_to_float(static_cast<uint16_t>(l[j / 2] >> (16 * (j % 2))));
+        x1[j] = bf16_bits_to_float(static_cast<uint16_t>(h[j / 2] >> (16 * (j % 2))));
+        if (bias != nullptr) x0[j] += bias[c0 + j], x1[j] += bias[c0 + half + j];
+      }
     } else {
-      const int kvh = head - s.n_heads;
-      uint16_t* dst = k_cache + ((static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context + pos) * hd;
-      dst[c0 - q_dim - kvh * hd] = y0;
-      dst[c1 - q_dim - kvh * hd] = y1;
+      const uint4 v = *reinterpret_cast<const uint4*>(src + c0);
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        x0[j] = bf16_bits_to_float(static_cast<uint16_t>(w[j]));
+        x1[j] = bf16_bits_to_float(static_cast<uint16_t>(w[j] >> 16));
+        if (bias != nullptr) x0[j] += bias[c0 + 2 * j], x1[j] += bias[c0 + 2 * j + 1];
+      }
+    }
+    uint32_t y[4];  // packed (y0, y1) of each pair
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float c = cs[i0 + j].x, sn = cs[i0 + j].y;
+      y[j] = pack_bf16x2(x0[j] * c - x1[j] * sn, x0[j] * sn + x1[j] * c);
+    }
+    uint16_t* dst = head < s.n_heads ? q + row * q_dim + c0 : cache_row(k_cache, head - s.n_heads) + (c0 - q_dim) % hd;
+    if (neox) {
+      *reinterpret_cast<uint2*>(dst) = make_uint2((y[0] & 0xFFFFu) | (y[1] << 16), (y[2] & 0xFFFFu) | (y[3] << 16));
+      *reinterpret_cast<uint2*>(dst + half) =
+          make_uint2((y[0] >> 16) | (y[1] & 0xFFFF0000u), (y[2] >> 16) | (y[3] & 0xFFFF0000u));
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(y[0], y[1], y[2], y[3]);
     }
   }
-  for (int c = first + threadIdx.x; c < kv_dim; c += step) {
-    const int kvh = c / hd;
-    v_cache[((static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context + pos) * hd + c % hd] =
-        float_to_bf16_bits(value(q_dim + kv_dim + c));
+  for (int c = 8 * (first + threadIdx.x); c < kv_dim; c += 8 * step) {
+    const uint4 v = *reinterpret_cast<const uint4*>(src + q_dim + kv_dim + c);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    uint32_t o[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float lo = bf16_bits_to_float(static_cast<uint16_t>(w[j])), hi = bf16_bits_to_float(static_cast<uint16_t>(w[j] >> 16));
+      if (bias != nullptr) lo += bias[q_dim + kv_dim + c + 2 * j], hi += bias[q_dim + kv_dim + c + 2 * j + 1];
+      o[j] = pack_bf16x2(lo, hi);
+    }
+    *reinterpret_cast<uint4*>(cache_row(v_cache, c / hd) + c % hd) = make_uint4(o[0], o[1], o[2], o[3]);
   }
 }
 
@@ -436,12 +470,12 @@ cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, cons
 
 cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
                            bool neox, uint16_t* q, uint16_t* k_cache, uint16_t* v_cache, cudaStream_t stream) {
-  if (s.rows() <= 0 || s.position + s.tokens > s.max_context || s.head_dim % 2 != 0) return cudaErrorInvalidValue;
+  if (s.rows() <= 0 || s.position + s.tokens > s.max_context || s.head_dim % 8 != 0) return cudaErrorInvalidValue;
   // A CTA per row; with fewer rows than multiprocessors (decode) each row is split over CTAs
-  // of 128 threads, one pair per thread, instead of one CTA looping over the heads.
-  const int64_t pairs = static_cast<int64_t>(s.n_heads + s.n_kv_heads) * s.head_dim / 2;
+  // of 128 threads, four pairs per thread, instead of one CTA looping over the heads.
+  const int64_t quads = static_cast<int64_t>(s.n_heads + s.n_kv_heads) * s.head_dim / 8;
   const bool few_rows = s.rows() < device_sm_count();
-  const unsigned threads = few_rows ? 128 : row_threads(pairs), chunks = few_rows ? (pairs + 127) / 128 : 1;
+  const unsigned threads = few_rows ? 128 : row_threads(quads), chunks = few_rows ? (quads + 127) / 128 : 1;
   rope_kernel<<<dim3(grid_rows(s.rows()), chunks), threads, 0, stream>>>(qkv, bias, s, rope, neox, q, k_cache, v_cache);
   return cudaGetLastError();
 }

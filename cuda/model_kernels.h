@@ -40,7 +40,7 @@ struct AttentionShape {
 // qkv bf16 [rows, q_dim + 2 kv_dim] (+ bias fp32 [q_dim + 2 kv_dim] when set): rotates q
 // and k (rope: [max_context, head_dim / 2] (cos, sin) pairs; neox: pairs (i, i + d/2),
 // else (2i, 2i+1)), writes q bf16 [rows, q_dim] and k, v into the layer's cache, bf16
-// [batch, n_kv_heads, max_context, head_dim].
+// [batch, n_kv_heads, max_context, head_dim]. head_dim a multiple of 8; pointers 16-byte aligned.
 cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
                            bool neox, uint16_t* q, uint16_t* k_cache, uint16_t* v_cache, cudaStream_t stream);
 
