@@ -5,12 +5,13 @@
 // and multiplied with the bf16 tensor cores (wmma 16x16x16, fp32 accumulation).
 //
 // mx_gemm_fp8: the fast path on folded E4M3 operands (see mx_quant.cu and
-// docs/kernels.md): 128x256 CTA tiles, TMA loads with 128-byte swizzle into a 4-stage
+// docs/kernels.md): 128x256 or 128x128 CTA tiles, TMA loads with 128-byte swizzle into a
 // shared-memory ring, one producer thread, two consumer warpgroups each issuing wgmma
-// m64n128k32 (FP8) for each 128-column half into a temporary accumulator, promoted into
-// the fp32 result once per 128-K tile (times the two operands' factors, exact powers of
-// two). The MXFP8 part runs on its exact bf16 values (m64n128k16) straight into the fp32
-// result when both operands carry them, else as FP8 promoted once per 32-block.
+// m64n128k32 (FP8) per 128-column half into a temporary accumulator, promoted into the fp32
+// result once per 128-K tile (times the two operands' factors, exact powers of two); with
+// 128x128 tiles the next K tile's MMAs run into a second temporary during the promotion.
+// The MXFP8 part runs on its exact bf16 values (m64n128k16) straight into the fp32 result
+// when both operands carry them, else as FP8 promoted once per 32-block.
 #include <mma.h>
 #include <cuda_bf16.h>
 
@@ -112,9 +113,8 @@ __global__ void __launch_bounds__(128) gemm_ref_kernel(MxSegments A, MxSegments 
 // FP8 tensor-core path (sm_90a)
 // ---------------------------------------------------------------------------------
 
-// CTA tile 128 x 256: each consumer warpgroup owns 64 rows and both 128-column halves
-// (two m64n128 MMAs per k32 step, promoted one half at a time: 128 accumulators plus a
-// 64-register temporary, hence the register split below).
+// CTA tiles of 128 rows; each consumer warpgroup owns 64 of them (TileN below for the
+// columns). K step 128, the producer/consumer register split below.
 constexpr int kBM = 128, kBK = 128;
 constexpr int kTileBytesA = kBM * kBK;           // E4M3 tiles
 constexpr int kFactorBytesA = kBM * 4 * 4;       // fp32 factors [rows][4 blocks]
@@ -322,7 +322,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int my_tiles = (num_tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
   Turn turn{kAlternate, wg, 0, kHalves * groups_per_tile * my_tiles};  // a turn per half and group
   const bool pair_ok = (N % 2) == 0;
-  // With one group per K tile the 128-column tile runs it software-pipelined.
 
   int it = 0;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
@@ -331,8 +330,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kHalves * 64; ++i) acc[i] = 0.0f;
     if (kBN == 128 && one_group && ktiles >= 2) {
-      // K tile t's MMAs go into one of two temporaries while the other, holding K tile t - 1,
-      // is promoted: the tensor cores do not wait for the promotion.
+      // Software-pipelined (one group per K tile): K tile t's MMAs go into one of two
+      // temporaries while the other, holding K tile t - 1, is promoted, so the tensor cores
+      // do not wait for the promotion.
       const int it0 = it;
       auto issue = [&](float* buf, int t) {
         const int s = (it0 + t) % kStages;
@@ -347,8 +347,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[s]);
       };
-      // Straight-line steps with fixed roles of the two temporaries (ptxas tracks which
-      // batch is in flight; with the roles chosen at run time it serialized the MMAs).
+      // Straight-line steps with fixed roles of the two temporaries and the first K tile issued
+      // unconditionally: with a conditional first issue ptxas could not tell which batch was
+      // in flight and serialized every wgmma (warning C7514).
       int t = 0;
       issue(tmp, 0);
       for (; t + 2 < ktiles; t += 2) {  // tmp holds K tile t in flight
