@@ -220,6 +220,12 @@ __device__ __forceinline__ void issue_group(float* tmp, uint64_t da, uint64_t db
   }
 }
 
+// A consumer warp is done with a ring stage: lane 0 arrives for the warp.
+__device__ __forceinline__ void release_stage(uint64_t* empty, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(empty);
+}
+
 // One group of n (1..4) consecutive 32-blocks starting at j0: n wgmma k32 into tmp, then
 // its promotion.
 template <bool kSharedW>
@@ -228,7 +234,7 @@ __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, u
   turn.wait();
   issue_group(tmp, da, db, j0, n);
   turn.pass();
-  wgmma_wait0();
+  wgmma_wait<0>();
   promote<kSharedW>(acc, tmp, fa, fw, j0, row0, lane);
 }
 
@@ -237,7 +243,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     gemm_fp8_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                     const __grid_constant__ CUtensorMap map_fa, const __grid_constant__ CUtensorMap map_fw,
                     const __grid_constant__ CUtensorMap map_a8, const __grid_constant__ CUtensorMap map_w8,
-                    uint16_t* __restrict__ Y, int M, int N, int nblk, int k8b, int wide_tiles) {
+                    uint16_t* __restrict__ Y, int M, int N, int nblk, int k8b, int wide_tiles,
+                    bool group_factors_only) {
   using T = TileN<kBN>;
   constexpr int kStages = T::kStages, kStageBytes = T::kStageBytes, kTileBytesW = T::kTileBytesW;
   constexpr int kFactorBytesW = T::kFactorBytesW, kHalves = T::kHalves;
@@ -260,9 +267,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int ktiles = wide_tiles > 0 ? (folded_blocks + 3) / 4 : (nblk + 3) / 4;
   // One group per K tile (its folded blocks; the MXFP8 blocks, if any, in the bf16 part).
   const bool one_group = wide_tiles > 0 || k8b >= nblk;
-  // Grouped W with one group per tile: the promotions read only the first row's factors of
-  // each 128-row group, so only those 16 bytes are loaded (map_fw's box is then 4 x 1).
-  const bool group_factors_only = kGroupedW && one_group;
+  // group_factors_only (grouped W with one group per tile; the host sets it together with
+  // map_fw's 4 x 1 box): the promotions read only the first row's factors of each 128-row
+  // group, so only those 16 bytes are loaded.
   const int stage_bytes = group_factors_only ? kStageBytes - kFactorBytesW + kHalves * 16 : kStageBytes;
 
   if (threadIdx.x == 0) {
@@ -344,8 +351,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_operands<64>(cur);  // keeps the promotion's reads of cur after that wait
         const int s = (it0 + t) % kStages;
         promote<kGroupedW>(acc, cur, fac_a + s * (kFactorBytesA / 4), fac_w + s * (kFactorBytesW / 4), 0, row0, lane);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[s]);
+        release_stage(&empty[s], lane);
       };
       // Straight-line steps with fixed roles of the two temporaries and the first K tile issued
       // unconditionally: with a conditional first issue ptxas could not tell which batch was
@@ -364,10 +370,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         issue(tmp2, t + 1);
         wgmma_wait<1>();
         retire(tmp, t);
-        wgmma_wait0();
+        wgmma_wait<0>();
         retire(tmp2, t + 1);
       } else {
-        wgmma_wait0();
+        wgmma_wait<0>();
         retire(tmp, t);
       }
       it += ktiles;
@@ -391,8 +397,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (wide_tiles == 0)
             for (; j < nb; ++j) run_group<false>(acc_h, tmp, da, db, j, 1, fa, fw, row0, lane, turn);
         }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[s]);
+        release_stage(&empty[s], lane);
       }
     }
     // The MXFP8 part as exact bf16 values: products and sums in fp32 like the promotions,
@@ -412,10 +417,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         wgmma_commit();
       };
-      auto release = [&](int u) {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[(it + u) % kStages]);
-      };
+      auto release = [&](int u) { release_stage(&empty[(it + u) % kStages], lane); };
       fence_operands<kHalves * 64>(acc);
       issue_wide(0);
       for (int u = 1; u < wide_tiles; ++u) {
@@ -423,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_wait<1>();
         release(u - 1);
       }
-      wgmma_wait0();
+      wgmma_wait<0>();
       fence_operands<kHalves * 64>(acc);
       release(wide_tiles - 1);
       it += wide_tiles;
@@ -469,7 +471,8 @@ cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, M
   if (((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM) > INT32_MAX) return cudaErrorInvalidValue;
   const int k = plan.k(), ktiles = folded_fstride(k) / 4;
   const bool wide = plan.p8 > 0 && A.mx8 != nullptr && W.mx8 != nullptr;
-  // The kernel's group_factors_only, decided the same way.
+  // Grouped W with one group per K tile (the MXFP8 part, if any, on bf16 operands): the kernel
+  // loads only each group's first factor row.
   const bool group_factors_only = W.row_group != 1 && (wide || plan.p8 == 0);
   CUtensorMap ma, mw, mfa, mfw;
   if (!make_map(&ma, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, A.q, k, M, kBK, kBM, CU_TENSOR_MAP_SWIZZLE_128B) ||
@@ -502,7 +505,7 @@ cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, M
                           : (grouped ? gemm_fp8_kernel<false, true, kBN> : gemm_fp8_kernel<false, false, kBN>);
   kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(ma, mw, mfa, mfw, ma8, mw8, Y, static_cast<int>(M),
                                                     static_cast<int>(N), plan.blocks(), plan.first_fp8_block(),
-                                                    wide_tiles);
+                                                    wide_tiles, group_factors_only);
   return cudaGetLastError();
 }
 

@@ -165,13 +165,12 @@ __device__ __forceinline__ FoldKey fold_scale_and_key(const float* v, ScaleRule 
 // that their registers do not count against the fast path's; v is a copy, so that the
 // caller's values can stay in registers.
 template <ElemFormat F>
-__device__ __noinline__ void fold_values_by_codes(const float* v, ScaleRule rule, uint8_t sb, FoldKey group,
+__device__ __noinline__ void fold_values_by_codes(int seg, const float* v, ScaleRule rule, uint8_t sb, FoldKey group,
                                                   int64_t m, int b, int64_t rows, MixPlan plan, FoldedOperand folded,
                                                   unsigned* lossy, const FoldTable* table) {
   uint8_t codes[kBlockSize];
   quantize_block(F, rule, v, kBlockSize, codes);
-  store_folded(F == ElemFormat::E2M1 ? 0 : F == ElemFormat::E3M2 ? 1 : 2, codes, sb, group, m, b, rows, plan, folded,
-               lossy, table);
+  store_folded(seg, codes, sb, group, m, b, rows, plan, folded, lossy, table);
 }
 
 template <ElemFormat F>
@@ -180,15 +179,14 @@ __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint
                                             unsigned* lossy, const FoldTable* table) {
   constexpr int seg = F == ElemFormat::E2M1 ? 0 : F == ElemFormat::E3M2 ? 1 : 2;
   const int s = static_cast<int>(sb) - kScaleBias;
-  const int e = group.key == INT_MIN ? 0 : group.key;
+  const int e = fold_exponent(group.key);
   bool fast = sb != kScaleNaN;
-  if constexpr (is_folded_format(F))
-    fast = fast && !group.nan && group.key != INT_MIN && s - e >= fold_window_bottom(F) && s - e <= fold_window_top(F);
+  if constexpr (is_folded_format(F)) fast = fast && !group.nan && group.key != INT_MIN && fold_shift_exact<F>(s, e);
   if (!fast) {
     float copy[kBlockSize];
 #pragma unroll
     for (int i = 0; i < kBlockSize; ++i) copy[i] = v[i];
-    fold_values_by_codes<F>(copy, rule, sb, group, m, b, rows, plan, folded, lossy, table);
+    fold_values_by_codes<F>(seg, copy, rule, sb, group, m, b, rows, plan, folded, lossy, table);
     return;
   }
   const float y_scale = exp2i(kScaleBias - static_cast<int>(sb));  // encode_scaled's product
@@ -283,8 +281,6 @@ __global__ void __launch_bounds__(256, 3) act_quant_kernel(const uint16_t* __res
     const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
     unsigned lossy = 0;
     const int nloop = folded.q != nullptr ? fstride : nblk;
-    // Prefill wants only the folded operand: straight from the values (fold_values).
-    constexpr bool folded_only = kFoldedOnly;
     // A row's blocks may be split over gridDim.y CTAs (few rows: decode); warp-uniform
     // trip count (shuffles inside), starts aligned to whole 128-wide tiles.
     for (int b0 = blockIdx.y * blockDim.x; b0 < nloop; b0 += gridDim.y * blockDim.x) {
@@ -310,7 +306,7 @@ __global__ void __launch_bounds__(256, 3) act_quant_kernel(const uint16_t* __res
         }
       }
       uint8_t sb = 0;
-      if constexpr (folded_only) {
+      if constexpr (kFoldedOnly) {  // prefill's form: straight from the values (fold_values)
         FoldKey key;
         if (valid) key = seg == 0 ? fold_scale_and_key<ElemFormat::E2M1>(v, rule, &sb)
                        : seg == 1 ? fold_scale_and_key<ElemFormat::E3M2>(v, rule, &sb)
@@ -544,7 +540,7 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
     if (seg == 0) factor = fold_payload<ElemFormat::E2M1>(codes, scale, use, payload, &lossy, &table);
     else if (seg == 1) factor = fold_payload<ElemFormat::E3M2>(codes, scale, use, payload, &lossy, &table);
     else factor = fold_payload<ElemFormat::E4M3>(codes, scale, use, payload, &lossy);
-    if (seg < 2 && factor != factor) factor = exp2i(group_key == INT_MIN ? 0 : group_key);  // NaN rides on the payload
+    if (seg < 2 && factor != factor) factor = exp2i(fold_exponent(group_key));  // NaN rides on the payload
     store_bytes(out.q + m * k + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
     out.f[folded_factor_index(m, b, rows)] = factor;
     if (seg == 2) store_mx8(codes, scale, m, b, plan, out);

@@ -59,6 +59,15 @@ MICROMIX_HD FoldKey fold_key(const uint8_t* codes, uint8_t scale) {
   }
 }
 
+// A tile's fold exponent E from its combined key (0 when none of its folded blocks is nonzero).
+MICROMIX_HD constexpr int fold_exponent(int key) { return key == INT_MIN ? 0 : key; }
+
+// Whether a block with scale exponent s folds exactly into a group of exponent e.
+template <ElemFormat F>
+MICROMIX_HD constexpr bool fold_shift_exact(int s, int e) {
+  return s - e >= fold_window_bottom(F) && s - e <= fold_window_top(F);
+}
+
 // Payloads inside the exact windows, tabulated with encode_elem/decode_elem: one lookup
 // per element instead of a decode and an encode (880 bytes, kept in shared memory).
 struct FoldTable {
@@ -96,8 +105,8 @@ MICROMIX_HD float fold_payload(const uint8_t* codes, uint8_t scale, FoldKey grou
     for (int i = 0; i < kBlockSize; ++i) payload[i] = codes[i];
     return exp2i(s);
   } else {
-    const int e = group.key == INT_MIN ? 0 : group.key;
-    if (table != nullptr && s - e >= fold_window_bottom(F) && s - e <= fold_window_top(F)) {
+    const int e = fold_exponent(group.key);
+    if (table != nullptr && fold_shift_exact<F>(s, e)) {
       const uint8_t* row = F == ElemFormat::E2M1 ? table->fp4[s - e - fold_window_bottom(F)]
                                                  : table->fp6[s - e - fold_window_bottom(F)];
       MICROMIX_UNROLL
@@ -265,7 +274,7 @@ inline FoldedMx fold_rows(const SegmentedMx& m, int row_group = 1) {
           unsigned lossy = 0;
           float f = fold_payload_rt(kSegmentFormat[segment_of_block(p, b)], &codes[((r - g0) * 4 + j) * kBlockSize],
                                     m.scales[r * nblk + b], use, out.q.data() + r * p.k() + b * kBlockSize, &lossy);
-          if (row_group > 1 && b < b8 && f != f) f = exp2i(group_key == INT_MIN ? 0 : group_key);
+          if (row_group > 1 && b < b8 && f != f) f = exp2i(fold_exponent(group_key));
           out.f[folded_factor_index(r, b, m.rows)] = f;
           out.lossy += lossy;
         }

@@ -87,7 +87,6 @@ inline void wgmma_fence() {}
 template <int kN>
 inline void fence_operands(float*) {}
 inline void wgmma_commit() {}
-inline void wgmma_wait0() {}
 template <int kPending> inline void wgmma_wait() {}
 template <int kRegs>
 inline void setmaxnreg_inc() {}
