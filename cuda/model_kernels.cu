@@ -53,6 +53,7 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 // load-store iterations would cost a memory latency each.
 __global__ void embed_kernel(const int32_t* __restrict__ tokens, const uint16_t* __restrict__ table, int hidden,
                              float* __restrict__ x) {
+  ptx::chain_enter();
   const int64_t t = blockIdx.x;
   const uint2* src = reinterpret_cast<const uint2*>(table + static_cast<int64_t>(tokens[t]) * hidden);
   float4* dst = reinterpret_cast<float4*>(x + t * hidden);
@@ -67,6 +68,7 @@ __global__ void embed_kernel(const int32_t* __restrict__ tokens, const uint16_t*
 
 __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __restrict__ y, int hidden,
                                    const float* __restrict__ gamma, float eps, uint16_t* __restrict__ out) {
+  ptx::chain_enter();
   const int64_t r = blockIdx.x;
   float4* xr = reinterpret_cast<float4*>(x + r * hidden);
   const uint2* yr = reinterpret_cast<const uint2*>(y + r * hidden);
@@ -105,6 +107,7 @@ __device__ __forceinline__ int current_position(const AttentionShape& s) {
 __global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __restrict__ bias, AttentionShape s,
                             const float2* __restrict__ rope, bool neox, uint16_t* __restrict__ q,
                             uint16_t* __restrict__ k_cache, uint16_t* __restrict__ v_cache) {
+  ptx::chain_enter();
   const int64_t row = blockIdx.x;
   const int b = static_cast<int>(row / s.tokens), pos = current_position(s) + static_cast<int>(row % s.tokens);
   const int hd = s.head_dim, half = hd / 2, q_dim = s.q_dim(), kv_dim = s.kv_dim();
@@ -191,6 +194,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
                                                                  float* part_o, float* part_lse) {
   constexpr int KS = D + 8;
   extern __shared__ __align__(16) uint16_t attn_smem[];
+  ptx::chain_enter();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int kvh = blockIdx.y, b = blockIdx.z / splits, split = blockIdx.z % splits;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group, q_dim = s.q_dim();
@@ -356,6 +360,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
 __global__ void attention_merge_kernel(const float* part_o, const float* part_lse, AttentionShape s, int splits,
                                        uint16_t* out) {
   __shared__ float lse_s[kMaxAttnSplits];
+  ptx::chain_enter();
   const int row = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, d = threadIdx.x;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group;
   const int64_t stride = static_cast<int64_t>(s.batch) * s.n_kv_heads * rows;
@@ -457,15 +462,14 @@ unsigned row_threads(int64_t work) {
 cudaError_t embed_tokens(const int32_t* tokens, int64_t M, const uint16_t* table, int hidden, float* x,
                          cudaStream_t stream) {
   if (M <= 0 || hidden % 4 != 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
-  embed_kernel<<<grid_rows(M), row_threads(hidden / 4), 0, stream>>>(tokens, table, hidden, x);
-  return cudaGetLastError();
+  return ptx::launch_chained(embed_kernel, grid_rows(M), row_threads(hidden / 4), 0, stream, tokens, table, hidden, x);
 }
 
 cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, const float* gamma, float eps,
                         uint16_t* out, cudaStream_t stream) {
   if (M <= 0 || hidden % 4 != 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
-  add_rmsnorm_kernel<<<grid_rows(M), row_threads(hidden / 4), 0, stream>>>(x, y, hidden, gamma, eps, out);
-  return cudaGetLastError();
+  return ptx::launch_chained(add_rmsnorm_kernel, grid_rows(M), row_threads(hidden / 4), 0, stream, x, y, hidden, gamma,
+                             eps, out);
 }
 
 cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
@@ -476,8 +480,8 @@ cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const Attenti
   const int64_t quads = static_cast<int64_t>(s.n_heads + s.n_kv_heads) * s.head_dim / 8;
   const bool few_rows = s.rows() < device_sm_count();
   const unsigned threads = few_rows ? 128 : row_threads(quads), chunks = few_rows ? (quads + 127) / 128 : 1;
-  rope_kernel<<<dim3(grid_rows(s.rows()), chunks), threads, 0, stream>>>(qkv, bias, s, rope, neox, q, k_cache, v_cache);
-  return cudaGetLastError();
+  return ptx::launch_chained(rope_kernel, dim3(grid_rows(s.rows()), chunks), threads, 0, stream, qkv, bias, s, rope, neox,
+                             q, k_cache, v_cache);
 }
 
 bool attention_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
@@ -518,18 +522,17 @@ cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t
                                                    attention_smem_bytes<128>());
   }();
   if (attr != cudaSuccess) return attr;
-  if (s.head_dim == 64)
-    attention_kernel<64><<<grid, kAttnThreads, attention_smem_bytes<64>(), stream>>>(q, k_cache, v_cache, s, splits, out,
-                                                                                     part_o, part_lse);
-  else
-    attention_kernel<128><<<grid, kAttnThreads, attention_smem_bytes<128>(), stream>>>(q, k_cache, v_cache, s, splits,
-                                                                                       out, part_o, part_lse);
-  cudaError_t e = cudaGetLastError();
+  const cudaError_t e =
+      s.head_dim == 64
+          ? ptx::launch_chained(attention_kernel<64>, grid, kAttnThreads, attention_smem_bytes<64>(), stream, q, k_cache,
+                                v_cache, s, splits, out, part_o, part_lse)
+          : ptx::launch_chained(attention_kernel<128>, grid, kAttnThreads, attention_smem_bytes<128>(), stream, q,
+                                k_cache, v_cache, s, splits, out, part_o, part_lse);
   if (e != cudaSuccess || splits == 1) return e;
-  attention_merge_kernel<<<dim3(static_cast<unsigned>(group_rows), static_cast<unsigned>(s.n_kv_heads),
-                                static_cast<unsigned>(s.batch)),
-                           static_cast<unsigned>(s.head_dim), 0, stream>>>(part_o, part_lse, s, splits, out);
-  return cudaGetLastError();
+  return ptx::launch_chained(attention_merge_kernel,
+                             dim3(static_cast<unsigned>(group_rows), static_cast<unsigned>(s.n_kv_heads),
+                                  static_cast<unsigned>(s.batch)),
+                             static_cast<unsigned>(s.head_dim), 0, stream, part_o, part_lse, s, splits, out);
 }
 
 cudaError_t swiglu(const uint16_t* gate_up, int64_t M, int ffn, uint16_t* out, cudaStream_t stream) {

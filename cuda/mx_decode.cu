@@ -356,6 +356,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_t
   // This warp's contiguous share of the K blocks, split at the segment boundaries.
   const int nblk = plan.blocks(), per = (nblk + kTcWarps - 1) / kTcWarps;
   const int start = min(warp * per, nblk), end = min(start + per, nblk);
+  ptx::chain_enter();  // the activations come from the kernel before
   const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
   if (start < b4) decode_segment<ElemFormat::E2M1, NT, kUnroll>(lane_segment<NT>(A, W, plan, 0, M, N, n0, g, t), start, min(end, b4), t, acc);
   if (start < b8 && end > b4)
@@ -425,14 +426,10 @@ cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan p
   // Measured on H100 (docs/kernels.md, section 6): two 8-warp CTAs per multiprocessor
   // beat one of 16 warps where the grid covers the GPU (qkv, gate_up), and lose where it
   // does not (o, down: 128 CTAs).
-  if (grid >= static_cast<unsigned>(device_sm_count())) {
-    if (M <= 8) decode_tc_kernel<1, 8, 2><<<grid, 8 * 32, 0, stream>>>(A, W, M, N, plan, Y);
-    else decode_tc_kernel<2, 8, 1><<<grid, 8 * 32, 0, stream>>>(A, W, M, N, plan, Y);
-  } else {
-    if (M <= 8) decode_tc_kernel<1, 16, 4><<<grid, 16 * 32, 0, stream>>>(A, W, M, N, plan, Y);
-    else decode_tc_kernel<2, 16, 2><<<grid, 16 * 32, 0, stream>>>(A, W, M, N, plan, Y);
-  }
-  return cudaGetLastError();
+  const bool two_per_sm = grid >= static_cast<unsigned>(device_sm_count());
+  auto kernel = two_per_sm ? (M <= 8 ? decode_tc_kernel<1, 8, 2> : decode_tc_kernel<2, 8, 1>)
+                           : (M <= 8 ? decode_tc_kernel<1, 16, 4> : decode_tc_kernel<2, 16, 2>);
+  return ptx::launch_chained(kernel, grid, (two_per_sm ? 8 : 16) * 32, 0, stream, A, W, M, N, plan, Y);
 }
 
 }  // namespace

@@ -103,6 +103,13 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
 // Multiprocessors of the current device (read once).
 int device_sm_count();
 
+// Chained launches (programmatic dependent launch) of the decode path's kernels: each is
+// launched while the one before it finishes and waits on the device, not on the host's
+// launch path. On by default; MICROMIX_CHAINED_LAUNCH=0 or set_chained_launches(false) turns them off
+// for comparison. CUDA graphs capture the setting in force when they are recorded.
+void set_chained_launches(bool on);
+bool chained_launches();
+
 // Decode path (M <= 16): streams the packed weights once. Auto and TensorCores: E4M3
 // mma.sync with every lane loading its fragments straight from the packed codes (the faster
 // one at every measured shape); CudaCores: the second implementation, which needs workspace

@@ -1,5 +1,6 @@
 // PTX wrappers used by the micromix kernels (sm_90a): mbarriers, 2-D TMA tile loads,
-// shared-memory matrix descriptors, wgmma (FP8), mma.sync (bf16, E4M3), ldmatrix, cp.async, named barriers, and the
+// shared-memory matrix descriptors, wgmma (FP8), mma.sync (bf16, E4M3), ldmatrix, cp.async,
+// named barriers, chained launches (programmatic dependent launch), and the
 // host-side encoding of TMA tensor maps. Kept in one header so that the kernels' source can
 // also be executed on the CPU with stand-ins of these functions (tests/cuda/cpu/).
 #pragma once
@@ -8,8 +9,12 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
+#include <utility>
 
 namespace micromix::cuda::ptx {
 
@@ -161,6 +166,45 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Chained launches (programmatic dependent launch). A kernel started by launch_chained may
+// begin while the kernel before it in the stream is still running: before chain_wait() it
+// may only read data that no earlier kernel writes (weights), and it must write nothing.
+// chain_wait() returns once the previous kernel has finished and its writes are visible; as
+// every chained kernel waits before it finishes, that covers all earlier kernels too.
+// chain_release() then lets the next kernel's CTAs be scheduled. Called after the wait, it
+// keeps at most one kernel waiting ahead of the one running.
+__device__ __forceinline__ void chain_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void chain_release() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void chain_enter() {
+  chain_wait();
+  chain_release();
+}
+
+// On unless MICROMIX_CHAINED_LAUNCH=0; set_chained_launches (mx_kernels.h) changes it.
+inline std::atomic<bool>& chained_launch_setting() {
+  static std::atomic<bool> on = [] {
+    const char* v = std::getenv("MICROMIX_CHAINED_LAUNCH");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                           Args&&... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = chained_launch_setting().load(std::memory_order_relaxed) ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {

@@ -393,6 +393,7 @@ struct SwigluSource {
 template <class Source>
 __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_t M, const int32_t* __restrict__ perm,
                                                               MixPlan plan, ScaleRule rule, MxSegments packed) {
+  ptx::chain_enter();
   const int nblk = plan.blocks(), lane = threadIdx.x % 32;
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (w >= M * nblk) return;  // whole warps
@@ -552,9 +553,8 @@ template <class Source>
 cudaError_t launch_lanes(Source src, int64_t M, const int32_t* perm, MixPlan plan, ScaleRule rule, MxSegments packed,
                          cudaStream_t stream) {
   const int64_t threads = M * plan.blocks() * 32;
-  act_quant_lanes_kernel<<<static_cast<unsigned>((threads + 127) / 128), 128, 0, stream>>>(src, M, perm, plan, rule,
-                                                                                           packed);
-  return cudaGetLastError();
+  return ptx::launch_chained(act_quant_lanes_kernel<Source>, static_cast<unsigned>((threads + 127) / 128), 128, 0, stream,
+                             src, M, perm, plan, rule, packed);
 }
 
 int act_threads(int nblk) {
@@ -596,6 +596,9 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
 }
 
 }  // namespace
+
+void set_chained_launches(bool on) { ptx::chained_launch_setting().store(on); }
+bool chained_launches() { return ptx::chained_launch_setting().load(); }
 
 int device_sm_count() {
   static const int count = [] {

@@ -18,6 +18,7 @@
 
 #include "gpu_runtime.h"
 #include "mx_host.h"
+#include "mx_kernels.h"
 #endif
 
 namespace micromix::cli {
@@ -206,6 +207,7 @@ int run_bench(const ParsedArgs& args) {
   const bool synthetic = args.given("synthetic");
   if (synthetic && args.str("synthetic") != "llama-3.1-8b")
     throw UsageError("--synthetic: the known shape is llama-3.1-8b");
+  cuda::set_chained_launches(!args.flag("no-chained-launch"));
   progress("bench: measuring copy bandwidth");
   const double bandwidth = copy_bandwidth();
   nlohmann::json out = {{"date", utc_timestamp()},
@@ -214,6 +216,7 @@ int run_bench(const ParsedArgs& args) {
                         {"repeats", repeats},
                         {"copy_bandwidth_gbs", bandwidth / 1e9},
                         {"decode_cuda_graphs", !args.flag("no-cuda-graphs")},
+                        {"chained_launches", !args.flag("no-chained-launch")},
                         {"modes", nlohmann::json::array()}};
   for (const auto& mode : modes) {
     std::unique_ptr<cuda::GpuRuntime> rt;
@@ -285,6 +288,7 @@ std::vector<OptionSpec> bench_options() {
                      {"decode-tokens", "N", "32", "timed decode steps"},
                      {"repeats", "N", "3", "timed prefill runs per batch (median; one more warms up)"},
                      {"no-cuda-graphs", "", "", "launch each decode step's kernels one by one (no graph replay)"},
+                     {"no-chained-launch", "", "", "start each kernel only when the previous one has ended"},
                      {"output", "FILE", "", "also write the results as JSON to FILE"},
                      {"json", "", "", "print JSON"}});
   return o;

@@ -30,6 +30,7 @@
 #include "../model_test_util.h"
 #include "gpu_runtime.h"
 #include "kernel_test_util.h"
+#include "mx_kernels.h"
 #include "micromix/eval/perplexity.h"
 #include "micromix/eval/tasks.h"
 #include "micromix/model/loader.h"
@@ -203,6 +204,16 @@ TEST(GpuRuntime, DecodeChunksAndBatchesAgreeWithOnePrefill) {
   for (int t = n - tail; t < n; ++t)
     g.forward_last(std::span(seqs[0]).subspan(t, 1), launched.data() + (t - (n - tail)) * c.vocab, 1);
   EXPECT_EQ(launched, steps);
+  // Chained launches (each kernel starting before the previous one ends) change nothing either.
+  ASSERT_TRUE(cuda::chained_launches());
+  cuda::set_chained_launches(false);
+  g.reset();
+  g.forward_last(std::span(seqs[0]).first(n - tail), nullptr, 0);
+  std::vector<float> unchained(full.size());
+  for (int t = n - tail; t < n; ++t)
+    g.forward_last(std::span(seqs[0]).subspan(t, 1), unchained.data() + (t - (n - tail)) * c.vocab, 1);
+  cuda::set_chained_launches(true);
+  EXPECT_EQ(unchained, steps);
   g.set_cuda_graphs(true);
 
   // Prefill in two chunks (the second attends to the cached first).

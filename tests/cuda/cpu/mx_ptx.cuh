@@ -12,6 +12,7 @@
 #pragma once
 #include <cuda.h>
 #include <cstdint>
+#include <atomic>
 #include <map>
 #include <condition_variable>
 #include <mutex>
@@ -206,6 +207,17 @@ inline void cp_async_16(void* dst, const void* src, bool valid) {
 inline void cp_async_commit() {}
 template <int kPending> inline void cp_async_wait() {}
 
+// One kernel at a time here: the chain's ordering holds by construction.
+inline void chain_wait() {}
+inline void chain_release() {}
+inline void chain_enter() {}
+inline std::atomic<bool>& chained_launch_setting() { static std::atomic<bool> on{true}; return on; }
+template <typename... Params, typename... Args>
+cudaError_t launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                           Args&&... args) {
+  emu::launch(grid, block, smem, stream, [&] { kernel(args...); });
+  return cudaSuccess;
+}
 inline bool make_map(CUtensorMap* map, CUtensorMapDataType, size_t elem_bytes, const void* ptr, uint64_t inner,
                      uint64_t outer, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swizzle) {
   *reinterpret_cast<emu8::Map*>(map) = {static_cast<const uint8_t*>(ptr), static_cast<int>(elem_bytes), inner, outer,
