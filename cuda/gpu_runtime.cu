@@ -472,7 +472,7 @@ struct GpuRuntime::Impl {
     L.mx = true;
     L.plan = plan;
     L.perm = to_device(perm);
-    L.w = DeviceMx(plan, L.out, false);
+    L.w = DeviceMx(plan, L.out, false, kDecodeRowTile);
     if (host != nullptr) {
       L.w.upload(*host);
     } else {

@@ -63,17 +63,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(MxSegments A,
     const int m = i / cblk, lb = i % cblk, b = k0 / kBlockSize + lb;
     float* dst = a_s + m * kc;
     if (m < M) {
-      const uint8_t sb = A.scales[static_cast<int64_t>(m) * nblk + b];
-      if (b < b4) {
-        const uint8_t* p = A.q4 + static_cast<int64_t>(m) * (plan.p4 / 2) + static_cast<size_t>(b) * 16;
+      const BlockAt at = block_at(A, plan, m, b);
+      const uint8_t sb = *at.scale;
+      const uint8_t* p = at.bytes;
+      if (at.seg == 0) {
 #pragma unroll
         for (int j = 0; j < 32; ++j) dst[swz(lb * 32 + j)] = decode_scaled(ElemFormat::E2M1, unpack_code(ElemFormat::E2M1, p, j), sb);
-      } else if (b < b8) {
-        const uint8_t* p = A.q6 + static_cast<int64_t>(m) * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24;
+      } else if (at.seg == 1) {
 #pragma unroll
         for (int j = 0; j < 32; ++j) dst[swz(lb * 32 + j)] = decode_scaled(ElemFormat::E3M2, unpack_code(ElemFormat::E3M2, p, j), sb);
       } else {
-        const uint8_t* p = A.q8 + static_cast<int64_t>(m) * plan.p8 + static_cast<size_t>(b - b8) * 32;
 #pragma unroll
         for (int j = 0; j < 32; ++j) dst[swz(lb * 32 + j)] = decode_scaled(ElemFormat::E4M3, p[j], sb);
       }
@@ -102,18 +101,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(MxSegments A,
       uint8_t sc[RPW];
 #pragma unroll
       for (int r = 0; r < RPW; ++r) {
-        const int n = min(row_base + r, N - 1);
-        sc[r] = __ldg(W.scales + static_cast<int64_t>(n) * nblk + b);
+        const BlockAt at = block_at(W, plan, min(row_base + r, N - 1), b);
+        sc[r] = __ldg(at.scale);
         if (fmt == 0) {
-          w[r][0] = __ldcs(reinterpret_cast<const uint4*>(W.q4 + static_cast<int64_t>(n) * (plan.p4 / 2) + static_cast<size_t>(b) * 16));
+          w[r][0] = __ldcs(reinterpret_cast<const uint4*>(at.bytes));
           w[r][1] = make_uint4(0, 0, 0, 0);
         } else if (fmt == 1) {
-          const uint2* p = reinterpret_cast<const uint2*>(W.q6 + static_cast<int64_t>(n) * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24);
+          const uint2* p = reinterpret_cast<const uint2*>(at.bytes);
           const uint2 x0 = __ldcs(p), x1 = __ldcs(p + 1), x2 = __ldcs(p + 2);
           w[r][0] = make_uint4(x0.x, x0.y, x1.x, x1.y);
           w[r][1] = make_uint4(x2.x, x2.y, 0, 0);
         } else {
-          const uint4* p = reinterpret_cast<const uint4*>(W.q8 + static_cast<int64_t>(n) * plan.p8 + static_cast<size_t>(b - b8) * 32);
+          const uint4* p = reinterpret_cast<const uint4*>(at.bytes);
           w[r][0] = __ldcs(p);
           w[r][1] = __ldcs(p + 1);
         }
@@ -246,15 +245,16 @@ __device__ __forceinline__ void to_e4m3(LaneWords w, uint32_t r[2]) {
 // 8-token tile; columns 2t, 2t+1 for the scales).
 template <int NT>
 struct LaneSegment {
-  const uint8_t* w[kTcRowTiles][2];   // row codes of the segment
+  const uint8_t* w[kTcRowTiles][2];   // row codes at the segment's first block
   const uint8_t* ws[kTcRowTiles][2];  // row scales at the segment's first block
   const uint8_t* a[NT];               // token codes (nullptr: absent token)
   const uint8_t* as[NT][2];           // token scales of columns 2t, 2t+1 (nullptr: absent)
 };
 
 // Blocks [lo, hi) of the segment (segment-local numbers), kUnroll blocks' loads issued
-// together (fewer with two token tiles or two CTAs per multiprocessor: registers).
-template <ElemFormat F, int NT, int kUnroll>
+// together (fewer with two token tiles or two CTAs per multiprocessor: registers). A row's
+// next block is kRowTile blocks further on (W.row_tile).
+template <ElemFormat F, int NT, int kUnroll, int kRowTile>
 __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int lo, int hi, int t,
                                                float (&acc)[kTcRowTiles][NT][4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
@@ -270,8 +270,8 @@ __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int l
       for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          w[u][rt][h] = load_lane<F, true>(seg.w[rt][h] + b * kBytes, t);
-          sw[u][rt][h] = __ldg(seg.ws[rt][h] + b);
+          w[u][rt][h] = load_lane<F, true>(seg.w[rt][h] + b * kRowTile * kBytes, t);
+          sw[u][rt][h] = __ldg(seg.ws[rt][h] + b * kRowTile);
         }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
@@ -313,11 +313,13 @@ __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int l
   }
 }
 
-// Segment s (0 FP4, 1 FP6, 2 FP8) of this lane's rows and tokens.
-template <int NT>
+// Segment s (0 FP4, 1 FP6, 2 FP8) of this lane's rows (W in row tiles of kRowTile) and tokens.
+template <int NT, int kRowTile>
 __device__ __forceinline__ LaneSegment<NT> lane_segment(const MxSegments& A, const MxSegments& W, const MixPlan& plan,
                                                         int s, int M, int N, int n0, int g, int t) {
   const int64_t pitch = s == 0 ? plan.p4 / 2 : s == 1 ? plan.p6 * 3 / 4 : plan.p8;
+  const int unit = static_cast<int>(
+      packed_bytes(s == 0 ? ElemFormat::E2M1 : s == 1 ? ElemFormat::E3M2 : ElemFormat::E4M3, kBlockSize));
   const uint8_t* wq = s == 0 ? W.q4 : s == 1 ? W.q6 : W.q8;
   const uint8_t* aq = s == 0 ? A.q4 : s == 1 ? A.q6 : A.q8;
   const int first = s == 0 ? 0 : s == 1 ? plan.first_fp6_block() : plan.first_fp8_block();
@@ -328,8 +330,8 @@ __device__ __forceinline__ LaneSegment<NT> lane_segment(const MxSegments& A, con
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t row = min(n0 + 16 * rt + 8 * h + g, N - 1);
-      seg.w[rt][h] = wq + row * pitch;
-      seg.ws[rt][h] = W.scales + row * nblk + first;
+      seg.w[rt][h] = wq + row_tiled_offset(row, 0, pitch / unit, unit, kRowTile);
+      seg.ws[rt][h] = W.scales + row_tiled_offset(row, first, nblk, 1, kRowTile);
     }
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -344,26 +346,37 @@ __device__ __forceinline__ LaneSegment<NT> lane_segment(const MxSegments& A, con
   return seg;
 }
 
+// Code bytes of one weight row, and the first block that starts at or after byte x of it.
+__device__ __forceinline__ int weight_row_bytes(const MixPlan& plan) { return plan.p4 / 2 + plan.p6 * 3 / 4 + plan.p8; }
+__device__ __forceinline__ int block_at_byte(const MixPlan& plan, int x) {
+  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block(), end4 = 16 * b4, end6 = end4 + 24 * (b8 - b4);
+  if (x <= end4) return (x + 15) / 16;
+  if (x <= end6) return b4 + (x - end4 + 23) / 24;
+  return min(b8 + (x - end6 + 31) / 32, plan.blocks());
+}
+
 // NT 8-token tiles: 1 (M <= 8) or 2 (M <= 16). kTcWarps 16: one CTA per multiprocessor
 // (registers); 8: two, whose load and MMA phases interleave, for grids of several waves.
-template <int NT, int kTcWarps, int kUnroll>
+template <int NT, int kTcWarps, int kUnroll, int kRowTile>
 __global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_tc_kernel(MxSegments A, MxSegments W, int M, int N,
                                                                     MixPlan plan, uint16_t* Y) {
   __shared__ float partial[kTcWarps][kTcRowTiles][NT][4][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * kTcRows;
   float acc[kTcRowTiles][NT][4] = {};
-  // This warp's contiguous share of the K blocks, split at the segment boundaries.
-  const int nblk = plan.blocks(), per = (nblk + kTcWarps - 1) / kTcWarps;
-  const int start = min(warp * per, nblk), end = min(start + per, nblk);
+  // This warp's contiguous share of the K blocks, equal in weight bytes rather than in
+  // blocks (an FP8 block is twice an FP4 one: with equal block counts the warps on the FP8
+  // part set the CTA's pace), then split at the segment boundaries.
+  const int nblk = plan.blocks(), b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  const int start = block_at_byte(plan, warp * weight_row_bytes(plan) / kTcWarps);
+  const int end = block_at_byte(plan, (warp + 1) * weight_row_bytes(plan) / kTcWarps);
   ptx::chain_enter();  // the activations come from the kernel before
-  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
-  if (start < b4) decode_segment<ElemFormat::E2M1, NT, kUnroll>(lane_segment<NT>(A, W, plan, 0, M, N, n0, g, t), start, min(end, b4), t, acc);
+  if (start < b4) decode_segment<ElemFormat::E2M1, NT, kUnroll, kRowTile>(lane_segment<NT, kRowTile>(A, W, plan, 0, M, N, n0, g, t), start, min(end, b4), t, acc);
   if (start < b8 && end > b4)
-    decode_segment<ElemFormat::E3M2, NT, kUnroll>(lane_segment<NT>(A, W, plan, 1, M, N, n0, g, t), max(start, b4) - b4,
+    decode_segment<ElemFormat::E3M2, NT, kUnroll, kRowTile>(lane_segment<NT, kRowTile>(A, W, plan, 1, M, N, n0, g, t), max(start, b4) - b4,
                                      min(end, b8) - b4, t, acc);
   if (end > b8)
-    decode_segment<ElemFormat::E4M3, NT, kUnroll>(lane_segment<NT>(A, W, plan, 2, M, N, n0, g, t), max(start, b8) - b8, end - b8, t,
+    decode_segment<ElemFormat::E4M3, NT, kUnroll, kRowTile>(lane_segment<NT, kRowTile>(A, W, plan, 2, M, N, n0, g, t), max(start, b8) - b8, end - b8, t,
                                      acc);
 #pragma unroll
   for (int rt = 0; rt < kTcRowTiles; ++rt)
@@ -421,14 +434,21 @@ cudaError_t launch_decode(MxSegments A, MxSegments W, int M, int N, MixPlan plan
   return cudaGetLastError();
 }
 
+template <int kRowTile>
+auto pick_decode_tc(bool two_per_sm, int M) {
+  return two_per_sm ? (M <= 8 ? decode_tc_kernel<1, 8, 2, kRowTile> : decode_tc_kernel<2, 8, 1, kRowTile>)
+                    : (M <= 8 ? decode_tc_kernel<1, 16, 4, kRowTile> : decode_tc_kernel<2, 16, 2, kRowTile>);
+}
+
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>((N + kTcRows - 1) / kTcRows);
   // Measured on H100 (docs/kernels.md, section 6): two 8-warp CTAs per multiprocessor
   // beat one of 16 warps where the grid covers the GPU (qkv, gate_up), and lose where it
   // does not (o, down: 128 CTAs).
   const bool two_per_sm = grid >= static_cast<unsigned>(device_sm_count());
-  auto kernel = two_per_sm ? (M <= 8 ? decode_tc_kernel<1, 8, 2> : decode_tc_kernel<2, 8, 1>)
-                           : (M <= 8 ? decode_tc_kernel<1, 16, 4> : decode_tc_kernel<2, 16, 2>);
+  auto kernel = pick_decode_tc<1>(two_per_sm, M);
+  if (W.row_tile == kDecodeRowTile) kernel = pick_decode_tc<kDecodeRowTile>(two_per_sm, M);
+  else if (W.row_tile != 1) return cudaErrorInvalidValue;
   return ptx::launch_chained(kernel, grid, (two_per_sm ? 8 : 16) * 32, 0, stream, A, W, M, N, plan, Y);
 }
 
@@ -436,7 +456,8 @@ cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan p
 
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                            float* workspace, cudaStream_t stream, DecodeKernel kernel) {
-  if (!plan.valid() || M > kDecodeMaxM || N > INT32_MAX) return cudaErrorInvalidValue;
+  // The activations are the quantizer's row-major output; the weights may be row-tiled.
+  if (!plan.valid() || M > kDecodeMaxM || N > INT32_MAX || A.row_tile != 1 || W.row_tile < 1) return cudaErrorInvalidValue;
   if (M <= 0 || N == 0) return cudaSuccess;
   const int m = static_cast<int>(M), n = static_cast<int>(N);
   if (kernel != DecodeKernel::CudaCores) return launch_decode_tc(A, W, m, n, plan, Y, stream);

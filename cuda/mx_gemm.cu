@@ -36,13 +36,9 @@ constexpr int kRefTile = 64;
 constexpr int kRefLd = 40;  // bf16 elements per shared row (32 + 8 padding)
 
 template <ElemFormat F>
-__device__ __forceinline__ void dequant_half_block(const uint8_t* seg_row, int local_block, int half, uint8_t scale,
-                                                   __nv_bfloat16* dst) {
+__device__ __forceinline__ void dequant_half_block(const uint8_t* block, int half, uint8_t scale, __nv_bfloat16* dst) {
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    const size_t idx = static_cast<size_t>(local_block) * kBlockSize + half * 16 + i;
-    dst[i] = __float2bfloat16_rn(decode_scaled(F, unpack_code(F, seg_row, idx), scale));
-  }
+  for (int i = 0; i < 16; ++i) dst[i] = __float2bfloat16_rn(decode_scaled(F, unpack_code(F, block, half * 16 + i), scale));
 }
 
 __device__ __forceinline__ void dequant_row_half(const MxSegments& s, const MixPlan& plan, int64_t row, int64_t rows,
@@ -52,15 +48,10 @@ __device__ __forceinline__ void dequant_row_half(const MxSegments& s, const MixP
     for (int i = 0; i < 16; ++i) dst[i] = __float2bfloat16_rn(0.0f);
     return;
   }
-  const int nblk = plan.blocks();
-  const uint8_t scale = s.scales[row * nblk + b];
-  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
-  if (b < b4)
-    dequant_half_block<ElemFormat::E2M1>(s.q4 + row * (plan.p4 / 2), b, half, scale, dst);
-  else if (b < b8)
-    dequant_half_block<ElemFormat::E3M2>(s.q6 + row * (plan.p6 * 3 / 4), b - b4, half, scale, dst);
-  else
-    dequant_half_block<ElemFormat::E4M3>(s.q8 + row * plan.p8, b - b8, half, scale, dst);
+  const BlockAt at = block_at(s, plan, row, b);
+  if (at.seg == 0) dequant_half_block<ElemFormat::E2M1>(at.bytes, half, *at.scale, dst);
+  else if (at.seg == 1) dequant_half_block<ElemFormat::E3M2>(at.bytes, half, *at.scale, dst);
+  else dequant_half_block<ElemFormat::E4M3>(at.bytes, half, *at.scale, dst);
 }
 
 __global__ void __launch_bounds__(128) gemm_ref_kernel(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan,

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -59,10 +60,27 @@ inline FoldedOperand per_block_mxfp8(FoldedOperand f) {
   return f;
 }
 
-// Device copy of a three-segment matrix (packed) and, optionally, its folded form.
+// A row-major array of `rows` x `per_row` units of `unit` bytes laid out in row tiles
+// (MxSegments::row_tile; rows padded to a multiple of the tile with zeros), or back.
+inline std::vector<uint8_t> row_tiled(const std::vector<uint8_t>& v, int64_t rows, int64_t per_row, int64_t unit,
+                                      int tile, bool to_tiles) {
+  if (tile == 1) return v;
+  const int64_t padded = (rows + tile - 1) / tile * tile;
+  std::vector<uint8_t> out(static_cast<size_t>((to_tiles ? padded : rows) * per_row * unit), 0);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t j = 0; j < per_row; ++j) {
+      const int64_t plain = (m * per_row + j) * unit, tiled = row_tiled_offset(m, j, per_row, unit, tile);
+      std::memcpy(out.data() + (to_tiles ? tiled : plain), v.data() + (to_tiles ? plain : tiled), static_cast<size_t>(unit));
+    }
+  return out;
+}
+
+// Device copy of a three-segment matrix (packed, row_tile as MxSegments) and, optionally,
+// its folded form.
 struct DeviceMx {
   MixPlan plan;
   int64_t rows = 0;
+  int row_tile = 1;
   DeviceBuffer<uint8_t> q[3];
   DeviceBuffer<uint8_t> scales;
   DeviceBuffer<uint8_t> fq;
@@ -71,29 +89,36 @@ struct DeviceMx {
   int row_group = 1;  // of the folded factors (FoldedOperand::row_group)
 
   DeviceMx() = default;
-  DeviceMx(MixPlan p, int64_t r, bool with_folded) : plan(p), rows(r) {
-    for (int s = 0; s < 3; ++s) q[s] = DeviceBuffer<uint8_t>(static_cast<size_t>(r) * seg_row_bytes(p, s));
-    scales = DeviceBuffer<uint8_t>(static_cast<size_t>(r) * (p.k() / 32));
+  DeviceMx(MixPlan p, int64_t r, bool with_folded, int tile = 1) : plan(p), rows(r), row_tile(tile) {
+    const int64_t padded = (r + tile - 1) / tile * tile;
+    for (int s = 0; s < 3; ++s) q[s] = DeviceBuffer<uint8_t>(static_cast<size_t>(padded) * seg_row_bytes(p, s));
+    scales = DeviceBuffer<uint8_t>(static_cast<size_t>(padded) * (p.k() / 32));
     if (with_folded) {
       fq = DeviceBuffer<uint8_t>(static_cast<size_t>(r) * p.k());
       ff = DeviceBuffer<float>(static_cast<size_t>(r) * folded_fstride(p.k()));
       f8 = DeviceBuffer<uint16_t>(static_cast<size_t>(r) * p.p8);
     }
   }
-  MxSegments segments() const { return {q[0].ptr, q[1].ptr, q[2].ptr, scales.ptr}; }
+  MxSegments segments() const { return {q[0].ptr, q[1].ptr, q[2].ptr, scales.ptr, row_tile}; }
   FoldedOperand folded() const { return {fq.ptr, ff.ptr, row_group, f8.ptr}; }
+  // Host copies are row-major (mx::SegmentedMx); the tiling happens here.
   void upload(const HostMx& h) {
-    for (int s = 0; s < 3; ++s) if (q[s].count) q[s].upload(h.q[s]);
-    scales.upload(h.scales);
+    for (int s = 0; s < 3; ++s)
+      if (q[s].count) q[s].upload(row_tiled(h.q[s], rows, seg_blocks(s), block_bytes(s), row_tile, true));
+    scales.upload(row_tiled(h.scales, rows, plan.blocks(), 1, row_tile, true));
   }
   HostMx download() const {
     HostMx h;
     h.plan = plan;
     h.rows = rows;
-    for (int s = 0; s < 3; ++s) h.q[s] = q[s].download();
-    h.scales = scales.download();
+    for (int s = 0; s < 3; ++s) h.q[s] = row_tiled(q[s].download(), rows, seg_blocks(s), block_bytes(s), row_tile, false);
+    h.scales = row_tiled(scales.download(), rows, plan.blocks(), 1, row_tile, false);
     return h;
   }
+
+ private:
+  int64_t seg_blocks(int s) const { return (s == 0 ? plan.p4 : s == 1 ? plan.p6 : plan.p8) / 32; }
+  int64_t block_bytes(int s) const { return static_cast<int64_t>(mx::packed_bytes(kSegmentFormat[s], 32)); }
 };
 
 }  // namespace micromix::cuda

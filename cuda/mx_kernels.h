@@ -26,15 +26,44 @@ using mx::seg_row_bytes;
 using mx::folded_fstride;
 using mx::kWeightRowGroup;
 
-// An MX matrix [rows, K] split into the three K segments, each row-major with its own
-// packing (FP4 two per byte, FP6 four per three bytes, FP8 one per byte), plus one
-// E8M0 scale per 32 elements, row-major [rows, K/32] in segment order.
+// An MX matrix [rows, K] split into the three K segments, each with its own packing (FP4
+// two per byte, FP6 four per three bytes, FP8 one per byte), plus one E8M0 scale per 32
+// elements in segment order. row_tile 1: each array row-major ([rows, p4/2], [rows, p6*3/4],
+// [rows, p8], scales [rows, K/32]). row_tile T > 1 (weights for the decode GEMM, T =
+// kDecodeRowTile): rows in tiles of T, and inside a tile the 32-blocks one after the other,
+// each holding the block of all T rows, so that the rows a warp reads together are
+// contiguous; the arrays are allocated for rows rounded up to a multiple of T.
 struct MxSegments {
-  uint8_t* q4 = nullptr;      // [rows, p4/2]
-  uint8_t* q6 = nullptr;      // [rows, p6*3/4]
-  uint8_t* q8 = nullptr;      // [rows, p8]
-  uint8_t* scales = nullptr;  // [rows, K/32]
+  uint8_t* q4 = nullptr;
+  uint8_t* q6 = nullptr;
+  uint8_t* q8 = nullptr;
+  uint8_t* scales = nullptr;
+  int row_tile = 1;
 };
+
+// Offset, in units, of item j of row m of an array of `per_row` items per row (units of
+// `unit` bytes: a 32-block's codes, or 1 for a scale), in rows of tiles of `tile`.
+MICROMIX_HD constexpr int64_t row_tiled_offset(int64_t m, int64_t j, int64_t per_row, int64_t unit, int tile) {
+  return ((m / tile) * tile * per_row + j * tile + m % tile) * unit;
+}
+
+// Where block b (< K/32) of row m lives: its segment (0 FP4, 1 FP6, 2 FP8), its first
+// byte, and its scale.
+struct BlockAt {
+  int seg;
+  uint8_t* bytes;
+  uint8_t* scale;
+};
+MICROMIX_HD BlockAt block_at(const MxSegments& s, const MixPlan& plan, int64_t m, int b) {
+  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block(), nblk = plan.blocks();
+  const int seg = b < b4 ? 0 : b < b8 ? 1 : 2;
+  const int first = seg == 0 ? 0 : seg == 1 ? b4 : b8, count = seg == 0 ? b4 : seg == 1 ? b8 - b4 : nblk - b8;
+  const int unit = static_cast<int>(
+      mx::packed_bytes(seg == 0 ? ElemFormat::E2M1 : seg == 1 ? ElemFormat::E3M2 : ElemFormat::E4M3, mx::kBlockSize));
+  uint8_t* base = seg == 0 ? s.q4 : seg == 1 ? s.q6 : s.q8;
+  return {seg, base + row_tiled_offset(m, b - first, count, unit, s.row_tile),
+          s.scales + row_tiled_offset(m, b, nblk, 1, s.row_tile)};
+}
 
 // The operand of the FP8 tensor-core GEMM: every element re-encoded as E4M3 with its
 // per-32 scale folded in, and one fp32 factor per (row, 32-block). Within a 128-wide
@@ -118,5 +147,7 @@ enum class DecodeKernel { Auto, CudaCores, TensorCores };
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                            float* workspace, cudaStream_t stream, DecodeKernel kernel = DecodeKernel::Auto);
 inline constexpr int kDecodeMaxM = 16;
+// Weight row tile (MxSegments::row_tile) that the decode GEMM reads best: its CTAs own 32 rows.
+inline constexpr int kDecodeRowTile = 32;
 
 }  // namespace micromix::cuda

@@ -338,19 +338,6 @@ __global__ void __launch_bounds__(256, 3) act_quant_kernel(const uint16_t* __res
   }
 }
 
-// Where block b (< nblk) of row m lives in a packed matrix: its segment (0 FP4, 1 FP6,
-// 2 FP8) and its first byte.
-struct BlockAt {
-  int seg;
-  uint8_t* bytes;
-};
-__device__ __forceinline__ BlockAt block_at(const MxSegments& s, const MixPlan& plan, int64_t m, int b) {
-  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
-  if (b < b4) return {0, s.q4 + m * (plan.p4 / 2) + static_cast<size_t>(b) * 16};
-  if (b < b8) return {1, s.q6 + m * (plan.p6 * 3 / 4) + static_cast<size_t>(b - b4) * 24};
-  return {2, s.q8 + m * plan.p8 + static_cast<size_t>(b - b8) * 32};
-}
-
 // Decode-sized inputs, packed output only: one warp per (row, 32-block), a lane per element,
 // so that a few rows spread over the GPU instead of each block being one thread's loop
 // (the thread-per-block kernel above took 8 us for one row of 4096). The numerics are
@@ -400,11 +387,10 @@ __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_
   const int64_t m = w / nblk;
   const int b = static_cast<int>(w % nblk);
   const float v = src(m, perm[b * kBlockSize + lane]);
-  uint8_t* scale = packed.scales + m * nblk + b;
   const BlockAt at = block_at(packed, plan, m, b);
-  if (at.seg == 0) quantize_block_by_lanes<ElemFormat::E2M1>(v, rule, lane, at.bytes, scale);
-  else if (at.seg == 1) quantize_block_by_lanes<ElemFormat::E3M2>(v, rule, lane, at.bytes, scale);
-  else quantize_block_by_lanes<ElemFormat::E4M3>(v, rule, lane, at.bytes, scale);
+  if (at.seg == 0) quantize_block_by_lanes<ElemFormat::E2M1>(v, rule, lane, at.bytes, at.scale);
+  else if (at.seg == 1) quantize_block_by_lanes<ElemFormat::E3M2>(v, rule, lane, at.bytes, at.scale);
+  else quantize_block_by_lanes<ElemFormat::E4M3>(v, rule, lane, at.bytes, at.scale);
 }
 
 // The packed bytes of block b (< nblk) of row m in vector loads (FP4 16 bytes and FP8 32 at
@@ -412,8 +398,8 @@ __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_
 // scale; returns the segment.
 __device__ __forceinline__ int load_block_raw(const MxSegments& in, const MixPlan& plan, int64_t m, int b,
                                               uint32_t* raw, uint8_t* scale) {
-  *scale = in.scales[m * plan.blocks() + b];
   const BlockAt at = block_at(in, plan, m, b);
+  *scale = *at.scale;
   if (at.seg == 1) {
     const uint2* p = reinterpret_cast<const uint2*>(at.bytes);
 #pragma unroll
@@ -552,6 +538,7 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
 template <class Source>
 cudaError_t launch_lanes(Source src, int64_t M, const int32_t* perm, MixPlan plan, ScaleRule rule, MxSegments packed,
                          cudaStream_t stream) {
+  if (packed.row_tile != 1) return cudaErrorInvalidValue;  // written row-major
   const int64_t threads = M * plan.blocks() * 32;
   return ptx::launch_chained(act_quant_lanes_kernel<Source>, static_cast<unsigned>((threads + 127) / 128), 128, 0, stream,
                              src, M, perm, plan, rule, packed);
@@ -566,7 +553,7 @@ template <bool kNorm>
 cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* gamma, float eps,
                        const int32_t* perm, MixPlan plan, ScaleRule rule, MxSegments packed, FoldedOperand folded,
                        float* inv_rms, unsigned long long* lossy, cudaStream_t stream) {
-  if (!plan.valid() || ldx < plan.k() || ldx % 8 != 0) return cudaErrorInvalidValue;
+  if (!plan.valid() || ldx < plan.k() || ldx % 8 != 0 || packed.row_tile != 1) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
   if (!kNorm && folded.q == nullptr && M <= kDecodeMaxM)
     return launch_lanes(RowsSource{x, ldx}, M, perm, plan, rule, packed, stream);

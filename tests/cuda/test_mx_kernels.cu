@@ -474,6 +474,38 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
     EXPECT_LE(g.max_ratio, 1.0) << path_name(p);
     EXPECT_LE(g.rel_norm, 4e-3) << path_name(p);
   }
+  // W in the runtime's row-tiled layout (kDecodeRowTile rows per tile, N padded): the same
+  // matrix back, the same folds (per row and per 128-row group), and the same output bits from
+  // the reference and the tensor-core decode paths; the CUDA-core decode kernel, whose split-K
+  // sums go through atomics, within the bound.
+  {
+    DeviceMx wt(c.plan, N, true, kDecodeRowTile);
+    wt.upload(hw);
+    const HostMx back = wt.download();
+    for (int seg = 0; seg < 3; ++seg) EXPECT_EQ(back.q[seg], hw.q[seg]) << "row-tiled W, segment " << seg;
+    EXPECT_EQ(back.scales, hw.scales) << "row-tiled W, scales";
+    CK(fold_operand(wt.segments(), N, c.plan, wt.folded(), nullptr, nullptr));
+    CK(cudaDeviceSynchronize());
+    expect_same_fold(wt, mx::fold_rows(hw), "GPU fold of row-tiled W");
+    wt.row_group = kWeightRowGroup;
+    CK(fold_operand(wt.segments(), N, c.plan, wt.folded(), nullptr, nullptr));
+    CK(cudaDeviceSynchronize());
+    expect_same_fold(wt, mx::fold_rows(hw, kWeightRowGroup), "grouped GPU fold of row-tiled W");
+    for (Path p : {Path::Reference, Path::DecodeTensorCores, Path::DecodeCudaCores}) {
+      if (is_decode(p) && M > kDecodeMaxM) continue;
+      std::vector<uint16_t> out[2];
+      for (int tiled = 0; tiled < 2; ++tiled) {
+        CK(cudaMemset(y.ptr, 0xFF, y.count * 2));
+        CK(run_path(p, A, tiled ? wt : W, M, N, y.ptr, ws.ptr));
+        CK(cudaDeviceSynchronize());
+        out[tiled] = y.download();
+      }
+      if (p != Path::DecodeCudaCores) EXPECT_EQ(out[1], out[0]) << path_name(p) << " with row-tiled W";
+      const GemmResult g = compare(out[1], r, s, std::ldexp(1.0, -10), nullptr);
+      EXPECT_EQ(g.non_finite, 0u) << path_name(p) << " with row-tiled W";
+      EXPECT_LE(g.max_ratio, 1.0) << path_name(p) << " with row-tiled W";
+    }
+  }
   if (spread) return;
   // W folded in groups of 128 rows (the runtime's prefill form): bit-identical to the host
   // fold, no lossy element for these weights (row scales within a few binades), and the FP8
