@@ -347,12 +347,19 @@ __device__ __forceinline__ LaneSegment<NT> lane_segment(const MxSegments& A, con
 }
 
 // Code bytes of one weight row, and the first block that starts at or after byte x of it.
-__device__ __forceinline__ int weight_row_bytes(const MixPlan& plan) { return plan.p4 / 2 + plan.p6 * 3 / 4 + plan.p8; }
+constexpr int kFp4Block = static_cast<int>(packed_bytes(ElemFormat::E2M1, kBlockSize));
+constexpr int kFp6Block = static_cast<int>(packed_bytes(ElemFormat::E3M2, kBlockSize));
+constexpr int kFp8Block = static_cast<int>(packed_bytes(ElemFormat::E4M3, kBlockSize));
+__device__ __forceinline__ int weight_row_bytes(const MixPlan& plan) {
+  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  return kFp4Block * b4 + kFp6Block * (b8 - b4) + kFp8Block * (plan.blocks() - b8);
+}
 __device__ __forceinline__ int block_at_byte(const MixPlan& plan, int x) {
-  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block(), end4 = 16 * b4, end6 = end4 + 24 * (b8 - b4);
-  if (x <= end4) return (x + 15) / 16;
-  if (x <= end6) return b4 + (x - end4 + 23) / 24;
-  return min(b8 + (x - end6 + 31) / 32, plan.blocks());
+  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  const int end4 = kFp4Block * b4, end6 = end4 + kFp6Block * (b8 - b4);
+  if (x <= end4) return (x + kFp4Block - 1) / kFp4Block;
+  if (x <= end6) return b4 + (x - end4 + kFp6Block - 1) / kFp6Block;
+  return min(b8 + (x - end6 + kFp8Block - 1) / kFp8Block, plan.blocks());
 }
 
 // NT 8-token tiles: 1 (M <= 8) or 2 (M <= 16). kTcWarps 16: one CTA per multiprocessor
@@ -367,17 +374,15 @@ __global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_t
   // This warp's contiguous share of the K blocks, equal in weight bytes rather than in
   // blocks (an FP8 block is twice an FP4 one: with equal block counts the warps on the FP8
   // part set the CTA's pace), then split at the segment boundaries.
-  const int nblk = plan.blocks(), b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
+  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block();
   const int start = block_at_byte(plan, warp * weight_row_bytes(plan) / kTcWarps);
   const int end = block_at_byte(plan, (warp + 1) * weight_row_bytes(plan) / kTcWarps);
   ptx::chain_enter();  // the activations come from the kernel before
-  if (start < b4) decode_segment<ElemFormat::E2M1, NT, kUnroll, kRowTile>(lane_segment<NT, kRowTile>(A, W, plan, 0, M, N, n0, g, t), start, min(end, b4), t, acc);
+  auto segment = [&](int s) { return lane_segment<NT, kRowTile>(A, W, plan, s, M, N, n0, g, t); };
+  if (start < b4) decode_segment<ElemFormat::E2M1, NT, kUnroll, kRowTile>(segment(0), start, min(end, b4), t, acc);
   if (start < b8 && end > b4)
-    decode_segment<ElemFormat::E3M2, NT, kUnroll, kRowTile>(lane_segment<NT, kRowTile>(A, W, plan, 1, M, N, n0, g, t), max(start, b4) - b4,
-                                     min(end, b8) - b4, t, acc);
-  if (end > b8)
-    decode_segment<ElemFormat::E4M3, NT, kUnroll, kRowTile>(lane_segment<NT, kRowTile>(A, W, plan, 2, M, N, n0, g, t), max(start, b8) - b8, end - b8, t,
-                                     acc);
+    decode_segment<ElemFormat::E3M2, NT, kUnroll, kRowTile>(segment(1), max(start, b4) - b4, min(end, b8) - b4, t, acc);
+  if (end > b8) decode_segment<ElemFormat::E4M3, NT, kUnroll, kRowTile>(segment(2), max(start, b8) - b8, end - b8, t, acc);
 #pragma unroll
   for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
@@ -457,7 +462,8 @@ cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan p
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                            float* workspace, cudaStream_t stream, DecodeKernel kernel) {
   // The activations are the quantizer's row-major output; the weights may be row-tiled.
-  if (!plan.valid() || M > kDecodeMaxM || N > INT32_MAX || A.row_tile != 1 || W.row_tile < 1) return cudaErrorInvalidValue;
+  if (!plan.valid() || M > kDecodeMaxM || N > INT32_MAX || A.row_tile != 1 || W.row_tile < 1)
+    return cudaErrorInvalidValue;
   if (M <= 0 || N == 0) return cudaSuccess;
   const int m = static_cast<int>(M), n = static_cast<int>(N);
   if (kernel != DecodeKernel::CudaCores) return launch_decode_tc(A, W, m, n, plan, Y, stream);
