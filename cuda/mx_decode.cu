@@ -317,20 +317,18 @@ __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int l
 template <int NT, int kRowTile>
 __device__ __forceinline__ LaneSegment<NT> lane_segment(const MxSegments& A, const MxSegments& W, const MixPlan& plan,
                                                         int s, int M, int N, int n0, int g, int t) {
-  const int64_t pitch = s == 0 ? plan.p4 / 2 : s == 1 ? plan.p6 * 3 / 4 : plan.p8;
-  const int unit = static_cast<int>(
-      packed_bytes(s == 0 ? ElemFormat::E2M1 : s == 1 ? ElemFormat::E3M2 : ElemFormat::E4M3, kBlockSize));
+  const SegmentSpan span = segment_span(plan, s);
+  const int64_t pitch = static_cast<int64_t>(span.blocks) * span.block_bytes;
   const uint8_t* wq = s == 0 ? W.q4 : s == 1 ? W.q6 : W.q8;
   const uint8_t* aq = s == 0 ? A.q4 : s == 1 ? A.q6 : A.q8;
-  const int first = s == 0 ? 0 : s == 1 ? plan.first_fp6_block() : plan.first_fp8_block();
-  const int nblk = plan.blocks();
+  const int first = span.first, nblk = plan.blocks();
   LaneSegment<NT> seg;
 #pragma unroll
   for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t row = min(n0 + 16 * rt + 8 * h + g, N - 1);
-      seg.w[rt][h] = wq + row_tiled_offset(row, 0, pitch / unit, unit, kRowTile);
+      seg.w[rt][h] = wq + row_tiled_offset(row, 0, span.blocks, span.block_bytes, kRowTile);
       seg.ws[rt][h] = W.scales + row_tiled_offset(row, first, nblk, 1, kRowTile);
     }
 #pragma unroll

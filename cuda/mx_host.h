@@ -70,7 +70,8 @@ inline std::vector<uint8_t> row_tiled(const std::vector<uint8_t>& v, int64_t row
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t j = 0; j < per_row; ++j) {
       const int64_t plain = (m * per_row + j) * unit, tiled = row_tiled_offset(m, j, per_row, unit, tile);
-      std::memcpy(out.data() + (to_tiles ? tiled : plain), v.data() + (to_tiles ? plain : tiled), static_cast<size_t>(unit));
+      std::memcpy(out.data() + (to_tiles ? tiled : plain), v.data() + (to_tiles ? plain : tiled),
+                  static_cast<size_t>(unit));
     }
   return out;
 }
@@ -103,22 +104,23 @@ struct DeviceMx {
   FoldedOperand folded() const { return {fq.ptr, ff.ptr, row_group, f8.ptr}; }
   // Host copies are row-major (mx::SegmentedMx); the tiling happens here.
   void upload(const HostMx& h) {
-    for (int s = 0; s < 3; ++s)
-      if (q[s].count) q[s].upload(row_tiled(h.q[s], rows, seg_blocks(s), block_bytes(s), row_tile, true));
+    for (int s = 0; s < 3; ++s) {
+      const mx::SegmentSpan span = mx::segment_span(plan, s);
+      if (q[s].count) q[s].upload(row_tiled(h.q[s], rows, span.blocks, span.block_bytes, row_tile, true));
+    }
     scales.upload(row_tiled(h.scales, rows, plan.blocks(), 1, row_tile, true));
   }
   HostMx download() const {
     HostMx h;
     h.plan = plan;
     h.rows = rows;
-    for (int s = 0; s < 3; ++s) h.q[s] = row_tiled(q[s].download(), rows, seg_blocks(s), block_bytes(s), row_tile, false);
+    for (int s = 0; s < 3; ++s) {
+      const mx::SegmentSpan span = mx::segment_span(plan, s);
+      h.q[s] = row_tiled(q[s].download(), rows, span.blocks, span.block_bytes, row_tile, false);
+    }
     h.scales = row_tiled(scales.download(), rows, plan.blocks(), 1, row_tile, false);
     return h;
   }
-
- private:
-  int64_t seg_blocks(int s) const { return (s == 0 ? plan.p4 : s == 1 ? plan.p6 : plan.p8) / 32; }
-  int64_t block_bytes(int s) const { return static_cast<int64_t>(mx::packed_bytes(kSegmentFormat[s], 32)); }
 };
 
 }  // namespace micromix::cuda

@@ -55,14 +55,11 @@ struct BlockAt {
   uint8_t* scale;
 };
 MICROMIX_HD BlockAt block_at(const MxSegments& s, const MixPlan& plan, int64_t m, int b) {
-  const int b4 = plan.first_fp6_block(), b8 = plan.first_fp8_block(), nblk = plan.blocks();
-  const int seg = b < b4 ? 0 : b < b8 ? 1 : 2;
-  const int first = seg == 0 ? 0 : seg == 1 ? b4 : b8, count = seg == 0 ? b4 : seg == 1 ? b8 - b4 : nblk - b8;
-  const int unit = static_cast<int>(
-      mx::packed_bytes(seg == 0 ? ElemFormat::E2M1 : seg == 1 ? ElemFormat::E3M2 : ElemFormat::E4M3, mx::kBlockSize));
+  const int seg = mx::segment_of_block(plan, b);
+  const mx::SegmentSpan span = mx::segment_span(plan, seg);
   uint8_t* base = seg == 0 ? s.q4 : seg == 1 ? s.q6 : s.q8;
-  return {seg, base + row_tiled_offset(m, b - first, count, unit, s.row_tile),
-          s.scales + row_tiled_offset(m, b, nblk, 1, s.row_tile)};
+  return {seg, base + row_tiled_offset(m, b - span.first, span.blocks, span.block_bytes, s.row_tile),
+          s.scales + row_tiled_offset(m, b, plan.blocks(), 1, s.row_tile)};
 }
 
 // The operand of the FP8 tensor-core GEMM: every element re-encoded as E4M3 with its

@@ -538,7 +538,6 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
 template <class Source>
 cudaError_t launch_lanes(Source src, int64_t M, const int32_t* perm, MixPlan plan, ScaleRule rule, MxSegments packed,
                          cudaStream_t stream) {
-  if (packed.row_tile != 1) return cudaErrorInvalidValue;  // written row-major
   const int64_t threads = M * plan.blocks() * 32;
   return ptx::launch_chained(act_quant_lanes_kernel<Source>, static_cast<unsigned>((threads + 127) / 128), 128, 0, stream,
                              src, M, perm, plan, rule, packed);
@@ -553,6 +552,7 @@ template <bool kNorm>
 cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* gamma, float eps,
                        const int32_t* perm, MixPlan plan, ScaleRule rule, MxSegments packed, FoldedOperand folded,
                        float* inv_rms, unsigned long long* lossy, cudaStream_t stream) {
+  // The packed output is written row-major.
   if (!plan.valid() || ldx < plan.k() || ldx % 8 != 0 || packed.row_tile != 1) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
   if (!kNorm && folded.q == nullptr && M <= kDecodeMaxM)
@@ -612,7 +612,8 @@ cudaError_t rmsnorm_quantize_activations(const uint16_t* x, int64_t M, int64_t l
 
 cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int ffn, const int32_t* perm, MixPlan plan,
                                         ScaleRule rule, MxSegments packed, cudaStream_t stream) {
-  if (!plan.valid() || plan.k() != ffn || M < 0 || M > kDecodeMaxM) return cudaErrorInvalidValue;
+  if (!plan.valid() || plan.k() != ffn || M < 0 || M > kDecodeMaxM || packed.row_tile != 1)
+    return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
   return launch_lanes(SwigluSource{gate_up, ffn}, M, perm, plan, rule, packed, stream);
 }

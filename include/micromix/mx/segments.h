@@ -31,9 +31,22 @@ MICROMIX_HD constexpr int segment_of_block(const MixPlan& p, int b) {
   return b < p.first_fp6_block() ? 0 : b < p.first_fp8_block() ? 1 : 2;
 }
 
+// Segment s (0 FP4, 1 FP6, 2 FP8): its first 32-block, its number of blocks, and the
+// bytes of one packed block (16, 24, 32).
+struct SegmentSpan {
+  int first, blocks, block_bytes;
+};
+MICROMIX_HD constexpr SegmentSpan segment_span(const MixPlan& p, int s) {
+  const int b4 = p.first_fp6_block(), b8 = p.first_fp8_block();
+  const ElemFormat f = s == 0 ? ElemFormat::E2M1 : s == 1 ? ElemFormat::E3M2 : ElemFormat::E4M3;
+  return {s == 0 ? 0 : s == 1 ? b4 : b8, s == 0 ? b4 : s == 1 ? b8 - b4 : p.blocks() - b8,
+          static_cast<int>(packed_bytes(f, kBlockSize))};
+}
+
 // Bytes per row of segment s: FP4 p4/2, FP6 p6*3/4, FP8 p8.
 inline size_t seg_row_bytes(const MixPlan& p, int s) {
-  return s == 0 ? static_cast<size_t>(p.p4) / 2 : s == 1 ? static_cast<size_t>(p.p6) * 3 / 4 : static_cast<size_t>(p.p8);
+  const SegmentSpan span = segment_span(p, s);
+  return static_cast<size_t>(span.blocks) * static_cast<size_t>(span.block_bytes);
 }
 
 // Packed three-segment matrix: q[s] row-major [rows, seg_row_bytes(s)], scales
