@@ -543,6 +543,31 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   EXPECT_EQ(mx_gemm_fp8(ag, wg, M, N, c.plan, y.ptr, nullptr), cudaErrorInvalidValue);
 }
 
+// Row-tiled operands where a kernel cannot take them: the activations of the decode GEMM
+// and the quantizer's packed output are row-major, and the decode kernel knows tiles of 1 and
+// kDecodeRowTile rows only. Each is refused before any launch.
+TEST(MxGemm, SmallRejectsRowTilesItCannotUse) {
+  REQUIRE_GPU();
+  const MixPlan plan{64, 32, 32};
+  DeviceMx a(plan, 1, false), w(plan, 40, false, kDecodeRowTile), a_tiled(plan, 1, false, kDecodeRowTile);
+  DeviceBuffer<uint16_t> y(40), x(2 * plan.k());  // room for a [gate | up] row
+  DeviceBuffer<int32_t> perm(plan.k());
+  MxSegments odd = w.segments();
+  odd.row_tile = 7;
+  for (const DecodeKernel kernel : {DecodeKernel::TensorCores, DecodeKernel::CudaCores}) {
+    EXPECT_EQ(mx_gemm_decode(a_tiled.segments(), w.segments(), 1, 40, plan, y.ptr, nullptr, nullptr, kernel),
+              cudaErrorInvalidValue);
+    if (kernel == DecodeKernel::TensorCores)
+      EXPECT_EQ(mx_gemm_decode(a.segments(), odd, 1, 40, plan, y.ptr, nullptr, nullptr, kernel), cudaErrorInvalidValue);
+  }
+  EXPECT_EQ(quantize_activations(x.ptr, 1, plan.k(), perm.ptr, plan, mx::ScaleRule::Ceil, a_tiled.segments(),
+                                 FoldedOperand{}, nullptr, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(swiglu_quantize_activations(x.ptr, 1, plan.k(), perm.ptr, plan, mx::ScaleRule::Ceil,
+                                        a_tiled.segments(), nullptr),
+            cudaErrorInvalidValue);
+}
+
 TEST(MxGemm, SmallShapes) {
   REQUIRE_GPU();
   const GemmCase cases[] = {
