@@ -14,6 +14,7 @@
 // With several K chunks the partial sums go through fp32 atomics into `workspace`, then a
 // small kernel writes bf16.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #include "mx_kernels.h"
@@ -192,25 +193,28 @@ struct LaneWords {  // one lane's 8 elements of a 32-block, as loaded
   uint32_t lo, hi;
 };
 
-// kStream: weights are read once (evict-first loads); activations stay cached for every CTA.
-template <bool kStream>
+// Where a lane's words come from: weights in global memory are read once (evict-first
+// loads), activations stay cached for every CTA, staged weights sit in shared memory.
+enum class WordSource { Stream, Cached, Shared };
+template <WordSource kSrc>
 __device__ __forceinline__ uint32_t ld_word(const uint8_t* p) {
-  if constexpr (kStream) return __ldcs(reinterpret_cast<const unsigned int*>(p));
-  else return __ldg(reinterpret_cast<const unsigned int*>(p));
+  if constexpr (kSrc == WordSource::Stream) return __ldcs(reinterpret_cast<const unsigned int*>(p));
+  else if constexpr (kSrc == WordSource::Cached) return __ldg(reinterpret_cast<const unsigned int*>(p));
+  else return *reinterpret_cast<const uint32_t*>(p);
 }
 
 // Elements 8t .. 8t+7 of the 32-block at `block` (16, 24 or 32 bytes).
-template <ElemFormat F, bool kStream>
+template <ElemFormat F, WordSource kSrc>
 __device__ __forceinline__ LaneWords load_lane(const uint8_t* block, int t) {
   if constexpr (F == ElemFormat::E2M1) {
-    return {ld_word<kStream>(block + 4 * t), 0u};
+    return {ld_word<kSrc>(block + 4 * t), 0u};
   } else if constexpr (F == ElemFormat::E3M2) {  // 6 bytes at 6t: two aligned words, shifted by 0 or 16 bits
     const int off = 6 * t;
     const uint8_t* p = block + (off & ~3);
-    const uint64_t v = (static_cast<uint64_t>(ld_word<kStream>(p + 4)) << 32 | ld_word<kStream>(p)) >> (8 * (off & 3));
+    const uint64_t v = (static_cast<uint64_t>(ld_word<kSrc>(p + 4)) << 32 | ld_word<kSrc>(p)) >> (8 * (off & 3));
     return {static_cast<uint32_t>(v), static_cast<uint32_t>(v >> 32)};
   } else {
-    return {ld_word<kStream>(block + 8 * t), ld_word<kStream>(block + 8 * t + 4)};
+    return {ld_word<kSrc>(block + 8 * t), ld_word<kSrc>(block + 8 * t + 4)};
   }
 }
 
@@ -251,6 +255,53 @@ struct LaneSegment {
   const uint8_t* as[NT][2];           // token scales of columns 2t, 2t+1 (nullptr: absent)
 };
 
+// One 32-block's MMAs for a lane: its weight words (row tiles x rows g, g + 8) and scales,
+// its tokens' words and scales; promoted into acc as acc += tmp * (2^s_w * 2^s_a * bias).
+template <ElemFormat F, int NT>
+__device__ __forceinline__ void mma_block(const LaneWords (&w)[kTcRowTiles][2], const uint8_t (&sw)[kTcRowTiles][2],
+                                          const LaneWords (&a)[NT], const uint8_t (&sa)[NT][2],
+                                          float (&acc)[kTcRowTiles][NT][4]) {
+  const float bias = exp2i(2 * kE4m3Bias<F>);
+  float ca[NT][2];
+  uint32_t ar[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    ca[nt][0] = decode_scale(sa[nt][0]) * bias;
+    ca[nt][1] = decode_scale(sa[nt][1]) * bias;
+    to_e4m3<F>(a[nt], ar[nt]);
+  }
+#pragma unroll
+  for (int rt = 0; rt < kTcRowTiles; ++rt) {
+    uint32_t wr0[2], wr1[2];
+    to_e4m3<F>(w[rt][0], wr0);
+    to_e4m3<F>(w[rt][1], wr1);
+    const float f0 = decode_scale(sw[rt][0]), f1 = decode_scale(sw[rt][1]);
+    const uint32_t fa[4] = {wr0[0], wr1[0], wr0[1], wr1[1]};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      ptx::mma_e4m3_m16n8k32(tmp, fa, ar[nt]);
+      acc[rt][nt][0] = fmaf(tmp[0], f0 * ca[nt][0], acc[rt][nt][0]);
+      acc[rt][nt][1] = fmaf(tmp[1], f0 * ca[nt][1], acc[rt][nt][1]);
+      acc[rt][nt][2] = fmaf(tmp[2], f1 * ca[nt][0], acc[rt][nt][2]);
+      acc[rt][nt][3] = fmaf(tmp[3], f1 * ca[nt][1], acc[rt][nt][3]);
+    }
+  }
+}
+
+// A lane's token words and scales of block b (segment-local) for every token tile; absent tokens are zeros.
+template <ElemFormat F, int NT, typename LoadToken>
+__device__ __forceinline__ void load_tokens(const LaneSegment<NT>& seg, int b, LoadToken load, LaneWords (&a)[NT],
+                                            uint8_t (&sa)[NT][2]) {
+  constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    a[nt] = seg.a[nt] ? load(seg.a[nt] + b * kBytes) : LaneWords{0u, 0u};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) sa[nt][h] = seg.as[nt][h] ? __ldg(seg.as[nt][h] + b) : uint8_t(0);
+  }
+}
+
 // Blocks [lo, hi) of the segment (segment-local numbers), kUnroll blocks' loads issued
 // together (fewer with two token tiles or two CTAs per multiprocessor: registers). A row's
 // next block is kRowTile blocks further on (W.row_tile).
@@ -258,7 +309,7 @@ template <ElemFormat F, int NT, int kUnroll, int kRowTile>
 __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int lo, int hi, int t,
                                                float (&acc)[kTcRowTiles][NT][4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
-  const float bias = exp2i(2 * kE4m3Bias<F>);
+  const auto load_token = [t](const uint8_t* block) { return load_lane<F, WordSource::Cached>(block, t); };
   for (int base = lo; base < hi; base += kUnroll) {
     LaneWords w[kUnroll][kTcRowTiles][2], a[kUnroll][NT];
     uint8_t sw[kUnroll][kTcRowTiles][2], sa[kUnroll][NT][2];
@@ -270,45 +321,15 @@ __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int l
       for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          w[u][rt][h] = load_lane<F, true>(seg.w[rt][h] + b * kRowTile * kBytes, t);
+          w[u][rt][h] = load_lane<F, WordSource::Stream>(seg.w[rt][h] + b * kRowTile * kBytes, t);
           sw[u][rt][h] = __ldg(seg.ws[rt][h] + b * kRowTile);
         }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        a[u][nt] = seg.a[nt] ? load_lane<F, false>(seg.a[nt] + b * kBytes, t) : LaneWords{0u, 0u};
-#pragma unroll
-        for (int h = 0; h < 2; ++h) sa[u][nt][h] = seg.as[nt][h] ? __ldg(seg.as[nt][h] + b) : uint8_t(0);
-      }
+      load_tokens<F, NT>(seg, b, load_token, a[u], sa[u]);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (base + u >= hi) break;
-      float ca[NT][2];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        ca[nt][0] = decode_scale(sa[u][nt][0]) * bias;
-        ca[nt][1] = decode_scale(sa[u][nt][1]) * bias;
-      }
-      uint32_t ar[NT][2];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) to_e4m3<F>(a[u][nt], ar[nt]);
-#pragma unroll
-      for (int rt = 0; rt < kTcRowTiles; ++rt) {
-        uint32_t wr0[2], wr1[2];
-        to_e4m3<F>(w[u][rt][0], wr0);
-        to_e4m3<F>(w[u][rt][1], wr1);
-        const float f0 = decode_scale(sw[u][rt][0]), f1 = decode_scale(sw[u][rt][1]);
-        const uint32_t fa[4] = {wr0[0], wr1[0], wr0[1], wr1[1]};
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          ptx::mma_e4m3_m16n8k32(tmp, fa, ar[nt]);
-          acc[rt][nt][0] = fmaf(tmp[0], f0 * ca[nt][0], acc[rt][nt][0]);
-          acc[rt][nt][1] = fmaf(tmp[1], f0 * ca[nt][1], acc[rt][nt][1]);
-          acc[rt][nt][2] = fmaf(tmp[2], f1 * ca[nt][0], acc[rt][nt][2]);
-          acc[rt][nt][3] = fmaf(tmp[3], f1 * ca[nt][1], acc[rt][nt][3]);
-        }
-      }
+      mma_block<F, NT>(w[u], sw[u], a[u], sa[u], acc);
     }
   }
 }
@@ -362,10 +383,39 @@ __device__ __forceinline__ int block_at_byte(const MixPlan& plan, int x) {
 
 // NT 8-token tiles: 1 (M <= 8) or 2 (M <= 16). kTcWarps 16: one CTA per multiprocessor
 // (registers); 8: two, whose load and MMA phases interleave, for grids of several waves.
+// A warp's partial sums of the CTA's 32 x 8NT output tile, as its MMA accumulators hold them.
+template <int NT>
+using PartialTile = float[kTcRowTiles][NT][4][32];
+
+template <int NT>
+__device__ __forceinline__ void store_partial(PartialTile<NT>& out, int lane, const float (&acc)[kTcRowTiles][NT][4]) {
+#pragma unroll
+  for (int rt = 0; rt < kTcRowTiles; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[rt][nt][i][lane] = acc[rt][nt][i];
+}
+
+// Thread `tid` of `threads` -> (row tile, token tile, register, lane) outputs: the sum over
+// the warps' partials in a fixed order, written as bf16 to Y's rows n0 .. n0 + 31.
+template <int NT, int kWarps>
+__device__ __forceinline__ void store_tile_sums(const PartialTile<NT>* partial, int tid, int threads, int n0, int M, int N,
+                                                uint16_t* Y) {
+  for (int o = tid; o < kTcRowTiles * NT * 128; o += threads) {
+    const int rt = o / (NT * 128), nt = (o / 128) % NT, i = (o / 32) % 4, ln = o % 32;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += partial[w][rt][nt][i][ln];
+    const int n = n0 + 16 * rt + ln / 4 + (i >= 2 ? 8 : 0), m = nt * 8 + 2 * (ln % 4) + (i % 2);
+    if (n < N && m < M) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
+  }
+}
+
 template <int NT, int kTcWarps, int kUnroll, int kRowTile>
 __global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_tc_kernel(MxSegments A, MxSegments W, int M, int N,
                                                                     MixPlan plan, uint16_t* Y) {
-  __shared__ float partial[kTcWarps][kTcRowTiles][NT][4][32];
+  __shared__ PartialTile<NT> partial[kTcWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * kTcRows;
   float acc[kTcRowTiles][NT][4] = {};
@@ -381,21 +431,168 @@ __global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_t
   if (start < b8 && end > b4)
     decode_segment<ElemFormat::E3M2, NT, kUnroll, kRowTile>(segment(1), max(start, b4) - b4, min(end, b8) - b4, t, acc);
   if (end > b8) decode_segment<ElemFormat::E4M3, NT, kUnroll, kRowTile>(segment(2), max(start, b8) - b8, end - b8, t, acc);
-#pragma unroll
-  for (int rt = 0; rt < kTcRowTiles; ++rt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) partial[warp][rt][nt][i][lane] = acc[rt][nt][i];
+  store_partial<NT>(partial[warp], lane, acc);
   __syncthreads();
-  // thread -> one (row tile, token tile, register, lane) output; sum over warps in a fixed order
-  for (int o = threadIdx.x; o < kTcRowTiles * NT * 128; o += blockDim.x) {
-    const int rt = o / (NT * 128), nt = (o / 128) % NT, i = (o / 32) % 4, ln = o % 32;
-    float v = 0.0f;
+  store_tile_sums<NT, kTcWarps>(partial, threadIdx.x, blockDim.x, n0, M, N, Y);
+}
+
+// Copy-engine-fed variant (W in row tiles of kTcRows = kDecodeRowTile rows). In a row tile
+// each segment's codes are one contiguous run of bytes, and so are the scales of any run of
+// blocks; a producer thread streams them with bulk copies into a ring of shared-memory
+// stages, so that several stages per CTA are in flight whatever the consumers are doing (in
+// decode_tc_kernel a warp has in flight only what its registers hold). Eight consumer warps
+// share each stage's blocks: ldmatrix hands every lane its fragment words of four rows
+// straight from the stage (FP4: one x4; FP8: two, so a lane holds bytes 4t..4t+3 and
+// 16+4t..16+4t+3 of a block, and the tokens are read with the same map; FP6 rows, 24 bytes
+// apart, are read word by word as in decode_tc_kernel). Tokens come from global memory
+// (cached). CTAs are persistent over the row tiles, so the producer runs into the next tile
+// while the consumers sum the last one.
+constexpr int kStreamWarps = 8;                    // consumer warps; one more warp holds the producer
+constexpr int kStreamStages = 8;
+constexpr int kStreamCodeBytes = 16384;            // one stage: 32 FP4, 16 FP6 or 16 FP8 blocks of a row tile
+constexpr int kStreamScaleBytes = 32 * kTcRows;    // the scales of up to 32 blocks
+__host__ __device__ constexpr int stream_chunk_blocks(int seg) { return seg == 0 ? 32 : 16; }
+
+template <int NT>
+struct StreamSmem {
+  uint8_t codes[kStreamStages][kStreamCodeBytes];
+  uint8_t scales[kStreamStages][kStreamScaleBytes];
+  uint64_t full[kStreamStages], empty[kStreamStages];
+  PartialTile<NT> partial[kStreamWarps];
+};
+
+// The stream of one row tile in the order producer and consumers walk it: segment s, blocks
+// [first, first + count) (segment-local), one stage each.
+template <typename Visit>
+__device__ __forceinline__ void for_each_chunk(const MixPlan& plan, Visit visit) {
 #pragma unroll
-    for (int w = 0; w < kTcWarps; ++w) v += partial[w][rt][nt][i][ln];
-    const int n = n0 + 16 * rt + ln / 4 + (i >= 2 ? 8 : 0), m = nt * 8 + 2 * (ln % 4) + (i % 2);
-    if (n < N && m < M) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
+  for (int s = 0; s < 3; ++s) {
+    const SegmentSpan span = segment_span(plan, s);
+    for (int first = 0; first < span.blocks; first += stream_chunk_blocks(s))
+      visit(s, span, first, min(stream_chunk_blocks(s), span.blocks - first));
+  }
+}
+
+struct RingPosition {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStreamStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// A lane's words of block `block` in the stream kernel's map (FP8: bytes 4t..4t+3, 16+4t..16+4t+3).
+template <ElemFormat F, WordSource kSrc>
+__device__ __forceinline__ LaneWords load_lane_ldsm_map(const uint8_t* block, int t) {
+  if constexpr (F == ElemFormat::E4M3) return {ld_word<kSrc>(block + 4 * t), ld_word<kSrc>(block + 16 + 4 * t)};
+  else return load_lane<F, kSrc>(block, t);
+}
+
+// This warp's blocks of one stage: j = warp, warp + kStreamWarps, ... < count; `first` is
+// the stage's first block (segment-local), for the tokens.
+template <ElemFormat F, int NT>
+__device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t* scales, int first, int count,
+                                             const LaneSegment<NT>& seg, int warp, int lane,
+                                             float (&acc)[kTcRowTiles][NT][4]) {
+  constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
+  constexpr int kPerWarp = stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / kStreamWarps;
+  const int g = lane / 4, t = lane % 4;
+  const auto load_token = [t](const uint8_t* block) { return load_lane_ldsm_map<F, WordSource::Cached>(block, t); };
+  LaneWords w[kPerWarp][kTcRowTiles][2], a[kPerWarp][NT];
+  uint8_t sw[kPerWarp][kTcRowTiles][2], sa[kPerWarp][NT][2];
+#pragma unroll
+  for (int u = 0; u < kPerWarp; ++u) {
+    const int j = warp + u * kStreamWarps;
+    if (j >= count) break;
+    const uint8_t* block = codes + j * kTcRows * kBytes;  // rows 0..31, kBytes each
+    if constexpr (F == ElemFormat::E3M2) {
+#pragma unroll
+      for (int rt = 0; rt < kTcRowTiles; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) w[u][rt][h] = load_lane<F, WordSource::Shared>(block + (16 * rt + 8 * h + g) * kBytes, t);
+    } else {
+      // ldmatrix: lanes 8i..8i+7 address rows 8i..8i+7 of matrix i; lane (g, t) receives word t of row 8i + g.
+      uint32_t lo[4], hi[4] = {0u, 0u, 0u, 0u};
+      ptx::ldmatrix_x4(lo, block + lane * kBytes);
+      if constexpr (F == ElemFormat::E4M3) ptx::ldmatrix_x4(hi, block + lane * kBytes + 16);
+#pragma unroll
+      for (int rt = 0; rt < kTcRowTiles; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) w[u][rt][h] = {lo[2 * rt + h], hi[2 * rt + h]};
+    }
+#pragma unroll
+    for (int rt = 0; rt < kTcRowTiles; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) sw[u][rt][h] = scales[j * kTcRows + 16 * rt + 8 * h + g];
+    load_tokens<F, NT>(seg, first + j, load_token, a[u], sa[u]);
+  }
+#pragma unroll
+  for (int u = 0; u < kPerWarp; ++u) {
+    if (warp + u * kStreamWarps >= count) break;
+    mma_block<F, NT>(w[u], sw[u], a[u], sa[u], acc);
+  }
+}
+
+template <int NT>
+__global__ void __launch_bounds__((kStreamWarps + 1) * 32, 1) decode_stream_kernel(MxSegments A, MxSegments W, int M,
+                                                                                  int N, MixPlan plan, uint16_t* Y) {
+  extern __shared__ __align__(128) uint8_t stream_smem[];
+  StreamSmem<NT>& sm = *reinterpret_cast<StreamSmem<NT>*>(stream_smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tiles = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStreamStages; ++i) {
+      ptx::mbar_init(&sm.full[i], 1);
+      ptx::mbar_init(&sm.empty[i], kStreamWarps);
+    }
+    ptx::mbar_fence_init();
+  }
+  __syncthreads();
+  if (warp == kStreamWarps) {
+    // Producer: reads weights only, so it starts before the kernel before has finished.
+    if (lane != 0) return;
+    RingPosition ring;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
+      for_each_chunk(plan, [&](int s, const SegmentSpan& span, int first, int count) {
+        const uint8_t* q = s == 0 ? W.q4 : s == 1 ? W.q6 : W.q8;
+        const int64_t row = static_cast<int64_t>(tile) * kTcRows;
+        const uint32_t code_bytes = static_cast<uint32_t>(count * kTcRows * span.block_bytes);
+        const uint32_t scale_bytes = static_cast<uint32_t>(count * kTcRows);
+        ptx::mbar_wait(&sm.empty[ring.stage], ring.phase ^ 1);
+        ptx::mbar_expect_tx(&sm.full[ring.stage], code_bytes + scale_bytes);
+        ptx::bulk_load(sm.codes[ring.stage], q + row_tiled_offset(row, first, span.blocks, span.block_bytes, kTcRows),
+                       code_bytes, &sm.full[ring.stage]);
+        ptx::bulk_load(sm.scales[ring.stage], W.scales + row_tiled_offset(row, span.first + first, nblk, 1, kTcRows),
+                       scale_bytes, &sm.full[ring.stage]);
+        ring.advance();
+      });
+    return;
+  }
+  ptx::chain_enter();  // the tokens come from the kernel before
+  const int g = lane / 4, t = lane % 4;
+  RingPosition ring;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int n0 = tile * kTcRows;
+    float acc[kTcRowTiles][NT][4] = {};
+    for_each_chunk(plan, [&](int s, const SegmentSpan&, int first, int count) {
+      const LaneSegment<NT> seg = lane_segment<NT, kTcRows>(A, W, plan, s, M, N, n0, g, t);
+      ptx::mbar_wait(&sm.full[ring.stage], ring.phase);
+      const uint8_t* codes = sm.codes[ring.stage];
+      const uint8_t* scales = sm.scales[ring.stage];
+      if (s == 0) stream_stage<ElemFormat::E2M1, NT>(codes, scales, first, count, seg, warp, lane, acc);
+      else if (s == 1) stream_stage<ElemFormat::E3M2, NT>(codes, scales, first, count, seg, warp, lane, acc);
+      else stream_stage<ElemFormat::E4M3, NT>(codes, scales, first, count, seg, warp, lane, acc);
+      __syncwarp();
+      if (lane == 0) ptx::mbar_arrive(&sm.empty[ring.stage]);
+      ring.advance();
+    });
+    store_partial<NT>(sm.partial[warp], lane, acc);
+    ptx::named_bar_sync<1>();  // the consumer warps only
+    store_tile_sums<NT, kStreamWarps>(sm.partial, threadIdx.x, kStreamWarps * 32, n0, M, N, Y);
+    ptx::named_bar_sync<1>();  // partials read before the next tile's are written
   }
 }
 
@@ -443,6 +640,29 @@ auto pick_decode_tc(bool two_per_sm, int M) {
                     : (M <= 8 ? decode_tc_kernel<1, 16, 4, kRowTile> : decode_tc_kernel<2, 16, 2, kRowTile>);
 }
 
+// The stream kernel needs W in row tiles of kTcRows and 16-byte aligned arrays (bulk copies).
+bool stream_ready(const MxSegments& W) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return W.row_tile == kTcRows && aligned(W.q4) && aligned(W.q6) && aligned(W.q8) && aligned(W.scales);
+}
+
+template <int NT>
+cudaError_t launch_decode_stream(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
+                                 cudaStream_t stream) {
+  constexpr int kSmem = static_cast<int>(sizeof(StreamSmem<NT>));
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(decode_stream_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (attr != cudaSuccess) return attr;
+  int per_sm = 0;
+  const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_stream_kernel<NT>,
+                                                                        (kStreamWarps + 1) * 32, kSmem);
+  if (occ != cudaSuccess) return occ;
+  const int tiles = (N + kTcRows - 1) / kTcRows;
+  const int grid = std::min(tiles, std::max(per_sm, 1) * device_sm_count());
+  return ptx::launch_chained(decode_stream_kernel<NT>, dim3(grid), dim3((kStreamWarps + 1) * 32), kSmem, stream, A, W,
+                             M, N, plan, Y);
+}
+
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>((N + kTcRows - 1) / kTcRows);
   // Measured on H100 (docs/kernels.md, section 6): two 8-warp CTAs per multiprocessor
@@ -457,6 +677,18 @@ cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan p
 
 }  // namespace
 
+DecodeKernel decode_kernel_setting() {
+  static const DecodeKernel setting = [] {
+    const char* v = std::getenv("MICROMIX_DECODE_KERNEL");
+    if (v == nullptr) return DecodeKernel::Auto;
+    if (std::strcmp(v, "streamed") == 0) return DecodeKernel::Streamed;
+    if (std::strcmp(v, "tensor-cores") == 0) return DecodeKernel::TensorCores;
+    if (std::strcmp(v, "cuda-cores") == 0) return DecodeKernel::CudaCores;
+    return DecodeKernel::Auto;
+  }();
+  return setting;
+}
+
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                            float* workspace, cudaStream_t stream, DecodeKernel kernel) {
   // The activations are the quantizer's row-major output; the weights may be row-tiled.
@@ -464,6 +696,13 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
     return cudaErrorInvalidValue;
   if (M <= 0 || N == 0) return cudaSuccess;
   const int m = static_cast<int>(M), n = static_cast<int>(N);
+  if (kernel == DecodeKernel::Auto) kernel = decode_kernel_setting();
+  if (kernel == DecodeKernel::Auto) kernel = stream_ready(W) ? DecodeKernel::Streamed : DecodeKernel::TensorCores;
+  if (kernel == DecodeKernel::Streamed) {
+    if (!stream_ready(W)) return cudaErrorInvalidValue;
+    return m <= 8 ? launch_decode_stream<1>(A, W, m, n, plan, Y, stream)
+                  : launch_decode_stream<2>(A, W, m, n, plan, Y, stream);
+  }
   if (kernel != DecodeKernel::CudaCores) return launch_decode_tc(A, W, m, n, plan, Y, stream);
   if (m == 1) return launch_decode<1>(A, W, m, n, plan, Y, workspace, stream);
   if (m == 2) return launch_decode<2>(A, W, m, n, plan, Y, workspace, stream);

@@ -136,11 +136,15 @@ int device_sm_count();
 void set_chained_launches(bool on);
 bool chained_launches();
 
-// Decode path (M <= 16): streams the packed weights once. Auto and TensorCores: E4M3
-// mma.sync with every lane loading its fragments straight from the packed codes (the faster
-// one at every measured shape); CudaCores: the second implementation, which needs workspace
-// (fp32 [M, N] scratch) when it splits K over CTAs.
-enum class DecodeKernel { Auto, CudaCores, TensorCores };
+// Decode path (M <= 16): streams the packed weights once. TensorCores: E4M3 mma.sync with
+// every lane loading its fragments straight from the packed codes. Streamed: the same MMAs
+// fed from shared memory, which the copy engine fills with whole runs of a row tile's blocks
+// (W.row_tile == kDecodeRowTile and 16-byte aligned arrays, else cudaErrorInvalidValue).
+// CudaCores: the second implementation, which needs workspace (fp32 [M, N] scratch) when it
+// splits K over CTAs. Auto: MICROMIX_DECODE_KERNEL (streamed, tensor-cores or cuda-cores)
+// when set, else Streamed where W allows it and TensorCores otherwise.
+enum class DecodeKernel { Auto, CudaCores, TensorCores, Streamed };
+DecodeKernel decode_kernel_setting();  // MICROMIX_DECODE_KERNEL, read once (Auto when unset)
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                            float* workspace, cudaStream_t stream, DecodeKernel kernel = DecodeKernel::Auto);
 inline constexpr int kDecodeMaxM = 16;

@@ -1,4 +1,4 @@
-// PTX wrappers used by the micromix kernels (sm_90a): mbarriers, 2-D TMA tile loads,
+// PTX wrappers used by the micromix kernels (sm_90a): mbarriers, 2-D TMA tile loads, bulk copies,
 // shared-memory matrix descriptors, wgmma (FP8), mma.sync (bf16, E4M3), ldmatrix, cp.async,
 // named barriers, chained launches (programmatic dependent launch), and the
 // host-side encoding of TMA tensor maps. Kept in one header so that the kernels' source can
@@ -48,6 +48,15 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
           smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
       : "memory");
+}
+
+// Contiguous global -> shared copy on the copy engine (bytes and both addresses multiples of
+// 16), completing `bytes` of the barrier's transaction count.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
 }
 
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.

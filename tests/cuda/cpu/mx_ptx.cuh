@@ -63,6 +63,13 @@ inline void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0
   b.tx -= static_cast<int64_t>(m.box_inner) * m.box_outer * m.esize;
   emu8::maybe_complete(b);
 }
+inline void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  std::memcpy(dst, src, bytes);
+  std::lock_guard g(emu8::mu);
+  auto& b = emu8::bars[emu8::off(bar)];
+  b.tx -= bytes;
+  emu8::maybe_complete(b);
+}
 inline uint64_t smem_desc(const void* p) {
   uint64_t d = static_cast<uint64_t>((emu8::off(p) & 0x3FFFF) >> 4);
   d |= static_cast<uint64_t>(1) << 16; d |= static_cast<uint64_t>(1024 >> 4) << 32; d |= static_cast<uint64_t>(1) << 62;
