@@ -255,61 +255,47 @@ struct LaneSegment {
   const uint8_t* as[NT][2];           // token scales of columns 2t, 2t+1 (nullptr: absent)
 };
 
-// One 32-block's MMAs for a lane: its weight words (row tiles x rows g, g + 8) and scales,
-// its tokens' words and scales; promoted into acc as acc += tmp * (2^s_w * 2^s_a * bias).
+// One 32-block's MMAs for a lane: its weight words (row tiles x rows g, g + 8) with their
+// decoded scales, its tokens' words with their factors 2^s_a * 2^(2 kE4m3Bias<F>) (columns 2t,
+// 2t + 1); promoted into acc as acc += tmp * f_w * f_a.
 template <ElemFormat F, int NT>
-__device__ __forceinline__ void mma_block(const LaneWords (&w)[kTcRowTiles][2], const uint8_t (&sw)[kTcRowTiles][2],
-                                          const LaneWords (&a)[NT], const uint8_t (&sa)[NT][2],
+__device__ __forceinline__ void mma_block(const LaneWords (&w)[kTcRowTiles][2], const float (&fw)[kTcRowTiles][2],
+                                          const LaneWords (&a)[NT], const float (&fa)[NT][2],
                                           float (&acc)[kTcRowTiles][NT][4]) {
-  const float bias = exp2i(2 * kE4m3Bias<F>);
-  float ca[NT][2];
   uint32_t ar[NT][2];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    ca[nt][0] = decode_scale(sa[nt][0]) * bias;
-    ca[nt][1] = decode_scale(sa[nt][1]) * bias;
-    to_e4m3<F>(a[nt], ar[nt]);
-  }
+  for (int nt = 0; nt < NT; ++nt) to_e4m3<F>(a[nt], ar[nt]);
 #pragma unroll
   for (int rt = 0; rt < kTcRowTiles; ++rt) {
     uint32_t wr0[2], wr1[2];
     to_e4m3<F>(w[rt][0], wr0);
     to_e4m3<F>(w[rt][1], wr1);
-    const float f0 = decode_scale(sw[rt][0]), f1 = decode_scale(sw[rt][1]);
-    const uint32_t fa[4] = {wr0[0], wr1[0], wr0[1], wr1[1]};
+    const uint32_t frag[4] = {wr0[0], wr1[0], wr0[1], wr1[1]};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      ptx::mma_e4m3_m16n8k32(tmp, fa, ar[nt]);
-      acc[rt][nt][0] = fmaf(tmp[0], f0 * ca[nt][0], acc[rt][nt][0]);
-      acc[rt][nt][1] = fmaf(tmp[1], f0 * ca[nt][1], acc[rt][nt][1]);
-      acc[rt][nt][2] = fmaf(tmp[2], f1 * ca[nt][0], acc[rt][nt][2]);
-      acc[rt][nt][3] = fmaf(tmp[3], f1 * ca[nt][1], acc[rt][nt][3]);
+      ptx::mma_e4m3_m16n8k32(tmp, frag, ar[nt]);
+      acc[rt][nt][0] = fmaf(tmp[0], fw[rt][0] * fa[nt][0], acc[rt][nt][0]);
+      acc[rt][nt][1] = fmaf(tmp[1], fw[rt][0] * fa[nt][1], acc[rt][nt][1]);
+      acc[rt][nt][2] = fmaf(tmp[2], fw[rt][1] * fa[nt][0], acc[rt][nt][2]);
+      acc[rt][nt][3] = fmaf(tmp[3], fw[rt][1] * fa[nt][1], acc[rt][nt][3]);
     }
   }
 }
 
-// A lane's token words and scales of block b (segment-local) for every token tile; absent tokens are zeros.
-template <ElemFormat F, int NT, typename LoadToken>
-__device__ __forceinline__ void load_tokens(const LaneSegment<NT>& seg, int b, LoadToken load, LaneWords (&a)[NT],
-                                            uint8_t (&sa)[NT][2]) {
-  constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    a[nt] = seg.a[nt] ? load(seg.a[nt] + b * kBytes) : LaneWords{0u, 0u};
-#pragma unroll
-    for (int h = 0; h < 2; ++h) sa[nt][h] = seg.as[nt][h] ? __ldg(seg.as[nt][h] + b) : uint8_t(0);
-  }
+// decode_scale of every E8M0 byte, in shared memory: one load instead of the special cases.
+__device__ __forceinline__ void fill_scale_lut(float* lut, int tid, int threads) {
+  for (int i = tid; i < 256; i += threads) lut[i] = decode_scale(static_cast<uint8_t>(i));
 }
 
 // Blocks [lo, hi) of the segment (segment-local numbers), kUnroll blocks' loads issued
 // together (fewer with two token tiles or two CTAs per multiprocessor: registers). A row's
 // next block is kRowTile blocks further on (W.row_tile).
 template <ElemFormat F, int NT, int kUnroll, int kRowTile>
-__device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int lo, int hi, int t,
+__device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int lo, int hi, int t, const float* lut,
                                                float (&acc)[kTcRowTiles][NT][4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
-  const auto load_token = [t](const uint8_t* block) { return load_lane<F, WordSource::Cached>(block, t); };
+  const float bias = exp2i(2 * kE4m3Bias<F>);
   for (int base = lo; base < hi; base += kUnroll) {
     LaneWords w[kUnroll][kTcRowTiles][2], a[kUnroll][NT];
     uint8_t sw[kUnroll][kTcRowTiles][2], sa[kUnroll][NT][2];
@@ -324,12 +310,26 @@ __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int l
           w[u][rt][h] = load_lane<F, WordSource::Stream>(seg.w[rt][h] + b * kRowTile * kBytes, t);
           sw[u][rt][h] = __ldg(seg.ws[rt][h] + b * kRowTile);
         }
-      load_tokens<F, NT>(seg, b, load_token, a[u], sa[u]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        a[u][nt] = seg.a[nt] ? load_lane<F, WordSource::Cached>(seg.a[nt] + b * kBytes, t) : LaneWords{0u, 0u};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sa[u][nt][h] = seg.as[nt][h] ? __ldg(seg.as[nt][h] + b) : uint8_t(0);
+      }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (base + u >= hi) break;
-      mma_block<F, NT>(w[u], sw[u], a[u], sa[u], acc);
+      float fw[kTcRowTiles][2], fa[NT][2];
+#pragma unroll
+      for (int rt = 0; rt < kTcRowTiles; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) fw[rt][h] = lut[sw[u][rt][h]];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) fa[nt][h] = lut[sa[u][nt][h]] * bias;
+      mma_block<F, NT>(w[u], fw, a[u], fa, acc);
     }
   }
 }
@@ -416,6 +416,9 @@ template <int NT, int kTcWarps, int kUnroll, int kRowTile>
 __global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_tc_kernel(MxSegments A, MxSegments W, int M, int N,
                                                                     MixPlan plan, uint16_t* Y) {
   __shared__ PartialTile<NT> partial[kTcWarps];
+  __shared__ float lut[256];
+  fill_scale_lut(lut, threadIdx.x, blockDim.x);
+  __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * kTcRows;
   float acc[kTcRowTiles][NT][4] = {};
@@ -427,10 +430,10 @@ __global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_t
   const int end = block_at_byte(plan, (warp + 1) * weight_row_bytes(plan) / kTcWarps);
   ptx::chain_enter();  // the activations come from the kernel before
   auto segment = [&](int s) { return lane_segment<NT, kRowTile>(A, W, plan, s, M, N, n0, g, t); };
-  if (start < b4) decode_segment<ElemFormat::E2M1, NT, kUnroll, kRowTile>(segment(0), start, min(end, b4), t, acc);
+  if (start < b4) decode_segment<ElemFormat::E2M1, NT, kUnroll, kRowTile>(segment(0), start, min(end, b4), t, lut, acc);
   if (start < b8 && end > b4)
-    decode_segment<ElemFormat::E3M2, NT, kUnroll, kRowTile>(segment(1), max(start, b4) - b4, min(end, b8) - b4, t, acc);
-  if (end > b8) decode_segment<ElemFormat::E4M3, NT, kUnroll, kRowTile>(segment(2), max(start, b8) - b8, end - b8, t, acc);
+    decode_segment<ElemFormat::E3M2, NT, kUnroll, kRowTile>(segment(1), max(start, b4) - b4, min(end, b8) - b4, t, lut, acc);
+  if (end > b8) decode_segment<ElemFormat::E4M3, NT, kUnroll, kRowTile>(segment(2), max(start, b8) - b8, end - b8, t, lut, acc);
   store_partial<NT>(partial[warp], lane, acc);
   __syncthreads();
   store_tile_sums<NT, kTcWarps>(partial, threadIdx.x, blockDim.x, n0, M, N, Y);
@@ -453,13 +456,18 @@ constexpr int kStreamCodeBytes = 16384;            // one stage: 32 FP4, 16 FP6 
 constexpr int kStreamScaleBytes = 32 * kTcRows;    // the scales of up to 32 blocks
 __host__ __device__ constexpr int stream_chunk_blocks(int seg) { return seg == 0 ? 32 : 16; }
 
+// Followed in shared memory by the tokens' factors of every block (stream_factor_bytes).
 template <int NT>
 struct StreamSmem {
   uint8_t codes[kStreamStages][kStreamCodeBytes];
   uint8_t scales[kStreamStages][kStreamScaleBytes];
   uint64_t full[kStreamStages], empty[kStreamStages];
   PartialTile<NT> partial[kStreamWarps];
+  float lut[256];  // decoded E8M0 scales
 };
+// Token factors 2^s_a * 2^(2 kE4m3Bias) of every block for the 8 NT token columns, [blocks][8 NT]:
+// computed once per CTA, read by every row tile.
+__host__ __device__ constexpr int stream_factor_bytes(int blocks, int nt) { return blocks * 8 * nt * 4; }
 
 // The stream of one row tile in the order producer and consumers walk it: segment s, blocks
 // [first, first + count) (segment-local), one stage each.
@@ -493,16 +501,17 @@ __device__ __forceinline__ LaneWords load_lane_ldsm_map(const uint8_t* block, in
 
 // This warp's blocks of one stage: j = warp, warp + kStreamWarps, ... < count; `first` is
 // the stage's first block (segment-local), for the tokens.
+// `factors`: the token factors from the stage's first block on.
 template <ElemFormat F, int NT>
-__device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t* scales, int first, int count,
-                                             const LaneSegment<NT>& seg, int warp, int lane,
-                                             float (&acc)[kTcRowTiles][NT][4]) {
+__device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t* scales, const float* lut,
+                                             const float* factors, int first, int count, const LaneSegment<NT>& seg,
+                                             int warp, int lane, float (&acc)[kTcRowTiles][NT][4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
   constexpr int kPerWarp = stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / kStreamWarps;
   const int g = lane / 4, t = lane % 4;
-  const auto load_token = [t](const uint8_t* block) { return load_lane_ldsm_map<F, WordSource::Cached>(block, t); };
   LaneWords w[kPerWarp][kTcRowTiles][2], a[kPerWarp][NT];
-  uint8_t sw[kPerWarp][kTcRowTiles][2], sa[kPerWarp][NT][2];
+  uint8_t sw[kPerWarp][kTcRowTiles][2];
+  float2 fa[kPerWarp][NT];
 #pragma unroll
   for (int u = 0; u < kPerWarp; ++u) {
     const int j = warp + u * kStreamWarps;
@@ -527,12 +536,27 @@ __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t
     for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) sw[u][rt][h] = scales[j * kTcRows + 16 * rt + 8 * h + g];
-    load_tokens<F, NT>(seg, first + j, load_token, a[u], sa[u]);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      a[u][nt] = seg.a[nt] ? load_lane_ldsm_map<F, WordSource::Cached>(seg.a[nt] + (first + j) * kBytes, t)
+                           : LaneWords{0u, 0u};
+      fa[u][nt] = *reinterpret_cast<const float2*>(factors + j * 8 * NT + 8 * nt + 2 * t);
+    }
   }
 #pragma unroll
   for (int u = 0; u < kPerWarp; ++u) {
     if (warp + u * kStreamWarps >= count) break;
-    mma_block<F, NT>(w[u], sw[u], a[u], sa[u], acc);
+    float fw[kTcRowTiles][2], ft[NT][2];
+#pragma unroll
+    for (int rt = 0; rt < kTcRowTiles; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) fw[rt][h] = lut[sw[u][rt][h]];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      ft[nt][0] = fa[u][nt].x;
+      ft[nt][1] = fa[u][nt].y;
+    }
+    mma_block<F, NT>(w[u], fw, a[u], ft, acc);
   }
 }
 
@@ -572,19 +596,28 @@ __global__ void __launch_bounds__((kStreamWarps + 1) * 32, 1) decode_stream_kern
     return;
   }
   ptx::chain_enter();  // the tokens come from the kernel before
+  float* factors = reinterpret_cast<float*>(stream_smem + sizeof(StreamSmem<NT>));
+  fill_scale_lut(sm.lut, threadIdx.x, kStreamWarps * 32);
+  for (int i = threadIdx.x; i < nblk * 8 * NT; i += kStreamWarps * 32) {
+    const int b = i / (8 * NT), m = i % (8 * NT), seg = segment_of_block(plan, b);
+    const float bias = exp2i(2 * (seg == 0 ? kE4m3Bias<ElemFormat::E2M1> : seg == 1 ? kE4m3Bias<ElemFormat::E3M2> : 0));
+    factors[i] = m < M ? decode_scale(A.scales[static_cast<int64_t>(m) * nblk + b]) * bias : 0.0f;
+  }
+  ptx::named_bar_sync<1>();
   const int g = lane / 4, t = lane % 4;
   RingPosition ring;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int n0 = tile * kTcRows;
     float acc[kTcRowTiles][NT][4] = {};
-    for_each_chunk(plan, [&](int s, const SegmentSpan&, int first, int count) {
+    for_each_chunk(plan, [&](int s, const SegmentSpan& span, int first, int count) {
       const LaneSegment<NT> seg = lane_segment<NT, kTcRows>(A, W, plan, s, M, N, n0, g, t);
       ptx::mbar_wait(&sm.full[ring.stage], ring.phase);
       const uint8_t* codes = sm.codes[ring.stage];
       const uint8_t* scales = sm.scales[ring.stage];
-      if (s == 0) stream_stage<ElemFormat::E2M1, NT>(codes, scales, first, count, seg, warp, lane, acc);
-      else if (s == 1) stream_stage<ElemFormat::E3M2, NT>(codes, scales, first, count, seg, warp, lane, acc);
-      else stream_stage<ElemFormat::E4M3, NT>(codes, scales, first, count, seg, warp, lane, acc);
+      const float* f = factors + (span.first + first) * 8 * NT;
+      if (s == 0) stream_stage<ElemFormat::E2M1, NT>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
+      else if (s == 1) stream_stage<ElemFormat::E3M2, NT>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
+      else stream_stage<ElemFormat::E4M3, NT>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
       __syncwarp();
       if (lane == 0) ptx::mbar_arrive(&sm.empty[ring.stage]);
       ring.advance();
@@ -646,20 +679,30 @@ bool stream_ready(const MxSegments& W) {
   return W.row_tile == kTcRows && aligned(W.q4) && aligned(W.q6) && aligned(W.q8) && aligned(W.scales);
 }
 
+// Shared memory of the stream kernel for this plan; more than a multiprocessor offers for
+// very long K (the token factors grow with it), where the tensor-core kernel takes over.
+int stream_smem_bytes(const MixPlan& plan, int M) {
+  const int nt = M <= 8 ? 1 : 2;
+  return (nt == 1 ? static_cast<int>(sizeof(StreamSmem<1>)) : static_cast<int>(sizeof(StreamSmem<2>))) +
+         stream_factor_bytes(plan.blocks(), nt);
+}
+constexpr int kStreamSmemLimit = 227 * 1024;  // sm_90's opt-in maximum per block
+
 template <int NT>
 cudaError_t launch_decode_stream(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
                                  cudaStream_t stream) {
-  constexpr int kSmem = static_cast<int>(sizeof(StreamSmem<NT>));
+  const int smem = stream_smem_bytes(plan, M);
+  if (smem > kStreamSmemLimit) return cudaErrorInvalidValue;
   static const cudaError_t attr =
-      cudaFuncSetAttribute(decode_stream_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      cudaFuncSetAttribute(decode_stream_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
   if (attr != cudaSuccess) return attr;
   int per_sm = 0;
   const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_stream_kernel<NT>,
-                                                                        (kStreamWarps + 1) * 32, kSmem);
+                                                                        (kStreamWarps + 1) * 32, smem);
   if (occ != cudaSuccess) return occ;
   const int tiles = (N + kTcRows - 1) / kTcRows;
   const int grid = std::min(tiles, std::max(per_sm, 1) * device_sm_count());
-  return ptx::launch_chained(decode_stream_kernel<NT>, dim3(grid), dim3((kStreamWarps + 1) * 32), kSmem, stream, A, W,
+  return ptx::launch_chained(decode_stream_kernel<NT>, dim3(grid), dim3((kStreamWarps + 1) * 32), smem, stream, A, W,
                              M, N, plan, Y);
 }
 
@@ -697,7 +740,11 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   if (M <= 0 || N == 0) return cudaSuccess;
   const int m = static_cast<int>(M), n = static_cast<int>(N);
   if (kernel == DecodeKernel::Auto) kernel = decode_kernel_setting();
-  if (kernel == DecodeKernel::Auto) kernel = stream_ready(W) ? DecodeKernel::Streamed : DecodeKernel::TensorCores;
+  // Auto: measured on H200 (docs/kernels.md, section 6), the streamed kernel is the faster one
+  // for up to 8 tokens and the slower one for more.
+  if (kernel == DecodeKernel::Auto)
+    kernel = m <= 8 && stream_ready(W) && stream_smem_bytes(plan, m) <= kStreamSmemLimit ? DecodeKernel::Streamed
+                                                                                          : DecodeKernel::TensorCores;
   if (kernel == DecodeKernel::Streamed) {
     if (!stream_ready(W)) return cudaErrorInvalidValue;
     return m <= 8 ? launch_decode_stream<1>(A, W, m, n, plan, Y, stream)
