@@ -257,8 +257,9 @@ struct LaneSegment {
 
 // One 32-block's MMAs for a lane: its weight words (row tiles x rows g, g + 8) with their
 // decoded scales, its tokens' words with their factors 2^s_a * 2^(2 kE4m3Bias<F>) (columns 2t,
-// 2t + 1); promoted into acc as acc += tmp * f_w * f_a.
-template <ElemFormat F, int NT>
+// 2t + 1); promoted into acc as acc += tmp * f_w * f_a. kOneToken: only token 0 exists, so the
+// odd columns (accumulators 1 and 3) are left alone.
+template <ElemFormat F, int NT, bool kOneToken = false>
 __device__ __forceinline__ void mma_block(const LaneWords (&w)[kTcRowTiles][2], const float (&fw)[kTcRowTiles][2],
                                           const LaneWords (&a)[NT], const float (&fa)[NT][2],
                                           float (&acc)[kTcRowTiles][NT][4]) {
@@ -276,9 +277,11 @@ __device__ __forceinline__ void mma_block(const LaneWords (&w)[kTcRowTiles][2], 
       float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       ptx::mma_e4m3_m16n8k32(tmp, frag, ar[nt]);
       acc[rt][nt][0] = fmaf(tmp[0], fw[rt][0] * fa[nt][0], acc[rt][nt][0]);
-      acc[rt][nt][1] = fmaf(tmp[1], fw[rt][0] * fa[nt][1], acc[rt][nt][1]);
       acc[rt][nt][2] = fmaf(tmp[2], fw[rt][1] * fa[nt][0], acc[rt][nt][2]);
-      acc[rt][nt][3] = fmaf(tmp[3], fw[rt][1] * fa[nt][1], acc[rt][nt][3]);
+      if constexpr (!kOneToken) {
+        acc[rt][nt][1] = fmaf(tmp[1], fw[rt][0] * fa[nt][1], acc[rt][nt][1]);
+        acc[rt][nt][3] = fmaf(tmp[3], fw[rt][1] * fa[nt][1], acc[rt][nt][3]);
+      }
     }
   }
 }
@@ -450,7 +453,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_t
 // apart, are read word by word as in decode_tc_kernel). Tokens come from global memory
 // (cached). CTAs are persistent over the row tiles, so the producer runs into the next tile
 // while the consumers sum the last one.
-constexpr int kStreamWarps = 8;                    // consumer warps; one more warp holds the producer
+constexpr int kStreamWarps = 16;  // consumer warps; one more warp holds the producer
 constexpr int kStreamStages = 8;
 constexpr int kStreamCodeBytes = 16384;            // one stage: 32 FP4, 16 FP6 or 16 FP8 blocks of a row tile
 constexpr int kStreamScaleBytes = 32 * kTcRows;    // the scales of up to 32 blocks
@@ -500,23 +503,29 @@ __device__ __forceinline__ LaneWords load_lane_ldsm_map(const uint8_t* block, in
 }
 
 // This warp's blocks of one stage: j = warp, warp + kStreamWarps, ... < count; `first` is
-// the stage's first block (segment-local), for the tokens.
-// `factors`: the token factors from the stage's first block on.
-template <ElemFormat F, int NT>
+// the stage's first block (segment-local), for the tokens; `factors`: the token factors from
+// the stage's first block on. Addresses are one base per stage plus constant strides.
+template <ElemFormat F, int NT, bool kOneToken>
 __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t* scales, const float* lut,
                                              const float* factors, int first, int count, const LaneSegment<NT>& seg,
                                              int warp, int lane, float (&acc)[kTcRowTiles][NT][4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
   constexpr int kPerWarp = stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / kStreamWarps;
   const int g = lane / 4, t = lane % 4;
+  const int mine = count > warp ? (count - warp + kStreamWarps - 1) / kStreamWarps : 0;  // this warp's blocks
+  const uint8_t* wblk = codes + warp * kTcRows * kBytes;     // + u * kStreamWarps * kTcRows * kBytes
+  const uint8_t* sblk = scales + warp * kTcRows + g;         // + u * kStreamWarps * kTcRows
+  const float* fblk = factors + warp * 8 * NT + 2 * t;       // + u * kStreamWarps * 8 * NT
+  const uint8_t* ablk[NT];                                   // + u * kStreamWarps * kBytes
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) ablk[nt] = seg.a[nt] ? seg.a[nt] + (first + warp) * kBytes : nullptr;
   LaneWords w[kPerWarp][kTcRowTiles][2], a[kPerWarp][NT];
-  uint8_t sw[kPerWarp][kTcRowTiles][2];
+  uint32_t sw[kPerWarp][kTcRowTiles][2];
   float2 fa[kPerWarp][NT];
 #pragma unroll
   for (int u = 0; u < kPerWarp; ++u) {
-    const int j = warp + u * kStreamWarps;
-    if (j >= count) break;
-    const uint8_t* block = codes + j * kTcRows * kBytes;  // rows 0..31, kBytes each
+    if (u >= mine) break;
+    const uint8_t* block = wblk + u * kStreamWarps * kTcRows * kBytes;  // rows 0..31, kBytes each
     if constexpr (F == ElemFormat::E3M2) {
 #pragma unroll
       for (int rt = 0; rt < kTcRowTiles; ++rt)
@@ -535,17 +544,17 @@ __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t
 #pragma unroll
     for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) sw[u][rt][h] = scales[j * kTcRows + 16 * rt + 8 * h + g];
+      for (int h = 0; h < 2; ++h) sw[u][rt][h] = sblk[u * kStreamWarps * kTcRows + 16 * rt + 8 * h];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      a[u][nt] = seg.a[nt] ? load_lane_ldsm_map<F, WordSource::Cached>(seg.a[nt] + (first + j) * kBytes, t)
-                           : LaneWords{0u, 0u};
-      fa[u][nt] = *reinterpret_cast<const float2*>(factors + j * 8 * NT + 8 * nt + 2 * t);
+      a[u][nt] = ablk[nt] ? load_lane_ldsm_map<F, WordSource::Cached>(ablk[nt] + u * kStreamWarps * kBytes, t)
+                          : LaneWords{0u, 0u};
+      fa[u][nt] = *reinterpret_cast<const float2*>(fblk + u * kStreamWarps * 8 * NT + 8 * nt);
     }
   }
 #pragma unroll
   for (int u = 0; u < kPerWarp; ++u) {
-    if (warp + u * kStreamWarps >= count) break;
+    if (u >= mine) break;
     float fw[kTcRowTiles][2], ft[NT][2];
 #pragma unroll
     for (int rt = 0; rt < kTcRowTiles; ++rt)
@@ -556,11 +565,12 @@ __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t
       ft[nt][0] = fa[u][nt].x;
       ft[nt][1] = fa[u][nt].y;
     }
-    mma_block<F, NT>(w[u], fw, a[u], ft, acc);
+    mma_block<F, NT, kOneToken>(w[u], fw, a[u], ft, acc);
   }
 }
 
-template <int NT>
+// kOneToken: M == 1 (NT == 1).
+template <int NT, bool kOneToken>
 __global__ void __launch_bounds__((kStreamWarps + 1) * 32, 1) decode_stream_kernel(MxSegments A, MxSegments W, int M,
                                                                                   int N, MixPlan plan, uint16_t* Y) {
   extern __shared__ __align__(128) uint8_t stream_smem[];
@@ -603,7 +613,7 @@ __global__ void __launch_bounds__((kStreamWarps + 1) * 32, 1) decode_stream_kern
     const float bias = exp2i(2 * (seg == 0 ? kE4m3Bias<ElemFormat::E2M1> : seg == 1 ? kE4m3Bias<ElemFormat::E3M2> : 0));
     factors[i] = m < M ? decode_scale(A.scales[static_cast<int64_t>(m) * nblk + b]) * bias : 0.0f;
   }
-  ptx::named_bar_sync<1>();
+  ptx::named_bar_sync<1, kStreamWarps * 32>();
   const int g = lane / 4, t = lane % 4;
   RingPosition ring;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -615,17 +625,17 @@ __global__ void __launch_bounds__((kStreamWarps + 1) * 32, 1) decode_stream_kern
       const uint8_t* codes = sm.codes[ring.stage];
       const uint8_t* scales = sm.scales[ring.stage];
       const float* f = factors + (span.first + first) * 8 * NT;
-      if (s == 0) stream_stage<ElemFormat::E2M1, NT>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
-      else if (s == 1) stream_stage<ElemFormat::E3M2, NT>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
-      else stream_stage<ElemFormat::E4M3, NT>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
+      if (s == 0) stream_stage<ElemFormat::E2M1, NT, kOneToken>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
+      else if (s == 1) stream_stage<ElemFormat::E3M2, NT, kOneToken>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
+      else stream_stage<ElemFormat::E4M3, NT, kOneToken>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
       __syncwarp();
       if (lane == 0) ptx::mbar_arrive(&sm.empty[ring.stage]);
       ring.advance();
     });
     store_partial<NT>(sm.partial[warp], lane, acc);
-    ptx::named_bar_sync<1>();  // the consumer warps only
+    ptx::named_bar_sync<1, kStreamWarps * 32>();  // the consumer warps only
     store_tile_sums<NT, kStreamWarps>(sm.partial, threadIdx.x, kStreamWarps * 32, n0, M, N, Y);
-    ptx::named_bar_sync<1>();  // partials read before the next tile's are written
+    ptx::named_bar_sync<1, kStreamWarps * 32>();  // partials read before the next tile's are written
   }
 }
 
@@ -688,22 +698,21 @@ int stream_smem_bytes(const MixPlan& plan, int M) {
 }
 constexpr int kStreamSmemLimit = 227 * 1024;  // sm_90's opt-in maximum per block
 
-template <int NT>
+template <int NT, bool kOneToken>
 cudaError_t launch_decode_stream(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
                                  cudaStream_t stream) {
   const int smem = stream_smem_bytes(plan, M);
   if (smem > kStreamSmemLimit) return cudaErrorInvalidValue;
+  auto kernel = decode_stream_kernel<NT, kOneToken>;
   static const cudaError_t attr =
-      cudaFuncSetAttribute(decode_stream_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
   if (attr != cudaSuccess) return attr;
   int per_sm = 0;
-  const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_stream_kernel<NT>,
-                                                                        (kStreamWarps + 1) * 32, smem);
+  const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, (kStreamWarps + 1) * 32, smem);
   if (occ != cudaSuccess) return occ;
   const int tiles = (N + kTcRows - 1) / kTcRows;
   const int grid = std::min(tiles, std::max(per_sm, 1) * device_sm_count());
-  return ptx::launch_chained(decode_stream_kernel<NT>, dim3(grid), dim3((kStreamWarps + 1) * 32), smem, stream, A, W,
-                             M, N, plan, Y);
+  return ptx::launch_chained(kernel, dim3(grid), dim3((kStreamWarps + 1) * 32), smem, stream, A, W, M, N, plan, Y);
 }
 
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
@@ -747,8 +756,9 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
                                                                                           : DecodeKernel::TensorCores;
   if (kernel == DecodeKernel::Streamed) {
     if (!stream_ready(W)) return cudaErrorInvalidValue;
-    return m <= 8 ? launch_decode_stream<1>(A, W, m, n, plan, Y, stream)
-                  : launch_decode_stream<2>(A, W, m, n, plan, Y, stream);
+    if (m == 1) return launch_decode_stream<1, true>(A, W, m, n, plan, Y, stream);
+    return m <= 8 ? launch_decode_stream<1, false>(A, W, m, n, plan, Y, stream)
+                  : launch_decode_stream<2, false>(A, W, m, n, plan, Y, stream);
   }
   if (kernel != DecodeKernel::CudaCores) return launch_decode_tc(A, W, m, n, plan, Y, stream);
   if (m == 1) return launch_decode<1>(A, W, m, n, plan, Y, workspace, stream);

@@ -70,13 +70,13 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p) {
 }
 
 // Named barriers ordering the two consumer warpgroups' MMA issue (ids 1 and 2).
-template <int kId>
+template <int kId, int kThreads = 256>
 __device__ __forceinline__ void named_bar_sync() {
-  asm volatile("bar.sync %0, 256;" ::"n"(kId) : "memory");
+  asm volatile("bar.sync %0, %1;" ::"n"(kId), "n"(kThreads) : "memory");
 }
-template <int kId>
+template <int kId, int kThreads = 256>
 __device__ __forceinline__ void named_bar_arrive() {
-  asm volatile("bar.arrive %0, 256;" ::"n"(kId) : "memory");
+  asm volatile("bar.arrive %0, %1;" ::"n"(kId), "n"(kThreads) : "memory");
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }

@@ -79,17 +79,17 @@ inline uint64_t smem_desc(const void* p) {
 struct NamedBar { int count = 0; uint64_t gen = 0; };
 inline NamedBar named_bars[16];
 inline std::condition_variable named_cv;
-template <int kId> void named_bar_sync() {
+template <int kId, int kThreads = 256> void named_bar_sync() {
   std::unique_lock l(emu8::mu);
   NamedBar& b = named_bars[kId];
-  if (++b.count == 256) { b.count = 0; ++b.gen; named_cv.notify_all(); return; }
+  if (++b.count == kThreads) { b.count = 0; ++b.gen; named_cv.notify_all(); return; }
   const uint64_t g = b.gen;
   named_cv.wait(l, [&] { return b.gen != g; });
 }
-template <int kId> void named_bar_arrive() {
+template <int kId, int kThreads = 256> void named_bar_arrive() {
   std::lock_guard l(emu8::mu);
   NamedBar& b = named_bars[kId];
-  if (++b.count == 256) { b.count = 0; ++b.gen; named_cv.notify_all(); }
+  if (++b.count == kThreads) { b.count = 0; ++b.gen; named_cv.notify_all(); }
 }
 inline void wgmma_fence() {}
 template <int kN>
