@@ -203,16 +203,16 @@ __device__ __forceinline__ uint32_t ld_word(const uint8_t* p) {
   else return *reinterpret_cast<const uint32_t*>(p);
 }
 
-// Elements 8t .. 8t+7 of the 32-block at `block` (16, 24 or 32 bytes).
+// Elements 8t .. 8t+7 of the 32-block at `block` (16, 24 or 32 bytes). FP6: their 6 bytes
+// start at byte 6t, so the lane loads the two aligned words around them, and they begin 0 (t
+// even) or 2 (t odd) bytes into the first (to_e4m3 picks them out).
 template <ElemFormat F, WordSource kSrc>
 __device__ __forceinline__ LaneWords load_lane(const uint8_t* block, int t) {
   if constexpr (F == ElemFormat::E2M1) {
     return {ld_word<kSrc>(block + 4 * t), 0u};
-  } else if constexpr (F == ElemFormat::E3M2) {  // 6 bytes at 6t: two aligned words, shifted by 0 or 16 bits
-    const int off = 6 * t;
-    const uint8_t* p = block + (off & ~3);
-    const uint64_t v = (static_cast<uint64_t>(ld_word<kSrc>(p + 4)) << 32 | ld_word<kSrc>(p)) >> (8 * (off & 3));
-    return {static_cast<uint32_t>(v), static_cast<uint32_t>(v >> 32)};
+  } else if constexpr (F == ElemFormat::E3M2) {
+    const uint8_t* p = block + (6 * t & ~3);
+    return {ld_word<kSrc>(p), ld_word<kSrc>(p + 4)};
   } else {
     return {ld_word<kSrc>(block + 8 * t), ld_word<kSrc>(block + 8 * t + 4)};
   }
@@ -231,14 +231,18 @@ __device__ __forceinline__ void to_e4m3(LaneWords w, uint32_t r[2]) {
     const uint32_t v = w.lo;
     r[0] = ((v << 4) & 0x80808080u) | ((v << 2) & 0x1C1C1C1Cu);
     r[1] = (v & 0x80808080u) | ((v >> 2) & 0x1C1C1C1Cu);
-  } else if constexpr (F == ElemFormat::E3M2) {  // codes 0..3 -> r[0], 4..7 -> r[1]
-    const uint32_t lo = w.lo, hi = (w.lo >> 24) | (w.hi << 8);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t x = h ? hi : lo;  // four 6-bit codes in bits 0..23
-      const uint32_t y = (x & 0x3Fu) | ((x << 2) & 0x3F00u) | ((x << 4) & 0x3F0000u) | ((x << 6) & 0x3F000000u);
-      r[h] = ((y << 2) & 0x80808080u) | ((y << 1) & 0x3E3E3E3Eu);
-    }
+  } else if constexpr (F == ElemFormat::E3M2) {  // codes 0, 1, 4, 5 -> r[0]; 2, 3, 6, 7 -> r[1]
+    // The lane's bytes b0..b5 (from byte 0 or 2 of w, t even or odd: threadIdx.x & 1 is t & 1):
+    // one byte permutation gathers b0 b1 b3 b4 (codes 0, 1 | 4, 5 at bits 0 and 16 of each half),
+    // another b1 b2 b4 b5 (codes 2, 3 | 6, 7, four bits up); then each code to its own byte.
+    const bool odd = threadIdx.x & 1;
+    const uint32_t p0 = __byte_perm(w.lo, w.hi, odd ? 0x6532u : 0x4310u);
+    const uint32_t p1 = __byte_perm(w.lo, w.hi, odd ? 0x7643u : 0x5421u);
+    const uint32_t y0 = (p0 & 0x003F003Fu) | ((p0 << 2) & 0x3F003F00u);
+    const uint32_t y1 = ((p1 >> 4) & 0x003F003Fu) | ((p1 >> 2) & 0x3F003F00u);
+    // (s e2 e1 e0 m1 m0) -> (s 0 e2 e1 e0 m1 m0 0): adding bit 5 to itself carries it to bit 6.
+    r[0] = (y0 + (y0 & 0x20202020u)) << 1;
+    r[1] = (y1 + (y1 & 0x20202020u)) << 1;
   } else {
     r[0] = w.lo;
     r[1] = w.hi;

@@ -88,6 +88,13 @@ inline void launch(dim3 g, dim3 b, size_t sm, cudaStream_t, const std::function<
 #define __syncwarp() emu::syncwarp()
 #define __shfl_xor_sync(m, v, o) emu::shfl_xor((v), (o))
 #define __shfl_sync(m, v, s) emu::shfl_idx((v), (s))
+// PRMT in its default mode: byte i of the result is byte (s >> 4i) & 7 of {y:x}.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const unsigned long long v = static_cast<unsigned long long>(y) << 32 | x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<unsigned>((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return r;
+}
 template <typename T> T __ldcs(const T* p) { return *p; }
 template <typename T> T __ldg(const T* p) { return *p; }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
