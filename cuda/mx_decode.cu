@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "mx_kernels.h"
 #include "mx_ptx.cuh"
@@ -407,8 +408,8 @@ __device__ __forceinline__ void store_partial(PartialTile<NT>& out, int lane, co
 // Thread `tid` of `threads` -> (row tile, token tile, register, lane) outputs: the sum over
 // the warps' partials in a fixed order, written as bf16 to Y's rows n0 .. n0 + 31.
 template <int NT, int kWarps>
-__device__ __forceinline__ void store_tile_sums(const PartialTile<NT>* partial, int tid, int threads, int n0, int M, int N,
-                                                uint16_t* Y) {
+__device__ __forceinline__ void store_tile_sums(const PartialTile<NT>* partial, int tid, int threads, int n0, int M,
+                                                int N, uint16_t* Y) {
   for (int o = tid; o < kTcRowTiles * NT * 128; o += threads) {
     const int rt = o / (NT * 128), nt = (o / 128) % NT, i = (o / 32) % 4, ln = o % 32;
     float v = 0.0f;
@@ -439,8 +440,10 @@ __global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_t
   auto segment = [&](int s) { return lane_segment<NT, kRowTile>(A, W, plan, s, M, N, n0, g, t); };
   if (start < b4) decode_segment<ElemFormat::E2M1, NT, kUnroll, kRowTile>(segment(0), start, min(end, b4), t, lut, acc);
   if (start < b8 && end > b4)
-    decode_segment<ElemFormat::E3M2, NT, kUnroll, kRowTile>(segment(1), max(start, b4) - b4, min(end, b8) - b4, t, lut, acc);
-  if (end > b8) decode_segment<ElemFormat::E4M3, NT, kUnroll, kRowTile>(segment(2), max(start, b8) - b8, end - b8, t, lut, acc);
+    decode_segment<ElemFormat::E3M2, NT, kUnroll, kRowTile>(segment(1), max(start, b4) - b4, min(end, b8) - b4, t, lut,
+                                                            acc);
+  if (end > b8)
+    decode_segment<ElemFormat::E4M3, NT, kUnroll, kRowTile>(segment(2), max(start, b8) - b8, end - b8, t, lut, acc);
   store_partial<NT>(partial[warp], lane, acc);
   __syncthreads();
   store_tile_sums<NT, kTcWarps>(partial, threadIdx.x, blockDim.x, n0, M, N, Y);
@@ -457,7 +460,9 @@ __global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_t
 // apart, are read word by word as in decode_tc_kernel). Tokens come from global memory
 // (cached). CTAs are persistent over the row tiles, so the producer runs into the next tile
 // while the consumers sum the last one.
-constexpr int kStreamWarps = 16;  // consumer warps; one more warp holds the producer
+// Consumer warps (one more warp holds the producer): 16 for one token tile; 8 for two, whose
+// registers (167) do not fit 17 warps (96 each) without spilling.
+__host__ __device__ constexpr int stream_warps(int nt) { return nt == 1 ? 16 : 8; }
 constexpr int kStreamStages = 8;
 constexpr int kStreamCodeBytes = 16384;            // one stage: 32 FP4, 16 FP6 or 16 FP8 blocks of a row tile
 constexpr int kStreamScaleBytes = 32 * kTcRows;    // the scales of up to 32 blocks
@@ -469,7 +474,7 @@ struct StreamSmem {
   uint8_t codes[kStreamStages][kStreamCodeBytes];
   uint8_t scales[kStreamStages][kStreamScaleBytes];
   uint64_t full[kStreamStages], empty[kStreamStages];
-  PartialTile<NT> partial[kStreamWarps];
+  PartialTile<NT> partial[stream_warps(NT)];
   float lut[256];  // decoded E8M0 scales
 };
 // Token factors 2^s_a * 2^(2 kE4m3Bias) of every block for the 8 NT token columns, [blocks][8 NT]:
@@ -506,7 +511,7 @@ __device__ __forceinline__ LaneWords load_lane_ldsm_map(const uint8_t* block, in
   else return load_lane<F, kSrc>(block, t);
 }
 
-// This warp's blocks of one stage: j = warp, warp + kStreamWarps, ... < count; `first` is
+// This warp's blocks of one stage: j = warp, warp + kWarps, ... < count; `first` is
 // the stage's first block (segment-local), for the tokens; `factors`: the token factors from
 // the stage's first block on. Addresses are one base per stage plus constant strides.
 template <ElemFormat F, int NT, bool kOneToken>
@@ -514,13 +519,14 @@ __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t
                                              const float* factors, int first, int count, const LaneSegment<NT>& seg,
                                              int warp, int lane, float (&acc)[kTcRowTiles][NT][4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
-  constexpr int kPerWarp = stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / kStreamWarps;
+  constexpr int kWarps = stream_warps(NT);
+  constexpr int kPerWarp = stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / kWarps;
   const int g = lane / 4, t = lane % 4;
-  const int mine = count > warp ? (count - warp + kStreamWarps - 1) / kStreamWarps : 0;  // this warp's blocks
-  const uint8_t* wblk = codes + warp * kTcRows * kBytes;     // + u * kStreamWarps * kTcRows * kBytes
-  const uint8_t* sblk = scales + warp * kTcRows + g;         // + u * kStreamWarps * kTcRows
-  const float* fblk = factors + warp * 8 * NT + 2 * t;       // + u * kStreamWarps * 8 * NT
-  const uint8_t* ablk[NT];                                   // + u * kStreamWarps * kBytes
+  const int mine = count > warp ? (count - warp + kWarps - 1) / kWarps : 0;  // this warp's blocks
+  const uint8_t* wblk = codes + warp * kTcRows * kBytes;     // + u * kWarps * kTcRows * kBytes
+  const uint8_t* sblk = scales + warp * kTcRows + g;         // + u * kWarps * kTcRows
+  const float* fblk = factors + warp * 8 * NT + 2 * t;       // + u * kWarps * 8 * NT
+  const uint8_t* ablk[NT];                                   // + u * kWarps * kBytes
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) ablk[nt] = seg.a[nt] ? seg.a[nt] + (first + warp) * kBytes : nullptr;
   LaneWords w[kPerWarp][kTcRowTiles][2], a[kPerWarp][NT];
@@ -529,12 +535,13 @@ __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t
 #pragma unroll
   for (int u = 0; u < kPerWarp; ++u) {
     if (u >= mine) break;
-    const uint8_t* block = wblk + u * kStreamWarps * kTcRows * kBytes;  // rows 0..31, kBytes each
+    const uint8_t* block = wblk + u * kWarps * kTcRows * kBytes;  // rows 0..31, kBytes each
     if constexpr (F == ElemFormat::E3M2) {
 #pragma unroll
       for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) w[u][rt][h] = load_lane<F, WordSource::Shared>(block + (16 * rt + 8 * h + g) * kBytes, t);
+        for (int h = 0; h < 2; ++h)
+          w[u][rt][h] = load_lane<F, WordSource::Shared>(block + (16 * rt + 8 * h + g) * kBytes, t);
     } else {
       // ldmatrix: lanes 8i..8i+7 address rows 8i..8i+7 of matrix i; lane (g, t) receives word t of row 8i + g.
       uint32_t lo[4], hi[4] = {0u, 0u, 0u, 0u};
@@ -548,12 +555,12 @@ __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t
 #pragma unroll
     for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) sw[u][rt][h] = sblk[u * kStreamWarps * kTcRows + 16 * rt + 8 * h];
+      for (int h = 0; h < 2; ++h) sw[u][rt][h] = sblk[u * kWarps * kTcRows + 16 * rt + 8 * h];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      a[u][nt] = ablk[nt] ? load_lane_ldsm_map<F, WordSource::Cached>(ablk[nt] + u * kStreamWarps * kBytes, t)
+      a[u][nt] = ablk[nt] ? load_lane_ldsm_map<F, WordSource::Cached>(ablk[nt] + u * kWarps * kBytes, t)
                           : LaneWords{0u, 0u};
-      fa[u][nt] = *reinterpret_cast<const float2*>(fblk + u * kStreamWarps * 8 * NT + 8 * nt);
+      fa[u][nt] = *reinterpret_cast<const float2*>(fblk + u * kWarps * 8 * NT + 8 * nt);
     }
   }
 #pragma unroll
@@ -575,8 +582,9 @@ __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t
 
 // kOneToken: M == 1 (NT == 1).
 template <int NT, bool kOneToken>
-__global__ void __launch_bounds__((kStreamWarps + 1) * 32, 1) decode_stream_kernel(MxSegments A, MxSegments W, int M,
-                                                                                  int N, MixPlan plan, uint16_t* Y) {
+__global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
+    decode_stream_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y) {
+  constexpr int kWarps = stream_warps(NT);
   extern __shared__ __align__(128) uint8_t stream_smem[];
   StreamSmem<NT>& sm = *reinterpret_cast<StreamSmem<NT>*>(stream_smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -584,12 +592,12 @@ __global__ void __launch_bounds__((kStreamWarps + 1) * 32, 1) decode_stream_kern
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStreamStages; ++i) {
       ptx::mbar_init(&sm.full[i], 1);
-      ptx::mbar_init(&sm.empty[i], kStreamWarps);
+      ptx::mbar_init(&sm.empty[i], kWarps);
     }
     ptx::mbar_fence_init();
   }
   __syncthreads();
-  if (warp == kStreamWarps) {
+  if (warp == kWarps) {
     // Producer: reads weights only, so it starts before the kernel before has finished.
     if (lane != 0) return;
     RingPosition ring;
@@ -611,13 +619,13 @@ __global__ void __launch_bounds__((kStreamWarps + 1) * 32, 1) decode_stream_kern
   }
   ptx::chain_enter();  // the tokens come from the kernel before
   float* factors = reinterpret_cast<float*>(stream_smem + sizeof(StreamSmem<NT>));
-  fill_scale_lut(sm.lut, threadIdx.x, kStreamWarps * 32);
-  for (int i = threadIdx.x; i < nblk * 8 * NT; i += kStreamWarps * 32) {
+  fill_scale_lut(sm.lut, threadIdx.x, kWarps * 32);
+  for (int i = threadIdx.x; i < nblk * 8 * NT; i += kWarps * 32) {
     const int b = i / (8 * NT), m = i % (8 * NT), seg = segment_of_block(plan, b);
     const float bias = exp2i(2 * (seg == 0 ? kE4m3Bias<ElemFormat::E2M1> : seg == 1 ? kE4m3Bias<ElemFormat::E3M2> : 0));
     factors[i] = m < M ? decode_scale(A.scales[static_cast<int64_t>(m) * nblk + b]) * bias : 0.0f;
   }
-  ptx::named_bar_sync<1, kStreamWarps * 32>();
+  ptx::named_bar_sync<1, kWarps * 32>();
   const int g = lane / 4, t = lane % 4;
   RingPosition ring;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -629,17 +637,21 @@ __global__ void __launch_bounds__((kStreamWarps + 1) * 32, 1) decode_stream_kern
       const uint8_t* codes = sm.codes[ring.stage];
       const uint8_t* scales = sm.scales[ring.stage];
       const float* f = factors + (span.first + first) * 8 * NT;
-      if (s == 0) stream_stage<ElemFormat::E2M1, NT, kOneToken>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
-      else if (s == 1) stream_stage<ElemFormat::E3M2, NT, kOneToken>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
-      else stream_stage<ElemFormat::E4M3, NT, kOneToken>(codes, scales, sm.lut, f, first, count, seg, warp, lane, acc);
+      auto stage = [&](auto format) {
+        stream_stage<decltype(format)::value, NT, kOneToken>(codes, scales, sm.lut, f, first, count, seg, warp, lane,
+                                                             acc);
+      };
+      if (s == 0) stage(std::integral_constant<ElemFormat, ElemFormat::E2M1>{});
+      else if (s == 1) stage(std::integral_constant<ElemFormat, ElemFormat::E3M2>{});
+      else stage(std::integral_constant<ElemFormat, ElemFormat::E4M3>{});
       __syncwarp();
       if (lane == 0) ptx::mbar_arrive(&sm.empty[ring.stage]);
       ring.advance();
     });
     store_partial<NT>(sm.partial[warp], lane, acc);
-    ptx::named_bar_sync<1, kStreamWarps * 32>();  // the consumer warps only
-    store_tile_sums<NT, kStreamWarps>(sm.partial, threadIdx.x, kStreamWarps * 32, n0, M, N, Y);
-    ptx::named_bar_sync<1, kStreamWarps * 32>();  // partials read before the next tile's are written
+    ptx::named_bar_sync<1, kWarps * 32>();  // the consumer warps only
+    store_tile_sums<NT, kWarps>(sm.partial, threadIdx.x, kWarps * 32, n0, M, N, Y);
+    ptx::named_bar_sync<1, kWarps * 32>();  // partials read before the next tile's are written
   }
 }
 
@@ -712,11 +724,12 @@ cudaError_t launch_decode_stream(MxSegments A, MxSegments W, int M, int N, MixPl
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
   if (attr != cudaSuccess) return attr;
   int per_sm = 0;
-  const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, (kStreamWarps + 1) * 32, smem);
+  constexpr int kThreads = (stream_warps(NT) + 1) * 32;
+  const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
   if (occ != cudaSuccess) return occ;
   const int tiles = (N + kTcRows - 1) / kTcRows;
   const int grid = std::min(tiles, std::max(per_sm, 1) * device_sm_count());
-  return ptx::launch_chained(kernel, dim3(grid), dim3((kStreamWarps + 1) * 32), smem, stream, A, W, M, N, plan, Y);
+  return ptx::launch_chained(kernel, dim3(grid), dim3(kThreads), smem, stream, A, W, M, N, plan, Y);
 }
 
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
@@ -754,10 +767,12 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   const int m = static_cast<int>(M), n = static_cast<int>(N);
   if (kernel == DecodeKernel::Auto) kernel = decode_kernel_setting();
   // Auto: measured on H200 (docs/kernels.md, section 6), the streamed kernel is the faster one
-  // for up to 8 tokens and the slower one for more.
-  if (kernel == DecodeKernel::Auto)
-    kernel = m <= 8 && stream_ready(W) && stream_smem_bytes(plan, m) <= kStreamSmemLimit ? DecodeKernel::Streamed
-                                                                                          : DecodeKernel::TensorCores;
+  // for up to 8 tokens, and for more where its grid has a row tile for every multiprocessor.
+  if (kernel == DecodeKernel::Auto) {
+    const bool fills = m <= 8 || (n + kTcRows - 1) / kTcRows >= device_sm_count();
+    kernel = fills && stream_ready(W) && stream_smem_bytes(plan, m) <= kStreamSmemLimit ? DecodeKernel::Streamed
+                                                                                       : DecodeKernel::TensorCores;
+  }
   if (kernel == DecodeKernel::Streamed) {
     if (!stream_ready(W)) return cudaErrorInvalidValue;
     if (m == 1) return launch_decode_stream<1, true>(A, W, m, n, plan, Y, stream);

@@ -485,7 +485,7 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   // matrix back, the same folds (per row and per 128-row group), and the same output bits from
   // the reference and the tensor-core decode paths; the CUDA-core decode kernel (split-K sums
   // through atomics) and the streamed one (which needs the tiles, and splits K across its warps
-  // otherwise) within the bound.
+  // otherwise) and the automatic choice within the bound.
   {
     DeviceMx wt(c.plan, N, true, kDecodeRowTile);
     wt.upload(hw);
@@ -499,7 +499,8 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
     CK(fold_operand(wt.segments(), N, c.plan, wt.folded(), nullptr, nullptr));
     CK(cudaDeviceSynchronize());
     expect_same_fold(wt, mx::fold_rows(hw, kWeightRowGroup), "grouped GPU fold of row-tiled W");
-    for (Path p : {Path::Reference, Path::DecodeTensorCores, Path::DecodeCudaCores, Path::DecodeStreamed}) {
+    for (Path p :
+         {Path::Reference, Path::DecodeTensorCores, Path::DecodeCudaCores, Path::DecodeStreamed, Path::Decode}) {
       if (is_decode(p) && M > kDecodeMaxM) continue;
       std::vector<uint16_t> out[2];
       for (int tiled = 0; tiled < 2; ++tiled) {
