@@ -296,6 +296,16 @@ __device__ __forceinline__ void fill_scale_lut(float* lut, int tid, int threads)
   for (int i = tid; i < 256; i += threads) lut[i] = decode_scale(static_cast<uint8_t>(i));
 }
 
+// A lane's weight scales (row tiles x rows g, g + 8) through that table.
+template <typename Byte>
+__device__ __forceinline__ void weight_factors(const float* lut, const Byte (&sw)[kTcRowTiles][2],
+                                               float (&fw)[kTcRowTiles][2]) {
+#pragma unroll
+  for (int rt = 0; rt < kTcRowTiles; ++rt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) fw[rt][h] = lut[sw[rt][h]];
+}
+
 // Blocks [lo, hi) of the segment (segment-local numbers), kUnroll blocks' loads issued
 // together (fewer with two token tiles or two CTAs per multiprocessor: registers). A row's
 // next block is kRowTile blocks further on (W.row_tile).
@@ -329,10 +339,7 @@ __device__ __forceinline__ void decode_segment(const LaneSegment<NT>& seg, int l
     for (int u = 0; u < kUnroll; ++u) {
       if (base + u >= hi) break;
       float fw[kTcRowTiles][2], fa[NT][2];
-#pragma unroll
-      for (int rt = 0; rt < kTcRowTiles; ++rt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) fw[rt][h] = lut[sw[u][rt][h]];
+      weight_factors(lut, sw[u], fw);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -567,10 +574,7 @@ __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t
   for (int u = 0; u < kPerWarp; ++u) {
     if (u >= mine) break;
     float fw[kTcRowTiles][2], ft[NT][2];
-#pragma unroll
-    for (int rt = 0; rt < kTcRowTiles; ++rt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) fw[rt][h] = lut[sw[u][rt][h]];
+    weight_factors(lut, sw[u], fw);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       ft[nt][0] = fa[u][nt].x;
