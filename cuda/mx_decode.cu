@@ -460,8 +460,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 512 / (kTcWarps * 32)) decode_t
 // each segment's codes are one contiguous run of bytes, and so are the scales of any run of
 // blocks; a producer thread streams them with bulk copies into a ring of shared-memory
 // stages, so that several stages per CTA are in flight whatever the consumers are doing (in
-// decode_tc_kernel a warp has in flight only what its registers hold). Eight consumer warps
-// share each stage's blocks: ldmatrix hands every lane its fragment words of four rows
+// decode_tc_kernel a warp has in flight only what its registers hold). The consumer warps
+// (stream_warps) share each stage's blocks: ldmatrix hands every lane its fragment words of four rows
 // straight from the stage (FP4: one x4; FP8: two, so a lane holds bytes 4t..4t+3 and
 // 16+4t..16+4t+3 of a block, and the tokens are read with the same map; FP6 rows, 24 bytes
 // apart, are read word by word as in decode_tc_kernel). Tokens come from global memory
@@ -626,7 +626,9 @@ __global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
   fill_scale_lut(sm.lut, threadIdx.x, kWarps * 32);
   for (int i = threadIdx.x; i < nblk * 8 * NT; i += kWarps * 32) {
     const int b = i / (8 * NT), m = i % (8 * NT), seg = segment_of_block(plan, b);
-    const float bias = exp2i(2 * (seg == 0 ? kE4m3Bias<ElemFormat::E2M1> : seg == 1 ? kE4m3Bias<ElemFormat::E3M2> : 0));
+    const float bias = exp2i(2 * (seg == 0   ? kE4m3Bias<ElemFormat::E2M1>
+                                  : seg == 1 ? kE4m3Bias<ElemFormat::E3M2>
+                                             : kE4m3Bias<ElemFormat::E4M3>));
     factors[i] = m < M ? decode_scale(A.scales[static_cast<int64_t>(m) * nblk + b]) * bias : 0.0f;
   }
   ptx::named_bar_sync<1, kWarps * 32>();
