@@ -585,6 +585,42 @@ TEST(MxGemm, SmallRejectsRowTilesItCannotUse) {
             cudaErrorInvalidValue);
 }
 
+// K so long that the streamed decode kernel's per-block token factors would not fit in shared
+// memory next to its ring: the streamed kernel refuses it, and the automatic choice runs the
+// tensor-core kernel instead, within the bound.
+TEST(MxGemm, SmallLongKDecodeFallsBack) {
+  REQUIRE_GPU();
+  const MixPlan plan{77824 - 64, 32, 32};  // 2432 blocks: 76 KB of factors for one token tile
+  const int K = plan.k();
+  const int64_t M = 1, N = 40;
+  const auto x = random_activations(M, K, K);
+  const auto perm = random_perm(K);
+  DeviceBuffer<uint16_t> dx(x.size()), y(static_cast<size_t>(M) * N);
+  DeviceBuffer<int32_t> dp(K);
+  dx.upload(x);
+  dp.upload(perm);
+  DeviceMx A(plan, M, false), W(plan, N, false, kDecodeRowTile);
+  CK(quantize_activations(dx.ptr, M, K, dp.ptr, plan, mx::ScaleRule::Ceil, A.segments(), FoldedOperand{}, nullptr,
+                          nullptr));
+  std::normal_distribution<float> nd(0.0f, 0.02f);
+  std::vector<float> w(static_cast<size_t>(N) * K);
+  for (auto& v : w) v = nd(rng());
+  const HostMx hw = quantize_segments(w, N, plan, mx::ScaleRule::Ceil);
+  W.upload(hw);
+  CK(cudaDeviceSynchronize());
+  std::vector<double> r, sb;
+  reference(A.download(), hw, r, sb, nullptr);
+  EXPECT_EQ(mx_gemm_decode(A.segments(), W.segments(), M, N, plan, y.ptr, nullptr, nullptr, DecodeKernel::Streamed),
+            cudaErrorInvalidValue);
+  CK(cudaMemset(y.ptr, 0xFF, y.count * 2));
+  CK(mx_gemm_decode(A.segments(), W.segments(), M, N, plan, y.ptr, nullptr, nullptr));
+  CK(cudaDeviceSynchronize());
+  const GemmResult g = compare(y.download(), r, sb, std::ldexp(1.0, -10), nullptr);
+  EXPECT_EQ(g.non_finite, 0u);
+  EXPECT_LE(g.max_ratio, 1.0);
+  EXPECT_LE(g.rel_norm, 4e-3);
+}
+
 TEST(MxGemm, SmallShapes) {
   REQUIRE_GPU();
   const GemmCase cases[] = {
