@@ -14,6 +14,7 @@
 // With several K chunks the partial sums go through fp32 atomics into `workspace`, then a
 // small kernel writes bf16.
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -759,6 +760,8 @@ DecodeKernel decode_kernel_setting() {
     if (std::strcmp(v, "streamed") == 0) return DecodeKernel::Streamed;
     if (std::strcmp(v, "tensor-cores") == 0) return DecodeKernel::TensorCores;
     if (std::strcmp(v, "cuda-cores") == 0) return DecodeKernel::CudaCores;
+    std::fprintf(stderr, "micromix: MICROMIX_DECODE_KERNEL=%s is not streamed, tensor-cores or cuda-cores; "
+                         "choosing the decode kernel automatically\n", v);
     return DecodeKernel::Auto;
   }();
   return setting;

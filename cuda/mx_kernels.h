@@ -142,9 +142,10 @@ bool chained_launches();
 // (W.row_tile == kDecodeRowTile and 16-byte aligned arrays, else cudaErrorInvalidValue).
 // CudaCores: the second implementation, which needs workspace (fp32 [M, N] scratch) when it
 // splits K over CTAs. Auto: MICROMIX_DECODE_KERNEL (streamed, tensor-cores or cuda-cores)
-// when set, else Streamed where W allows it and TensorCores otherwise.
+// when set; else Streamed where W allows it, its shared memory fits (K not too long) and
+// either M <= 8 or N has a 32-row tile for every multiprocessor, TensorCores otherwise.
 enum class DecodeKernel { Auto, CudaCores, TensorCores, Streamed };
-DecodeKernel decode_kernel_setting();  // MICROMIX_DECODE_KERNEL, read once (Auto when unset)
+DecodeKernel decode_kernel_setting();  // MICROMIX_DECODE_KERNEL, read once (Auto when unset or unknown)
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                            float* workspace, cudaStream_t stream, DecodeKernel kernel = DecodeKernel::Auto);
 inline constexpr int kDecodeMaxM = 16;
