@@ -84,6 +84,9 @@ struct DeviceLinear {
 
 struct DeviceLayer {
   DeviceBuffer<float> attn_norm, ffn_norm;
+  // MX: the same weights in the channel order of the layer reading the norm's output (qkv's,
+  // gate_up's), for prefill's RMSNorm that writes its output in that order.
+  DeviceBuffer<float> attn_norm_ordered, ffn_norm_ordered;
   DeviceLinear linear[kNumLinearSlots];
 };
 
@@ -254,6 +257,8 @@ struct GpuRuntime::Impl {
     for (const auto& l : layers) {
       add(l.attn_norm);
       add(l.ffn_norm);
+      add(l.attn_norm_ordered);
+      add(l.ffn_norm_ordered);
       for (const auto& L : l.linear) {
         add(L.perm); add(L.w_bf16); add(L.bias);
         for (const auto& q : L.w.q) add(q);
@@ -281,7 +286,7 @@ struct GpuRuntime::Impl {
     reserve(attn, M * qd);
     reserve(y, M * H);
     reserve(gate_up, M * 2 * F);
-    reserve(act, M * F);
+    if (!mx) reserve(act, M * F);  // MX: SwiGLU runs inside the down projection's quantizer
     if (mx) {
       const int64_t kmax = std::max<int64_t>({H, F, qd});
       for (auto& p : packed_a) reserve(p, kDecodeMaxM * kmax);
@@ -311,7 +316,46 @@ struct GpuRuntime::Impl {
     });
   }
 
-  void linear(int slot, const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out) {
+  // How an MX layer's input reaches its quantizer: gathered through the layer's channel order
+  // (the attention output), already in that order (the RMSNorm output, written so), or as
+  // the gate_up output, whose rows are stored in the down projection's order, with SwiGLU
+  // applied inside the quantizer.
+  enum class Input { Gathered, Ordered, SwigluOrdered };
+
+  // The RMSNorm before linear layer `slot` (QKV or GateUp) of layer l: its weights and the
+  // channel order it writes. Prefill writes an MX layer's input in its plan's order, so that
+  // the quantizer reads it without a gather (Input::Ordered); decode keeps the stored order
+  // and lets its quantizer gather (measured faster for one row per sequence).
+  struct NormOut {
+    const float* gamma;
+    const int32_t* order;
+    Input input;
+  };
+  NormOut norm_out(int l, int slot, int64_t M) const {
+    const DeviceLayer& L = layers[l];
+    const DeviceLinear& next = L.linear[slot];
+    const bool qkv = slot == static_cast<int>(LinearSlot::QKV);
+    if (!next.mx || M <= kDecodeMaxM) return {qkv ? L.attn_norm.ptr : L.ffn_norm.ptr, nullptr, Input::Gathered};
+    return {qkv ? L.attn_norm_ordered.ptr : L.ffn_norm_ordered.ptr, next.perm.ptr, Input::Ordered};
+  }
+
+  // Host-side RMSNorm weights of layer l; the ordered copies follow the layer's qkv and gate_up
+  // channel orders (MX only).
+  void set_norms(DeviceLayer& dst, const std::vector<float>& attn, const std::vector<float>& ffn,
+                 const std::vector<int32_t>& qkv_order, const std::vector<int32_t>& gate_up_order) {
+    dst.attn_norm = to_device(attn);
+    dst.ffn_norm = to_device(ffn);
+    if (!mx) return;
+    auto ordered = [](const std::vector<float>& g, const std::vector<int32_t>& order) {
+      std::vector<float> out(order.size());
+      for (size_t j = 0; j < order.size(); ++j) out[j] = g.at(static_cast<size_t>(order[j]));
+      return out;
+    };
+    dst.attn_norm_ordered = to_device(ordered(attn, qkv_order));
+    dst.ffn_norm_ordered = to_device(ordered(ffn, gate_up_order));
+  }
+
+  void linear(int slot, const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out, Input how) {
     const std::string name = model::linear_slot_name(static_cast<LinearSlot>(slot));
     if (!L.mx) {
       stage("gemm " + name, [&] {
@@ -324,18 +368,22 @@ struct GpuRuntime::Impl {
       });
       return;
     }
-    if (M <= kDecodeMaxM) {
-      stage("activation quant", [&] {
-        cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, decode_operand(), {}, nullptr, stream),
-                   "quantize");
-      });
+    const bool swiglu_in = how == Input::SwigluOrdered;
+    const int32_t* perm = how == Input::Gathered ? L.perm.ptr : nullptr;
+    const bool decode = M <= kDecodeMaxM;
+    const MxSegments packed = decode ? decode_operand() : MxSegments{};
+    const FoldedOperand a = decode ? FoldedOperand{} : FoldedOperand{folded_a.ptr, folded_a_f.ptr, 1, folded_a_8.ptr};
+    unsigned long long* lossy_a = decode ? nullptr : lossy.ptr;
+    stage(swiglu_in ? "swiglu + activation quant" : "activation quant", [&] {
+      cuda_check(swiglu_in ? swiglu_quantize_activations(in, M, static_cast<int>(L.in), nullptr, L.plan, rule, packed, a,
+                                                         lossy_a, stream)
+                           : quantize_activations(in, M, L.in, perm, L.plan, rule, packed, a, lossy_a, stream),
+                 "quantize");
+    });
+    if (decode) {
       decode_gemm(slot, L, M, out);
       return;
     }
-    const FoldedOperand a{folded_a.ptr, folded_a_f.ptr, 1, folded_a_8.ptr};
-    stage("activation quant", [&] {
-      cuda_check(quantize_activations(in, M, L.in, L.perm.ptr, L.plan, rule, {}, a, lossy.ptr, stream), "quantize");
-    });
     FoldedOperand w = L.w.folded();
     if (w.q == nullptr) {  // fold the packed weights into the scratch right before use
       w = weight_fold_scratch(L);
@@ -401,39 +449,40 @@ struct GpuRuntime::Impl {
     stage("embedding", [&] {
       cuda_check(embed_tokens(tokens.ptr, M, embedding.ptr, cfg.hidden, x.ptr, stream), "embedding");
     });
+    const int qkv_slot = static_cast<int>(LinearSlot::QKV), gate_up_slot = static_cast<int>(LinearSlot::GateUp);
+    const NormOut first = norm_out(0, qkv_slot, M);
     stage("norm", [&] {
-      cuda_check(add_rmsnorm(x.ptr, nullptr, M, cfg.hidden, layers[0].attn_norm.ptr, cfg.rms_eps, xn.ptr, stream),
+      cuda_check(add_rmsnorm(x.ptr, nullptr, M, cfg.hidden, first.gamma, cfg.rms_eps, first.order, xn.ptr, stream),
                  "norm");
     });
     const size_t layer_cache = static_cast<size_t>(max_batch) * cfg.kv_dim() * max_context;
     for (int l = 0; l < cfg.n_layers; ++l) {
       DeviceLayer& L = layers[l];
-      linear(0, L.linear[0], xn.ptr, M, qkv.ptr);
+      linear(qkv_slot, L.linear[qkv_slot], xn.ptr, M, qkv.ptr, norm_out(l, qkv_slot, M).input);
       uint16_t* kc = k_cache.ptr + l * layer_cache;
       uint16_t* vc = v_cache.ptr + l * layer_cache;
       stage("rope", [&] {
         cuda_check(rope_and_cache(qkv.ptr, L.linear[0].bias.ptr, s, rope.ptr, cfg.rope_neox, q.ptr, kc, vc, stream), "rope");
       });
       stage("attention", [&] { cuda_check(attention(q.ptr, kc, vc, s, attn.ptr, splits, attn_ws.ptr, stream), "attention"); });
-      linear(1, L.linear[1], attn.ptr, M, y.ptr);
+      linear(1, L.linear[1], attn.ptr, M, y.ptr, Input::Gathered);
+      const NormOut ffn = norm_out(l, gate_up_slot, M);
       stage("norm", [&] {
-        cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, L.ffn_norm.ptr, cfg.rms_eps, xn.ptr, stream), "norm");
+        cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, ffn.gamma, cfg.rms_eps, ffn.order, xn.ptr, stream), "norm");
       });
-      linear(2, L.linear[2], xn.ptr, M, gate_up.ptr);
+      linear(gate_up_slot, L.linear[gate_up_slot], xn.ptr, M, gate_up.ptr, ffn.input);
       const DeviceLinear& down = L.linear[3];
-      if (down.mx && M <= kDecodeMaxM) {  // one launch: SwiGLU inside the down projection's quantizer
-        stage("swiglu + activation quant", [&] {
-          cuda_check(swiglu_quantize_activations(gate_up.ptr, M, cfg.ffn, down.perm.ptr, down.plan, rule,
-                                                 decode_operand(), stream),
-                     "swiglu + quantize");
-        });
-        decode_gemm(3, down, M, y.ptr);
+      if (down.mx) {
+        linear(3, down, gate_up.ptr, M, y.ptr, Input::SwigluOrdered);
       } else {
         stage("swiglu", [&] { cuda_check(swiglu(gate_up.ptr, M, cfg.ffn, act.ptr, stream), "swiglu"); });
-        linear(3, down, act.ptr, M, y.ptr);
+        linear(3, down, act.ptr, M, y.ptr, Input::Gathered);
       }
-      const float* next = l + 1 < cfg.n_layers ? layers[l + 1].attn_norm.ptr : output_norm.ptr;
-      stage("norm", [&] { cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, next, cfg.rms_eps, xn.ptr, stream), "norm"); });
+      // The last norm feeds the lm_head, in the stored order.
+      const NormOut next = l + 1 < cfg.n_layers ? norm_out(l + 1, qkv_slot, M) : NormOut{output_norm.ptr, nullptr, Input::Gathered};
+      stage("norm", [&] {
+        cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, next.gamma, cfg.rms_eps, next.order, xn.ptr, stream), "norm");
+      });
     }
   }
 
@@ -524,8 +573,7 @@ GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spe
   for (int l = 0; l < c.n_layers; ++l) {
     const model::LayerWeights& src = w.layers[l];
     DeviceLayer& dst = I.layers[l];
-    dst.attn_norm = to_device(src.attn_norm);
-    dst.ffn_norm = to_device(src.ffn_norm);
+    std::vector<int32_t> orders[kNumLinearSlots];
     for (int si = 0; si < kNumLinearSlots; ++si) {
       const auto slot = static_cast<LinearSlot>(si);
       const model::Linear& lin = src.linear[si];
@@ -556,9 +604,22 @@ GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spe
       if (!plan.valid() || plan.k() != L.in || static_cast<int64_t>(order.size()) != L.in)
         throw std::invalid_argument(std::string("layer ") + std::to_string(l) + " " + model::linear_slot_name(slot) +
                                     ": the plan does not fit (K must be a multiple of 32)");
+      // gate_up's rows (both halves) in the down projection's channel order, so that SwiGLU's
+      // output comes in the order down's quantizer reads (Input::SwigluOrdered).
+      std::vector<int32_t> rows(L.out);
+      std::iota(rows.begin(), rows.end(), 0);
+      if (slot == LinearSlot::GateUp && spec.mode == QuantMode::MicroMix) {
+        const std::vector<int32_t>& down_order = spec.plan->at(l, LinearSlot::Down).order;
+        if (static_cast<int64_t>(down_order.size()) != c.ffn)
+          throw std::invalid_argument("layer " + std::to_string(l) + " down: the plan does not fit");
+        for (int64_t r = 0; r < c.ffn; ++r) {
+          rows[r] = down_order[r];
+          rows[c.ffn + r] = static_cast<int32_t>(c.ffn) + down_order[r];
+        }
+      }
       std::vector<float> reordered(static_cast<size_t>(L.out) * L.in);
       for (int64_t r = 0; r < L.out; ++r)
-        for (int64_t j = 0; j < L.in; ++j) reordered[r * L.in + j] = lin.weight[r * L.in + order[j]];
+        for (int64_t j = 0; j < L.in; ++j) reordered[r * L.in + j] = lin.weight[rows[r] * L.in + order[j]];
       const HostMx packed = quantize_segments(reordered, L.out, plan, spec.rule);
       for (int64_t r = 0; r < L.out; ++r)
         for (int j = 0; j < plan.k(); ++j)
@@ -566,7 +627,9 @@ GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spe
             throw std::invalid_argument(std::string("layer ") + std::to_string(l) + " " + model::linear_slot_name(slot) +
                                         ": the weights are not this mode's MX values (quantize them first)");
       I.add_mx_linear(L, order, plan, &packed, 0);
+      orders[si] = std::move(order);
     }
+    I.set_norms(dst, src.attn_norm, src.ffn_norm, orders[0], orders[2]);
   }
   I.note_peak();
 }
@@ -590,8 +653,7 @@ std::unique_ptr<GpuRuntime> GpuRuntime::synthetic(const model::ModelConfig& conf
   uint64_t stream_id = seed * 1000 + 2;
   for (int l = 0; l < c.n_layers; ++l) {
     DeviceLayer& dst = I.layers[l];
-    dst.attn_norm = to_device(ones);
-    dst.ffn_norm = to_device(ones);
+    std::vector<int32_t> orders[kNumLinearSlots];
     for (int si = 0; si < kNumLinearSlots; ++si) {
       const auto slot = static_cast<LinearSlot>(si);
       DeviceLinear& L = dst.linear[si];
@@ -610,7 +672,9 @@ std::unique_ptr<GpuRuntime> GpuRuntime::synthetic(const model::ModelConfig& conf
       std::iota(order.begin(), order.end(), 0);
       std::reverse(order.begin(), order.end());  // a real permutation, so the gather is exercised
       I.add_mx_linear(L, order, plan, nullptr, ++stream_id);
+      orders[si] = std::move(order);
     }
+    I.set_norms(dst, ones, ones, orders[0], orders[2]);
   }
   cuda_check(cudaStreamSynchronize(I.stream), "synthetic weights");
   I.note_peak();
@@ -721,7 +785,8 @@ GpuMemory GpuRuntime::memory() const {
   const Impl& I = *impl_;
   GpuMemory m;
   for (const auto& l : I.layers) {
-    m.other_weights += (l.attn_norm.count + l.ffn_norm.count) * sizeof(float);
+    m.other_weights += (l.attn_norm.count + l.ffn_norm.count + l.attn_norm_ordered.count + l.ffn_norm_ordered.count) *
+                       sizeof(float);
     for (const auto& L : l.linear) {
       m.linear_weights += L.w_bf16.count * 2 + L.w.scales.count + L.perm.count * 4 + L.bias.count * 4;
       for (const auto& q : L.w.q) m.linear_weights += q.count;

@@ -66,8 +66,14 @@ __global__ void embed_kernel(const int32_t* __restrict__ tokens, const uint16_t*
   }
 }
 
+// kOrdered: out[j] is channel order[j] (the next linear layer's plan order), gathered from
+// the summed row kept in shared memory, gamma given in that order too; the same values as
+// the plain output, permuted.
+template <bool kOrdered>
 __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __restrict__ y, int hidden,
-                                   const float* __restrict__ gamma, float eps, uint16_t* __restrict__ out) {
+                                   const float* __restrict__ gamma, float eps, const int32_t* __restrict__ order,
+                                   uint16_t* __restrict__ out) {
+  extern __shared__ float4 row_smem[];  // kOrdered: the summed row
   ptx::chain_enter();
   const int64_t r = blockIdx.x;
   float4* xr = reinterpret_cast<float4*>(x + r * hidden);
@@ -85,15 +91,24 @@ __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __rest
       v.w += bf16_bits_to_float(static_cast<uint16_t>(a.y >> 16));
       xr[i] = v;
     }
+    if constexpr (kOrdered) row_smem[i] = v;
     ss = fmaf(v.x, v.x, ss);
     ss = fmaf(v.y, v.y, ss);
     ss = fmaf(v.z, v.z, ss);
     ss = fmaf(v.w, v.w, ss);
   }
-  const float inv = 1.0f / sqrtf(block_sum(ss) / static_cast<float>(hidden) + eps);
+  const float inv = 1.0f / sqrtf(block_sum(ss) / static_cast<float>(hidden) + eps);  // a barrier: row_smem is ready
   for (int i = threadIdx.x; i < hidden / 4; i += blockDim.x) {
-    const float4 v = xr[i], g = g4[i];
-    o[i] = make_uint2(pack_bf16x2(v.x * inv * g.x, v.y * inv * g.y), pack_bf16x2(v.z * inv * g.z, v.w * inv * g.w));
+    if constexpr (kOrdered) {
+      const float* row = reinterpret_cast<const float*>(row_smem);
+      const int4 c = reinterpret_cast<const int4*>(order)[i];
+      const float4 g = g4[i];
+      o[i] = make_uint2(pack_bf16x2(row[c.x] * inv * g.x, row[c.y] * inv * g.y),
+                        pack_bf16x2(row[c.z] * inv * g.z, row[c.w] * inv * g.w));
+    } else {
+      const float4 v = xr[i], g = g4[i];
+      o[i] = make_uint2(pack_bf16x2(v.x * inv * g.x, v.y * inv * g.y), pack_bf16x2(v.z * inv * g.z, v.w * inv * g.w));
+    }
   }
 }
 
@@ -466,10 +481,19 @@ cudaError_t embed_tokens(const int32_t* tokens, int64_t M, const uint16_t* table
 }
 
 cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, const float* gamma, float eps,
-                        uint16_t* out, cudaStream_t stream) {
+                        const int32_t* order, uint16_t* out, cudaStream_t stream) {
   if (M <= 0 || hidden % 4 != 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
-  return ptx::launch_chained(add_rmsnorm_kernel, grid_rows(M), row_threads(hidden / 4), 0, stream, x, y, hidden, gamma,
-                             eps, out);
+  if (order == nullptr)
+    return ptx::launch_chained(add_rmsnorm_kernel<false>, grid_rows(M), row_threads(hidden / 4), 0, stream, x, y, hidden,
+                               gamma, eps, order, out);
+  const size_t smem = static_cast<size_t>(hidden) * sizeof(float);
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(add_rmsnorm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  return ptx::launch_chained(add_rmsnorm_kernel<true>, grid_rows(M), row_threads(hidden / 4), smem, stream, x, y, hidden,
+                             gamma, eps, order, out);
 }
 
 cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,

@@ -82,18 +82,23 @@ struct FoldedOperand {
 
 // ---- activation quantization -------------------------------------------------
 // x: bf16 [M, ldx] (ldx >= K, ldx % 8 == 0, 16-byte aligned). perm[j] is the original
-// channel of reordered channel j (a permutation of 0..K-1). Writes `packed` (when its
-// pointers are set) and/or `folded` (when folded.q is set). `lossy_count`, when set,
-// receives (atomically added) the number of folded elements that are not exact.
+// channel of reordered channel j (a permutation of 0..K-1); perm == nullptr: x already holds
+// the channels in the plan's order (the identity), which for the folded operand alone takes
+// a kernel without the gather. Writes `packed` (when its pointers are set) and/or `folded`
+// (when folded.q is set). `lossy_count`, when set, receives (atomically added) the number of
+// folded elements that are not exact.
 cudaError_t quantize_activations(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* perm, MixPlan plan,
                                  ScaleRule rule, MxSegments packed, FoldedOperand folded,
                                  unsigned long long* lossy_count, cudaStream_t stream);
 
-// Decode (M <= kDecodeMaxM, packed output only): SwiGLU of gate_up bf16 [M, 2 * ffn] (gate
-// half first) rounded to bf16, then reorder and quantize as above (K = ffn). Bit-identical to
-// swiglu() followed by quantize_activations(), one launch instead of two.
+// SwiGLU of gate_up bf16 [M, 2 * ffn] (gate half first) rounded to bf16, then reorder and
+// quantize as above (K = ffn): bit-identical to swiglu() followed by quantize_activations(),
+// one launch instead of two. Two forms: packed output only for M <= kDecodeMaxM (decode),
+// and the folded operand only with perm == nullptr (gate_up's channels already in the
+// plan's order), any M.
 cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int ffn, const int32_t* perm, MixPlan plan,
-                                        ScaleRule rule, MxSegments packed, cudaStream_t stream);
+                                        ScaleRule rule, MxSegments packed, FoldedOperand folded,
+                                        unsigned long long* lossy_count, cudaStream_t stream);
 
 // Fused RMSNorm: y = (x * inv_rms) * gamma, inv_rms = rsqrtf(mean(x^2) + eps) in fp32,
 // gamma bf16 [K] in the original channel order; then reorder and quantize as above.

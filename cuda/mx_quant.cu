@@ -217,6 +217,29 @@ __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint
 
 __device__ __forceinline__ float bf16f(uint16_t h) { return bf16_bits_to_float(h); }
 
+// The folded operand of block b of row m straight from its 32 values v (prefill's form):
+// scale and fold key from the block maximum, the tile's key from its four lanes, then the
+// payloads (fold_values). All lanes call it together (shuffles inside); valid is false past
+// K, and b >= folded_fstride(K) writes nothing.
+__device__ __forceinline__ void fold_block_values(int seg, bool valid, const float* v, ScaleRule rule, int64_t m, int b,
+                                                  int64_t rows, const MixPlan& plan, const FoldedOperand& folded,
+                                                  unsigned* lossy, const FoldTable* table) {
+  uint8_t sb = 0;
+  FoldKey key;
+  if (valid) key = seg == 0 ? fold_scale_and_key<ElemFormat::E2M1>(v, rule, &sb)
+                 : seg == 1 ? fold_scale_and_key<ElemFormat::E3M2>(v, rule, &sb)
+                            : fold_scale_and_key<ElemFormat::E4M3>(v, rule, &sb);
+  const FoldKey group = tile_reduce(key);
+  if (b >= folded_fstride(plan.k())) return;
+  if (!valid) {
+    folded.f[folded_factor_index(m, b, rows)] = 0.0f;
+    return;
+  }
+  if (seg == 0) fold_values<ElemFormat::E2M1>(v, rule, sb, group, m, b, rows, plan, folded, lossy, table);
+  else if (seg == 1) fold_values<ElemFormat::E3M2>(v, rule, sb, group, m, b, rows, plan, folded, lossy, table);
+  else fold_values<ElemFormat::E4M3>(v, rule, sb, group, m, b, rows, plan, folded, lossy, table);
+}
+
 // kFoldedOnly: prefill's form (folded operand, no packed output), compiled on its own so that
 // its register count (and so its occupancy) is not that of the codes path.
 template <bool kNorm, bool kFoldedOnly>
@@ -234,7 +257,7 @@ __global__ void __launch_bounds__(256, 3) act_quant_kernel(const uint16_t* __res
   // block's 32 contiguously instead of gathering them from global memory per element.
   float* gamma_perm = reinterpret_cast<float*>(smem_rows + 2 * chunks);
   if constexpr (kNorm)
-    for (int i = threadIdx.x; i < k; i += blockDim.x) gamma_perm[i] = bf16f(gamma[perm[i]]);
+    for (int i = threadIdx.x; i < k; i += blockDim.x) gamma_perm[i] = bf16f(gamma[perm != nullptr ? perm[i] : i]);
   auto prefetch = [&](int64_t r, int buf) {
     const uint4* src = reinterpret_cast<const uint4*>(x + r * ldx);
     for (int i = threadIdx.x; i < chunks; i += blockDim.x) cp_async_16(smem_rows + buf * chunks + i, src + i, true);
@@ -292,7 +315,8 @@ __global__ void __launch_bounds__(256, 3) act_quant_kernel(const uint16_t* __res
         const int4* pp = reinterpret_cast<const int4*>(perm + b * kBlockSize);
 #pragma unroll
         for (int q = 0; q < kBlockSize / 4; ++q) {
-          const int4 c = __ldg(pp + q);
+          const int c0 = b * kBlockSize + 4 * q;  // perm == nullptr: already in the plan's order
+          const int4 c = perm != nullptr ? __ldg(pp + q) : make_int4(c0, c0 + 1, c0 + 2, c0 + 3);
           const int cs[4] = {c.x, c.y, c.z, c.w};
           float4 g{};
           if constexpr (kNorm) g = reinterpret_cast<const float4*>(gamma_perm + b * kBlockSize)[q];
@@ -305,23 +329,11 @@ __global__ void __launch_bounds__(256, 3) act_quant_kernel(const uint16_t* __res
           }
         }
       }
-      uint8_t sb = 0;
-      if constexpr (kFoldedOnly) {  // prefill's form: straight from the values (fold_values)
-        FoldKey key;
-        if (valid) key = seg == 0 ? fold_scale_and_key<ElemFormat::E2M1>(v, rule, &sb)
-                       : seg == 1 ? fold_scale_and_key<ElemFormat::E3M2>(v, rule, &sb)
-                                  : fold_scale_and_key<ElemFormat::E4M3>(v, rule, &sb);
-        const FoldKey group = tile_reduce(key);
-        if (b >= fstride) continue;
-        if (!valid) {
-          folded.f[folded_factor_index(m, b, M)] = 0.0f;
-          continue;
-        }
-        if (seg == 0) fold_values<ElemFormat::E2M1>(v, rule, sb, group, m, b, M, plan, folded, &lossy, &table);
-        else if (seg == 1) fold_values<ElemFormat::E3M2>(v, rule, sb, group, m, b, M, plan, folded, &lossy, &table);
-        else fold_values<ElemFormat::E4M3>(v, rule, sb, group, m, b, M, plan, folded, &lossy, &table);
+      if constexpr (kFoldedOnly) {  // prefill's form: straight from the values
+        fold_block_values(seg, valid, v, rule, m, b, M, plan, folded, &lossy, &table);
         continue;
       }
+      uint8_t sb = 0;
       uint8_t codes[kBlockSize];
       if (valid) {
         if (seg == 0)
@@ -361,19 +373,58 @@ __device__ __forceinline__ void quantize_block_by_lanes(float v, ScaleRule rule,
   if (lane == 0) store_packed_block<F>(codes, sb, seg_block, scale);
 }
 
-// Where the lanes kernel reads channel c of row m: a bf16 matrix, or the SwiGLU of a
-// [gate | up] row (rounded to bf16, as the separate SwiGLU kernel stores it).
+// Eight bf16 values of a 16-byte word, as floats.
+__device__ __forceinline__ void bf16x8_to_float(uint4 w, float* v) {
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    v[2 * j] = bits_to_float(ws[j] << 16);
+    v[2 * j + 1] = bits_to_float(ws[j] & 0xFFFF0000u);
+  }
+}
+
+// Where the quantizers read their input: a bf16 matrix, or the SwiGLU of a [gate | up] row
+// (rounded to bf16, as the separate SwiGLU kernel stores it). `channel` is one value (the
+// lanes kernel's gather); `block` the 32 channels from 32 * b, in 16-byte loads (inputs
+// already in the plan's order; rows 16-byte aligned).
 struct RowsSource {
   const uint16_t* __restrict__ x;
   int64_t ldx;
-  __device__ float operator()(int64_t m, int c) const { return bf16f(x[m * ldx + c]); }
+  __device__ float channel(int64_t m, int c) const { return bf16f(x[m * ldx + c]); }
+  __device__ __forceinline__ void block(int64_t m, int b, float* v) const {
+    const uint4* p = reinterpret_cast<const uint4*>(x + m * ldx + b * kBlockSize);
+    uint4 w[kBlockSize / 8];
+#pragma unroll
+    for (int i = 0; i < kBlockSize / 8; ++i) w[i] = __ldcs(p + i);  // read once: stream past L1
+#pragma unroll
+    for (int i = 0; i < kBlockSize / 8; ++i) bf16x8_to_float(w[i], v + 8 * i);
+  }
 };
 struct SwigluSource {
   const uint16_t* __restrict__ gate_up;
   int ffn;
-  __device__ float operator()(int64_t m, int c) const {
+  __device__ static float value(float g, float u) { return bf16f(float_to_bf16_bits(model::swiglu(g, u))); }
+  __device__ float channel(int64_t m, int c) const {
     const uint16_t* row = gate_up + m * 2 * ffn;
-    return bf16f(float_to_bf16_bits(model::swiglu(bf16f(row[c]), bf16f(row[ffn + c]))));
+    return value(bf16f(row[c]), bf16f(row[ffn + c]));
+  }
+  __device__ __forceinline__ void block(int64_t m, int b, float* v) const {
+    const uint4* g = reinterpret_cast<const uint4*>(gate_up + m * 2 * ffn + b * kBlockSize);
+    const uint4* u = reinterpret_cast<const uint4*>(gate_up + m * 2 * ffn + ffn + b * kBlockSize);
+    uint4 wg[kBlockSize / 8], wu[kBlockSize / 8];
+#pragma unroll
+    for (int i = 0; i < kBlockSize / 8; ++i) {
+      wg[i] = __ldcs(g + i);
+      wu[i] = __ldcs(u + i);
+    }
+#pragma unroll
+    for (int i = 0; i < kBlockSize / 8; ++i) {
+      float gv[8], uv[8];
+      bf16x8_to_float(wg[i], gv);
+      bf16x8_to_float(wu[i], uv);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[8 * i + j] = value(gv[j], uv[j]);
+    }
   }
 };
 
@@ -386,11 +437,37 @@ __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_
   if (w >= M * nblk) return;  // whole warps
   const int64_t m = w / nblk;
   const int b = static_cast<int>(w % nblk);
-  const float v = src(m, perm[b * kBlockSize + lane]);
+  const int c = b * kBlockSize + lane;
+  const float v = src.channel(m, perm != nullptr ? perm[c] : c);
   const BlockAt at = block_at(packed, plan, m, b);
   if (at.seg == 0) quantize_block_by_lanes<ElemFormat::E2M1>(v, rule, lane, at.bytes, at.scale);
   else if (at.seg == 1) quantize_block_by_lanes<ElemFormat::E3M2>(v, rule, lane, at.bytes, at.scale);
   else quantize_block_by_lanes<ElemFormat::E4M3>(v, rule, lane, at.bytes, at.scale);
+}
+
+// Prefill's quantizer for inputs already in the plan's channel order (the runtime's RMSNorm
+// writes them so, and stores the gate_up rows in the down projection's order): with no
+// gather there is no shared-memory row and no barrier. A thread per 32-block, its 32 values
+// in 16-byte loads straight from global memory; the four lanes of a 128-wide tile combine
+// their keys by shuffles. Folded output only; the same bytes as act_quant_kernel.
+template <class Source>
+__global__ void __launch_bounds__(256) act_quant_ordered_kernel(Source src, int64_t M, MixPlan plan, ScaleRule rule,
+                                                                FoldedOperand folded,
+                                                                unsigned long long* lossy_count) {
+  const int nblk = plan.blocks(), fstride = folded_fstride(plan.k());
+  const int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, units = M * fstride;
+  // fstride is a multiple of 4, so a tile's four lanes are all in range or all out of it;
+  // out-of-range lanes still take part in the shuffles, with b = fstride (no output).
+  const bool in_range = u < units;
+  const int64_t m = in_range ? u / fstride : 0;
+  const int b = in_range ? static_cast<int>(u % fstride) : fstride;
+  const bool valid = b < nblk;
+  const int seg = b < plan.first_fp6_block() ? 0 : b < plan.first_fp8_block() ? 1 : 2;
+  float v[kBlockSize];
+  if (valid) src.block(m, b, v);
+  unsigned lossy = 0;
+  fold_block_values(seg, valid, v, rule, m, b, M, plan, folded, &lossy, nullptr);
+  if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }
 
 // The packed bytes of block b (< nblk) of row m in vector loads (FP4 16 bytes and FP8 32 at
@@ -543,6 +620,20 @@ cudaError_t launch_lanes(Source src, int64_t M, const int32_t* perm, MixPlan pla
                              src, M, perm, plan, rule, packed);
 }
 
+bool is_folded_only(const MxSegments& packed, const FoldedOperand& folded) {
+  return folded.q != nullptr && packed.q4 == nullptr && packed.q6 == nullptr && packed.q8 == nullptr &&
+         packed.scales == nullptr;
+}
+
+template <class Source>
+cudaError_t launch_ordered(Source src, int64_t M, MixPlan plan, ScaleRule rule, FoldedOperand folded,
+                           unsigned long long* lossy, cudaStream_t stream) {
+  const int64_t threads = M * folded_fstride(plan.k());
+  act_quant_ordered_kernel<Source><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(src, M, plan, rule,
+                                                                                                    folded, lossy);
+  return cudaGetLastError();
+}
+
 int act_threads(int nblk) {
   int t = (nblk + 31) / 32 * 32;
   return t < 64 ? 64 : t > 256 ? 256 : t;
@@ -558,8 +649,8 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
   if (!kNorm && folded.q == nullptr && M <= kDecodeMaxM)
     return launch_lanes(RowsSource{x, ldx}, M, perm, plan, rule, packed, stream);
   const size_t smem = static_cast<size_t>(plan.k()) * (2 * sizeof(uint16_t) + (kNorm ? sizeof(float) : 0));
-  const bool folded_only = folded.q != nullptr && packed.q4 == nullptr && packed.q6 == nullptr &&
-                           packed.q8 == nullptr && packed.scales == nullptr;
+  const bool folded_only = is_folded_only(packed, folded);
+  if (!kNorm && folded_only && perm == nullptr) return launch_ordered(RowsSource{x, ldx}, M, plan, rule, folded, lossy, stream);
   auto kernel = folded_only ? act_quant_kernel<kNorm, true> : act_quant_kernel<kNorm, false>;
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -611,10 +702,15 @@ cudaError_t rmsnorm_quantize_activations(const uint16_t* x, int64_t M, int64_t l
 }
 
 cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int ffn, const int32_t* perm, MixPlan plan,
-                                        ScaleRule rule, MxSegments packed, cudaStream_t stream) {
-  if (!plan.valid() || plan.k() != ffn || M < 0 || M > kDecodeMaxM || packed.row_tile != 1)
-    return cudaErrorInvalidValue;
+                                        ScaleRule rule, MxSegments packed, FoldedOperand folded,
+                                        unsigned long long* lossy_count, cudaStream_t stream) {
+  if (!plan.valid() || plan.k() != ffn || M < 0 || packed.row_tile != 1) return cudaErrorInvalidValue;
+  const bool folded_only = is_folded_only(packed, folded);
+  // Packed output for decode-sized M (any order), or the folded operand of inputs already in
+  // the plan's order (any M).
+  if (folded_only ? perm != nullptr : folded.q != nullptr || M > kDecodeMaxM) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
+  if (folded_only) return launch_ordered(SwigluSource{gate_up, ffn}, M, plan, rule, folded, lossy_count, stream);
   return launch_lanes(SwigluSource{gate_up, ffn}, M, perm, plan, rule, packed, stream);
 }
 

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -225,7 +227,7 @@ TEST(ModelKernels, NormSwigluEmbedSmall) {
   dx.upload(x);
   dg.upload(gamma);
   dy.upload(y);
-  CK(add_rmsnorm(dx.ptr, dy.ptr, M, H, dg.ptr, 1e-5f, dout.ptr, nullptr));
+  CK(add_rmsnorm(dx.ptr, dy.ptr, M, H, dg.ptr, 1e-5f, nullptr, dout.ptr, nullptr));
   const auto x2 = dx.download();
   const auto out = dout.download();
   for (int r = 0; r < M; ++r) {
@@ -237,6 +239,23 @@ TEST(ModelKernels, NormSwigluEmbedSmall) {
     }
     const double inv = 1.0 / std::sqrt(ss / H + 1e-5);
     for (int i = 0; i < H; ++i) expect_bf16_close(bf(out[r * H + i]), x2[r * H + i] * inv * gamma[i], 1e-5, "rmsnorm", i);
+  }
+  {  // written in a channel order (the next MX layer's): the same bits, permuted; the same residual
+    std::vector<int32_t> order(H);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng());
+    std::vector<float> gamma_ordered(H);
+    for (int j = 0; j < H; ++j) gamma_ordered[j] = gamma[order[j]];
+    DeviceBuffer<int32_t> dorder(H);
+    DeviceBuffer<float> dgo(H);
+    dorder.upload(order);
+    dgo.upload(gamma_ordered);
+    dx.upload(x);
+    CK(add_rmsnorm(dx.ptr, dy.ptr, M, H, dgo.ptr, 1e-5f, dorder.ptr, dout.ptr, nullptr));
+    EXPECT_EQ(dx.download(), x2);
+    const auto ordered = dout.download();
+    for (int r = 0; r < M; ++r)
+      for (int j = 0; j < H; ++j) ASSERT_EQ(ordered[r * H + j], out[r * H + order[j]]) << "row " << r << ", " << j;
   }
 
   const auto gu = random_bf16(M * 2 * F, 2.0f);
@@ -262,8 +281,11 @@ TEST(ModelKernels, NormSwigluEmbedSmall) {
     for (int i = 0; i < H; ++i) ASSERT_EQ(e[r * H + i], bf(table[toks[r] * H + i]));
 }
 
-// Decode's fused SwiGLU + quantization against the two kernels it replaces (swiglu, then
-// quantize_activations, itself bit-exact with the CPU library): the same bytes.
+// The fused SwiGLU + quantization against the two kernels it replaces (swiglu, then
+// quantize_activations, itself bit-exact with the CPU library): the same bytes. Decode's form
+// (packed) gathers through perm; prefill's (folded) reads a gate_up whose columns already
+// come in the plan's order (the runtime stores gate_up's rows so), here the same columns
+// permuted on the host; decode's form reads such a gate_up too with perm == nullptr.
 TEST(ModelKernels, SwigluQuantizeMatchesSeparateKernels) {
   REQUIRE_GPU();
   const MixPlan plan{160, 96, 64};
@@ -273,32 +295,71 @@ TEST(ModelKernels, SwigluQuantizeMatchesSeparateKernels) {
   std::shuffle(perm.begin(), perm.end(), rng());
   DeviceBuffer<int32_t> dp(F);
   dp.upload(perm);
-  for (const int64_t M : {1, 5, 16}) {
+  auto poison = [](DeviceMx& d) {
+    for (auto& q : d.q)
+      if (q.count) CK(cudaMemset(q.ptr, 0xA5, q.count));
+    CK(cudaMemset(d.scales.ptr, 0xA5, d.scales.count));
+    if (d.fq.count) CK(cudaMemset(d.fq.ptr, 0xA5, d.fq.count));
+    if (d.ff.count) CK(cudaMemset(d.ff.ptr, 0xFF, d.ff.count * 4));
+    if (d.f8.count) CK(cudaMemset(d.f8.ptr, 0xA5, d.f8.count * 2));
+  };
+  for (const int64_t M : {1, 5, 16, 37, 300}) {
     auto gu = random_bf16(M * 2 * F, 2.0f);
     gu[(M - 1) * 2 * F + 7] = 0x7FC0;  // a NaN gate: its block's scale is NaN in both
-    DeviceBuffer<uint16_t> dgu(gu.size()), dact(M * F);
+    std::vector<uint16_t> gu_ordered(gu.size());
+    for (int64_t m = 0; m < M; ++m)
+      for (int j = 0; j < F; ++j)
+        for (int half = 0; half < 2; ++half)
+          gu_ordered[m * 2 * F + half * F + j] = gu[m * 2 * F + half * F + perm[j]];
+    DeviceBuffer<uint16_t> dgu(gu.size()), dgo(gu.size()), dact(M * F);
     dgu.upload(gu);
-    DeviceMx separate(plan, M, false), fused(plan, M, false);
-    for (DeviceMx* d : {&separate, &fused}) {
-      for (auto& q : d->q)
-        if (q.count) CK(cudaMemset(q.ptr, 0xA5, q.count));
-      CK(cudaMemset(d->scales.ptr, 0xA5, d->scales.count));
-    }
+    dgo.upload(gu_ordered);
     CK(swiglu(dgu.ptr, M, F, dact.ptr, nullptr));
-    CK(quantize_activations(dact.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, separate.segments(), FoldedOperand{},
-                            nullptr, nullptr));
-    CK(swiglu_quantize_activations(dgu.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, fused.segments(), nullptr));
+    if (M <= kDecodeMaxM) {
+      DeviceMx separate(plan, M, false), fused(plan, M, false), fused_ordered(plan, M, false);
+      for (DeviceMx* d : {&separate, &fused, &fused_ordered}) poison(*d);
+      CK(quantize_activations(dact.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, separate.segments(), FoldedOperand{},
+                              nullptr, nullptr));
+      CK(swiglu_quantize_activations(dgu.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, fused.segments(),
+                                     FoldedOperand{}, nullptr, nullptr));
+      CK(swiglu_quantize_activations(dgo.ptr, M, F, nullptr, plan, mx::ScaleRule::Ceil, fused_ordered.segments(),
+                                     FoldedOperand{}, nullptr, nullptr));
+      CK(cudaDeviceSynchronize());
+      const HostMx a = separate.download();
+      for (const DeviceMx* d : {&fused, &fused_ordered}) {
+        const HostMx b = d->download();
+        for (int s = 0; s < 3; ++s) EXPECT_EQ(a.q[s], b.q[s]) << "segment " << s << ", M " << M;
+        EXPECT_EQ(a.scales, b.scales) << "M " << M;
+      }
+      EXPECT_NE(std::find(a.scales.begin(), a.scales.end(), mx::kScaleNaN), a.scales.end()) << "M " << M;
+    }
+    DeviceMx separate(plan, M, true), fused(plan, M, true);
+    for (DeviceMx* d : {&separate, &fused}) poison(*d);
+    CK(quantize_activations(dact.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, MxSegments{}, separate.folded(), nullptr,
+                            nullptr));
+    CK(swiglu_quantize_activations(dgo.ptr, M, F, nullptr, plan, mx::ScaleRule::Ceil, MxSegments{}, fused.folded(),
+                                   nullptr, nullptr));
     CK(cudaDeviceSynchronize());
-    const HostMx a = separate.download(), b = fused.download();
-    for (int s = 0; s < 3; ++s) EXPECT_EQ(a.q[s], b.q[s]) << "segment " << s << ", M " << M;
-    EXPECT_EQ(a.scales, b.scales) << "M " << M;
-    EXPECT_NE(std::find(b.scales.begin(), b.scales.end(), mx::kScaleNaN), b.scales.end()) << "M " << M;
+    EXPECT_EQ(separate.fq.download(), fused.fq.download()) << "folded payloads, M " << M;
+    const auto fa = separate.ff.download(), fb = fused.ff.download();
+    ASSERT_EQ(fa.size(), fb.size());
+    EXPECT_EQ(0, std::memcmp(fa.data(), fb.data(), fa.size() * sizeof(float))) << "folded factors, M " << M;
+    EXPECT_EQ(separate.f8.download(), fused.f8.download()) << "bf16 MXFP8 part, M " << M;
+    EXPECT_TRUE(std::any_of(fb.begin(), fb.end(), [](float f) { return std::isnan(f); })) << "the NaN block, M " << M;
   }
-  DeviceMx out(plan, 17, false);
+  DeviceMx out(plan, 17, false), folded(plan, 17, true);
   EXPECT_EQ(swiglu_quantize_activations(nullptr, kDecodeMaxM + 1, F, dp.ptr, plan, mx::ScaleRule::Ceil, out.segments(),
-                                        nullptr),
+                                        FoldedOperand{}, nullptr, nullptr),
             cudaErrorInvalidValue);
-  EXPECT_EQ(swiglu_quantize_activations(nullptr, 1, F + 32, dp.ptr, plan, mx::ScaleRule::Ceil, out.segments(), nullptr),
+  EXPECT_EQ(swiglu_quantize_activations(nullptr, 1, F + 32, dp.ptr, plan, mx::ScaleRule::Ceil, out.segments(),
+                                        FoldedOperand{}, nullptr, nullptr),
+            cudaErrorInvalidValue);
+  // The folded form reads gate_up in the plan's order only, and writes the folded operand alone.
+  EXPECT_EQ(swiglu_quantize_activations(nullptr, 17, F, dp.ptr, plan, mx::ScaleRule::Ceil, MxSegments{},
+                                        folded.folded(), nullptr, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(swiglu_quantize_activations(nullptr, 17, F, nullptr, plan, mx::ScaleRule::Ceil, out.segments(),
+                                        folded.folded(), nullptr, nullptr),
             cudaErrorInvalidValue);
 }
 

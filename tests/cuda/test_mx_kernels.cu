@@ -163,6 +163,42 @@ void expect_folded_only_exact(const uint16_t* dx, int64_t M, int64_t ldx, const 
   EXPECT_EQ(lossy.download()[0], host_lossy) << "lossy count differs from the host fold";
 }
 
+// The same rows handed over already in the plan's order (perm == nullptr), as the runtime's
+// RMSNorm writes them: every output form (the folded operand alone through the kernel
+// without the gather, packed + folded, and decode's packed form) gives the bytes of the
+// gathered input. The row padding holds NaNs, which no output may pick up.
+void expect_ordered_input_exact(const std::vector<uint16_t>& x, int64_t M, int64_t ldx,
+                                const std::vector<int32_t>& perm, MixPlan plan, mx::ScaleRule rule, const HostMx& cpu) {
+  SCOPED_TRACE("input in plan order");
+  const int K = plan.k();
+  std::vector<uint16_t> ordered(x.size(), 0x7FC0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < K; ++j) ordered[m * ldx + j] = x[m * ldx + perm[j]];
+  DeviceBuffer<uint16_t> dx(ordered.size());
+  dx.upload(ordered);
+  expect_folded_only_exact(dx.ptr, M, ldx, nullptr, nullptr, plan, rule, cpu);
+  DeviceMx both(plan, M, true);
+  for (int s = 0; s < 3; ++s) if (both.q[s].count) CK(cudaMemset(both.q[s].ptr, 0xA5, both.q[s].count));
+  CK(cudaMemset(both.scales.ptr, 0xA5, both.scales.count));
+  CK(cudaMemset(both.fq.ptr, 0xA5, both.fq.count));
+  CK(cudaMemset(both.ff.ptr, 0xFF, both.ff.count * 4));
+  CK(quantize_activations(dx.ptr, M, ldx, nullptr, plan, rule, both.segments(), both.folded(), nullptr, nullptr));
+  CK(cudaDeviceSynchronize());
+  expect_same_packed(both.download(), cpu);
+  expect_folded_exact(both, cpu);
+  if (M <= kDecodeMaxM) {
+    DeviceMx packed_only(plan, M, false);
+    for (int s = 0; s < 3; ++s)
+      if (packed_only.q[s].count) CK(cudaMemset(packed_only.q[s].ptr, 0xA5, packed_only.q[s].count));
+    CK(cudaMemset(packed_only.scales.ptr, 0xA5, packed_only.scales.count));
+    CK(quantize_activations(dx.ptr, M, ldx, nullptr, plan, rule, packed_only.segments(), FoldedOperand{}, nullptr,
+                            nullptr));
+    CK(cudaDeviceSynchronize());
+    SCOPED_TRACE("packed only");
+    expect_same_packed(packed_only.download(), cpu);
+  }
+}
+
 struct ActCase {
   MixPlan plan;
   int64_t M;
@@ -217,6 +253,7 @@ void run_act_case(const ActCase& c, bool norm) {
   const uint64_t host_lossy = expect_folded_exact(out, cpu);
   EXPECT_EQ(lossy.download()[0], host_lossy) << "lossy count differs from the host fold";
   expect_folded_only_exact(dx.ptr, c.M, ldx, norm ? dg.ptr : nullptr, dp.ptr, c.plan, c.rule, cpu);
+  if (!norm) expect_ordered_input_exact(x, c.M, ldx, perm, c.plan, c.rule, cpu);
   if (!norm && c.M <= kDecodeMaxM) {  // packed only, as decode asks for it (a warp per block)
     DeviceMx packed_only(c.plan, c.M, false);
     for (int s = 0; s < 3; ++s)
@@ -284,6 +321,7 @@ TEST(MxActQuant, SmallNanBlock) {
   expect_same_packed(out.download(), cpu);
   EXPECT_GT(expect_folded_exact(out, cpu), 0u) << "the block below the window should fold lossy";
   expect_folded_only_exact(dx.ptr, 3, K, nullptr, dp.ptr, plan, mx::ScaleRule::Ceil, cpu);
+  expect_ordered_input_exact(x, 3, K, perm, plan, mx::ScaleRule::Ceil, cpu);
   DeviceMx packed_only(plan, 3, false);
   CK(quantize_activations(dx.ptr, 3, K, dp.ptr, plan, mx::ScaleRule::Ceil, packed_only.segments(), FoldedOperand{},
                           nullptr, nullptr));
@@ -581,7 +619,7 @@ TEST(MxGemm, SmallRejectsRowTilesItCannotUse) {
                                  FoldedOperand{}, nullptr, nullptr),
             cudaErrorInvalidValue);
   EXPECT_EQ(swiglu_quantize_activations(x.ptr, 1, plan.k(), perm.ptr, plan, mx::ScaleRule::Ceil,
-                                        a_tiled.segments(), nullptr),
+                                        a_tiled.segments(), FoldedOperand{}, nullptr, nullptr),
             cudaErrorInvalidValue);
 }
 
