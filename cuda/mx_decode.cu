@@ -19,7 +19,8 @@
 #include <cstring>
 #include <type_traits>
 
-#include "mx_kernels.h"
+#include "mx_kernels.h"  // first: the CPU execution of the kernels puts its shim before it
+#include "mx_codes.cuh"
 #include "mx_ptx.cuh"
 
 namespace micromix::cuda {
@@ -191,10 +192,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(MxSegments A,
 constexpr int kTcRowTiles = 2;  // 16-row MMA tiles per warp (they share the activation fragments)
 constexpr int kTcRows = 16 * kTcRowTiles;
 
-struct LaneWords {  // one lane's 8 elements of a 32-block, as loaded
-  uint32_t lo, hi;
-};
-
 // Where a lane's words come from: weights in global memory are read once (evict-first
 // loads), activations stay cached for every CTA, staged weights sit in shared memory.
 enum class WordSource { Stream, Cached, Shared };
@@ -220,35 +217,11 @@ __device__ __forceinline__ LaneWords load_lane(const uint8_t* block, int t) {
   }
 }
 
-// The two E4M3 fragment registers of one lane's 8 elements (for mma m16n8k32): the element
-// bits moved into an E4M3 byte, so the byte is the element value times 2^-kE4m3Bias<F>
-// (FP4 (s e1 e0 m) -> (s 0 0 e1 e0 m 0 0), FP6 (s e2 e1 e0 m1 m0) -> (s 0 e2 e1 e0 m1 m0 0),
-// subnormals included); FP8 bytes are taken as they are.
-template <ElemFormat F>
-inline constexpr int kE4m3Bias = F == ElemFormat::E2M1 ? 6 : F == ElemFormat::E3M2 ? 4 : 0;
-
+// The two E4M3 fragment registers of one lane's 8 elements (for mma m16n8k32): codes_to_e4m3
+// (mx_codes.cuh), FP6's byte offset given by the lane's parity (threadIdx.x & 1 is t & 1).
 template <ElemFormat F>
 __device__ __forceinline__ void to_e4m3(LaneWords w, uint32_t r[2]) {
-  if constexpr (F == ElemFormat::E2M1) {  // even nibbles -> r[0], odd nibbles -> r[1]
-    const uint32_t v = w.lo;
-    r[0] = ((v << 4) & 0x80808080u) | ((v << 2) & 0x1C1C1C1Cu);
-    r[1] = (v & 0x80808080u) | ((v >> 2) & 0x1C1C1C1Cu);
-  } else if constexpr (F == ElemFormat::E3M2) {  // codes 0, 1, 4, 5 -> r[0]; 2, 3, 6, 7 -> r[1]
-    // The lane's bytes b0..b5 (from byte 0 or 2 of w, t even or odd: threadIdx.x & 1 is t & 1):
-    // one byte permutation gathers b0 b1 b3 b4 (codes 0, 1 | 4, 5 at bits 0 and 16 of each half),
-    // another b1 b2 b4 b5 (codes 2, 3 | 6, 7, four bits up); then each code to its own byte.
-    const bool odd = threadIdx.x & 1;
-    const uint32_t p0 = __byte_perm(w.lo, w.hi, odd ? 0x6532u : 0x4310u);
-    const uint32_t p1 = __byte_perm(w.lo, w.hi, odd ? 0x7643u : 0x5421u);
-    const uint32_t y0 = (p0 & 0x003F003Fu) | ((p0 << 2) & 0x3F003F00u);
-    const uint32_t y1 = ((p1 >> 4) & 0x003F003Fu) | ((p1 >> 2) & 0x3F003F00u);
-    // (s e2 e1 e0 m1 m0) -> (s 0 e2 e1 e0 m1 m0 0): adding bit 5 to itself carries it to bit 6.
-    r[0] = (y0 + (y0 & 0x20202020u)) << 1;
-    r[1] = (y1 + (y1 & 0x20202020u)) << 1;
-  } else {
-    r[0] = w.lo;
-    r[1] = w.hi;
-  }
+  codes_to_e4m3<F>(w, (threadIdx.x & 1) != 0, r);
 }
 
 // Per-lane view of one segment: weight rows (g, g+8 of each row tile) and tokens (g of each

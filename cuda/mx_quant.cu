@@ -6,7 +6,8 @@
 #include <cstring>
 
 #include "micromix/model/swiglu.h"
-#include "mx_kernels.h"
+#include "mx_kernels.h"  // first: the CPU execution of the kernels puts its shim before it
+#include "mx_codes.cuh"
 #include "mx_ptx.cuh"
 
 namespace micromix::cuda {
@@ -539,6 +540,46 @@ __global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOpe
   if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }
 
+// Whether a block's packed codes (the words load_block_raw returns) hold a nonzero
+// magnitude: fold_key's test without unpacking them. FP6's 32 six-bit fields run through the
+// six words with their sign bits at every sixth bit from bit 5, a pattern of three words.
+MICROMIX_HD constexpr uint32_t fp6_magnitude_bits(int word) {
+  uint32_t m = 0;
+  for (int b = 0; b < 32; ++b)
+    if ((32 * word + b) % 6 != 5) m |= 1u << b;
+  return m;
+}
+template <ElemFormat F>
+__device__ __forceinline__ bool packed_nonzero(const uint32_t* raw) {
+  if constexpr (F == ElemFormat::E2M1) {
+    return ((raw[0] | raw[1] | raw[2] | raw[3]) & 0x77777777u) != 0;
+  } else {
+    constexpr uint32_t m0 = fp6_magnitude_bits(0), m1 = fp6_magnitude_bits(1), m2 = fp6_magnitude_bits(2);
+    return (((raw[0] | raw[3]) & m0) | ((raw[1] | raw[4]) & m1) | ((raw[2] | raw[5]) & m2)) != 0;
+  }
+}
+
+// The payload words of a folded block whose shift d = s - E lies inside its window (the bytes
+// fold_payload writes): each eight codes' E4M3 bytes (codes_to_e4m3: the value times
+// 2^-kE4m3Bias), times 2^(d + kE4m3Bias), exact. No element codes, no table.
+template <ElemFormat F>
+__device__ __forceinline__ void fold_payload_words(const uint32_t* raw, int d, uint32_t* out) {
+  const int k = d + kE4m3Bias<F>;
+#pragma unroll
+  for (int i = 0; i < kBlockSize / 8; ++i) {
+    LaneWords w{raw[i], 0u};
+    bool odd = false;
+    if constexpr (F == ElemFormat::E3M2) {  // bytes 6i .. 6i+5
+      w = LaneWords{raw[6 * i / 4], raw[6 * i / 4 + 1]};
+      odd = (6 * i) % 4 != 0;
+    }
+    uint32_t e[2];
+    codes_to_e4m3_in_order<F>(w, odd, e);
+    out[2 * i] = e4m3x4_times_pow2(e[0], k);
+    out[2 * i + 1] = e4m3x4_times_pow2(e[1], k);
+  }
+}
+
 // Grouped folding (out.row_group == kWeightRowGroup): a CTA per (group of rows, 128-wide
 // tile); its threads take the group's rows 32 at a time, four lanes to a row (one block
 // each, so that a row's tile is read and written contiguously). The group's exponent is
@@ -569,11 +610,9 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
   for (int pass = 0; pass < kPasses; ++pass) {
     const int local = pass * kRowsPerPass + threadIdx.x / 4;
     FoldKey mine;
-    if (segs[pass] >= 0 && b < b8) {
-      codes_from_raw(segs[pass], raw[pass], codes);
-      mine = segs[pass] == 0 ? fold_key<ElemFormat::E2M1>(codes, scales[pass])
-                             : fold_key<ElemFormat::E3M2>(codes, scales[pass]);
-    }
+    if (segs[pass] >= 0 && b < b8)
+      mine = segs[pass] == 0 ? fold_key_of<ElemFormat::E2M1>(packed_nonzero<ElemFormat::E2M1>(raw[pass]), scales[pass])
+                             : fold_key_of<ElemFormat::E3M2>(packed_nonzero<ElemFormat::E3M2>(raw[pass]), scales[pass]);
     const FoldKey row = tile_reduce(mine);  // the row's four blocks
     if (j == 0) row_nan[local] = row.nan;
     key = row.key > key ? row.key : key;
@@ -597,8 +636,28 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
     }
     const int seg = segs[pass];
     const uint8_t scale = scales[pass];
-    codes_from_raw(seg, raw[pass], codes);
     const FoldKey use{group_key, row_nan[local]};
+    const int s = static_cast<int>(scale) - kScaleBias, e = fold_exponent(group_key);
+    uint4* dst = reinterpret_cast<uint4*>(out.q + m * k + static_cast<int64_t>(b) * kBlockSize);
+    if (seg < 2 && scale != kScaleNaN && !use.nan &&
+        (seg == 0 ? fold_shift_exact<ElemFormat::E2M1>(s, e) : fold_shift_exact<ElemFormat::E3M2>(s, e))) {
+      uint32_t words[8];
+      if (seg == 0) fold_payload_words<ElemFormat::E2M1>(raw[pass], s - e, words);
+      else fold_payload_words<ElemFormat::E3M2>(raw[pass], s - e, words);
+      dst[0] = make_uint4(words[0], words[1], words[2], words[3]);
+      dst[1] = make_uint4(words[4], words[5], words[6], words[7]);
+      out.f[folded_factor_index(m, b, rows)] = exp2i(e);
+      continue;
+    }
+    if (seg == 2 && scale != kScaleNaN) {  // MXFP8: the codes are the payloads, the factor 2^s
+      dst[0] = make_uint4(raw[pass][0], raw[pass][1], raw[pass][2], raw[pass][3]);
+      dst[1] = make_uint4(raw[pass][4], raw[pass][5], raw[pass][6], raw[pass][7]);
+      out.f[folded_factor_index(m, b, rows)] = exp2i(s);
+      memcpy(codes, raw[pass], kBlockSize);
+      store_mx8(codes, scale, m, b, plan, out);
+      continue;
+    }
+    codes_from_raw(seg, raw[pass], codes);
     uint8_t payload[kBlockSize];
     float factor;
     if (seg == 0) factor = fold_payload<ElemFormat::E2M1>(codes, scale, use, payload, &lossy, &table);

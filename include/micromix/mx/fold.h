@@ -43,20 +43,24 @@ MICROMIX_HD FoldKey fold_combine(FoldKey a, FoldKey b) {
   return {a.key > b.key ? a.key : b.key, a.nan | b.nan};
 }
 
+// A block's key from its scale and whether any of its codes has a nonzero magnitude.
 template <ElemFormat F>
-MICROMIX_HD FoldKey fold_key(const uint8_t* codes, uint8_t scale) {
+MICROMIX_HD FoldKey fold_key_of(bool nonzero, uint8_t scale) {
   FoldKey k;
-  if constexpr (!is_folded_format(F)) {
-    return k;
-  } else {
-    constexpr uint8_t mag_mask = static_cast<uint8_t>(sign_mask(F) - 1u);
-    bool nonzero = false;
-    MICROMIX_UNROLL
-    for (int i = 0; i < kBlockSize; ++i) nonzero |= (codes[i] & mag_mask) != 0;
+  if constexpr (is_folded_format(F)) {
     if (scale == kScaleNaN) k.nan = 1;
     else if (nonzero) k.key = static_cast<int>(scale) - kScaleBias - fold_window_top(F);
-    return k;
   }
+  return k;
+}
+
+template <ElemFormat F>
+MICROMIX_HD FoldKey fold_key(const uint8_t* codes, uint8_t scale) {
+  constexpr uint8_t mag_mask = static_cast<uint8_t>(sign_mask(F) - 1u);
+  bool nonzero = false;
+  MICROMIX_UNROLL
+  for (int i = 0; i < kBlockSize; ++i) nonzero |= (codes[i] & mag_mask) != 0;
+  return fold_key_of<F>(nonzero, scale);
 }
 
 // A tile's fold exponent E from its combined key (0 when none of its folded blocks is nonzero).

@@ -18,6 +18,9 @@
 using std::min; using std::max;
 
 #define __global__
+#ifndef __device__
+#define __device__
+#endif
 #define __launch_bounds__(...)
 #define __grid_constant__
 #ifndef __forceinline__
