@@ -694,6 +694,47 @@ TEST(MxGemm, SmallWideScaleSpread) {
   run_gemm_case({67, 136, {256, 128, 128}}, true);
 }
 
+// The grouped weight fold (the runtime's prefill form) on blocks that leave its fast path or
+// must not set their group's exponent, byte for byte against the host fold: blocks whose
+// codes are all (signed) zeros under a scale far above their group's (no exponent from them),
+// a block far below its group (rounded, lossy), NaN blocks in the folded and the MXFP8 parts,
+// in row-major and row-tiled W.
+TEST(MxGemm, SmallGroupedFoldEdgeBlocks) {
+  REQUIRE_GPU();
+  const MixPlan plan{128, 96, 64};  // blocks 0-3 FP4, 4-6 FP6, 7-8 FP8; tiles of 4, 4 and 1 blocks
+  const int K = plan.k(), nblk = K / 32;
+  const int64_t N = 300;  // three 128-row groups, the last one partial
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> w(static_cast<size_t>(N) * K);
+  for (auto& v : w) v = nd(rng());
+  for (int c = 32; c < 64; ++c) w[5 * K + c] = c % 2 ? -0.0f : 0.0f;     // row 5, FP4 block 1: signed zeros
+  for (int c = 128; c < 160; ++c) w[130 * K + c] = c % 3 ? 0.0f : -0.0f;  // row 130, FP6 block 4
+  for (int c = 0; c < 32; ++c) w[7 * K + c] *= 0x1p-30f;                  // row 7, FP4 block 0: far below
+  for (int c = 160; c < 192; ++c) w[140 * K + c] *= 0x1p-25f;             // row 140, FP6 block 5: far below
+  HostMx hw = quantize_segments(w, N, plan, mx::ScaleRule::Ceil);
+  hw.scales[5 * nblk + 1] = 127 + 40;    // zero codes under a huge scale
+  hw.scales[130 * nblk + 4] = 127 + 40;
+  hw.scales[200 * nblk + 5] = mx::kScaleNaN;  // NaN: FP6 block of row 200
+  hw.scales[201 * nblk + 8] = mx::kScaleNaN;  // and an MXFP8 block of row 201
+  const mx::FoldedMx ref = mx::fold_rows(hw, kWeightRowGroup);
+  EXPECT_GT(ref.lossy, 0u) << "the blocks far below their group should fold lossy";
+  for (const int tile : {1, kDecodeRowTile}) {
+    SCOPED_TRACE(testing::Message() << "row tile " << tile);
+    DeviceMx W(plan, N, true, tile);
+    W.upload(hw);
+    W.row_group = kWeightRowGroup;
+    CK(cudaMemset(W.fq.ptr, 0xA5, W.fq.count));
+    CK(cudaMemset(W.ff.ptr, 0xFF, W.ff.count * 4));
+    CK(cudaMemset(W.f8.ptr, 0xA5, W.f8.count * 2));
+    DeviceBuffer<unsigned long long> lossy(1);
+    CK(cudaMemset(lossy.ptr, 0, 8));
+    CK(fold_operand(W.segments(), N, plan, W.folded(), lossy.ptr, nullptr));
+    CK(cudaDeviceSynchronize());
+    expect_same_fold(W, ref, "grouped GPU fold");
+    EXPECT_EQ(lossy.download()[0], ref.lossy) << "lossy count differs from the host fold";
+  }
+}
+
 TEST(MxGemm, SmallNanPropagation) {
   REQUIRE_GPU();
   const MixPlan plan{128, 64, 64};
