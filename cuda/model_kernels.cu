@@ -213,9 +213,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int kvh = blockIdx.y, b = blockIdx.z / splits, split = blockIdx.z % splits;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group, q_dim = s.q_dim();
-  // The row tiles run last-first: under the causal mask the last rows see the most keys, and
-  // starting them first leaves the short tiles for the end of the grid (less tail).
-  const int r0 = (gridDim.x - 1 - blockIdx.x) * kAttnRows, position = current_position(s);
+  const int r0 = blockIdx.x * kAttnRows, position = current_position(s);
 
   int row[2], qrow[2], head[2], visible[2];  // this thread's two rows: g and g + 8 of its warp's 16
   uint32_t qf[D / 16][4];
