@@ -189,25 +189,19 @@ __global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __res
 __device__ __forceinline__ uint32_t load_u32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 constexpr int kAttnKeys = 64;      // keys per shared-memory tile
-constexpr int kAttnRows = 64;      // rows (query, head) per CTA and row tile per warp: 4 warps x 16
+constexpr int kAttnRows = 64;      // rows (query, head) per CTA: 4 warps x 16
 constexpr int kAttnThreads = 128;
 
-// RT: 16-row MMA tiles per warp. RT = 2 (prefill) doubles the rows a CTA covers, so that every
-// K and V fragment read from shared memory serves two row tiles and a warp has two independent
-// chains of MMAs and softmax; its Q fragments then come from shared memory (ldmatrix) instead of
-// registers, which could not hold both tiles' Q beside twice the accumulators.
-template <int D, int RT>
+template <int D>
 constexpr int attention_smem_bytes() {
-  // two stages of K and V tiles, bf16, padded rows; then Q of the CTA's rows when RT > 1
-  return 2 * 2 * kAttnKeys * (D + 8) * 2 + (RT > 1 ? RT * kAttnRows * (D + 8) * 2 : 0);
+  return 2 * 2 * kAttnKeys * (D + 8) * 2;  // two stages of K and V tiles, bf16, padded rows
 }
 
 // Grid: (row tiles, n_kv_heads, batch * splits). Row r of a KV head's group is query
 // r / group, head kv_head * group + r % group. K and V tiles (64 keys, rows padded to
 // D + 8 elements so that ldmatrix is conflict-free) stream through a two-stage cp.async
-// ring; ldmatrix gives the K fragments and, transposed, the V fragments. Warp w's row tile
-// rt holds the CTA's rows rt * kAttnRows + 16 w .. + 15.
-template <int D, int RT>
+// ring; ldmatrix gives the K fragments and, transposed, the V fragments.
+template <int D>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t* __restrict__ q,
                                                                  const uint16_t* __restrict__ k_cache,
                                                                  const uint16_t* __restrict__ v_cache,
@@ -219,60 +213,29 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int kvh = blockIdx.y, b = blockIdx.z / splits, split = blockIdx.z % splits;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group, q_dim = s.q_dim();
-  const int r0 = blockIdx.x * RT * kAttnRows, position = current_position(s);
-  // ldmatrix row addresses: lanes 8i..8i+7 address matrix i.
-  const int mi = lane / 8, mr = lane % 8;
+  const int r0 = blockIdx.x * kAttnRows, position = current_position(s);
 
-  // This thread's rows: g and g + 8 of each of its warp's row tiles.
-  int row[RT][2], qrow[RT][2], head[RT][2], visible[RT][2];
-  bool tile_live[RT];  // warp-uniform: the row tile has rows of the group (decode: a few)
+  int row[2], qrow[2], head[2], visible[2];  // this thread's two rows: g and g + 8 of its warp's 16
+  uint32_t qf[D / 16][4];
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt) {
-    tile_live[rt] = r0 + rt * kAttnRows + warp * 16 < rows;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      row[rt][i] = r0 + rt * kAttnRows + warp * 16 + g + 8 * i;
-      const int rr = row[rt][i] < rows ? row[rt][i] : rows - 1;
-      qrow[rt][i] = rr / group;
-      head[rt][i] = kvh * group + rr % group;
-      visible[rt][i] = position + qrow[rt][i];  // last key this row may see
-    }
+  for (int i = 0; i < 2; ++i) {
+    row[i] = r0 + warp * 16 + g + 8 * i;
+    const int rr = row[i] < rows ? row[i] : rows - 1;
+    qrow[i] = rr / group;
+    head[i] = kvh * group + rr % group;
+    visible[i] = position + qrow[i];  // last key this row may see
   }
-  auto q_row = [&](int rr) {  // row rr (< rows) of the group in q
-    return q + (static_cast<int64_t>(b) * s.tokens + rr / group) * q_dim + (kvh * group + rr % group) * D;
-  };
-  // RT == 1: the Q fragments live in registers. RT > 1: Q of the CTA's rows waits in shared
-  // memory (after the K/V ring), loaded with the first K/V tile.
-  uint32_t qf[RT == 1 ? D / 16 : 1][4];
-  uint16_t* qs = attn_smem + 2 * 2 * kAttnKeys * KS;
-  if constexpr (RT == 1) {
-    const uint16_t* q0 = q_row(row[0][0] < rows ? row[0][0] : rows - 1);
-    const uint16_t* q1 = q_row(row[0][1] < rows ? row[0][1] : rows - 1);
+  const uint16_t* q0 = q + (static_cast<int64_t>(b) * s.tokens + qrow[0]) * q_dim + head[0] * D;
+  const uint16_t* q1 = q + (static_cast<int64_t>(b) * s.tokens + qrow[1]) * q_dim + head[1] * D;
 #pragma unroll
-    for (int c = 0; c < D / 16; ++c) {
-      qf[c][0] = load_u32(q0 + 16 * c + 2 * t4);
-      qf[c][1] = load_u32(q1 + 16 * c + 2 * t4);
-      qf[c][2] = load_u32(q0 + 16 * c + 8 + 2 * t4);
-      qf[c][3] = load_u32(q1 + 16 * c + 8 + 2 * t4);
-    }
-  } else {
-    for (int i = threadIdx.x; i < RT * kAttnRows * D / 8; i += kAttnThreads) {
-      const int r = i / (D / 8), c8 = i % (D / 8) * 8;
-      const int rr = min(r0 + r, rows - 1);  // rows past the group repeat the last (never stored)
-      cp_async_16(qs + r * KS + c8, q_row(rr) + c8, true);
-    }
+  for (int c = 0; c < D / 16; ++c) {
+    qf[c][0] = load_u32(q0 + 16 * c + 2 * t4);
+    qf[c][1] = load_u32(q1 + 16 * c + 2 * t4);
+    qf[c][2] = load_u32(q0 + 16 * c + 8 + 2 * t4);
+    qf[c][3] = load_u32(q1 + 16 * c + 8 + 2 * t4);
   }
-  // The A fragment of row tile rt, dims 16c .. 16c + 15.
-  auto q_frag = [&](int rt, int c, uint32_t a[4]) {
-    if constexpr (RT == 1) {
-      a[0] = qf[c][0]; a[1] = qf[c][1]; a[2] = qf[c][2]; a[3] = qf[c][3];
-    } else {
-      // lanes 0-15 address rows 0-15 at dim 16c, lanes 16-31 the same rows at 16c + 8
-      ldmatrix_x4(a, qs + (rt * kAttnRows + warp * 16 + (lane & 15)) * KS + 16 * c + (lane >> 4) * 8);
-    }
-  };
 
-  const int last_row = min(r0 + RT * kAttnRows, rows) - 1;
+  const int last_row = min(r0 + kAttnRows, rows) - 1;
   const int key_end = position + last_row / group + 1;
   const int blocks = (key_end + kAttnKeys - 1) / kAttnKeys, per_split = (blocks + splits - 1) / splits;
   const int blk_begin = split * per_split, blk_end = min(blocks, blk_begin + per_split);
@@ -293,17 +256,14 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
     cp_async_commit();
   };
 
-  float o[RT][D / 8][4];
+  float o[D / 8][4];
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) o[rt][j][0] = o[rt][j][1] = o[rt][j][2] = o[rt][j][3] = 0.0f;
-  float m[RT][2], l[RT][2];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt) m[rt][0] = m[rt][1] = -INFINITY, l[rt][0] = l[rt][1] = 0.0f;
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  // ldmatrix row addresses: lanes 8i..8i+7 address matrix i.
+  const int mi = lane / 8, mr = lane % 8;
 
   if (blk_begin < blk_end) load_tile(blk_begin, 0);
-  else cp_async_commit();  // Q's copies (RT > 1) complete with the waits below
   for (int blk = blk_begin; blk < blk_end; ++blk) {
     const int stage = (blk - blk_begin) & 1;
     if (blk + 1 < blk_end) {
@@ -313,125 +273,100 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
       cp_async_wait<0>();
     }
     __syncthreads();
-    const uint16_t* ks = tile_k(stage);
-    const uint16_t* vs = tile_v(stage);
-    const int key0 = blk * kAttnKeys;
+    // A warp whose 16 rows are all past the group's rows (decode: 1 token x group heads)
+    // only helps load the tiles.
+    if (r0 + warp * 16 < rows) {
+      const uint16_t* ks = tile_k(stage);
+      const uint16_t* vs = tile_v(stage);
+      const int key0 = blk * kAttnKeys;
 
-    float sc[RT][kAttnKeys / 8][4];
+      float sc[kAttnKeys / 8][4];
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
+      for (int j = 0; j < kAttnKeys / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
 #pragma unroll
-      for (int j = 0; j < kAttnKeys / 8; ++j) sc[rt][j][0] = sc[rt][j][1] = sc[rt][j][2] = sc[rt][j][3] = 0.0f;
-    // A row tile whose 16 rows are all past the group's rows (decode: 1 token x group heads)
-    // skips its MMAs; such a warp only helps load the tiles.
+      for (int jp = 0; jp < kAttnKeys / 16; ++jp)
 #pragma unroll
-    for (int c = 0; c < D / 16; ++c) {
-      uint32_t qa[RT][4];
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-        if (tile_live[rt]) q_frag(rt, c, qa[rt]);
-#pragma unroll
-      for (int jp = 0; jp < kAttnKeys / 16; ++jp) {
-        uint32_t kb[4];  // b0, b1 of key tiles 2jp and 2jp + 1
-        ldmatrix_x4(kb, ks + (16 * jp + (mi >= 2 ? 8 : 0) + mr) * KS + 16 * c + (mi & 1) * 8);
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-          if (tile_live[rt]) {
-            mma_bf16_m16n8k16(sc[rt][2 * jp], qa[rt], kb);
-            mma_bf16_m16n8k16(sc[rt][2 * jp + 1], qa[rt], kb + 2);
-          }
-      }
-    }
-    // Scale into the log2 domain and mask keys past each row's own position.
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
+        for (int c = 0; c < D / 16; ++c) {
+          uint32_t kb[4];  // b0, b1 of key tiles 2jp and 2jp + 1
+          ldmatrix_x4(kb, ks + (16 * jp + (mi >= 2 ? 8 : 0) + mr) * KS + 16 * c + (mi & 1) * 8);
+          mma_bf16_m16n8k16(sc[2 * jp], qf[c], kb);
+          mma_bf16_m16n8k16(sc[2 * jp + 1], qf[c], kb + 2);
+        }
+      // Scale into the log2 domain and mask keys past each row's own position.
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        if (!tile_live[rt]) continue;
         float mx = -INFINITY;
-        const bool whole_tile = key0 + kAttnKeys - 1 <= visible[rt][i];  // below the diagonal: no mask
+        const bool whole_tile = key0 + kAttnKeys - 1 <= visible[i];  // below the diagonal: no mask
 #pragma unroll
         for (int j = 0; j < kAttnKeys / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int key = key0 + 8 * j + 2 * t4 + e;
-            float& v = sc[rt][j][2 * i + e];
-            v = whole_tile || key <= visible[rt][i] ? v * scale : -INFINITY;
+            float& v = sc[j][2 * i + e];
+            v = whole_tile || key <= visible[i] ? v * scale : -INFINITY;
             mx = fmaxf(mx, v);
           }
         mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
-        const float m_new = fmaxf(m[rt][i], mx);
+        const float m_new = fmaxf(m[i], mx);
         const float base = m_new == -INFINITY ? 0.0f : m_new;  // a row with no visible key yet
-        const float alpha = exp2f(m[rt][i] - base);
-        m[rt][i] = m_new;
+        const float alpha = exp2f(m[i] - base);
+        m[i] = m_new;
         float sum = 0.0f;
 #pragma unroll
         for (int j = 0; j < kAttnKeys / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            float& v = sc[rt][j][2 * i + e];
+            float& v = sc[j][2 * i + e];
             v = exp2f(v - base);
             sum += v;
           }
-        l[rt][i] = l[rt][i] * alpha + sum;  // this thread's share; the quad is summed at the end
+        l[i] = l[i] * alpha + sum;  // this thread's share; the quad is summed at the end
 #pragma unroll
         for (int j = 0; j < D / 8; ++j) {
-          o[rt][j][2 * i] *= alpha;
-          o[rt][j][2 * i + 1] *= alpha;
+          o[j][2 * i] *= alpha;
+          o[j][2 * i + 1] *= alpha;
         }
       }
 #pragma unroll
-    for (int c = 0; c < kAttnKeys / 16; ++c) {
-      uint32_t pa[RT][4];
+      for (int c = 0; c < kAttnKeys / 16; ++c) {
+        const uint32_t pa[4] = {pack_bf16x2(sc[2 * c][0], sc[2 * c][1]), pack_bf16x2(sc[2 * c][2], sc[2 * c][3]),
+                                pack_bf16x2(sc[2 * c + 1][0], sc[2 * c + 1][1]),
+                                pack_bf16x2(sc[2 * c + 1][2], sc[2 * c + 1][3])};
 #pragma unroll
-      for (int rt = 0; rt < RT; ++rt) {
-        pa[rt][0] = pack_bf16x2(sc[rt][2 * c][0], sc[rt][2 * c][1]);
-        pa[rt][1] = pack_bf16x2(sc[rt][2 * c][2], sc[rt][2 * c][3]);
-        pa[rt][2] = pack_bf16x2(sc[rt][2 * c + 1][0], sc[rt][2 * c + 1][1]);
-        pa[rt][3] = pack_bf16x2(sc[rt][2 * c + 1][2], sc[rt][2 * c + 1][3]);
-      }
-#pragma unroll
-      for (int jd = 0; jd < D / 16; ++jd) {
-        uint32_t vb[4];  // b0, b1 of dim tiles 2jd and 2jd + 1
-        ldmatrix_x4_trans(vb, vs + (16 * c + (mi & 1) * 8 + mr) * KS + 16 * jd + (mi >= 2 ? 8 : 0));
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-          if (tile_live[rt]) {
-            mma_bf16_m16n8k16(o[rt][2 * jd], pa[rt], vb);
-            mma_bf16_m16n8k16(o[rt][2 * jd + 1], pa[rt], vb + 2);
-          }
+        for (int jd = 0; jd < D / 16; ++jd) {
+          uint32_t vb[4];  // b0, b1 of dim tiles 2jd and 2jd + 1
+          ldmatrix_x4_trans(vb, vs + (16 * c + (mi & 1) * 8 + mr) * KS + 16 * jd + (mi >= 2 ? 8 : 0));
+          mma_bf16_m16n8k16(o[2 * jd], pa, vb);
+          mma_bf16_m16n8k16(o[2 * jd + 1], pa, vb + 2);
+        }
       }
     }
     __syncthreads();  // this stage is refilled two iterations on
   }
 
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 2);
+    if (row[i] >= rows) continue;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    if (splits == 1) {
+      uint16_t* dst = out + (static_cast<int64_t>(b) * s.tokens + qrow[i]) * q_dim + head[i] * D;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      l[rt][i] += __shfl_xor_sync(0xFFFFFFFFu, l[rt][i], 1);
-      l[rt][i] += __shfl_xor_sync(0xFFFFFFFFu, l[rt][i], 2);
-      if (row[rt][i] >= rows) continue;
-      const float inv = l[rt][i] > 0.0f ? 1.0f / l[rt][i] : 0.0f;
-      if (splits == 1) {
-        uint16_t* dst = out + (static_cast<int64_t>(b) * s.tokens + qrow[rt][i]) * q_dim + head[rt][i] * D;
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<uint32_t*>(dst + 8 * j + 2 * t4) = pack_bf16x2(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
+    } else {
+      const int64_t slot = ((static_cast<int64_t>(split) * s.batch + b) * s.n_kv_heads + kvh) * rows + row[i];
+      float* dst = part_o + slot * D;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j)
-          *reinterpret_cast<uint32_t*>(dst + 8 * j + 2 * t4) =
-              pack_bf16x2(o[rt][j][2 * i] * inv, o[rt][j][2 * i + 1] * inv);
-      } else {
-        const int64_t slot =
-            ((static_cast<int64_t>(split) * s.batch + b) * s.n_kv_heads + kvh) * rows + row[rt][i];
-        float* dst = part_o + slot * D;
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-          dst[8 * j + 2 * t4] = o[rt][j][2 * i] * inv;
-          dst[8 * j + 2 * t4 + 1] = o[rt][j][2 * i + 1] * inv;
-        }
-        if (t4 == 0) part_lse[slot] = l[rt][i] > 0.0f ? m[rt][i] + log2f(l[rt][i]) : -INFINITY;
+      for (int j = 0; j < D / 8; ++j) {
+        dst[8 * j + 2 * t4] = o[j][2 * i] * inv;
+        dst[8 * j + 2 * t4 + 1] = o[j][2 * i + 1] * inv;
       }
+      if (t4 == 0) part_lse[slot] = l[i] > 0.0f ? m[i] + log2f(l[i]) : -INFINITY;
     }
+  }
 }
 
 // Merges the per-split partial outputs: weights 2^(lse_s - max lse). Grid (rows, kv heads,
@@ -538,17 +473,6 @@ unsigned row_threads(int64_t work) {
   return static_cast<unsigned>(std::clamp<int64_t>((work + 31) / 32 * 32, 32, 1024));
 }
 
-template <int D, int RT>
-cudaError_t launch_attention(dim3 grid, cudaStream_t stream, const uint16_t* q, const uint16_t* k_cache,
-                             const uint16_t* v_cache, const AttentionShape& s, int splits, uint16_t* out, float* part_o,
-                             float* part_lse) {
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      attention_kernel<D, RT>, cudaFuncAttributeMaxDynamicSharedMemorySize, attention_smem_bytes<D, RT>());
-  if (attr != cudaSuccess) return attr;
-  return ptx::launch_chained(attention_kernel<D, RT>, grid, kAttnThreads, attention_smem_bytes<D, RT>(), stream, q,
-                             k_cache, v_cache, s, splits, out, part_o, part_lse);
-}
-
 }  // namespace
 
 cudaError_t embed_tokens(const int32_t* tokens, int64_t M, const uint16_t* table, int hidden, float* x,
@@ -610,20 +534,25 @@ cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t
       s.position + s.tokens > s.max_context)
     return cudaErrorInvalidValue;
   const int group_rows = s.tokens * (s.n_heads / s.n_kv_heads);
+  const dim3 grid(static_cast<unsigned>((group_rows + kAttnRows - 1) / kAttnRows), static_cast<unsigned>(s.n_kv_heads),
+                  static_cast<unsigned>(s.batch * splits));
   float* part_o = workspace;
   float* part_lse = splits > 1 ? workspace + static_cast<size_t>(splits) * s.batch * s.n_kv_heads * group_rows * s.head_dim
                                : nullptr;
-  // Two row tiles per warp where the rows fill them (prefill); one for decode and split keys.
-  const bool two_tiles = splits == 1 && group_rows > kAttnRows;
-  const int cta_rows = (two_tiles ? 2 : 1) * kAttnRows;
-  const dim3 grid(static_cast<unsigned>((group_rows + cta_rows - 1) / cta_rows), static_cast<unsigned>(s.n_kv_heads),
-                  static_cast<unsigned>(s.batch * splits));
+  static const cudaError_t attr = [] {
+    const cudaError_t e = cudaFuncSetAttribute(attention_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               attention_smem_bytes<64>());
+    return e != cudaSuccess ? e
+                            : cudaFuncSetAttribute(attention_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   attention_smem_bytes<128>());
+  }();
+  if (attr != cudaSuccess) return attr;
   const cudaError_t e =
       s.head_dim == 64
-          ? (two_tiles ? launch_attention<64, 2>(grid, stream, q, k_cache, v_cache, s, splits, out, part_o, part_lse)
-                       : launch_attention<64, 1>(grid, stream, q, k_cache, v_cache, s, splits, out, part_o, part_lse))
-          : (two_tiles ? launch_attention<128, 2>(grid, stream, q, k_cache, v_cache, s, splits, out, part_o, part_lse)
-                       : launch_attention<128, 1>(grid, stream, q, k_cache, v_cache, s, splits, out, part_o, part_lse));
+          ? ptx::launch_chained(attention_kernel<64>, grid, kAttnThreads, attention_smem_bytes<64>(), stream, q, k_cache,
+                                v_cache, s, splits, out, part_o, part_lse)
+          : ptx::launch_chained(attention_kernel<128>, grid, kAttnThreads, attention_smem_bytes<128>(), stream, q,
+                                k_cache, v_cache, s, splits, out, part_o, part_lse);
   if (e != cudaSuccess || splits == 1) return e;
   return ptx::launch_chained(attention_merge_kernel,
                              dim3(static_cast<unsigned>(group_rows), static_cast<unsigned>(s.n_kv_heads),
