@@ -10,6 +10,8 @@
 
 #include <cuda_runtime.h>
 
+#include "mx_host.h"
+
 namespace micromix::cuda::test_support {
 
 inline bool have_gpu() {
@@ -39,3 +41,22 @@ inline std::mt19937_64& rng() {
   if (!::micromix::cuda::test_support::have_gpu()) GTEST_SKIP() << "no CUDA device"
 
 #define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
+
+namespace micromix::cuda::test_support {
+
+// Fill an output's buffers with bytes a kernel would not write by chance (codes, scales,
+// payloads and bf16 values 0xA5, factors NaN), so that a skipped store shows in the comparison:
+// the packed codes and scales, or the folded operand (which a weight fold writes beside the
+// packed codes it reads).
+inline void poison_packed(DeviceMx& d) {
+  for (auto& q : d.q)
+    if (q.count) CK(cudaMemset(q.ptr, 0xA5, q.count));
+  if (d.scales.count) CK(cudaMemset(d.scales.ptr, 0xA5, d.scales.count));
+}
+inline void poison_folded(DeviceMx& d) {
+  if (d.fq.count) CK(cudaMemset(d.fq.ptr, 0xA5, d.fq.count));
+  if (d.ff.count) CK(cudaMemset(d.ff.ptr, 0xFF, d.ff.count * 4));
+  if (d.f8.count) CK(cudaMemset(d.f8.ptr, 0xA5, d.f8.count * 2));
+}
+
+}  // namespace micromix::cuda::test_support

@@ -24,6 +24,8 @@
 
 using namespace micromix;
 using namespace micromix::cuda;
+using micromix::cuda::test_support::poison_folded;
+using micromix::cuda::test_support::poison_packed;
 using micromix::cuda::test_support::rng;
 
 namespace {
@@ -295,14 +297,6 @@ TEST(ModelKernels, SwigluQuantizeMatchesSeparateKernels) {
   std::shuffle(perm.begin(), perm.end(), rng());
   DeviceBuffer<int32_t> dp(F);
   dp.upload(perm);
-  auto poison = [](DeviceMx& d) {
-    for (auto& q : d.q)
-      if (q.count) CK(cudaMemset(q.ptr, 0xA5, q.count));
-    CK(cudaMemset(d.scales.ptr, 0xA5, d.scales.count));
-    if (d.fq.count) CK(cudaMemset(d.fq.ptr, 0xA5, d.fq.count));
-    if (d.ff.count) CK(cudaMemset(d.ff.ptr, 0xFF, d.ff.count * 4));
-    if (d.f8.count) CK(cudaMemset(d.f8.ptr, 0xA5, d.f8.count * 2));
-  };
   for (const int64_t M : {1, 5, 16, 37, 300}) {
     auto gu = random_bf16(M * 2 * F, 2.0f);
     gu[(M - 1) * 2 * F + 7] = 0x7FC0;  // a NaN gate: its block's scale is NaN in both
@@ -317,7 +311,7 @@ TEST(ModelKernels, SwigluQuantizeMatchesSeparateKernels) {
     CK(swiglu(dgu.ptr, M, F, dact.ptr, nullptr));
     if (M <= kDecodeMaxM) {
       DeviceMx separate(plan, M, false), fused(plan, M, false), fused_ordered(plan, M, false);
-      for (DeviceMx* d : {&separate, &fused, &fused_ordered}) poison(*d);
+      for (DeviceMx* d : {&separate, &fused, &fused_ordered}) poison_packed(*d);
       CK(quantize_activations(dact.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, separate.segments(), FoldedOperand{},
                               nullptr, nullptr));
       CK(swiglu_quantize_activations(dgu.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, fused.segments(),
@@ -334,7 +328,7 @@ TEST(ModelKernels, SwigluQuantizeMatchesSeparateKernels) {
       EXPECT_NE(std::find(a.scales.begin(), a.scales.end(), mx::kScaleNaN), a.scales.end()) << "M " << M;
     }
     DeviceMx separate(plan, M, true), fused(plan, M, true);
-    for (DeviceMx* d : {&separate, &fused}) poison(*d);
+    for (DeviceMx* d : {&separate, &fused}) poison_folded(*d);
     CK(quantize_activations(dact.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, MxSegments{}, separate.folded(), nullptr,
                             nullptr));
     CK(swiglu_quantize_activations(dgo.ptr, M, F, nullptr, plan, mx::ScaleRule::Ceil, MxSegments{}, fused.folded(),

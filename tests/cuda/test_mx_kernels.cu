@@ -39,6 +39,8 @@ using namespace micromix::cuda;
 
 namespace {
 
+using micromix::cuda::test_support::poison_folded;
+using micromix::cuda::test_support::poison_packed;
 using micromix::cuda::test_support::rng;
 
 template <typename F>
@@ -149,9 +151,7 @@ void expect_folded_only_exact(const uint16_t* dx, int64_t M, int64_t ldx, const 
   DeviceMx out(plan, M, true);
   DeviceBuffer<unsigned long long> lossy(1);
   DeviceBuffer<float> inv(M);
-  CK(cudaMemset(out.fq.ptr, 0xA5, out.fq.count));
-  CK(cudaMemset(out.ff.ptr, 0xFF, out.ff.count * 4));
-  if (out.f8.count) CK(cudaMemset(out.f8.ptr, 0xA5, out.f8.count * 2));
+  poison_folded(out);
   CK(cudaMemset(lossy.ptr, 0, 8));
   if (gamma != nullptr)
     CK(rmsnorm_quantize_activations(dx, M, ldx, gamma, 1e-5f, perm, plan, rule, MxSegments{}, out.folded(), inv.ptr,
@@ -178,19 +178,15 @@ void expect_ordered_input_exact(const std::vector<uint16_t>& x, int64_t M, int64
   dx.upload(ordered);
   expect_folded_only_exact(dx.ptr, M, ldx, nullptr, nullptr, plan, rule, cpu);
   DeviceMx both(plan, M, true);
-  for (int s = 0; s < 3; ++s) if (both.q[s].count) CK(cudaMemset(both.q[s].ptr, 0xA5, both.q[s].count));
-  CK(cudaMemset(both.scales.ptr, 0xA5, both.scales.count));
-  CK(cudaMemset(both.fq.ptr, 0xA5, both.fq.count));
-  CK(cudaMemset(both.ff.ptr, 0xFF, both.ff.count * 4));
+  poison_packed(both);
+  poison_folded(both);
   CK(quantize_activations(dx.ptr, M, ldx, nullptr, plan, rule, both.segments(), both.folded(), nullptr, nullptr));
   CK(cudaDeviceSynchronize());
   expect_same_packed(both.download(), cpu);
   expect_folded_exact(both, cpu);
   if (M <= kDecodeMaxM) {
     DeviceMx packed_only(plan, M, false);
-    for (int s = 0; s < 3; ++s)
-      if (packed_only.q[s].count) CK(cudaMemset(packed_only.q[s].ptr, 0xA5, packed_only.q[s].count));
-    CK(cudaMemset(packed_only.scales.ptr, 0xA5, packed_only.scales.count));
+    poison_packed(packed_only);
     CK(quantize_activations(dx.ptr, M, ldx, nullptr, plan, rule, packed_only.segments(), FoldedOperand{}, nullptr,
                             nullptr));
     CK(cudaDeviceSynchronize());
@@ -221,11 +217,8 @@ void run_act_case(const ActCase& c, bool norm) {
   dp.upload(perm);
   dg.upload(gamma);
   DeviceMx out(c.plan, c.M, true);
-  // poison outputs
-  for (int s = 0; s < 3; ++s) if (out.q[s].count) CK(cudaMemset(out.q[s].ptr, 0xA5, out.q[s].count));
-  CK(cudaMemset(out.scales.ptr, 0xA5, out.scales.count));
-  CK(cudaMemset(out.fq.ptr, 0xA5, out.fq.count));
-  CK(cudaMemset(out.ff.ptr, 0xFF, out.ff.count * 4));
+  poison_packed(out);
+  poison_folded(out);
   CK(cudaMemset(lossy.ptr, 0, 8));
   if (norm) {
     CK(rmsnorm_quantize_activations(dx.ptr, c.M, ldx, dg.ptr, 1e-5f, dp.ptr, c.plan, c.rule, out.segments(),
@@ -256,9 +249,7 @@ void run_act_case(const ActCase& c, bool norm) {
   if (!norm) expect_ordered_input_exact(x, c.M, ldx, perm, c.plan, c.rule, cpu);
   if (!norm && c.M <= kDecodeMaxM) {  // packed only, as decode asks for it (a warp per block)
     DeviceMx packed_only(c.plan, c.M, false);
-    for (int s = 0; s < 3; ++s)
-      if (packed_only.q[s].count) CK(cudaMemset(packed_only.q[s].ptr, 0xA5, packed_only.q[s].count));
-    CK(cudaMemset(packed_only.scales.ptr, 0xA5, packed_only.scales.count));
+    poison_packed(packed_only);
     CK(quantize_activations(dx.ptr, c.M, ldx, dp.ptr, c.plan, c.rule, packed_only.segments(), FoldedOperand{}, nullptr,
                             nullptr));
     CK(cudaDeviceSynchronize());
@@ -723,9 +714,7 @@ TEST(MxGemm, SmallGroupedFoldEdgeBlocks) {
     DeviceMx W(plan, N, true, tile);
     W.upload(hw);
     W.row_group = kWeightRowGroup;
-    CK(cudaMemset(W.fq.ptr, 0xA5, W.fq.count));
-    CK(cudaMemset(W.ff.ptr, 0xFF, W.ff.count * 4));
-    CK(cudaMemset(W.f8.ptr, 0xA5, W.f8.count * 2));
+    poison_folded(W);
     DeviceBuffer<unsigned long long> lossy(1);
     CK(cudaMemset(lossy.ptr, 0, 8));
     CK(fold_operand(W.segments(), N, plan, W.folded(), lossy.ptr, nullptr));
