@@ -153,13 +153,10 @@ __device__ __forceinline__ FoldKey fold_scale_and_key(const float* v, ScaleRule 
   const float amax = bits_to_float(amax_bits);
   const uint8_t sb = amax_bits >= 0x7F800000u ? kScaleNaN : block_scale(F, rule, amax);
   *scale = sb;
-  FoldKey key;
-  if constexpr (is_folded_format(F)) {
-    constexpr uint8_t mag_mask = static_cast<uint8_t>(sign_mask(F) - 1u);
-    if (sb == kScaleNaN) key.nan = 1;
-    else if ((encode_scaled(F, amax, sb) & mag_mask) != 0) key.key = static_cast<int>(sb) - kScaleBias - fold_window_top(F);
-  }
-  return key;
+  constexpr uint8_t mag_mask = static_cast<uint8_t>(sign_mask(F) - 1u);
+  if constexpr (!is_folded_format(F)) return FoldKey{};
+  // The block is nonzero when its largest element does not round to a zero code.
+  return fold_key_of<F>(sb != kScaleNaN && (encode_scaled(F, amax, sb) & mag_mask) != 0, sb);
 }
 
 // The rare blocks (NaN, shifts outside the window) through their element codes, out of line so
@@ -587,10 +584,8 @@ __device__ __forceinline__ void fold_payload_words(const uint32_t* raw, int d, u
 __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
                                     unsigned long long* lossy_count) {
   constexpr int kRowsPerPass = 32;  // 128 threads, four per row
-  __shared__ FoldTable table;
   __shared__ int warp_key[4];
   __shared__ int row_nan[kWeightRowGroup];
-  for (int i = threadIdx.x; i < kFoldTableEntries; i += blockDim.x) fold_table_fill(table, i);
   const int k = plan.k(), nblk = k / kBlockSize, b8 = plan.first_fp8_block();
   const int t = blockIdx.y, j = threadIdx.x % 4, b = 4 * t + j;
   const int64_t group0 = static_cast<int64_t>(blockIdx.x) * kWeightRowGroup;
@@ -660,8 +655,9 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
     codes_from_raw(seg, raw[pass], codes);
     uint8_t payload[kBlockSize];
     float factor;
-    if (seg == 0) factor = fold_payload<ElemFormat::E2M1>(codes, scale, use, payload, &lossy, &table);
-    else if (seg == 1) factor = fold_payload<ElemFormat::E3M2>(codes, scale, use, payload, &lossy, &table);
+    // Only the rare blocks come here (NaN, shifts outside the window): computed, not tabulated.
+    if (seg == 0) factor = fold_payload<ElemFormat::E2M1>(codes, scale, use, payload, &lossy);
+    else if (seg == 1) factor = fold_payload<ElemFormat::E3M2>(codes, scale, use, payload, &lossy);
     else factor = fold_payload<ElemFormat::E4M3>(codes, scale, use, payload, &lossy);
     if (seg < 2 && factor != factor) factor = exp2i(fold_exponent(group_key));  // NaN rides on the payload
     store_bytes(out.q + m * k + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
