@@ -188,6 +188,92 @@ __global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __res
 
 __device__ __forceinline__ uint32_t load_u32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// One key tile of the online softmax for a thread's two rows (i = 0, 1: rows g and g + 8 of its
+// warp's 16). Scores in the mma C-fragment layout, which wgmma's accumulators share:
+// sc[4j + 2i + e] is row i, key key0 + 8j + 2 t4 + e. Scales them into the log2 domain, masks
+// keys past visible[i], exponentiates in place, and rescales the row's outputs o (same layout,
+// kOut of them) and its running maximum m and sum l (this thread's share of the quad's).
+template <int kKeys, int kOut>
+__device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* m, float* l, int key0,
+                                                    const int* visible, int t4, float scale) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx = -INFINITY;
+    const bool whole_tile = key0 + kKeys - 1 <= visible[i];  // below the diagonal: no mask
+#pragma unroll
+    for (int j = 0; j < kKeys / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = key0 + 8 * j + 2 * t4 + e;
+        float& v = sc[4 * j + 2 * i + e];
+        v = whole_tile || key <= visible[i] ? v * scale : -INFINITY;
+        mx = fmaxf(mx, v);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
+    const float m_new = fmaxf(m[i], mx);
+    const float base = m_new == -INFINITY ? 0.0f : m_new;  // a row with no visible key yet
+    const float alpha = exp2f(m[i] - base);
+    m[i] = m_new;
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kKeys / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& v = sc[4 * j + 2 * i + e];
+        v = exp2f(v - base);
+        sum += v;
+      }
+    l[i] = l[i] * alpha + sum;  // this thread's share; the quad is summed at the end
+#pragma unroll
+    for (int j = 0; j < kOut / 4; ++j) {
+      o[4 * j + 2 * i] *= alpha;
+      o[4 * j + 2 * i + 1] *= alpha;
+    }
+  }
+}
+
+// Keys 16c .. 16c+15 of the probabilities as the A fragment of P.V (bf16).
+__device__ __forceinline__ void pack_probabilities(const float* sc, int c, uint32_t* pa) {
+  pa[0] = pack_bf16x2(sc[8 * c], sc[8 * c + 1]);
+  pa[1] = pack_bf16x2(sc[8 * c + 2], sc[8 * c + 3]);
+  pa[2] = pack_bf16x2(sc[8 * c + 4], sc[8 * c + 5]);
+  pa[3] = pack_bf16x2(sc[8 * c + 6], sc[8 * c + 7]);
+}
+
+// The normalized outputs of a thread's two rows: bf16 into out (splits == 1) or fp32 partials
+// with the rows' log-sum-exps for the merge.
+template <int D>
+__device__ __forceinline__ void store_attention_rows(const float* o, const float* m, float* l, const int* row,
+                                                     const int* qrow, const int* head, int rows, int b, int kvh,
+                                                     int split, int splits, const AttentionShape& s, int t4,
+                                                     uint16_t* out, float* part_o, float* part_lse) {
+  const int q_dim = s.q_dim();
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 2);
+    if (row[i] >= rows) continue;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    if (splits == 1) {
+      uint16_t* dst = out + (static_cast<int64_t>(b) * s.tokens + qrow[i]) * q_dim + head[i] * D;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<uint32_t*>(dst + 8 * j + 2 * t4) =
+            pack_bf16x2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+    } else {
+      const int64_t slot = ((static_cast<int64_t>(split) * s.batch + b) * s.n_kv_heads + kvh) * rows + row[i];
+      float* dst = part_o + slot * D;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        dst[8 * j + 2 * t4] = o[4 * j + 2 * i] * inv;
+        dst[8 * j + 2 * t4 + 1] = o[4 * j + 2 * i + 1] * inv;
+      }
+      if (t4 == 0) part_lse[slot] = l[i] > 0.0f ? m[i] + log2f(l[i]) : -INFINITY;
+    }
+  }
+}
+
 constexpr int kAttnKeys = 64;      // keys per shared-memory tile
 constexpr int kAttnRows = 64;      // rows (query, head) per CTA: 4 warps x 16
 constexpr int kAttnThreads = 128;
@@ -256,9 +342,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
     cp_async_commit();
   };
 
-  float o[D / 8][4];
+  float o[D / 2];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  for (int j = 0; j < D / 2; ++j) o[j] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   // ldmatrix row addresses: lanes 8i..8i+7 address matrix i.
   const int mi = lane / 8, mr = lane % 8;
@@ -280,93 +366,164 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
       const uint16_t* vs = tile_v(stage);
       const int key0 = blk * kAttnKeys;
 
-      float sc[kAttnKeys / 8][4];
+      float sc[kAttnKeys / 2];
 #pragma unroll
-      for (int j = 0; j < kAttnKeys / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+      for (int j = 0; j < kAttnKeys / 2; ++j) sc[j] = 0.0f;
 #pragma unroll
       for (int jp = 0; jp < kAttnKeys / 16; ++jp)
 #pragma unroll
         for (int c = 0; c < D / 16; ++c) {
           uint32_t kb[4];  // b0, b1 of key tiles 2jp and 2jp + 1
           ldmatrix_x4(kb, ks + (16 * jp + (mi >= 2 ? 8 : 0) + mr) * KS + 16 * c + (mi & 1) * 8);
-          mma_bf16_m16n8k16(sc[2 * jp], qf[c], kb);
-          mma_bf16_m16n8k16(sc[2 * jp + 1], qf[c], kb + 2);
+          mma_bf16_m16n8k16(sc + 8 * jp, qf[c], kb);
+          mma_bf16_m16n8k16(sc + 8 * jp + 4, qf[c], kb + 2);
         }
-      // Scale into the log2 domain and mask keys past each row's own position.
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float mx = -INFINITY;
-        const bool whole_tile = key0 + kAttnKeys - 1 <= visible[i];  // below the diagonal: no mask
-#pragma unroll
-        for (int j = 0; j < kAttnKeys / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int key = key0 + 8 * j + 2 * t4 + e;
-            float& v = sc[j][2 * i + e];
-            v = whole_tile || key <= visible[i] ? v * scale : -INFINITY;
-            mx = fmaxf(mx, v);
-          }
-        mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
-        const float m_new = fmaxf(m[i], mx);
-        const float base = m_new == -INFINITY ? 0.0f : m_new;  // a row with no visible key yet
-        const float alpha = exp2f(m[i] - base);
-        m[i] = m_new;
-        float sum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kAttnKeys / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& v = sc[j][2 * i + e];
-            v = exp2f(v - base);
-            sum += v;
-          }
-        l[i] = l[i] * alpha + sum;  // this thread's share; the quad is summed at the end
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-          o[j][2 * i] *= alpha;
-          o[j][2 * i + 1] *= alpha;
-        }
-      }
+      online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, key0, visible, t4, scale);
 #pragma unroll
       for (int c = 0; c < kAttnKeys / 16; ++c) {
-        const uint32_t pa[4] = {pack_bf16x2(sc[2 * c][0], sc[2 * c][1]), pack_bf16x2(sc[2 * c][2], sc[2 * c][3]),
-                                pack_bf16x2(sc[2 * c + 1][0], sc[2 * c + 1][1]),
-                                pack_bf16x2(sc[2 * c + 1][2], sc[2 * c + 1][3])};
+        uint32_t pa[4];
+        pack_probabilities(sc, c, pa);
 #pragma unroll
         for (int jd = 0; jd < D / 16; ++jd) {
           uint32_t vb[4];  // b0, b1 of dim tiles 2jd and 2jd + 1
           ldmatrix_x4_trans(vb, vs + (16 * c + (mi & 1) * 8 + mr) * KS + 16 * jd + (mi >= 2 ? 8 : 0));
-          mma_bf16_m16n8k16(o[2 * jd], pa, vb);
-          mma_bf16_m16n8k16(o[2 * jd + 1], pa, vb + 2);
+          mma_bf16_m16n8k16(o + 8 * jd, pa, vb);
+          mma_bf16_m16n8k16(o + 8 * jd + 4, pa, vb + 2);
         }
       }
     }
     __syncthreads();  // this stage is refilled two iterations on
   }
 
+  store_attention_rows<D>(o, m, l, row, qrow, head, rows, b, kvh, split, splits, s, t4, out, part_o, part_lse);
+}
+
+// Prefill attention for head_dim 128 on wgmma (splits == 1). Two warpgroups of a CTA take 64
+// rows each of a 128-row tile; per 64-key tile S = Q.K^T is eight m64n64k16 wgmma with both
+// operands in shared memory, the online softmax runs on S in registers (the accumulators have
+// mma.sync's C layout, so online_softmax_step serves both kernels), and O += P.V is four
+// m64n128k16 wgmma with P from registers and V read MN-major where it lies. A tile's keys
+// are read from shared memory once per warpgroup instead of once per warp. Q, K and V sit in
+// shared memory as the 128-byte-swizzled rows wgmma reads: [64-column half][row][128 bytes],
+// chunk c of row r at chunk c ^ (r % 8), written by cp.async (zeros past the last key).
+constexpr int kWgAttnRows = 128;
+constexpr int kWgAttnThreads = 256;
+constexpr int kWgAttnD = 128;
+constexpr int kWgQBytes = kWgAttnRows * kWgAttnD * 2;        // 32 KB
+constexpr int kWgKvTileBytes = kAttnKeys * kWgAttnD * 2;     // 16 KB, K or V
+constexpr int kWgHalfRow = 128;                              // bytes of a 64-column half row
+constexpr int kWgAttnSmemBytes = kWgQBytes + 2 * 2 * kWgKvTileBytes + 1024;  // two stages, alignment slack
+
+// Byte offset of 16-byte chunk `c` (0..15) of row `r` in a [half][rows][128 B] swizzled tile.
+__device__ __forceinline__ int swizzled_chunk(int r, int c, int rows) {
+  return (c / 8) * rows * kWgHalfRow + r * kWgHalfRow + (((c % 8) ^ (r % 8)) << 4);
+}
+
+__global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(const uint16_t* __restrict__ q,
+                                                                          const uint16_t* __restrict__ k_cache,
+                                                                          const uint16_t* __restrict__ v_cache,
+                                                                          AttentionShape s, uint16_t* out) {
+  constexpr int D = kWgAttnD;
+  extern __shared__ __align__(16) uint8_t wg_attn_smem[];
+  ptx::chain_enter();
+  uint8_t* smem = wg_attn_smem + ((1024 - (ptx::smem_u32(wg_attn_smem) & 1023)) & 1023);  // swizzle atoms
+  uint8_t* q_s = smem;
+  auto k_s = [&](int stage) { return smem + kWgQBytes + stage * 2 * kWgKvTileBytes; };
+  auto v_s = [&](int stage) { return k_s(stage) + kWgKvTileBytes; };
+
+  const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4,
+            t4 = lane % 4;
+  const int kvh = blockIdx.y, b = blockIdx.z;
+  const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group, q_dim = s.q_dim();
+  const int r0 = blockIdx.x * kWgAttnRows, position = current_position(s);
+  // This thread's two rows (query, head) and the last key each may see; the rest of the row's
+  // coordinates are worked out again for the store, to keep registers for the loop.
+  const int row0 = r0 + wg * 64 + warp * 16 + g;
+  int visible[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) visible[i] = position + min(row0 + 8 * i, rows - 1) / group;
+  // Loads: thread t copies 16-byte chunk t % 16 of rows t / 16, + 16, ... (the same swizzle
+  // phase in every pass). Q rows past the end repeat the last one; their outputs are not stored.
+  static_assert(kWgAttnThreads == 16 * 16, "16 rows of 16 chunks per pass");
+  const int chunk = threadIdx.x % 16, row_in_pass = threadIdx.x / 16;
+#pragma unroll
+  for (int r = row_in_pass; r < kWgAttnRows; r += 16) {
+    const int rr = min(r0 + r, rows - 1);
+    const uint16_t* src = q + (static_cast<int64_t>(b) * s.tokens + rr / group) * q_dim + (kvh * group + rr % group) * D;
+    cp_async_16(q_s + swizzled_chunk(r, chunk, kWgAttnRows), src + 8 * chunk, true);
+  }
+
+  const int last_row = min(r0 + kWgAttnRows, rows) - 1;
+  const int key_end = position + last_row / group + 1;
+  const int blocks = (key_end + kAttnKeys - 1) / kAttnKeys;
+  const int64_t cache_base = (static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context * D;
+  const float scale = kLog2e / sqrtf(static_cast<float>(D));
+  auto load_tile = [&](int blk, int stage) {
+    const int key0 = blk * kAttnKeys;
+    const int first = swizzled_chunk(row_in_pass, chunk, kAttnKeys);
+#pragma unroll
+    for (int pass = 0; pass < kAttnKeys / 16; ++pass) {
+      const int key = row_in_pass + 16 * pass;
+      const bool valid = key0 + key < key_end;  // zeros past the end: no NaN from 0 * garbage
+      const int64_t at = cache_base + static_cast<int64_t>(valid ? key0 + key : 0) * D + 8 * chunk;
+      cp_async_16(k_s(stage) + first + pass * 16 * kWgHalfRow, k_cache + at, valid);
+      cp_async_16(v_s(stage) + first + pass * 16 * kWgHalfRow, v_cache + at, valid);
+    }
+    cp_async_commit();
+  };
+
+  float o[D / 2];
+#pragma unroll
+  for (int j = 0; j < D / 2; ++j) o[j] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const uint8_t* q_wg = q_s + wg * 64 * kWgHalfRow;  // this warpgroup's 64 rows in each half
+
+  load_tile(0, 0);  // with Q in the same group
+  for (int blk = 0; blk < blocks; ++blk) {
+    const int stage = blk & 1;
+    if (blk + 1 < blocks) {
+      load_tile(blk + 1, stage ^ 1);  // released by the barrier ending the last iteration
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    ptx::fence_proxy_async();
+    __syncthreads();
+    float sc[kAttnKeys / 2];
+    ptx::wgmma_fence();
+    ptx::fence_operands<kAttnKeys / 2>(sc);
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c)  // k16 steps: 32 bytes on within a half, then the other half
+      ptx::wgmma_m64n64k16_bf16(sc, ptx::smem_desc(q_wg + (c / 4) * kWgAttnRows * kWgHalfRow + (c % 4) * 32),
+                                ptx::smem_desc(k_s(stage) + (c / 4) * kAttnKeys * kWgHalfRow + (c % 4) * 32), c > 0);
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+    ptx::fence_operands<kAttnKeys / 2>(sc);
+    online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, blk * kAttnKeys, visible, t4, scale);
+    uint32_t pa[kAttnKeys / 16][4];
+#pragma unroll
+    for (int c = 0; c < kAttnKeys / 16; ++c) pack_probabilities(sc, c, pa[c]);
+    ptx::wgmma_fence();
+    ptx::fence_operands<D / 2>(o);
+#pragma unroll
+    for (int c = 0; c < kAttnKeys / 16; ++c)  // keys 16c..16c+15: two 8-key groups 1 KB apart; d halves 8 KB apart
+      ptx::wgmma_m64n128k16_bf16_rs_bmn(o, pa[c],
+                                        ptx::smem_desc_mn(v_s(stage) + c * 16 * kWgHalfRow, kAttnKeys * kWgHalfRow,
+                                                          8 * kWgHalfRow));
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+    ptx::fence_operands<D / 2>(o);
+    __syncthreads();  // this stage is refilled two iterations on
+  }
+  int row[2], qrow[2], head[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 2);
-    if (row[i] >= rows) continue;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    if (splits == 1) {
-      uint16_t* dst = out + (static_cast<int64_t>(b) * s.tokens + qrow[i]) * q_dim + head[i] * D;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j)
-        *reinterpret_cast<uint32_t*>(dst + 8 * j + 2 * t4) = pack_bf16x2(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
-    } else {
-      const int64_t slot = ((static_cast<int64_t>(split) * s.batch + b) * s.n_kv_heads + kvh) * rows + row[i];
-      float* dst = part_o + slot * D;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        dst[8 * j + 2 * t4] = o[j][2 * i] * inv;
-        dst[8 * j + 2 * t4 + 1] = o[j][2 * i + 1] * inv;
-      }
-      if (t4 == 0) part_lse[slot] = l[i] > 0.0f ? m[i] + log2f(l[i]) : -INFINITY;
-    }
+    row[i] = row0 + 8 * i;
+    const int rr = min(row[i], rows - 1);
+    qrow[i] = rr / group;
+    head[i] = kvh * group + rr % group;
   }
+  store_attention_rows<D>(o, m, l, row, qrow, head, rows, b, kvh, 0, 1, s, t4, out, nullptr, nullptr);
 }
 
 // Merges the per-split partial outputs: weights 2^(lse_s - max lse). Grid (rows, kv heads,
@@ -511,6 +668,10 @@ cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const Attenti
 
 bool attention_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
+bool uses_wgmma_attention(const AttentionShape& s, int splits) {
+  return s.head_dim == kWgAttnD && splits == 1 && static_cast<int64_t>(s.tokens) * (s.n_heads / s.n_kv_heads) > kAttnRows;
+}
+
 size_t attention_workspace_floats(const AttentionShape& s, int splits) {
   if (splits <= 1) return 0;
   const size_t slots = static_cast<size_t>(splits) * s.batch * s.n_kv_heads * s.tokens * (s.n_heads / s.n_kv_heads);
@@ -540,13 +701,22 @@ cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t
   float* part_lse = splits > 1 ? workspace + static_cast<size_t>(splits) * s.batch * s.n_kv_heads * group_rows * s.head_dim
                                : nullptr;
   static const cudaError_t attr = [] {
-    const cudaError_t e = cudaFuncSetAttribute(attention_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               attention_smem_bytes<64>());
-    return e != cudaSuccess ? e
-                            : cudaFuncSetAttribute(attention_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   attention_smem_bytes<128>());
+    cudaError_t e = cudaFuncSetAttribute(attention_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         attention_smem_bytes<64>());
+    if (e == cudaSuccess)
+      e = cudaFuncSetAttribute(attention_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               attention_smem_bytes<128>());
+    if (e == cudaSuccess)
+      e = cudaFuncSetAttribute(attention_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kWgAttnSmemBytes);
+    return e;
   }();
   if (attr != cudaSuccess) return attr;
+  if (uses_wgmma_attention(s, splits))
+    return ptx::launch_chained(attention_wgmma_kernel,
+                               dim3(static_cast<unsigned>((group_rows + kWgAttnRows - 1) / kWgAttnRows),
+                                    static_cast<unsigned>(s.n_kv_heads), static_cast<unsigned>(s.batch)),
+                               kWgAttnThreads, kWgAttnSmemBytes, stream, q, k_cache, v_cache, s, out);
   const cudaError_t e =
       s.head_dim == 64
           ? ptx::launch_chained(attention_kernel<64>, grid, kAttnThreads, attention_smem_bytes<64>(), stream, q, k_cache,

@@ -60,6 +60,9 @@ size_t attention_workspace_floats(const AttentionShape& s, int splits);
 // position_ptr set, pass the largest position it may hold: splits past the keys stay idle.
 int attention_splits(const AttentionShape& s);
 bool attention_supports_head_dim(int head_dim);
+// Whether attention() runs this shape on the wgmma prefill kernel (head_dim 128, one split,
+// more than 64 rows per KV head) rather than the mma.sync one.
+bool uses_wgmma_attention(const AttentionShape& s, int splits);
 
 // out[t, i] = bf16(silu(g) * u), g = gate_up[t, i], u = gate_up[t, ffn + i].
 cudaError_t swiglu(const uint16_t* gate_up, int64_t M, int ffn, uint16_t* out, cudaStream_t stream);

@@ -69,6 +69,21 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p) {
   return d;
 }
 
+// The same for an MN-major operand (wgmma's transposed B): 128-byte rows along N, the next 64
+// N-columns `lbo` bytes on, the next 8 K-rows `sbo` bytes on.
+__device__ __forceinline__ uint64_t smem_desc_mn(const void* p, uint32_t lbo, uint32_t sbo) {
+  const uint32_t a = smem_u32(p);
+  uint64_t d = static_cast<uint64_t>((a & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(lbo >> 4) << 16;
+  d |= static_cast<uint64_t>(sbo >> 4) << 32;
+  d |= static_cast<uint64_t>(1) << 62;
+  return d;
+}
+
+// Makes this thread's ordinary shared-memory writes (st.shared, cp.async) visible to the
+// async proxy that wgmma reads through; then a barrier before the wgmma.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
 // Named barriers ordering the two consumer warpgroups' MMA issue (ids 1 and 2).
 template <int kId, int kThreads = 256>
 __device__ __forceinline__ void named_bar_sync() {
@@ -133,6 +148,36 @@ __device__ __forceinline__ void wgmma_m64n128k16_bf16(float* d, uint64_t da, uin
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " MICROMIX_WGMMA_D64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
       : MICROMIX_WGMMA_D64_OPERANDS(d)
       : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// The 32 fp32 accumulators of an m64n64 wgmma.
+#define MICROMIX_WGMMA_D32                                                          \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "        \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define MICROMIX_WGMMA_D32_OPERANDS(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+// D (+)= A x B, m64n64k16 bf16, both K-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MICROMIX_WGMMA_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : MICROMIX_WGMMA_D32_OPERANDS(d)
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// D += A x B, m64n128k16 bf16, A from registers (four bf16x2 per thread, mma.sync's A fragment
+// for the thread's warp's 16 rows), B MN-major in shared memory (smem_desc_mn).
+__device__ __forceinline__ void wgmma_m64n128k16_bf16_rs_bmn(float* d, const uint32_t* a, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " MICROMIX_WGMMA_D64
+      ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : MICROMIX_WGMMA_D64_OPERANDS(d)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
 __device__ __forceinline__ void mma_bf16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {

@@ -87,13 +87,15 @@ void check_attention(const AttnCase& c, const std::vector<uint16_t>& out) {
       }
 }
 
-void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, int prompt, bool neox) {
+// A prompt of `prompt` tokens, then (when `chunk` > 0) a second prefill of `chunk` tokens at
+// position `prompt`, then two decode steps.
+void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, int prompt, bool neox, int chunk = 0) {
   AttentionShape s;
   s.batch = batch;
   s.n_heads = n_heads;
   s.n_kv_heads = n_kv_heads;
   s.head_dim = head_dim;
-  s.max_context = prompt + 8;
+  s.max_context = prompt + chunk + 8;
   const int qkv_dim = s.q_dim() + 2 * s.kv_dim(), half = head_dim / 2;
   std::vector<float2> rope(static_cast<size_t>(s.max_context) * half);
   for (int p = 0; p < s.max_context; ++p)
@@ -112,9 +114,10 @@ void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, i
   kc.upload(std::vector<uint16_t>(cache_n, 0x7FC0));  // NaN: any read of an unwritten slot shows
   vc.upload(std::vector<uint16_t>(cache_n, 0x7FC0));
 
-  // Prefill of `prompt` tokens, then two decode steps.
+  std::vector<int> steps = {prompt, 1, 1};
+  if (chunk > 0) steps.insert(steps.begin() + 1, chunk);
   int position = 0;
-  for (const int tokens : {prompt, 1, 1}) {
+  for (const int tokens : steps) {
     s.position = position;
     s.tokens = tokens;
     const size_t rows = static_cast<size_t>(s.rows());
@@ -161,7 +164,7 @@ void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, i
       DeviceBuffer<uint16_t> out(rows * s.q_dim());
       DeviceBuffer<float> ws(std::max<size_t>(attention_workspace_floats(s, splits), 1));
       CK(attention(d_q.ptr, kc.ptr, vc.ptr, s, out.ptr, splits, ws.ptr, nullptr));
-      SCOPED_TRACE("splits " + std::to_string(splits));
+      SCOPED_TRACE("splits " + std::to_string(splits) + (uses_wgmma_attention(s, splits) ? ", wgmma kernel" : ""));
       check_attention(c, out.download());
     }
     if (tokens == 1) {
@@ -197,6 +200,12 @@ TEST(ModelKernels, RopeAndAttentionSmall) {
   REQUIRE_GPU();
   rope_attention_case(64, 4, 2, 2, 37, true);
   rope_attention_case(128, 4, 1, 1, 70, false);
+  // The wgmma prefill kernel: several 128-row tiles per KV head (the last one partial), two KV
+  // heads, two sequences, and a second prefill chunk that starts past the first.
+  AttentionShape wg;
+  wg.n_heads = 8, wg.n_kv_heads = 2, wg.head_dim = 128, wg.tokens = 150;
+  ASSERT_TRUE(uses_wgmma_attention(wg, 1));
+  rope_attention_case(128, 8, 2, 2, 150, false, 77);
 }
 
 TEST(ModelKernels, RejectsUnsupportedShapes) {

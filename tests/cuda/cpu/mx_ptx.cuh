@@ -75,6 +75,12 @@ inline uint64_t smem_desc(const void* p) {
   d |= static_cast<uint64_t>(1) << 16; d |= static_cast<uint64_t>(1024 >> 4) << 32; d |= static_cast<uint64_t>(1) << 62;
   return d;
 }
+inline uint64_t smem_desc_mn(const void* p, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = static_cast<uint64_t>((emu8::off(p) & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(lbo >> 4) << 16; d |= static_cast<uint64_t>(sbo >> 4) << 32; d |= static_cast<uint64_t>(1) << 62;
+  return d;
+}
+inline void fence_proxy_async() {}
 // named barriers: bar.sync waits for the phase to complete, bar.arrive does not
 struct NamedBar { int count = 0; uint64_t gen = 0; };
 inline NamedBar named_bars[16];
@@ -134,6 +140,61 @@ inline void wgmma_m64n128k16_bf16(float* d, uint64_t da, uint64_t db, int scale_
       acc += value(sa + (row / 8) * sbo_a + (row % 8) * 128 + 2 * k) * value(sb + (col / 8) * sbo_b + (col % 8) * 128 + 2 * k);
     d[i] = acc;
   }
+}
+// A bf16 element of a 128-byte-swizzled shared-memory operand, from its unswizzled address.
+inline float smem_bf16(uint32_t addr) {
+  const unsigned char* s = emu::smem.data();
+  const uint16_t bits = static_cast<uint16_t>(s[emu8::swz(addr)] | (s[emu8::swz(addr + 1)] << 8));
+  return micromix::mx::bf16_bits_to_float(bits);
+}
+// wgmma.m64n64k16 bf16, both operands K-major (element (row, k) at start + (row / 8) * SBO +
+// (row % 8) * 128 + 2k, then swizzled).
+inline void wgmma_m64n64k16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) {
+  const uint32_t sa = static_cast<uint32_t>(da & 0x3FFF) << 4, sb = static_cast<uint32_t>(db & 0x3FFF) << 4;
+  const uint32_t sbo_a = static_cast<uint32_t>((da >> 32) & 0x3FFF) << 4, sbo_b = static_cast<uint32_t>((db >> 32) & 0x3FFF) << 4;
+  const int t = emu::lin() % 128, w = t / 32, lane = t % 32;
+  for (int i = 0; i < 32; ++i) {
+    const int row = 16 * w + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+    float acc = scale_d ? d[i] : 0.0f;
+    for (int k = 0; k < 16; ++k)
+      acc += smem_bf16(sa + (row / 8) * sbo_a + (row % 8) * 128 + 2 * k) * smem_bf16(sb + (col / 8) * sbo_b + (col % 8) * 128 + 2 * k);
+    d[i] = acc;
+  }
+}
+// wgmma.m64n128k16 bf16, A from the warpgroup's registers (thread t's four words hold mma.sync's
+// A fragment of rows 16 (t / 32) .. +15), B MN-major: element (k, n) at start + (n / 64) * LBO +
+// 2 (n % 64) + (k / 8) * SBO + (k % 8) * 128, then swizzled. The fragments are exchanged through
+// a per-CTA buffer between two CTA barriers, so every thread of the CTA must issue it together.
+inline void wgmma_m64n128k16_bf16_rs_bmn(float* d, const uint32_t* a, uint64_t db) {
+  static std::vector<uint32_t> frag;
+  const int l = emu::lin(), n_threads = static_cast<int>(emu::bDim.x * emu::bDim.y * emu::bDim.z);
+  {
+    std::lock_guard g(emu8::mu);
+    if (frag.size() < static_cast<size_t>(4 * n_threads)) frag.assign(4 * n_threads, 0);
+    for (int i = 0; i < 4; ++i) frag[4 * l + i] = a[i];
+  }
+  emu::syncthreads();
+  const uint32_t sb = static_cast<uint32_t>(db & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((db >> 16) & 0x3FFF) << 4, sbo = static_cast<uint32_t>((db >> 32) & 0x3FFF) << 4;
+  const int wg0 = l / 128 * 128, w = l % 128 / 32, lane = l % 32;
+  auto A = [&](int r, int k) {  // row r of the warpgroup's 64
+    const int ln = (r % 8) * 4 + (k % 8) / 2, reg = (r % 16 >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    const uint32_t v = frag[4 * (wg0 + 32 * (r / 16) + ln) + reg];
+    const uint32_t bits = (k % 2 ? v >> 16 : v & 0xFFFF) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  float out[64];
+  for (int i = 0; i < 64; ++i) {
+    const int row = 16 * w + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k)
+      acc += A(row, k) * smem_bf16(sb + (col / 64) * lbo + 2 * (col % 64) + (k / 8) * sbo + (k % 8) * 128);
+    out[i] = acc;
+  }
+  emu::syncthreads();
+  for (int i = 0; i < 64; ++i) d[i] = out[i];
 }
 inline float bf16_half(uint32_t v, int hi) {
   const uint32_t bits = (hi ? v >> 16 : v & 0xFFFF) << 16;
