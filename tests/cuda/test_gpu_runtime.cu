@@ -41,13 +41,13 @@ using micromix::cuda::GpuRuntime;
 
 namespace {
 
-model::ModelConfig gpu_config(bool neox, bool bias) {
+model::ModelConfig gpu_config(bool neox, bool bias, int head_dim = 64) {
   model::ModelConfig c = model::small_config();
   c.hidden = 256;
   c.ffn = 384;
   c.n_heads = 4;
   c.n_kv_heads = 2;
-  c.head_dim = 64;
+  c.head_dim = head_dim;
   c.vocab = 500;
   c.n_layers = 3;
   c.rope_neox = neox;
@@ -148,7 +148,9 @@ Logprobs cpu_scores(const Pair& p, const std::vector<int32_t>& tokens, bool bf16
 TEST(GpuRuntime, MatchesCpuRuntimePerMode) {
   REQUIRE_GPU();
   for (const bool variant : {false, true}) {
-    const auto c = gpu_config(/*neox=*/!variant, /*bias=*/variant);
+    // The second variant has 128-wide heads (q_dim 512 > hidden): its 200-token prefill runs the
+    // wgmma attention kernel, the first the mma.sync one.
+    const auto c = gpu_config(/*neox=*/!variant, /*bias=*/variant, /*head_dim=*/variant ? 128 : 64);
     const auto tokens = random_tokens(200, c.vocab, 3);
     std::vector<Logprobs> cpu, gpu;
     for (const auto mode : {quant::QuantMode::BF16, quant::QuantMode::MicroMix, quant::QuantMode::MXFP4}) {
