@@ -190,9 +190,10 @@ __device__ __forceinline__ uint32_t load_u32(const uint16_t* p) { return *reinte
 
 // One key tile of the online softmax for a thread's two rows (i = 0, 1: rows g and g + 8 of its
 // warp's 16). Scores in the mma C-fragment layout, which wgmma's accumulators share:
-// sc[4j + 2i + e] is row i, key key0 + 8j + 2 t4 + e. Scales them into the log2 domain, masks
-// keys past visible[i], exponentiates in place, and rescales the row's outputs o (same layout,
-// kOut of them) and its running maximum m and sum l (this thread's share of the quad's).
+// sc[4j + 2i + e] is row i, key key0 + 8j + 2 t4 + e. Masks keys past visible[i] and replaces
+// each score by 2^(score * scale - m), m the row's running maximum in the log2 domain (one FFMA
+// and one ex2 per score), and rescales the row's outputs o (same layout, kOut of them) and its
+// running sum l (this thread's share of the quad's).
 template <int kKeys, int kOut>
 __device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* m, float* l, int key0,
                                                     const int* visible, int t4, float scale) {
@@ -206,14 +207,14 @@ __device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* 
       for (int e = 0; e < 2; ++e) {
         const int key = key0 + 8 * j + 2 * t4 + e;
         float& v = sc[4 * j + 2 * i + e];
-        v = whole_tile || key <= visible[i] ? v * scale : -INFINITY;
+        if (!whole_tile && key > visible[i]) v = -INFINITY;
         mx = fmaxf(mx, v);
       }
     mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
-    const float m_new = fmaxf(m[i], mx);
+    const float m_new = fmaxf(m[i], mx * scale);          // scale > 0: the maximum commutes with it
     const float base = m_new == -INFINITY ? 0.0f : m_new;  // a row with no visible key yet
-    const float alpha = exp2f(m[i] - base);
+    const float alpha = ptx::fast_exp2(m[i] - base);
     m[i] = m_new;
     float sum = 0.0f;
 #pragma unroll
@@ -221,7 +222,7 @@ __device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* 
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& v = sc[4 * j + 2 * i + e];
-        v = exp2f(v - base);
+        v = ptx::fast_exp2(fmaf(v, scale, -base));
         sum += v;
       }
     l[i] = l[i] * alpha + sum;  // this thread's share; the quad is summed at the end
@@ -235,10 +236,10 @@ __device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* 
 
 // Keys 16c .. 16c+15 of the probabilities as the A fragment of P.V (bf16).
 __device__ __forceinline__ void pack_probabilities(const float* sc, int c, uint32_t* pa) {
-  pa[0] = pack_bf16x2(sc[8 * c], sc[8 * c + 1]);
-  pa[1] = pack_bf16x2(sc[8 * c + 2], sc[8 * c + 3]);
-  pa[2] = pack_bf16x2(sc[8 * c + 4], sc[8 * c + 5]);
-  pa[3] = pack_bf16x2(sc[8 * c + 6], sc[8 * c + 7]);
+  pa[0] = ptx::cvt_bf16x2(sc[8 * c], sc[8 * c + 1]);
+  pa[1] = ptx::cvt_bf16x2(sc[8 * c + 2], sc[8 * c + 3]);
+  pa[2] = ptx::cvt_bf16x2(sc[8 * c + 4], sc[8 * c + 5]);
+  pa[3] = ptx::cvt_bf16x2(sc[8 * c + 6], sc[8 * c + 7]);
 }
 
 // The normalized outputs of a thread's two rows: bf16 into out (splits == 1) or fp32 partials
@@ -260,7 +261,7 @@ __device__ __forceinline__ void store_attention_rows(const float* o, const float
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
         *reinterpret_cast<uint32_t*>(dst + 8 * j + 2 * t4) =
-            pack_bf16x2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+            ptx::cvt_bf16x2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
     } else {
       const int64_t slot = ((static_cast<int64_t>(split) * s.batch + b) * s.n_kv_heads + kvh) * rows + row[i];
       float* dst = part_o + slot * D;
