@@ -194,22 +194,27 @@ __device__ __forceinline__ uint32_t load_u32(const uint16_t* p) { return *reinte
 // each score by 2^(score * scale - m), m the row's running maximum in the log2 domain (one FFMA
 // and one ex2 per score), and rescales the row's outputs o (same layout, kOut of them) and its
 // running sum l (this thread's share of the quad's).
+// `may_mask` (uniform over the CTA) is false for tiles wholly below the CTA's diagonal, which
+// then skip the per-score compares.
 template <int kKeys, int kOut>
 __device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* m, float* l, int key0,
-                                                    const int* visible, int t4, float scale) {
+                                                    bool may_mask, const int* visible, int t4, float scale) {
+  if (may_mask) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < kKeys / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (key0 + 8 * j + 2 * t4 + e > visible[i]) sc[4 * j + 2 * i + e] = -INFINITY;
+  }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float mx = -INFINITY;
-    const bool whole_tile = key0 + kKeys - 1 <= visible[i];  // below the diagonal: no mask
 #pragma unroll
     for (int j = 0; j < kKeys / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = key0 + 8 * j + 2 * t4 + e;
-        float& v = sc[4 * j + 2 * i + e];
-        if (!whole_tile && key > visible[i]) v = -INFINITY;
-        mx = fmaxf(mx, v);
-      }
+      for (int e = 0; e < 2; ++e) mx = fmaxf(mx, sc[4 * j + 2 * i + e]);
     mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
     const float m_new = fmaxf(m[i], mx * scale);          // scale > 0: the maximum commutes with it
@@ -322,6 +327,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
     qf[c][3] = load_u32(q1 + 16 * c + 8 + 2 * t4);
   }
 
+  const int first_visible = position + r0 / group;  // the CTA's first row sees the fewest keys
   const int last_row = min(r0 + kAttnRows, rows) - 1;
   const int key_end = position + last_row / group + 1;
   const int blocks = (key_end + kAttnKeys - 1) / kAttnKeys, per_split = (blocks + splits - 1) / splits;
@@ -379,7 +385,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
           mma_bf16_m16n8k16(sc + 8 * jp, qf[c], kb);
           mma_bf16_m16n8k16(sc + 8 * jp + 4, qf[c], kb + 2);
         }
-      online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, key0, visible, t4, scale);
+      online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, key0, key0 + kAttnKeys - 1 > first_visible, visible, t4,
+                                            scale);
 #pragma unroll
       for (int c = 0; c < kAttnKeys / 16; ++c) {
         uint32_t pa[4];
@@ -454,6 +461,7 @@ __global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(cons
     cp_async_16(q_s + swizzled_chunk(r, chunk, kWgAttnRows), src + 8 * chunk, true);
   }
 
+  const int first_visible = position + r0 / group;  // the CTA's first row sees the fewest keys
   const int last_row = min(r0 + kWgAttnRows, rows) - 1;
   const int key_end = position + last_row / group + 1;
   const int blocks = (key_end + kAttnKeys - 1) / kAttnKeys;
@@ -500,7 +508,8 @@ __global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(cons
     ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
     ptx::fence_operands<kAttnKeys / 2>(sc);
-    online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, blk * kAttnKeys, visible, t4, scale);
+    const int key0 = blk * kAttnKeys;
+    online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, key0, key0 + kAttnKeys - 1 > first_visible, visible, t4, scale);
     uint32_t pa[kAttnKeys / 16][4];
 #pragma unroll
     for (int c = 0; c < kAttnKeys / 16; ++c) pack_probabilities(sc, c, pa[c]);
