@@ -208,7 +208,6 @@ __device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* 
         for (int e = 0; e < 2; ++e)
           if (key0 + 8 * j + 2 * t4 + e > visible[i]) sc[4 * j + 2 * i + e] = -INFINITY;
   }
-  float alphas[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float mx = -INFINITY;
@@ -232,16 +231,10 @@ __device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* 
         sum += v;
       }
     l[i] = l[i] * alpha + sum;  // this thread's share; the quad is summed at the end
-    alphas[i] = alpha;
-  }
-  // Once the rows' maxima settle (most tiles of a long row) no output needs rescaling.
-  if (__any_sync(0xFFFFFFFFu, alphas[0] != 1.0f || alphas[1] != 1.0f)) {
 #pragma unroll
     for (int j = 0; j < kOut / 4; ++j) {
-      o[4 * j] *= alphas[0];
-      o[4 * j + 1] *= alphas[0];
-      o[4 * j + 2] *= alphas[1];
-      o[4 * j + 3] *= alphas[1];
+      o[4 * j + 2 * i] *= alpha;
+      o[4 * j + 2 * i + 1] *= alpha;
     }
   }
 }
@@ -492,12 +485,7 @@ __global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(cons
 #pragma unroll
   for (int j = 0; j < D / 2; ++j) o[j] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  // Descriptors of the stage-0 tiles; a descriptor's start field is the address / 16, so
-  // offsets (stages, k16 steps) are added to it directly. V: the 8-key groups 1 KB apart, the
-  // two 64-wide halves of head_dim 8 KB apart.
-  const uint64_t q_desc = ptx::smem_desc(q_s + wg * 64 * kWgHalfRow);  // this warpgroup's 64 rows
-  const uint64_t k_desc0 = ptx::smem_desc(k_s(0));
-  const uint64_t v_desc0 = ptx::smem_desc_mn(v_s(0), kAttnKeys * kWgHalfRow, 8 * kWgHalfRow);
+  const uint8_t* q_wg = q_s + wg * 64 * kWgHalfRow;  // this warpgroup's 64 rows in each half
 
   load_tile(0, 0);  // with Q in the same group
   for (int blk = 0; blk < blocks; ++blk) {
@@ -510,13 +498,13 @@ __global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(cons
     }
     ptx::fence_proxy_async();
     __syncthreads();
-    float sc[kAttnKeys / 2];  // written by the first wgmma (scale_d = 0)
+    float sc[kAttnKeys / 2];
     ptx::wgmma_fence();
-    const uint64_t k_desc = k_desc0 + stage * (2 * kWgKvTileBytes >> 4);
+    ptx::fence_operands<kAttnKeys / 2>(sc);
 #pragma unroll
     for (int c = 0; c < D / 16; ++c)  // k16 steps: 32 bytes on within a half, then the other half
-      ptx::wgmma_m64n64k16_bf16(sc, q_desc + (((c / 4) * kWgAttnRows * kWgHalfRow + (c % 4) * 32) >> 4),
-                                k_desc + (((c / 4) * kAttnKeys * kWgHalfRow + (c % 4) * 32) >> 4), c > 0);
+      ptx::wgmma_m64n64k16_bf16(sc, ptx::smem_desc(q_wg + (c / 4) * kWgAttnRows * kWgHalfRow + (c % 4) * 32),
+                                ptx::smem_desc(k_s(stage) + (c / 4) * kAttnKeys * kWgHalfRow + (c % 4) * 32), c > 0);
     ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
     ptx::fence_operands<kAttnKeys / 2>(sc);
@@ -527,10 +515,11 @@ __global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(cons
     for (int c = 0; c < kAttnKeys / 16; ++c) pack_probabilities(sc, c, pa[c]);
     ptx::wgmma_fence();
     ptx::fence_operands<D / 2>(o);
-    const uint64_t v_desc = v_desc0 + stage * (2 * kWgKvTileBytes >> 4);
 #pragma unroll
-    for (int c = 0; c < kAttnKeys / 16; ++c)  // keys 16c..16c+15
-      ptx::wgmma_m64n128k16_bf16_rs_bmn(o, pa[c], v_desc + ((c * 16 * kWgHalfRow) >> 4));
+    for (int c = 0; c < kAttnKeys / 16; ++c)  // keys 16c..16c+15: two 8-key groups 1 KB apart; d halves 8 KB apart
+      ptx::wgmma_m64n128k16_bf16_rs_bmn(o, pa[c],
+                                        ptx::smem_desc_mn(v_s(stage) + c * 16 * kWgHalfRow, kAttnKeys * kWgHalfRow,
+                                                          8 * kWgHalfRow));
     ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
     ptx::fence_operands<D / 2>(o);

@@ -63,15 +63,6 @@ template <typename T> T shfl_idx(T v, int src) {
   warp_bars[w]->arrive_and_wait();
   T out; std::memcpy(&out, &r, sizeof out); return out;
 }
-inline bool any_sync(bool p) {
-  const int l = lin(), w = l / 32, lanes = std::min<int>(32, bDim.x * bDim.y * bDim.z - 32 * w);
-  warp_slots[w][l % 32] = p;
-  warp_bars[w]->arrive_and_wait();
-  bool r = false;
-  for (int i = 0; i < lanes; ++i) r = r || warp_slots[w][i] != 0;
-  warp_bars[w]->arrive_and_wait();
-  return r;
-}
 inline void launch(dim3 g, dim3 b, size_t sm, cudaStream_t, const std::function<void()>& f) {
   gDim = g; bDim = b;
   const int n = b.x * b.y * b.z;
@@ -100,7 +91,6 @@ inline void launch(dim3 g, dim3 b, size_t sm, cudaStream_t, const std::function<
 #define __syncwarp() emu::syncwarp()
 #define __shfl_xor_sync(m, v, o) emu::shfl_xor((v), (o))
 #define __shfl_sync(m, v, s) emu::shfl_idx((v), (s))
-#define __any_sync(m, p) emu::any_sync(p)
 // PRMT in its default mode: byte i of the result is byte (s >> 4i) & 7 of {y:x}.
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const unsigned long long v = static_cast<unsigned long long>(y) << 32 | x;
