@@ -122,38 +122,21 @@ inline void wgmma_m64n128k32_e4m3(float* d, uint64_t da, uint64_t db, int scale_
     d[i] = acc;
   }
 }
-// wgmma.m64n128k16 bf16: each shared-memory row holds 64 bf16 values (128 bytes), the
-// descriptor's start advances 32 bytes per k16 step, as for E4M3.
-inline void wgmma_m64n128k16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) {
-  const unsigned char* s = emu::smem.data();
-  const uint32_t sa = static_cast<uint32_t>(da & 0x3FFF) << 4, sb = static_cast<uint32_t>(db & 0x3FFF) << 4;
-  const uint32_t sbo_a = static_cast<uint32_t>((da >> 32) & 0x3FFF) << 4, sbo_b = static_cast<uint32_t>((db >> 32) & 0x3FFF) << 4;
-  const int t = emu::lin() % 128, w = t / 32, lane = t % 32;
-  auto value = [&](uint32_t addr) {
-    const uint16_t bits = static_cast<uint16_t>(s[emu8::swz(addr)] | (s[emu8::swz(addr + 1)] << 8));
-    return micromix::mx::bf16_bits_to_float(bits);
-  };
-  for (int i = 0; i < 64; ++i) {
-    const int row = 16 * w + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
-    float acc = scale_d ? d[i] : 0.0f;
-    for (int k = 0; k < 16; ++k)
-      acc += value(sa + (row / 8) * sbo_a + (row % 8) * 128 + 2 * k) * value(sb + (col / 8) * sbo_b + (col % 8) * 128 + 2 * k);
-    d[i] = acc;
-  }
-}
 // A bf16 element of a 128-byte-swizzled shared-memory operand, from its unswizzled address.
 inline float smem_bf16(uint32_t addr) {
   const unsigned char* s = emu::smem.data();
   const uint16_t bits = static_cast<uint16_t>(s[emu8::swz(addr)] | (s[emu8::swz(addr + 1)] << 8));
   return micromix::mx::bf16_bits_to_float(bits);
 }
-// wgmma.m64n64k16 bf16, both operands K-major (element (row, k) at start + (row / 8) * SBO +
-// (row % 8) * 128 + 2k, then swizzled).
-inline void wgmma_m64n64k16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) {
+// wgmma.m64nNk16 bf16, both operands K-major: each shared-memory row holds 64 bf16 values (128
+// bytes), element (row, k) at start + (row / 8) * SBO + (row % 8) * 128 + 2k, then swizzled; the
+// descriptor's start advances 32 bytes per k16 step, as for E4M3.
+template <int N>
+inline void wgmma_m64nk16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) {
   const uint32_t sa = static_cast<uint32_t>(da & 0x3FFF) << 4, sb = static_cast<uint32_t>(db & 0x3FFF) << 4;
   const uint32_t sbo_a = static_cast<uint32_t>((da >> 32) & 0x3FFF) << 4, sbo_b = static_cast<uint32_t>((db >> 32) & 0x3FFF) << 4;
   const int t = emu::lin() % 128, w = t / 32, lane = t % 32;
-  for (int i = 0; i < 32; ++i) {
+  for (int i = 0; i < N / 2; ++i) {
     const int row = 16 * w + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
     float acc = scale_d ? d[i] : 0.0f;
     for (int k = 0; k < 16; ++k)
@@ -161,6 +144,8 @@ inline void wgmma_m64n64k16_bf16(float* d, uint64_t da, uint64_t db, int scale_d
     d[i] = acc;
   }
 }
+inline void wgmma_m64n128k16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) { wgmma_m64nk16_bf16<128>(d, da, db, scale_d); }
+inline void wgmma_m64n64k16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) { wgmma_m64nk16_bf16<64>(d, da, db, scale_d); }
 // wgmma.m64n128k16 bf16, A from the warpgroup's registers (thread t's four words hold mma.sync's
 // A fragment of rows 16 (t / 32) .. +15), B MN-major: element (k, n) at start + (n / 64) * LBO +
 // 2 (n % 64) + (k / 8) * SBO + (k % 8) * 128, then swizzled. The fragments are exchanged through
