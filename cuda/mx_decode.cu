@@ -485,6 +485,38 @@ struct RingPosition {
   }
 };
 
+// The ring's barriers: `full` completed by the producer's bulk copies, `empty` by each consumer warp.
+template <typename Smem>
+__device__ __forceinline__ void init_ring(Smem& sm, int consumer_warps) {
+  for (int i = 0; i < kStreamStages; ++i) {
+    ptx::mbar_init(&sm.full[i], 1);
+    ptx::mbar_init(&sm.empty[i], consumer_warps);
+  }
+  ptx::mbar_fence_init();
+}
+
+// Producer (one thread): the CTA's row tiles as stages of codes and scales, in for_each_chunk's
+// order. It reads weights only, so it starts before the kernel before has finished.
+template <typename Smem>
+__device__ __forceinline__ void stream_weights(Smem& sm, const MxSegments& W, const MixPlan& plan, int tiles) {
+  const int nblk = plan.blocks();
+  RingPosition ring;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
+    for_each_chunk(plan, [&](int s, const SegmentSpan& span, int first, int count) {
+      const uint8_t* q = s == 0 ? W.q4 : s == 1 ? W.q6 : W.q8;
+      const int64_t row = static_cast<int64_t>(tile) * kTcRows;
+      const uint32_t code_bytes = static_cast<uint32_t>(count * kTcRows * span.block_bytes);
+      const uint32_t scale_bytes = static_cast<uint32_t>(count * kTcRows);
+      ptx::mbar_wait(&sm.empty[ring.stage], ring.phase ^ 1);
+      ptx::mbar_expect_tx(&sm.full[ring.stage], code_bytes + scale_bytes);
+      ptx::bulk_load(sm.codes[ring.stage], q + row_tiled_offset(row, first, span.blocks, span.block_bytes, kTcRows),
+                     code_bytes, &sm.full[ring.stage]);
+      ptx::bulk_load(sm.scales[ring.stage], W.scales + row_tiled_offset(row, span.first + first, nblk, 1, kTcRows),
+                     scale_bytes, &sm.full[ring.stage]);
+      ring.advance();
+    });
+}
+
 // A lane's words of block `block` in the stream kernel's map (FP8: bytes 4t..4t+3, 16+4t..16+4t+3).
 template <ElemFormat F, WordSource kSrc>
 __device__ __forceinline__ LaneWords load_lane_ldsm_map(const uint8_t* block, int t) {
@@ -567,32 +599,10 @@ __global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
   StreamSmem<NT>& sm = *reinterpret_cast<StreamSmem<NT>*>(stream_smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tiles = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kStreamStages; ++i) {
-      ptx::mbar_init(&sm.full[i], 1);
-      ptx::mbar_init(&sm.empty[i], kWarps);
-    }
-    ptx::mbar_fence_init();
-  }
+  if (threadIdx.x == 0) init_ring(sm, kWarps);
   __syncthreads();
   if (warp == kWarps) {
-    // Producer: reads weights only, so it starts before the kernel before has finished.
-    if (lane != 0) return;
-    RingPosition ring;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
-      for_each_chunk(plan, [&](int s, const SegmentSpan& span, int first, int count) {
-        const uint8_t* q = s == 0 ? W.q4 : s == 1 ? W.q6 : W.q8;
-        const int64_t row = static_cast<int64_t>(tile) * kTcRows;
-        const uint32_t code_bytes = static_cast<uint32_t>(count * kTcRows * span.block_bytes);
-        const uint32_t scale_bytes = static_cast<uint32_t>(count * kTcRows);
-        ptx::mbar_wait(&sm.empty[ring.stage], ring.phase ^ 1);
-        ptx::mbar_expect_tx(&sm.full[ring.stage], code_bytes + scale_bytes);
-        ptx::bulk_load(sm.codes[ring.stage], q + row_tiled_offset(row, first, span.blocks, span.block_bytes, kTcRows),
-                       code_bytes, &sm.full[ring.stage]);
-        ptx::bulk_load(sm.scales[ring.stage], W.scales + row_tiled_offset(row, span.first + first, nblk, 1, kTcRows),
-                       scale_bytes, &sm.full[ring.stage]);
-        ring.advance();
-      });
+    if (lane == 0) stream_weights(sm, W, plan, tiles);
     return;
   }
   ptx::chain_enter();  // the tokens come from the kernel before
@@ -632,6 +642,205 @@ __global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
     ptx::named_bar_sync<1, kWarps * 32>();  // the consumer warps only
     store_tile_sums<NT, kWarps>(sm.partial, threadIdx.x, kWarps * 32, n0, M, N, Y);
     ptx::named_bar_sync<1, kWarps * 32>();  // partials read before the next tile's are written
+  }
+}
+
+// ---- Few tokens on wgmma (M <= kWgTokens) ----
+// mma.sync with E4M3 operands is not native on sm_90: ptxas turns each into f16 conversions of
+// every operand register and two f16 MMAs, and those conversions were as many instructions as
+// the weight codes' own. wgmma.m64n8k32 takes E4M3 natively, A from registers. Its 64 rows are
+// two blocks of a 32-row tile side by side (warps 0, 1: rows 0-15 and 16-31 of block 2p; warps
+// 2, 3: of block 2p + 1), and its 8 columns hold the tokens of both blocks (block j, token m in
+// column 4j + m), so that each block meets its own tokens; the other four columns of each row
+// are products nobody reads. The tokens' side, one 8 x 32 E4M3 tile per pair of a segment's
+// blocks, is built once per CTA in shared memory (K-major, no swizzle: the second 16 bytes of K
+// 128 bytes on), in the element order to_e4m3 gives the weights. Four consumer warpgroups
+// share a stage's pairs; each promotes its pairs' products with the blocks' scales, as
+// stream_stage does.
+constexpr int kWgTokens = 4;
+constexpr int kWgConsumerWarps = 16;
+constexpr int kPairTileBytes = 256;
+__host__ __device__ constexpr int segment_pairs(const MixPlan& plan, int s) { return (segment_span(plan, s).blocks + 1) / 2; }
+__host__ __device__ constexpr int pair_base(const MixPlan& plan, int s) {
+  return s == 0 ? 0 : s == 1 ? segment_pairs(plan, 0) : segment_pairs(plan, 0) + segment_pairs(plan, 1);
+}
+__host__ __device__ constexpr int total_pairs(const MixPlan& plan) { return pair_base(plan, 2) + segment_pairs(plan, 2); }
+
+// Followed in shared memory by the tokens' factors [blocks][kWgTokens] and the pair tiles.
+struct WgStreamSmem {
+  uint8_t codes[kStreamStages][kStreamCodeBytes];
+  uint8_t scales[kStreamStages][kStreamScaleBytes];
+  uint64_t full[kStreamStages], empty[kStreamStages];
+  float partial[kWgConsumerWarps][16][kWgTokens];  // each warp's sums of its 16 rows
+  float lut[256];
+};
+__host__ __device__ constexpr int wg_factor_bytes(const MixPlan& plan) { return plan.blocks() * kWgTokens * 4; }
+__host__ __device__ constexpr int wg_smem_bytes(const MixPlan& plan) {
+  return static_cast<int>(sizeof(WgStreamSmem)) + wg_factor_bytes(plan) + total_pairs(plan) * kPairTileBytes;
+}
+
+// The tokens' column of pair tiles: token m's block b (absolute), as its lane t would hold it,
+// into column 4 (b's place in its pair) + m.
+template <ElemFormat F>
+__device__ __forceinline__ void put_token_words(uint8_t* tiles, const MixPlan& plan, const MxSegments& A, int s,
+                                                int b, int m, int t) {
+  const SegmentSpan span = segment_span(plan, s);
+  const int local = b - span.first;
+  const uint8_t* aq = s == 0 ? A.q4 : s == 1 ? A.q6 : A.q8;
+  const uint8_t* block = aq + static_cast<int64_t>(m) * span.blocks * span.block_bytes + local * span.block_bytes;
+  uint32_t r[2];
+  codes_to_e4m3<F>(load_lane_ldsm_map<F, WordSource::Cached>(block, t), (t & 1) != 0, r);
+  uint8_t* tile = tiles + (pair_base(plan, s) + local / 2) * kPairTileBytes + (4 * (local % 2) + m) * 16 + 4 * t;
+  *reinterpret_cast<uint32_t*>(tile) = r[0];
+  *reinterpret_cast<uint32_t*>(tile + 128) = r[1];
+}
+
+// One stage for warpgroup `wg`: its pairs p = wg, wg + 4, ... of the stage's `count` blocks;
+// this warp holds rows 16 * half .. + 15 of block 2p + j. `factors` and `tiles` start at the
+// stage's first block and pair. acc: rows g, g + 8 x tokens 2 (t % 2), + 1, for lanes t / 2 == j.
+template <ElemFormat F>
+__device__ __forceinline__ void wg_stage(const uint8_t* codes, const uint8_t* scales, const float* lut,
+                                         const float* factors, const uint8_t* tiles, int count, int wg, int j,
+                                         int half, int lane, float (&acc)[4]) {
+  constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
+  constexpr int kPerWg = stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / 2 / (kWgConsumerWarps / 4);
+  const int g = lane / 4, t = lane % 4;
+  const int pairs = (count + 1) / 2;
+  const int mine = pairs > wg ? (pairs - wg + 3) / 4 : 0;  // the same for the whole warpgroup
+  uint32_t a[kPerWg][4];
+  float d[kPerWg][4], fw[kPerWg][2];
+  float2 fa[kPerWg];
+#pragma unroll
+  for (int u = 0; u < kPerWg; ++u) {
+    const int b = 2 * (wg + 4 * u) + j;
+    const uint8_t* rows = codes + (b * kTcRows + 16 * half) * kBytes;
+    if (u < mine && b < count) {
+      if constexpr (F == ElemFormat::E4M3) {
+        // matrices: rows 0-7 | 8-15 of bytes 0-15, then of bytes 16-31
+        ptx::ldmatrix_x4(a[u], rows + (lane % 16) * kBytes + 16 * (lane / 16));
+      } else {
+        LaneWords w0, w1;
+        if constexpr (F == ElemFormat::E2M1) {
+          uint32_t r[2];
+          ptx::ldmatrix_x2(r, rows + (lane % 16) * kBytes);
+          w0 = {r[0], 0u};
+          w1 = {r[1], 0u};
+        } else {
+          w0 = load_lane<F, WordSource::Shared>(rows + g * kBytes, t);
+          w1 = load_lane<F, WordSource::Shared>(rows + (g + 8) * kBytes, t);
+        }
+        uint32_t r0[2], r1[2];
+        to_e4m3<F>(w0, r0);
+        to_e4m3<F>(w1, r1);
+        a[u][0] = r0[0];
+        a[u][1] = r1[0];
+        a[u][2] = r0[1];
+        a[u][3] = r1[1];
+      }
+      fw[u][0] = lut[scales[b * kTcRows + 16 * half + g]];
+      fw[u][1] = lut[scales[b * kTcRows + 16 * half + g + 8]];
+      fa[u] = *reinterpret_cast<const float2*>(factors + b * kWgTokens + 2 * (t % 2));
+    } else {
+      a[u][0] = a[u][1] = a[u][2] = a[u][3] = 0u;
+      fw[u][0] = fw[u][1] = 0.0f;
+      fa[u] = make_float2(0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[u][i] = 0.0f;
+    ptx::fence_operands<4>(d[u]);
+  }
+  // Every warpgroup issues all kPerWg (a wgmma under a branch the compiler cannot prove uniform
+  // is serialized); those past its pairs multiply zeros by a tile that exists and are not promoted.
+  ptx::wgmma_fence();
+#pragma unroll
+  for (int u = 0; u < kPerWg; ++u) {
+    const int p = min(wg + 4 * u, pairs - 1);
+    ptx::wgmma_m64n8k32_e4m3_rs(d[u], a[u], ptx::smem_desc_plain(tiles + p * kPairTileBytes, 128, 256));
+  }
+  ptx::wgmma_commit();
+  ptx::wgmma_wait<0>();
+#pragma unroll
+  for (int u = 0; u < kPerWg; ++u) {
+    if (u >= mine) break;
+    ptx::fence_operands<4>(d[u]);
+    acc[0] = fmaf(d[u][0], fw[u][0] * fa[u].x, acc[0]);
+    acc[1] = fmaf(d[u][1], fw[u][0] * fa[u].y, acc[1]);
+    acc[2] = fmaf(d[u][2], fw[u][1] * fa[u].x, acc[2]);
+    acc[3] = fmaf(d[u][3], fw[u][1] * fa[u].y, acc[3]);
+  }
+}
+
+__global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
+    decode_stream_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y) {
+  constexpr int kThreads = kWgConsumerWarps * 32;
+  extern __shared__ __align__(128) uint8_t stream_smem[];
+  WgStreamSmem& sm = *reinterpret_cast<WgStreamSmem*>(stream_smem);
+  float* factors = reinterpret_cast<float*>(stream_smem + sizeof(WgStreamSmem));
+  uint8_t* tiles = stream_smem + sizeof(WgStreamSmem) + wg_factor_bytes(plan);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tiles_n = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
+  if (threadIdx.x == 0) init_ring(sm, kWgConsumerWarps);
+  __syncthreads();
+  if (warp == kWgConsumerWarps) {
+    if (lane == 0) stream_weights(sm, W, plan, tiles_n);
+    return;
+  }
+  fill_scale_lut(sm.lut, threadIdx.x, kThreads);
+  uint32_t* tile_words = reinterpret_cast<uint32_t*>(tiles);
+  for (int i = threadIdx.x; i < total_pairs(plan) * kPairTileBytes / 4; i += kThreads) tile_words[i] = 0u;
+  ptx::chain_enter();  // the tokens come from the kernel before
+  for (int i = threadIdx.x; i < nblk * kWgTokens; i += kThreads) {
+    const int b = i / kWgTokens, m = i % kWgTokens, seg = segment_of_block(plan, b);
+    const float bias = exp2i(2 * (seg == 0   ? kE4m3Bias<ElemFormat::E2M1>
+                                  : seg == 1 ? kE4m3Bias<ElemFormat::E3M2>
+                                             : kE4m3Bias<ElemFormat::E4M3>));
+    factors[i] = m < M ? decode_scale(A.scales[static_cast<int64_t>(m) * nblk + b]) * bias : 0.0f;
+  }
+  ptx::named_bar_sync<1, kThreads>();  // tiles zeroed
+  for (int i = threadIdx.x; i < nblk * M * 4; i += kThreads) {
+    const int b = i / (M * 4), m = i / 4 % M, t = i % 4, seg = segment_of_block(plan, b);
+    if (seg == 0) put_token_words<ElemFormat::E2M1>(tiles, plan, A, seg, b, m, t);
+    else if (seg == 1) put_token_words<ElemFormat::E3M2>(tiles, plan, A, seg, b, m, t);
+    else put_token_words<ElemFormat::E4M3>(tiles, plan, A, seg, b, m, t);
+  }
+  ptx::fence_proxy_async();  // the tiles' writes, visible to wgmma
+  ptx::named_bar_sync<1, kThreads>();
+  const int wg = warp / 4, j = warp % 4 / 2, half = warp % 2;
+  const int g = lane / 4, t = lane % 4;
+  RingPosition ring;
+  for (int tile = blockIdx.x; tile < tiles_n; tile += gridDim.x) {
+    const int n0 = tile * kTcRows;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for_each_chunk(plan, [&](int s, const SegmentSpan& span, int first, int count) {
+      ptx::mbar_wait(&sm.full[ring.stage], ring.phase);
+      const uint8_t* codes = sm.codes[ring.stage];
+      const uint8_t* scales = sm.scales[ring.stage];
+      const float* f = factors + (span.first + first) * kWgTokens;
+      const uint8_t* pt = tiles + (pair_base(plan, s) + first / 2) * kPairTileBytes;
+      if (s == 0) wg_stage<ElemFormat::E2M1>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, acc);
+      else if (s == 1) wg_stage<ElemFormat::E3M2>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, acc);
+      else wg_stage<ElemFormat::E4M3>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, acc);
+      __syncwarp();
+      if (lane == 0) ptx::mbar_arrive(&sm.empty[ring.stage]);
+      ring.advance();
+    });
+    if (t / 2 == j) {
+      const int m0 = 2 * (t % 2);
+      sm.partial[warp][g][m0] = acc[0];
+      sm.partial[warp][g][m0 + 1] = acc[1];
+      sm.partial[warp][g + 8][m0] = acc[2];
+      sm.partial[warp][g + 8][m0 + 1] = acc[3];
+    }
+    ptx::named_bar_sync<1, kThreads>();
+    // Row r is rows r % 16 of the warps w with w % 2 == r / 16 (both blocks of every pair), summed in warp order.
+    for (int o = threadIdx.x; o < kTcRows * kWgTokens; o += kThreads) {
+      const int r = o / kWgTokens, m = o % kWgTokens, n = n0 + r;
+      float v = 0.0f;
+#pragma unroll
+      for (int w = r / 16; w < kWgConsumerWarps; w += 2) v += sm.partial[w][r % 16][m];
+      if (m < M && n < N) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
+    }
+    ptx::named_bar_sync<1, kThreads>();  // partials read before the next tile's are written
   }
 }
 
@@ -712,6 +921,18 @@ cudaError_t launch_decode_stream(MxSegments A, MxSegments W, int M, int N, MixPl
   return ptx::launch_chained(kernel, dim3(grid), dim3(kThreads), smem, stream, A, W, M, N, plan, Y);
 }
 
+cudaError_t launch_decode_stream_wgmma(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
+                                       cudaStream_t stream) {
+  const int smem = wg_smem_bytes(plan);
+  if (smem > kStreamSmemLimit || M > kWgTokens) return cudaErrorInvalidValue;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(decode_stream_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
+  if (attr != cudaSuccess) return attr;
+  const int grid = std::min((N + kTcRows - 1) / kTcRows, device_sm_count());  // one CTA per multiprocessor
+  return ptx::launch_chained(decode_stream_wgmma_kernel, dim3(grid), dim3((kWgConsumerWarps + 1) * 32), smem, stream,
+                             A, W, M, N, plan, Y);
+}
+
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>((N + kTcRows - 1) / kTcRows);
   // Measured on H100 (docs/kernels.md, section 6): two 8-warp CTAs per multiprocessor
@@ -757,6 +978,8 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   }
   if (kernel == DecodeKernel::Streamed) {
     if (!stream_ready(W)) return cudaErrorInvalidValue;
+    if (m <= kWgTokens && wg_smem_bytes(plan) <= kStreamSmemLimit)
+      return launch_decode_stream_wgmma(A, W, m, n, plan, Y, stream);
     if (m == 1) return launch_decode_stream<1, true>(A, W, m, n, plan, Y, stream);
     return m <= 8 ? launch_decode_stream<1, false>(A, W, m, n, plan, Y, stream)
                   : launch_decode_stream<2, false>(A, W, m, n, plan, Y, stream);

@@ -80,6 +80,16 @@ __device__ __forceinline__ uint64_t smem_desc_mn(const void* p, uint32_t lbo, ui
   return d;
 }
 
+// The same without swizzle, K-major: core matrices of 8 rows x 16 bytes (rows 16 bytes apart),
+// the next 16 bytes of K `lbo` bytes on, the next 8 rows `sbo` bytes on.
+__device__ __forceinline__ uint64_t smem_desc_plain(const void* p, uint32_t lbo, uint32_t sbo) {
+  const uint32_t a = smem_u32(p);
+  uint64_t d = static_cast<uint64_t>((a & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(lbo >> 4) << 16;
+  d |= static_cast<uint64_t>(sbo >> 4) << 32;
+  return d;
+}
+
 // Makes this thread's ordinary shared-memory writes (st.shared, cp.async) visible to the
 // async proxy that wgmma reads through; then a barrier before the wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
@@ -171,6 +181,17 @@ __device__ __forceinline__ void wgmma_m64n128k16_bf16_rs_bmn(float* d, const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
+// D = A x B, m64n8k32 E4M3: A from registers (four words per thread, mma.sync m16n8k32's A
+// fragment for the thread's warp's 16 rows), B K-major in shared memory (smem_desc_plain); D is
+// overwritten.
+__device__ __forceinline__ void wgmma_m64n8k32_e4m3_rs(float* d, const uint32_t* a, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
+}
+
 __device__ __forceinline__ void mma_bf16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -194,6 +215,12 @@ __device__ __forceinline__ void mma_e4m3_m16n8k32(float* c, const uint32_t* a, c
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row)));
+}
+// Two 8x8 b16 matrices (lanes 0-7 and 8-15 give the row addresses).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t* r, const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
                : "r"(smem_u32(row)));
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* row) {

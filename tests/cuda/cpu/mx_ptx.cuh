@@ -80,6 +80,11 @@ inline uint64_t smem_desc_mn(const void* p, uint32_t lbo, uint32_t sbo) {
   d |= static_cast<uint64_t>(lbo >> 4) << 16; d |= static_cast<uint64_t>(sbo >> 4) << 32; d |= static_cast<uint64_t>(1) << 62;
   return d;
 }
+inline uint64_t smem_desc_plain(const void* p, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = static_cast<uint64_t>((emu8::off(p) & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(lbo >> 4) << 16; d |= static_cast<uint64_t>(sbo >> 4) << 32;
+  return d;
+}
 inline void fence_proxy_async() {}
 // named barriers: bar.sync waits for the phase to complete, bar.arrive does not
 struct NamedBar { int count = 0; uint64_t gen = 0; };
@@ -233,6 +238,41 @@ inline void mma_e4m3_m16n8k32(float* c, const uint32_t* a, const uint32_t* b) {
   mma_m16n8<e4m3_byte, 32, 4>(c, a, b);
 }
 
+// wgmma.m64n8k32 E4M3, A from the warpgroup's registers (thread t's four words hold mma.sync
+// m16n8k32's A fragment of rows 16 (t / 32) .. +15), B K-major without swizzle: element (k, n)
+// at start + (k / 16) * LBO + (n / 8) * SBO + (n % 8) * 16 + k % 16. D is overwritten. The
+// fragments are exchanged within the warpgroup, whose 128 threads must issue it together.
+inline void wgmma_m64n8k32_e4m3_rs(float* d, const uint32_t* a, uint64_t db) {
+  static std::vector<uint32_t> frag;
+  const int l = emu::lin(), n_threads = static_cast<int>(emu::bDim.x * emu::bDim.y * emu::bDim.z);
+  {
+    std::lock_guard g(emu8::mu);
+    if (frag.size() < static_cast<size_t>(4 * n_threads)) frag.assign(4 * n_threads, 0);
+    for (int i = 0; i < 4; ++i) frag[4 * l + i] = a[i];
+  }
+  emu::wg_bars[l / 128]->arrive_and_wait();
+  const unsigned char* s = emu::smem.data();
+  const uint32_t sb = static_cast<uint32_t>(db & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((db >> 16) & 0x3FFF) << 4, sbo = static_cast<uint32_t>((db >> 32) & 0x3FFF) << 4;
+  const int wg0 = l / 128 * 128, w = l % 128 / 32, lane = l % 32;
+  auto A = [&](int r, int k) {  // row r of the warpgroup's 64
+    const int ln = (r % 8) * 4 + (k % 16) / 4, reg = (r % 16 >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0);
+    return e4m3_byte(frag[4 * (wg0 + 32 * (r / 16) + ln) + reg], k % 4);
+  };
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = 16 * w + lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + (i % 2);
+    float acc = 0.0f;
+    for (int k = 0; k < 32; ++k) {
+      const uint32_t addr = sb + (k / 16) * lbo + (col / 8) * sbo + (col % 8) * 16 + k % 16;
+      acc += A(row, k) * micromix::mx::decode_elem(micromix::mx::ElemFormat::E4M3, s[addr]);
+    }
+    out[i] = acc;
+  }
+  emu::wg_bars[l / 128]->arrive_and_wait();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
 inline void ldmatrix_impl(uint32_t* r, const void* row, bool trans) {
   const int l = emu::lin(), w = l / 32, lane = l % 32;
   static std::vector<std::vector<const uint16_t*>> rows;
@@ -252,6 +292,13 @@ inline void ldmatrix_impl(uint32_t* r, const void* row, bool trans) {
   emu::warp_bars[w]->arrive_and_wait();
 }
 inline void ldmatrix_x4(uint32_t* r, const void* row) { ldmatrix_impl(r, row, false); }
+inline void ldmatrix_x2(uint32_t* r, const void* row) {  // lanes 16-31 give addresses of matrices 2, 3: read, dropped
+  uint32_t all[4];
+  ldmatrix_impl(all, row, false);
+  r[0] = all[0];
+  r[1] = all[1];
+}
+
 inline void ldmatrix_x4_trans(uint32_t* r, const void* row) { ldmatrix_impl(r, row, true); }
 inline float fast_exp2(float x) {
   const float r = std::exp2(x);

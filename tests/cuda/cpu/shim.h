@@ -40,6 +40,7 @@ template <typename T> struct AlignedAlloc { using value_type = T; AlignedAlloc()
 inline std::vector<unsigned char, AlignedAlloc<unsigned char>> smem;
 inline std::barrier<>* cta_bar = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+inline std::vector<std::unique_ptr<std::barrier<>>> wg_bars;  // warpgroups of 128 threads
 inline std::vector<std::vector<uint64_t>> warp_slots;
 inline void* dyn_smem() { return smem.data(); }
 inline void syncthreads() { cta_bar->arrive_and_wait(); }
@@ -71,12 +72,15 @@ inline void launch(dim3 g, dim3 b, size_t sm, cudaStream_t, const std::function<
     std::barrier<> cb(n); cta_bar = &cb;
     warp_bars.clear(); warp_slots.assign((n + 31) / 32, std::vector<uint64_t>(32));
     for (int w = 0; w < (n + 31) / 32; ++w) warp_bars.emplace_back(new std::barrier<>(std::min(32, n - 32 * w)));
+    wg_bars.clear();
+    for (int w = 0; w < (n + 127) / 128; ++w) wg_bars.emplace_back(new std::barrier<>(std::min(128, n - 128 * w)));
     std::vector<std::thread> th;
     for (int t = 0; t < n; ++t) th.emplace_back([&, t] {
       tIdx = uint3{unsigned(t % b.x), unsigned((t / b.x) % b.y), unsigned(t / (b.x * b.y))};
       bIdx = uint3{x, y, z};
       f();
       warp_bars[t / 32]->arrive_and_drop();
+      wg_bars[t / 128]->arrive_and_drop();
       cb.arrive_and_drop();
     });
     for (auto& t : th) t.join();
