@@ -458,6 +458,12 @@ struct StreamSmem {
   PartialTile<NT> partial[stream_warps(NT)];
   float lut[256];  // decoded E8M0 scales
 };
+// 2^(2 kE4m3Bias) of segment seg: undoes the E4M3 payloads' offset in a product of two codes.
+__device__ __forceinline__ float product_bias(int seg) {
+  return exp2i(2 * (seg == 0   ? kE4m3Bias<ElemFormat::E2M1>
+                    : seg == 1 ? kE4m3Bias<ElemFormat::E3M2>
+                               : kE4m3Bias<ElemFormat::E4M3>));
+}
 // Token factors 2^s_a * 2^(2 kE4m3Bias) of every block for the 8 NT token columns, [blocks][8 NT]:
 // computed once per CTA, read by every row tile.
 __host__ __device__ constexpr int stream_factor_bytes(int blocks, int nt) { return blocks * 8 * nt * 4; }
@@ -609,11 +615,8 @@ __global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
   float* factors = reinterpret_cast<float*>(stream_smem + sizeof(StreamSmem<NT>));
   fill_scale_lut(sm.lut, threadIdx.x, kWarps * 32);
   for (int i = threadIdx.x; i < nblk * 8 * NT; i += kWarps * 32) {
-    const int b = i / (8 * NT), m = i % (8 * NT), seg = segment_of_block(plan, b);
-    const float bias = exp2i(2 * (seg == 0   ? kE4m3Bias<ElemFormat::E2M1>
-                                  : seg == 1 ? kE4m3Bias<ElemFormat::E3M2>
-                                             : kE4m3Bias<ElemFormat::E4M3>));
-    factors[i] = m < M ? decode_scale(A.scales[static_cast<int64_t>(m) * nblk + b]) * bias : 0.0f;
+    const int b = i / (8 * NT), m = i % (8 * NT);
+    factors[i] = m < M ? decode_scale(A.scales[static_cast<int64_t>(m) * nblk + b]) * product_bias(segment_of_block(plan, b)) : 0.0f;
   }
   ptx::named_bar_sync<1, kWarps * 32>();
   const int g = lane / 4, t = lane % 4;
@@ -679,21 +682,37 @@ __host__ __device__ constexpr int wg_smem_bytes(const MixPlan& plan) {
   return static_cast<int>(sizeof(WgStreamSmem)) + wg_factor_bytes(plan) + total_pairs(plan) * kPairTileBytes;
 }
 
-// The tokens' column of pair tiles: token m's block b (absolute), as its lane t would hold it,
-// into column 4 (b's place in its pair) + m.
-template <ElemFormat F>
-__device__ __forceinline__ void put_token_words(uint8_t* tiles, const MixPlan& plan, const MxSegments& A, int s,
-                                                int b, int m, int t) {
-  const SegmentSpan span = segment_span(plan, s);
-  const int local = b - span.first;
-  const uint8_t* aq = s == 0 ? A.q4 : s == 1 ? A.q6 : A.q8;
-  const uint8_t* block = aq + static_cast<int64_t>(m) * span.blocks * span.block_bytes + local * span.block_bytes;
-  uint32_t r[2];
-  codes_to_e4m3<F>(load_lane_ldsm_map<F, WordSource::Cached>(block, t), (t & 1) != 0, r);
-  uint8_t* tile = tiles + (pair_base(plan, s) + local / 2) * kPairTileBytes + (4 * (local % 2) + m) * 16 + 4 * t;
-  *reinterpret_cast<uint32_t*>(tile) = r[0];
-  *reinterpret_cast<uint32_t*>(tile + 128) = r[1];
-}
+// One item of the tokens' pass: token m's block b (absolute) as lane t would hold it, bound for
+// column 4 (b's place in its pair) + m of the block's pair tile.
+struct TokenItem {
+  int seg, b, m, t;
+  __device__ __forceinline__ TokenItem(const MixPlan& plan, int i, int M)
+      : seg(0), b(i / (M * 4)), m(i / 4 % M), t(i % 4) {
+    seg = segment_of_block(plan, b);
+  }
+  __device__ __forceinline__ const uint8_t* block(const MixPlan& plan, const MxSegments& A) const {
+    const SegmentSpan span = segment_span(plan, seg);
+    const uint8_t* aq = seg == 0 ? A.q4 : seg == 1 ? A.q6 : A.q8;
+    return aq + (static_cast<int64_t>(m) * span.blocks + b - span.first) * span.block_bytes;
+  }
+  __device__ __forceinline__ LaneWords load(const MixPlan& plan, const MxSegments& A) const {
+    const uint8_t* p = block(plan, A);
+    return seg == 0   ? load_lane_ldsm_map<ElemFormat::E2M1, WordSource::Cached>(p, t)
+           : seg == 1 ? load_lane_ldsm_map<ElemFormat::E3M2, WordSource::Cached>(p, t)
+                      : load_lane_ldsm_map<ElemFormat::E4M3, WordSource::Cached>(p, t);
+  }
+  __device__ __forceinline__ void store(const MixPlan& plan, LaneWords w, uint8_t* tiles) const {
+    uint32_t r[2];
+    const bool odd = (t & 1) != 0;
+    if (seg == 0) codes_to_e4m3<ElemFormat::E2M1>(w, odd, r);
+    else if (seg == 1) codes_to_e4m3<ElemFormat::E3M2>(w, odd, r);
+    else codes_to_e4m3<ElemFormat::E4M3>(w, odd, r);
+    const int local = b - segment_span(plan, seg).first;
+    uint8_t* tile = tiles + (pair_base(plan, seg) + local / 2) * kPairTileBytes + (4 * (local % 2) + m) * 16 + 4 * t;
+    *reinterpret_cast<uint32_t*>(tile) = r[0];
+    *reinterpret_cast<uint32_t*>(tile + 128) = r[1];
+  }
+};
 
 // One stage for warpgroup `wg`: its pairs p = wg, wg + 4, ... of the stage's `count` blocks;
 // this warp holds rows 16 * half .. + 15 of block 2p + j. `factors` and `tiles` start at the
@@ -701,7 +720,7 @@ __device__ __forceinline__ void put_token_words(uint8_t* tiles, const MixPlan& p
 template <ElemFormat F>
 __device__ __forceinline__ void wg_stage(const uint8_t* codes, const uint8_t* scales, const float* lut,
                                          const float* factors, const uint8_t* tiles, int count, int wg, int j,
-                                         int half, int lane, float (&acc)[4]) {
+                                         int half, int lane, uint64_t* empty, float (&acc)[4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
   constexpr int kPerWg = stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / 2 / (kWgConsumerWarps / 4);
   const int g = lane / 4, t = lane % 4;
@@ -749,6 +768,8 @@ __device__ __forceinline__ void wg_stage(const uint8_t* codes, const uint8_t* sc
     for (int i = 0; i < 4; ++i) d[u][i] = 0.0f;
     ptx::fence_operands<4>(d[u]);
   }
+  __syncwarp();
+  if (lane == 0) ptx::mbar_arrive(empty);  // the stage is in registers: the producer may refill it
   // Every warpgroup issues all kPerWg (a wgmma under a branch the compiler cannot prove uniform
   // is serialized); those past its pairs multiply zeros by a tile that exists and are not promoted.
   ptx::wgmma_fence();
@@ -786,22 +807,35 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
     return;
   }
   fill_scale_lut(sm.lut, threadIdx.x, kThreads);
+  // Absent tokens stay zero; zeroing before the wait overlaps the kernel before.
   uint32_t* tile_words = reinterpret_cast<uint32_t*>(tiles);
   for (int i = threadIdx.x; i < total_pairs(plan) * kPairTileBytes / 4; i += kThreads) tile_words[i] = 0u;
+  for (int i = threadIdx.x; i < nblk * kWgTokens; i += kThreads) factors[i] = 0.0f;
+  ptx::named_bar_sync<1, kThreads>();
   ptx::chain_enter();  // the tokens come from the kernel before
-  for (int i = threadIdx.x; i < nblk * kWgTokens; i += kThreads) {
-    const int b = i / kWgTokens, m = i % kWgTokens, seg = segment_of_block(plan, b);
-    const float bias = exp2i(2 * (seg == 0   ? kE4m3Bias<ElemFormat::E2M1>
-                                  : seg == 1 ? kE4m3Bias<ElemFormat::E3M2>
-                                             : kE4m3Bias<ElemFormat::E4M3>));
-    factors[i] = m < M ? decode_scale(A.scales[static_cast<int64_t>(m) * nblk + b]) * bias : 0.0f;
-  }
-  ptx::named_bar_sync<1, kThreads>();  // tiles zeroed
-  for (int i = threadIdx.x; i < nblk * M * 4; i += kThreads) {
-    const int b = i / (M * 4), m = i / 4 % M, t = i % 4, seg = segment_of_block(plan, b);
-    if (seg == 0) put_token_words<ElemFormat::E2M1>(tiles, plan, A, seg, b, m, t);
-    else if (seg == 1) put_token_words<ElemFormat::E3M2>(tiles, plan, A, seg, b, m, t);
-    else put_token_words<ElemFormat::E4M3>(tiles, plan, A, seg, b, m, t);
+  // The tokens' pass, kTokenBatch items per thread at a time: all their loads (codes and the
+  // block's scale) first, so that they are in flight together, then the conversions and stores.
+  constexpr int kTokenBatch = 4;
+  const int items = nblk * M * 4;
+  for (int base = threadIdx.x; base < items; base += kThreads * kTokenBatch) {
+    LaneWords w[kTokenBatch];
+    uint8_t scale[kTokenBatch];
+#pragma unroll
+    for (int k = 0; k < kTokenBatch; ++k) {
+      const int i = base + k * kThreads;
+      if (i >= items) break;
+      const TokenItem it(plan, i, M);
+      w[k] = it.load(plan, A);
+      scale[k] = it.t == 0 ? __ldg(A.scales + static_cast<int64_t>(it.m) * nblk + it.b) : uint8_t(0);
+    }
+#pragma unroll
+    for (int k = 0; k < kTokenBatch; ++k) {
+      const int i = base + k * kThreads;
+      if (i >= items) break;
+      const TokenItem it(plan, i, M);
+      if (it.t == 0) factors[it.b * kWgTokens + it.m] = decode_scale(scale[k]) * product_bias(it.seg);
+      it.store(plan, w[k], tiles);
+    }
   }
   ptx::fence_proxy_async();  // the tiles' writes, visible to wgmma
   ptx::named_bar_sync<1, kThreads>();
@@ -817,11 +851,10 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
       const uint8_t* scales = sm.scales[ring.stage];
       const float* f = factors + (span.first + first) * kWgTokens;
       const uint8_t* pt = tiles + (pair_base(plan, s) + first / 2) * kPairTileBytes;
-      if (s == 0) wg_stage<ElemFormat::E2M1>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, acc);
-      else if (s == 1) wg_stage<ElemFormat::E3M2>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, acc);
-      else wg_stage<ElemFormat::E4M3>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, acc);
-      __syncwarp();
-      if (lane == 0) ptx::mbar_arrive(&sm.empty[ring.stage]);
+      uint64_t* empty = &sm.empty[ring.stage];
+      if (s == 0) wg_stage<ElemFormat::E2M1>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, empty, acc);
+      else if (s == 1) wg_stage<ElemFormat::E3M2>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, empty, acc);
+      else wg_stage<ElemFormat::E4M3>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, empty, acc);
       ring.advance();
     });
     if (t / 2 == j) {
