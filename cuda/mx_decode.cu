@@ -523,6 +523,17 @@ __device__ __forceinline__ void stream_weights(Smem& sm, const MxSegments& W, co
     });
 }
 
+// Sets up the ring; the warp after the consumers streams the weights (its lane 0) and gets false.
+template <typename Smem>
+__device__ __forceinline__ bool start_ring(Smem& sm, const MxSegments& W, const MixPlan& plan, int tiles,
+                                           int consumer_warps) {
+  if (threadIdx.x == 0) init_ring(sm, consumer_warps);
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x / 32) != consumer_warps) return true;
+  if (threadIdx.x % 32 == 0) stream_weights(sm, W, plan, tiles);
+  return false;
+}
+
 // A lane's words of block `block` in the stream kernel's map (FP8: bytes 4t..4t+3, 16+4t..16+4t+3).
 template <ElemFormat F, WordSource kSrc>
 __device__ __forceinline__ LaneWords load_lane_ldsm_map(const uint8_t* block, int t) {
@@ -605,18 +616,14 @@ __global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
   StreamSmem<NT>& sm = *reinterpret_cast<StreamSmem<NT>*>(stream_smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tiles = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
-  if (threadIdx.x == 0) init_ring(sm, kWarps);
-  __syncthreads();
-  if (warp == kWarps) {
-    if (lane == 0) stream_weights(sm, W, plan, tiles);
-    return;
-  }
+  if (!start_ring(sm, W, plan, tiles, kWarps)) return;
   ptx::chain_enter();  // the tokens come from the kernel before
   float* factors = reinterpret_cast<float*>(stream_smem + sizeof(StreamSmem<NT>));
   fill_scale_lut(sm.lut, threadIdx.x, kWarps * 32);
   for (int i = threadIdx.x; i < nblk * 8 * NT; i += kWarps * 32) {
     const int b = i / (8 * NT), m = i % (8 * NT);
-    factors[i] = m < M ? decode_scale(A.scales[static_cast<int64_t>(m) * nblk + b]) * product_bias(segment_of_block(plan, b)) : 0.0f;
+    const float bias = product_bias(segment_of_block(plan, b));
+    factors[i] = m < M ? decode_scale(A.scales[static_cast<int64_t>(m) * nblk + b]) * bias : 0.0f;
   }
   ptx::named_bar_sync<1, kWarps * 32>();
   const int g = lane / 4, t = lane % 4;
@@ -663,11 +670,15 @@ __global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
 constexpr int kWgTokens = 4;
 constexpr int kWgConsumerWarps = 16;
 constexpr int kPairTileBytes = 256;
-__host__ __device__ constexpr int segment_pairs(const MixPlan& plan, int s) { return (segment_span(plan, s).blocks + 1) / 2; }
+__host__ __device__ constexpr int segment_pairs(const MixPlan& plan, int s) {
+  return (segment_span(plan, s).blocks + 1) / 2;
+}
 __host__ __device__ constexpr int pair_base(const MixPlan& plan, int s) {
   return s == 0 ? 0 : s == 1 ? segment_pairs(plan, 0) : segment_pairs(plan, 0) + segment_pairs(plan, 1);
 }
-__host__ __device__ constexpr int total_pairs(const MixPlan& plan) { return pair_base(plan, 2) + segment_pairs(plan, 2); }
+__host__ __device__ constexpr int total_pairs(const MixPlan& plan) {
+  return pair_base(plan, 2) + segment_pairs(plan, 2);
+}
 
 // Followed in shared memory by the tokens' factors [blocks][kWgTokens] and the pair tiles.
 struct WgStreamSmem {
@@ -800,12 +811,7 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
   uint8_t* tiles = stream_smem + sizeof(WgStreamSmem) + wg_factor_bytes(plan);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tiles_n = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
-  if (threadIdx.x == 0) init_ring(sm, kWgConsumerWarps);
-  __syncthreads();
-  if (warp == kWgConsumerWarps) {
-    if (lane == 0) stream_weights(sm, W, plan, tiles_n);
-    return;
-  }
+  if (!start_ring(sm, W, plan, tiles_n, kWgConsumerWarps)) return;
   fill_scale_lut(sm.lut, threadIdx.x, kThreads);
   // Absent tokens stay zero; zeroing before the wait overlaps the kernel before.
   uint32_t* tile_words = reinterpret_cast<uint32_t*>(tiles);

@@ -151,21 +151,33 @@ inline void wgmma_m64nk16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) 
 }
 inline void wgmma_m64n128k16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) { wgmma_m64nk16_bf16<128>(d, da, db, scale_d); }
 inline void wgmma_m64n64k16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) { wgmma_m64nk16_bf16<64>(d, da, db, scale_d); }
-// wgmma.m64n128k16 bf16, A from the warpgroup's registers (thread t's four words hold mma.sync's
-// A fragment of rows 16 (t / 32) .. +15), B MN-major: element (k, n) at start + (n / 64) * LBO +
-// 2 (n % 64) + (k / 8) * SBO + (k % 8) * 128, then swizzled. The fragments are exchanged through
-// a per-CTA buffer between two CTA barriers, so every thread of the CTA must issue it together.
-inline void wgmma_m64n128k16_bf16_rs_bmn(float* d, const uint32_t* a, uint64_t db) {
+// A thread's four A-fragment words of a wgmma with A from registers, published in a per-CTA
+// table (four words per thread) that its warpgroup reads after a warpgroup barrier; a second
+// barrier after the reads lets the table be reused.
+inline const std::vector<uint32_t>& publish_fragment(const uint32_t* a) {
   static std::vector<uint32_t> frag;
   const int l = emu::lin(), n_threads = static_cast<int>(emu::bDim.x * emu::bDim.y * emu::bDim.z);
-  {
-    std::lock_guard g(emu8::mu);
-    if (frag.size() < static_cast<size_t>(4 * n_threads)) frag.assign(4 * n_threads, 0);
-    for (int i = 0; i < 4; ++i) frag[4 * l + i] = a[i];
-  }
-  emu::syncthreads();
-  const uint32_t sb = static_cast<uint32_t>(db & 0x3FFF) << 4;
-  const uint32_t lbo = static_cast<uint32_t>((db >> 16) & 0x3FFF) << 4, sbo = static_cast<uint32_t>((db >> 32) & 0x3FFF) << 4;
+  std::lock_guard g(emu8::mu);
+  if (frag.size() < static_cast<size_t>(4 * n_threads)) frag.assign(4 * n_threads, 0);
+  for (int i = 0; i < 4; ++i) frag[4 * l + i] = a[i];
+  return frag;
+}
+struct DescriptorFields {
+  uint32_t start, lbo, sbo;
+};
+inline DescriptorFields descriptor_fields(uint64_t d) {
+  return {static_cast<uint32_t>(d & 0x3FFF) << 4, static_cast<uint32_t>((d >> 16) & 0x3FFF) << 4,
+          static_cast<uint32_t>((d >> 32) & 0x3FFF) << 4};
+}
+// wgmma.m64n128k16 bf16, A from the warpgroup's registers (thread t's four words hold mma.sync's
+// A fragment of rows 16 (t / 32) .. +15), B MN-major: element (k, n) at start + (n / 64) * LBO +
+// 2 (n % 64) + (k / 8) * SBO + (k % 8) * 128, then swizzled. The fragments are exchanged within
+// the warpgroup, whose 128 threads must issue it together.
+inline void wgmma_m64n128k16_bf16_rs_bmn(float* d, const uint32_t* a, uint64_t db) {
+  const int l = emu::lin();
+  const std::vector<uint32_t>& frag = publish_fragment(a);
+  emu::wg_bars[l / 128]->arrive_and_wait();
+  const auto [sb, lbo, sbo] = descriptor_fields(db);
   const int wg0 = l / 128 * 128, w = l % 128 / 32, lane = l % 32;
   auto A = [&](int r, int k) {  // row r of the warpgroup's 64
     const int ln = (r % 8) * 4 + (k % 8) / 2, reg = (r % 16 >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
@@ -183,7 +195,7 @@ inline void wgmma_m64n128k16_bf16_rs_bmn(float* d, const uint32_t* a, uint64_t d
       acc += A(row, k) * smem_bf16(sb + (col / 64) * lbo + 2 * (col % 64) + (k / 8) * sbo + (k % 8) * 128);
     out[i] = acc;
   }
-  emu::syncthreads();
+  emu::wg_bars[l / 128]->arrive_and_wait();
   for (int i = 0; i < 64; ++i) d[i] = out[i];
 }
 inline float bf16_half(uint32_t v, int hi) {
@@ -243,17 +255,11 @@ inline void mma_e4m3_m16n8k32(float* c, const uint32_t* a, const uint32_t* b) {
 // at start + (k / 16) * LBO + (n / 8) * SBO + (n % 8) * 16 + k % 16. D is overwritten. The
 // fragments are exchanged within the warpgroup, whose 128 threads must issue it together.
 inline void wgmma_m64n8k32_e4m3_rs(float* d, const uint32_t* a, uint64_t db) {
-  static std::vector<uint32_t> frag;
-  const int l = emu::lin(), n_threads = static_cast<int>(emu::bDim.x * emu::bDim.y * emu::bDim.z);
-  {
-    std::lock_guard g(emu8::mu);
-    if (frag.size() < static_cast<size_t>(4 * n_threads)) frag.assign(4 * n_threads, 0);
-    for (int i = 0; i < 4; ++i) frag[4 * l + i] = a[i];
-  }
+  const int l = emu::lin();
+  const std::vector<uint32_t>& frag = publish_fragment(a);
   emu::wg_bars[l / 128]->arrive_and_wait();
   const unsigned char* s = emu::smem.data();
-  const uint32_t sb = static_cast<uint32_t>(db & 0x3FFF) << 4;
-  const uint32_t lbo = static_cast<uint32_t>((db >> 16) & 0x3FFF) << 4, sbo = static_cast<uint32_t>((db >> 32) & 0x3FFF) << 4;
+  const auto [sb, lbo, sbo] = descriptor_fields(db);
   const int wg0 = l / 128 * 128, w = l % 128 / 32, lane = l % 32;
   auto A = [&](int r, int k) {  // row r of the warpgroup's 64
     const int ln = (r % 8) * 4 + (k % 16) / 4, reg = (r % 16 >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0);
