@@ -655,7 +655,7 @@ __global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
   }
 }
 
-// ---- Few tokens on wgmma (M <= kWgTokens) ----
+// ---- Few tokens on wgmma (M <= kWgMaxTokens) ----
 // mma.sync with E4M3 operands is not native on sm_90: ptxas turns each into f16 conversions of
 // every operand register and two f16 MMAs, and those conversions were as many instructions as
 // the weight codes' own. wgmma.m64n8k32 takes E4M3 natively, A from registers. Its 64 rows are
@@ -667,7 +667,10 @@ __global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
 // 128 bytes on), in the element order to_e4m3 gives the weights. Four consumer warpgroups
 // share a stage's pairs; each promotes its pairs' products with the blocks' scales, as
 // stream_stage does.
-constexpr int kWgTokens = 4;
+constexpr int kWgTokens = 4;  // token columns per block: N = 8 is wgmma's narrowest
+// Measured on the H200 (docs/kernels.md, section 6): faster than decode_stream_kernel for 1 and 2
+// tokens, slower for 4 on qkv, o and down (the tokens' pass grows with M), so it serves M <= 2.
+constexpr int kWgMaxTokens = 2;
 constexpr int kWgConsumerWarps = 16;
 constexpr int kPairTileBytes = 256;
 __host__ __device__ constexpr int segment_pairs(const MixPlan& plan, int s) {
@@ -963,7 +966,7 @@ cudaError_t launch_decode_stream(MxSegments A, MxSegments W, int M, int N, MixPl
 cudaError_t launch_decode_stream_wgmma(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
                                        cudaStream_t stream) {
   const int smem = wg_smem_bytes(plan);
-  if (smem > kStreamSmemLimit || M > kWgTokens) return cudaErrorInvalidValue;
+  if (smem > kStreamSmemLimit || M > kWgMaxTokens) return cudaErrorInvalidValue;
   static const cudaError_t attr =
       cudaFuncSetAttribute(decode_stream_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
   if (attr != cudaSuccess) return attr;
@@ -1017,7 +1020,7 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   }
   if (kernel == DecodeKernel::Streamed) {
     if (!stream_ready(W)) return cudaErrorInvalidValue;
-    if (m <= kWgTokens && wg_smem_bytes(plan) <= kStreamSmemLimit)
+    if (m <= kWgMaxTokens && wg_smem_bytes(plan) <= kStreamSmemLimit)
       return launch_decode_stream_wgmma(A, W, m, n, plan, Y, stream);
     if (m == 1) return launch_decode_stream<1, true>(A, W, m, n, plan, Y, stream);
     return m <= 8 ? launch_decode_stream<1, false>(A, W, m, n, plan, Y, stream)
