@@ -1,8 +1,13 @@
 // Decode GEMM (M <= 16 tokens): Y[M, N] = A[M, K] x W[N, K]^T, memory-bound on the
-// packed weights, which are streamed once (4/6/8-bit codes + E8M0 scales). Two kernels:
+// packed weights, which are streamed once (4/6/8-bit codes + E8M0 scales). The kernels, each
+// described where it is defined:
 //
-// decode_tc_kernel (default; described where it is defined): E4M3 tensor cores fed
-// straight from the packed codes of both operands.
+// decode_stream_wgmma_kernel (1-2 tokens) and decode_stream_kernel (more): row tiles of W
+// streamed into shared memory by the copy engine, E4M3 tensor cores (wgmma; mma.sync).
+//
+// decode_tc_kernel: E4M3 tensor cores (mma.sync) fed straight from the packed codes of both
+// operands in global memory; Auto takes it above 8 tokens where the grid has fewer row tiles
+// than multiprocessors.
 //
 // decode_kernel (CUDA cores, kept as a second implementation): a CTA of 8 warps owns a
 // range of weight rows and one K chunk; it first dequantizes A's chunk into shared memory
