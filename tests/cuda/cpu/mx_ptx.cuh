@@ -8,7 +8,9 @@
 // mma.sync m16n8k16 bf16 is a warp-collective exchange of the fragments (row-major A: lane
 // (g = lane/4, t = lane%4) holds rows g, g+8 and columns 2t, 2t+1, 2t+8, 2t+9; B: column g,
 // rows 2t, 2t+1, 2t+8, 2t+9; C: rows g, g+8, columns 2t, 2t+1); m16n8k32 E4M3 the same
-// with four elements per register (A: columns 4t .. 4t+3 and 4t+16 .. 4t+19).
+// with four elements per register (A: columns 4t .. 4t+3 and 4t+16 .. 4t+19). The wgmma
+// forms with A from registers take that A fragment per warp and exchange it within the
+// warpgroup (warpgroup barriers of the shim).
 #pragma once
 #include <cuda.h>
 #include <cstdint>
