@@ -59,35 +59,29 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
                : "memory");
 }
 
-// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ uint64_t smem_desc(const void* p) {
-  const uint32_t a = smem_u32(p);
-  uint64_t d = static_cast<uint64_t>((a & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>(1) << 16;             // leading byte offset (unused with 128B swizzle)
-  d |= static_cast<uint64_t>(1024 >> 4) << 32;     // stride byte offset
-  d |= static_cast<uint64_t>(1) << 62;             // 128-byte swizzle
+// A shared-memory matrix descriptor (PTX ISA, wgmma matrix descriptor): start address, leading
+// and stride byte offsets, and the layout (128-byte swizzle or none).
+__device__ __forceinline__ uint64_t smem_descriptor(const void* p, uint32_t lbo, uint32_t sbo, bool swizzle128) {
+  uint64_t d = static_cast<uint64_t>((smem_u32(p) & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(lbo >> 4) << 16;
+  d |= static_cast<uint64_t>(sbo >> 4) << 32;
+  if (swizzle128) d |= static_cast<uint64_t>(1) << 62;
   return d;
 }
+
+// K-major, 128-byte swizzle, 8-row groups 1024 bytes apart (the leading offset is unused; 16).
+__device__ __forceinline__ uint64_t smem_desc(const void* p) { return smem_descriptor(p, 16, 1024, true); }
 
 // The same for an MN-major operand (wgmma's transposed B): 128-byte rows along N, the next 64
 // N-columns `lbo` bytes on, the next 8 K-rows `sbo` bytes on.
 __device__ __forceinline__ uint64_t smem_desc_mn(const void* p, uint32_t lbo, uint32_t sbo) {
-  const uint32_t a = smem_u32(p);
-  uint64_t d = static_cast<uint64_t>((a & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>(lbo >> 4) << 16;
-  d |= static_cast<uint64_t>(sbo >> 4) << 32;
-  d |= static_cast<uint64_t>(1) << 62;
-  return d;
+  return smem_descriptor(p, lbo, sbo, true);
 }
 
-// The same without swizzle, K-major: core matrices of 8 rows x 16 bytes (rows 16 bytes apart),
-// the next 16 bytes of K `lbo` bytes on, the next 8 rows `sbo` bytes on.
+// K-major without swizzle: core matrices of 8 rows x 16 bytes (rows 16 bytes apart), the next
+// 16 bytes of K `lbo` bytes on, the next 8 rows `sbo` bytes on.
 __device__ __forceinline__ uint64_t smem_desc_plain(const void* p, uint32_t lbo, uint32_t sbo) {
-  const uint32_t a = smem_u32(p);
-  uint64_t d = static_cast<uint64_t>((a & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>(lbo >> 4) << 16;
-  d |= static_cast<uint64_t>(sbo >> 4) << 32;
-  return d;
+  return smem_descriptor(p, lbo, sbo, false);
 }
 
 // Makes this thread's ordinary shared-memory writes (st.shared, cp.async) visible to the

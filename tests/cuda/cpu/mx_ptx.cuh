@@ -72,21 +72,15 @@ inline void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar)
   b.tx -= bytes;
   emu8::maybe_complete(b);
 }
-inline uint64_t smem_desc(const void* p) {
-  uint64_t d = static_cast<uint64_t>((emu8::off(p) & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>(1) << 16; d |= static_cast<uint64_t>(1024 >> 4) << 32; d |= static_cast<uint64_t>(1) << 62;
-  return d;
-}
-inline uint64_t smem_desc_mn(const void* p, uint32_t lbo, uint32_t sbo) {
-  uint64_t d = static_cast<uint64_t>((emu8::off(p) & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>(lbo >> 4) << 16; d |= static_cast<uint64_t>(sbo >> 4) << 32; d |= static_cast<uint64_t>(1) << 62;
-  return d;
-}
-inline uint64_t smem_desc_plain(const void* p, uint32_t lbo, uint32_t sbo) {
+inline uint64_t smem_descriptor(const void* p, uint32_t lbo, uint32_t sbo, bool swizzle128) {
   uint64_t d = static_cast<uint64_t>((emu8::off(p) & 0x3FFFF) >> 4);
   d |= static_cast<uint64_t>(lbo >> 4) << 16; d |= static_cast<uint64_t>(sbo >> 4) << 32;
+  if (swizzle128) d |= static_cast<uint64_t>(1) << 62;
   return d;
 }
+inline uint64_t smem_desc(const void* p) { return smem_descriptor(p, 16, 1024, true); }
+inline uint64_t smem_desc_mn(const void* p, uint32_t lbo, uint32_t sbo) { return smem_descriptor(p, lbo, sbo, true); }
+inline uint64_t smem_desc_plain(const void* p, uint32_t lbo, uint32_t sbo) { return smem_descriptor(p, lbo, sbo, false); }
 inline void fence_proxy_async() {}
 // named barriers: bar.sync waits for the phase to complete, bar.arrive does not
 struct NamedBar { int count = 0; uint64_t gen = 0; };
