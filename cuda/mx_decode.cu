@@ -3,7 +3,8 @@
 // described where it is defined:
 //
 // decode_stream_wgmma_kernel (1-2 tokens) and decode_stream_kernel (more): row tiles of W
-// streamed into shared memory by the copy engine, E4M3 tensor cores (wgmma; mma.sync).
+// streamed into shared memory by the copy engine, E4M3 tensor cores (wgmma; mma.sync). The
+// wgmma kernel also takes bf16 tokens and quantizes them itself (mx_gemm_decode_quantizing).
 //
 // decode_tc_kernel: E4M3 tensor cores (mma.sync) fed straight from the packed codes of both
 // operands in global memory; Auto takes it above 8 tokens where the grid has fewer row tiles
@@ -25,6 +26,7 @@
 #include <type_traits>
 
 #include "mx_kernels.h"  // first: the CPU execution of the kernels puts its shim before it
+#include "act_source.cuh"
 #include "mx_codes.cuh"
 #include "mx_ptx.cuh"
 
@@ -733,6 +735,119 @@ struct TokenItem {
   }
 };
 
+// Byte of element k of a block in its token column of a pair tile: where TokenItem::store
+// puts it (lane t's codes_to_e4m3 words at 4t and 128 + 4t: FP4 even elements, then odd;
+// FP6 elements 0, 1, 4, 5, then 2, 3, 6, 7, of 8t .. 8t + 7; FP8 bytes 0-15, then 16-31).
+template <ElemFormat F>
+__device__ __forceinline__ int token_byte(int k) {
+  const int t = k / 8, i = k % 8;
+  if constexpr (F == ElemFormat::E2M1) return (i % 2) * 128 + 4 * t + i / 2;
+  else if constexpr (F == ElemFormat::E3M2) return (i / 2 % 2) * 128 + 4 * t + i / 4 * 2 + i % 2;
+  else return k / 16 * 128 + k % 16;
+}
+
+// Where the wgmma kernel's tokens come from. Each writes, after the chained wait, every
+// present token's E4M3 values into the pair tiles and its factors 2^s_a * 2^(2 kE4m3Bias);
+// `prepare` runs before the wait and may fill smem_bytes of shared memory (`order`).
+//
+// PackedTokens: the quantizer's packed output, kTokenBatch items per thread at a time: all
+// their loads (codes and the block's scale) first, so that they are in flight together,
+// then the conversions and stores.
+struct PackedTokens {
+  MxSegments A;
+  int smem_bytes(const MixPlan&) const { return 0; }
+  __device__ __forceinline__ void prepare(const MixPlan&, int32_t*) const {}
+  __device__ __forceinline__ void write(const MixPlan& plan, int M, const int32_t*, float* factors,
+                                        uint8_t* tiles) const {
+    constexpr int kThreads = kWgConsumerWarps * 32, kTokenBatch = 4;
+    const int nblk = plan.blocks(), items = nblk * M * 4;
+    for (int base = threadIdx.x; base < items; base += kThreads * kTokenBatch) {
+      LaneWords w[kTokenBatch];
+      uint8_t scale[kTokenBatch];
+#pragma unroll
+      for (int k = 0; k < kTokenBatch; ++k) {
+        const int i = base + k * kThreads;
+        if (i >= items) break;
+        const TokenItem it(plan, i, M);
+        w[k] = it.load(plan, A);
+        scale[k] = it.t == 0 ? __ldg(A.scales + static_cast<int64_t>(it.m) * nblk + it.b) : uint8_t(0);
+      }
+#pragma unroll
+      for (int k = 0; k < kTokenBatch; ++k) {
+        const int i = base + k * kThreads;
+        if (i >= items) break;
+        const TokenItem it(plan, i, M);
+        if (it.t == 0) factors[it.b * kWgTokens + it.m] = decode_scale(scale[k]) * product_bias(it.seg);
+        it.store(plan, w[k], tiles);
+      }
+    }
+  }
+};
+
+// Token m's block in format F, quantized by the warp (quantize_lane: the stand-alone
+// quantizer's codes and scale), as E4M3 bytes into the block's token column.
+template <ElemFormat F>
+__device__ __forceinline__ void quantize_token(float v, ScaleRule rule, int seg, int lane, uint8_t* column,
+                                               float* factor) {
+  uint8_t sb;
+  const uint32_t code = quantize_lane<F>(v, rule, &sb);
+  uint32_t r[2];
+  codes_to_e4m3<F>(LaneWords{code, 0u}, false, r);
+  column[token_byte<F>(lane)] = static_cast<uint8_t>(r[0]);
+  if (lane == 0) *factor = decode_scale(sb) * product_bias(seg);
+}
+
+// Shared memory of QuantizingTokens' gather order (K channel numbers, when it gathers).
+constexpr int gather_order_bytes(const MixPlan& plan, bool gathers) { return gathers ? plan.k() * 4 : 0; }
+
+// QuantizingTokens: the bf16 rows themselves (or SwiGLU of [gate | up] rows), quantized here
+// as quantize_activations / swiglu_quantize_activations would: a warp per block, a lane per
+// element, kBatch blocks' loads in flight together. The gather order (a model constant) is
+// copied to shared memory before the wait, so after it the values are one load away.
+template <class Source>
+struct QuantizingTokens {
+  Source src;
+  const int32_t* perm;  // nullptr: src holds the channels in the plan's order
+  ScaleRule rule;
+  int smem_bytes(const MixPlan& plan) const { return gather_order_bytes(plan, perm != nullptr); }
+  __device__ __forceinline__ void prepare(const MixPlan& plan, int32_t* order) const {
+    if (perm == nullptr) return;
+    for (int i = threadIdx.x; i < plan.k(); i += kWgConsumerWarps * 32) order[i] = __ldg(perm + i);
+  }
+  __device__ __forceinline__ void write(const MixPlan& plan, int M, const int32_t* order, float* factors,
+                                        uint8_t* tiles) const {
+    constexpr int kBatch = 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nblk = plan.blocks();
+    for (int base = warp; base < nblk; base += kWgConsumerWarps * kBatch) {
+      float v[kBatch][kWgMaxTokens];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int b = base + k * kWgConsumerWarps;
+        if (b >= nblk) break;
+        const int c = b * kBlockSize + lane, channel = perm != nullptr ? order[c] : c;
+#pragma unroll
+        for (int m = 0; m < kWgMaxTokens; ++m)
+          if (m < M) v[k][m] = src.channel(m, channel);
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int b = base + k * kWgConsumerWarps;
+        if (b >= nblk) break;
+        const int seg = segment_of_block(plan, b), local = b - segment_span(plan, seg).first;
+        uint8_t* pair = tiles + (pair_base(plan, seg) + local / 2) * kPairTileBytes + 4 * (local % 2) * 16;
+#pragma unroll
+        for (int m = 0; m < kWgMaxTokens; ++m) {
+          if (m >= M) break;
+          float* factor = factors + b * kWgTokens + m;
+          if (seg == 0) quantize_token<ElemFormat::E2M1>(v[k][m], rule, seg, lane, pair + 16 * m, factor);
+          else if (seg == 1) quantize_token<ElemFormat::E3M2>(v[k][m], rule, seg, lane, pair + 16 * m, factor);
+          else quantize_token<ElemFormat::E4M3>(v[k][m], rule, seg, lane, pair + 16 * m, factor);
+        }
+      }
+    }
+  }
+};
+
 // One stage for warpgroup `wg`: its pairs p = wg, wg + 4, ... of the stage's `count` blocks;
 // this warp holds rows 16 * half .. + 15 of block 2p + j. `factors` and `tiles` start at the
 // stage's first block and pair. acc: rows g, g + 8 x tokens 2 (t % 2), + 1, for lanes t / 2 == j.
@@ -810,13 +925,15 @@ __device__ __forceinline__ void wg_stage(const uint8_t* codes, const uint8_t* sc
   }
 }
 
+template <class Tokens>
 __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
-    decode_stream_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y) {
+    decode_stream_wgmma_kernel(Tokens tokens, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y) {
   constexpr int kThreads = kWgConsumerWarps * 32;
   extern __shared__ __align__(128) uint8_t stream_smem[];
   WgStreamSmem& sm = *reinterpret_cast<WgStreamSmem*>(stream_smem);
   float* factors = reinterpret_cast<float*>(stream_smem + sizeof(WgStreamSmem));
   uint8_t* tiles = stream_smem + sizeof(WgStreamSmem) + wg_factor_bytes(plan);
+  int32_t* order = reinterpret_cast<int32_t*>(tiles + total_pairs(plan) * kPairTileBytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tiles_n = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
   if (!start_ring(sm, W, plan, tiles_n, kWgConsumerWarps)) return;
@@ -825,32 +942,10 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
   uint32_t* tile_words = reinterpret_cast<uint32_t*>(tiles);
   for (int i = threadIdx.x; i < total_pairs(plan) * kPairTileBytes / 4; i += kThreads) tile_words[i] = 0u;
   for (int i = threadIdx.x; i < nblk * kWgTokens; i += kThreads) factors[i] = 0.0f;
+  tokens.prepare(plan, order);
   ptx::named_bar_sync<1, kThreads>();
   ptx::chain_enter();  // the tokens come from the kernel before
-  // The tokens' pass, kTokenBatch items per thread at a time: all their loads (codes and the
-  // block's scale) first, so that they are in flight together, then the conversions and stores.
-  constexpr int kTokenBatch = 4;
-  const int items = nblk * M * 4;
-  for (int base = threadIdx.x; base < items; base += kThreads * kTokenBatch) {
-    LaneWords w[kTokenBatch];
-    uint8_t scale[kTokenBatch];
-#pragma unroll
-    for (int k = 0; k < kTokenBatch; ++k) {
-      const int i = base + k * kThreads;
-      if (i >= items) break;
-      const TokenItem it(plan, i, M);
-      w[k] = it.load(plan, A);
-      scale[k] = it.t == 0 ? __ldg(A.scales + static_cast<int64_t>(it.m) * nblk + it.b) : uint8_t(0);
-    }
-#pragma unroll
-    for (int k = 0; k < kTokenBatch; ++k) {
-      const int i = base + k * kThreads;
-      if (i >= items) break;
-      const TokenItem it(plan, i, M);
-      if (it.t == 0) factors[it.b * kWgTokens + it.m] = decode_scale(scale[k]) * product_bias(it.seg);
-      it.store(plan, w[k], tiles);
-    }
-  }
+  tokens.write(plan, M, order, factors, tiles);
   ptx::fence_proxy_async();  // the tiles' writes, visible to wgmma
   ptx::named_bar_sync<1, kThreads>();
   const int wg = warp / 4, j = warp % 4 / 2, half = warp % 2;
@@ -968,16 +1063,23 @@ cudaError_t launch_decode_stream(MxSegments A, MxSegments W, int M, int N, MixPl
   return ptx::launch_chained(kernel, dim3(grid), dim3(kThreads), smem, stream, A, W, M, N, plan, Y);
 }
 
-cudaError_t launch_decode_stream_wgmma(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
+// Shared memory of the wgmma kernel with these tokens; over kStreamSmemLimit for long K.
+template <class Tokens>
+int wg_kernel_smem_bytes(const Tokens& tokens, const MixPlan& plan) {
+  return wg_smem_bytes(plan) + tokens.smem_bytes(plan);
+}
+
+template <class Tokens>
+cudaError_t launch_decode_stream_wgmma(const Tokens& tokens, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
                                        cudaStream_t stream) {
-  const int smem = wg_smem_bytes(plan);
+  const int smem = wg_kernel_smem_bytes(tokens, plan);
   if (smem > kStreamSmemLimit || M > kWgMaxTokens) return cudaErrorInvalidValue;
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(decode_stream_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
+  auto kernel = decode_stream_wgmma_kernel<Tokens>;
+  static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
   if (attr != cudaSuccess) return attr;
   const int grid = std::min((N + kTcRows - 1) / kTcRows, device_sm_count());  // one CTA per multiprocessor
-  return ptx::launch_chained(decode_stream_wgmma_kernel, dim3(grid), dim3((kWgConsumerWarps + 1) * 32), smem, stream,
-                             A, W, M, N, plan, Y);
+  return ptx::launch_chained(kernel, dim3(grid), dim3((kWgConsumerWarps + 1) * 32), smem, stream, tokens, W, M, N,
+                             plan, Y);
 }
 
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
@@ -1025,8 +1127,9 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   }
   if (kernel == DecodeKernel::Streamed) {
     if (!stream_ready(W)) return cudaErrorInvalidValue;
-    if (m <= kWgMaxTokens && wg_smem_bytes(plan) <= kStreamSmemLimit)
-      return launch_decode_stream_wgmma(A, W, m, n, plan, Y, stream);
+    const PackedTokens tokens{A};
+    if (m <= kWgMaxTokens && wg_kernel_smem_bytes(tokens, plan) <= kStreamSmemLimit)
+      return launch_decode_stream_wgmma(tokens, W, m, n, plan, Y, stream);
     if (m == 1) return launch_decode_stream<1, true>(A, W, m, n, plan, Y, stream);
     return m <= 8 ? launch_decode_stream<1, false>(A, W, m, n, plan, Y, stream)
                   : launch_decode_stream<2, false>(A, W, m, n, plan, Y, stream);
@@ -1037,6 +1140,31 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   if (m <= 4) return launch_decode<4>(A, W, m, n, plan, Y, workspace, stream);
   if (m <= 8) return launch_decode<8>(A, W, m, n, plan, Y, workspace, stream);
   return launch_decode<16>(A, W, m, n, plan, Y, workspace, stream);
+}
+
+namespace {
+template <class Source>
+QuantizingTokens<Source> quantizing_tokens(Source src, const DecodeInput& in) {
+  return {src, in.perm, in.rule};
+}
+}  // namespace
+
+bool decode_quantizes_tokens(MxSegments W, int64_t M, MixPlan plan, bool gathers) {
+  const DecodeKernel setting = decode_kernel_setting();
+  if (!plan.valid() || M < 0 || M > kWgMaxTokens || !stream_ready(W)) return false;
+  if (setting != DecodeKernel::Auto && setting != DecodeKernel::Streamed) return false;
+  return wg_smem_bytes(plan) + gather_order_bytes(plan, gathers) <= kStreamSmemLimit;
+}
+
+cudaError_t mx_gemm_decode_quantizing(const DecodeInput& in, MxSegments W, int64_t M, int64_t N, MixPlan plan,
+                                      uint16_t* Y, cudaStream_t stream) {
+  if (!decode_quantizes_tokens(W, M, plan, in.perm != nullptr) || N > INT32_MAX || in.x == nullptr ||
+      (!in.swiglu && in.ldx < plan.k()))
+    return cudaErrorInvalidValue;
+  if (M == 0 || N == 0) return cudaSuccess;
+  const int m = static_cast<int>(M), n = static_cast<int>(N);
+  if (in.swiglu) return launch_decode_stream_wgmma(quantizing_tokens(SwigluSource{in.x, plan.k()}, in), W, m, n, plan, Y, stream);
+  return launch_decode_stream_wgmma(quantizing_tokens(RowsSource{in.x, in.ldx}, in), W, m, n, plan, Y, stream);
 }
 
 }  // namespace micromix::cuda

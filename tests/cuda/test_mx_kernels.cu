@@ -650,6 +650,81 @@ TEST(MxGemm, SmallLongKDecodeFallsBack) {
   EXPECT_LE(g.rel_norm, 4e-3);
 }
 
+// The decode GEMM that quantizes its own tokens against the quantizer followed by the
+// streamed decode GEMM, bit for bit: rows gathered through a permutation (with a row stride
+// past K), rows already in the plan's order, and SwiGLU of [gate | up] rows; both scale
+// rules; a NaN channel turns its token's outputs to NaN in both. Each plan has an odd number
+// of blocks in some segment (a pair tile with one block).
+TEST(MxGemm, SmallDecodeQuantizingMatchesQuantizerThenGemm) {
+  REQUIRE_GPU();
+  const MixPlan plans[] = {{128, 64, 64}, {0, 96, 32}, {1024, 160, 96}, {96, 0, 0}, {0, 0, 160}};
+  const int64_t N = 40;
+  for (const MixPlan& plan : plans) {
+    const int K = plan.k();
+    std::normal_distribution<float> nd(0.0f, 0.02f);
+    std::vector<float> w(static_cast<size_t>(N) * K);
+    for (auto& v : w) v = nd(rng());
+    DeviceMx W(plan, N, false, kDecodeRowTile);
+    W.upload(quantize_segments(w, N, plan, mx::ScaleRule::Ceil));
+    const auto perm = random_perm(K);
+    DeviceBuffer<int32_t> dp(K);
+    dp.upload(perm);
+    for (const int64_t M : {1, 2})
+      for (const char* input : {"gathered", "ordered", "swiglu"}) {
+        const bool swiglu = input[0] == 's', gathers = input[0] == 'g';
+        const int64_t ldx = swiglu ? 2 * K : K + (gathers ? 8 : 0);
+        auto x = random_activations(M, static_cast<int>(ldx), ldx);
+        const bool with_nan = M == 2 && plan.p8 > 0;
+        if (with_nan) x[1 * ldx + (gathers ? perm[K - 1] : K - 1)] = 0x7FC0;  // token 1, last (FP8) channel
+        DeviceBuffer<uint16_t> dx(x.size()), y_two(static_cast<size_t>(M) * N), y_one(static_cast<size_t>(M) * N);
+        dx.upload(x);
+        const int32_t* order = gathers ? dp.ptr : nullptr;
+        for (const mx::ScaleRule rule : {mx::ScaleRule::Ceil, mx::ScaleRule::Floor}) {
+          DeviceMx A(plan, M, false);
+          CK(swiglu ? swiglu_quantize_activations(dx.ptr, M, K, order, plan, rule, A.segments(), FoldedOperand{},
+                                                  nullptr, nullptr)
+                    : quantize_activations(dx.ptr, M, ldx, order, plan, rule, A.segments(), FoldedOperand{}, nullptr,
+                                           nullptr));
+          CK(cudaMemset(y_two.ptr, 0xFF, y_two.count * 2));
+          CK(mx_gemm_decode(A.segments(), W.segments(), M, N, plan, y_two.ptr, nullptr, nullptr, DecodeKernel::Streamed));
+          ASSERT_TRUE(decode_quantizes_tokens(W.segments(), M, plan, gathers));
+          CK(cudaMemset(y_one.ptr, 0xFF, y_one.count * 2));
+          CK(mx_gemm_decode_quantizing(DecodeInput{dx.ptr, ldx, order, swiglu, rule}, W.segments(), M, N, plan,
+                                       y_one.ptr, nullptr));
+          CK(cudaDeviceSynchronize());
+          const auto two = y_two.download(), one = y_one.download();
+          size_t differ = 0, nan = 0;
+          for (size_t i = 0; i < one.size(); ++i) {
+            differ += one[i] != two[i];
+            nan += std::isnan(mx::bf16_bits_to_float(one[i]));
+          }
+          EXPECT_EQ(differ, 0u) << "plan " << plan.p4 << "/" << plan.p6 << "/" << plan.p8 << ", M=" << M << ", "
+                                << input << ", rule " << static_cast<int>(rule);
+          EXPECT_EQ(nan, with_nan ? static_cast<size_t>(N) : 0u) << input;
+        }
+      }
+  }
+  // Where it does not run: three tokens, W not in row tiles, a gather order too long for
+  // its shared memory; the launch refuses these too.
+  const MixPlan plan{64, 32, 32}, long_k{16384 - 64, 32, 32};
+  DeviceMx w_tiles(plan, 40, false, kDecodeRowTile), w_rows(plan, 40, false), w_long(long_k, 40, false, kDecodeRowTile);
+  DeviceBuffer<uint16_t> x(3 * long_k.k()), y(3 * 40);
+  DeviceBuffer<int32_t> perm(long_k.k());
+  EXPECT_FALSE(decode_quantizes_tokens(w_tiles.segments(), 3, plan, false));
+  EXPECT_FALSE(decode_quantizes_tokens(w_rows.segments(), 1, plan, false));
+  EXPECT_FALSE(decode_quantizes_tokens(w_long.segments(), 1, long_k, true));
+  EXPECT_TRUE(decode_quantizes_tokens(w_long.segments(), 1, long_k, false));
+  EXPECT_EQ(mx_gemm_decode_quantizing(DecodeInput{x.ptr, plan.k()}, w_tiles.segments(), 3, 40, plan, y.ptr, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(mx_gemm_decode_quantizing(DecodeInput{x.ptr, plan.k()}, w_rows.segments(), 1, 40, plan, y.ptr, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(mx_gemm_decode_quantizing(DecodeInput{x.ptr, long_k.k(), perm.ptr}, w_long.segments(), 1, 40, long_k,
+                                      y.ptr, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(mx_gemm_decode_quantizing(DecodeInput{x.ptr, plan.k() - 1}, w_tiles.segments(), 1, 40, plan, y.ptr, nullptr),
+            cudaErrorInvalidValue);
+}
+
 TEST(MxGemm, SmallShapes) {
   REQUIRE_GPU();
   const GemmCase cases[] = {
