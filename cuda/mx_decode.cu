@@ -728,23 +728,17 @@ struct TokenItem {
     if (seg == 0) codes_to_e4m3<ElemFormat::E2M1>(w, odd, r);
     else if (seg == 1) codes_to_e4m3<ElemFormat::E3M2>(w, odd, r);
     else codes_to_e4m3<ElemFormat::E4M3>(w, odd, r);
+    store_words(plan, r, tiles);
+  }
+  // The lane's two E4M3x4 words (codes_to_e4m3's r) into the tile: K bytes 4t .. 4t + 3 of
+  // the column's first and second 16.
+  __device__ __forceinline__ void store_words(const MixPlan& plan, const uint32_t (&r)[2], uint8_t* tiles) const {
     const int local = b - segment_span(plan, seg).first;
     uint8_t* tile = tiles + (pair_base(plan, seg) + local / 2) * kPairTileBytes + (4 * (local % 2) + m) * 16 + 4 * t;
     *reinterpret_cast<uint32_t*>(tile) = r[0];
     *reinterpret_cast<uint32_t*>(tile + 128) = r[1];
   }
 };
-
-// Byte of element k of a block in its token column of a pair tile: where TokenItem::store
-// puts it (lane t's codes_to_e4m3 words at 4t and 128 + 4t: FP4 even elements, then odd;
-// FP6 elements 0, 1, 4, 5, then 2, 3, 6, 7, of 8t .. 8t + 7; FP8 bytes 0-15, then 16-31).
-template <ElemFormat F>
-__device__ __forceinline__ int token_byte(int k) {
-  const int t = k / 8, i = k % 8;
-  if constexpr (F == ElemFormat::E2M1) return (i % 2) * 128 + 4 * t + i / 2;
-  else if constexpr (F == ElemFormat::E3M2) return (i / 2 % 2) * 128 + 4 * t + i / 4 * 2 + i % 2;
-  else return k / 16 * 128 + k % 16;
-}
 
 // Where the wgmma kernel's tokens come from. Each writes, after the chained wait, every
 // present token's E4M3 values into the pair tiles and its factors 2^s_a * 2^(2 kE4m3Bias);
@@ -784,26 +778,42 @@ struct PackedTokens {
   }
 };
 
-// Token m's block in format F, quantized by the warp (quantize_lane: the stand-alone
-// quantizer's codes and scale), as E4M3 bytes into the block's token column.
+// The eight elements of a block that lane t of its four holds in TokenItem's map: element j
+// of FP4 and FP6 is 8t + j, of FP8 (j / 4) 16 + 4t + j % 4.
+__device__ __forceinline__ int octet_element(int seg, int t, int j) {
+  return seg == 2 ? j / 4 * 16 + 4 * t + j % 4 : 8 * t + j;
+}
+// Where codes_to_e4m3 puts element j of those eight: byte (slot % 4) of word slot / 4 (FP4:
+// even elements, then odd; FP6: 0, 1, 4, 5, then 2, 3, 6, 7; FP8 in order).
 template <ElemFormat F>
-__device__ __forceinline__ void quantize_token(float v, ScaleRule rule, int seg, int lane, uint8_t* column,
-                                               float* factor) {
-  uint8_t sb;
-  const uint32_t code = quantize_lane<F>(v, rule, &sb);
-  uint32_t r[2];
-  codes_to_e4m3<F>(LaneWords{code, 0u}, false, r);
-  column[token_byte<F>(lane)] = static_cast<uint8_t>(r[0]);
-  if (lane == 0) *factor = decode_scale(sb) * product_bias(seg);
+__device__ __forceinline__ int octet_slot(int j) {
+  if constexpr (F == ElemFormat::E2M1) return j % 2 * 4 + j / 2;
+  else if constexpr (F == ElemFormat::E3M2) return j / 2 % 2 * 4 + j / 4 * 2 + j % 2;
+  else return j;
+}
+// A lane's eight values of a block whose scale is sb, as the E4M3 words of their codes.
+template <ElemFormat F>
+__device__ __forceinline__ void encode_octet(const float (&v)[8], uint8_t sb, uint32_t (&r)[2]) {
+  r[0] = r[1] = 0u;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t code = sb == kScaleNaN ? 0u : encode_scaled(F, v[j], sb);
+    uint32_t e[2];
+    codes_to_e4m3<F>(LaneWords{code, 0u}, false, e);  // the code alone: its E4M3 byte in e[0]'s lowest
+    const int slot = octet_slot<F>(j);
+    r[slot / 4] |= (e[0] & 0xFFu) << (8 * (slot % 4));
+  }
 }
 
 // Shared memory of QuantizingTokens' gather order (K channel numbers, when it gathers).
 constexpr int gather_order_bytes(const MixPlan& plan, bool gathers) { return gathers ? plan.k() * 4 : 0; }
 
 // QuantizingTokens: the bf16 rows themselves (or SwiGLU of [gate | up] rows), quantized here
-// as quantize_activations / swiglu_quantize_activations would: a warp per block, a lane per
-// element, kBatch blocks' loads in flight together. The gather order (a model constant) is
-// copied to shared memory before the wait, so after it the values are one load away.
+// with the stand-alone quantizer's numerics (mx::quantize_block: block_max, block_scale,
+// encode_scaled). Four adjacent lanes share a block, eight elements each, in TokenItem's map,
+// so that each lane's codes are its two tile words; kBatch items' loads are in flight
+// together. The gather order (a model constant) is copied to shared memory before the wait
+// (16-byte aligned: it follows the tiles), and a lane's channels are two runs of four in it.
 template <class Source>
 struct QuantizingTokens {
   Source src;
@@ -816,33 +826,49 @@ struct QuantizingTokens {
   }
   __device__ __forceinline__ void write(const MixPlan& plan, int M, const int32_t* order, float* factors,
                                         uint8_t* tiles) const {
-    constexpr int kBatch = 4;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nblk = plan.blocks();
-    for (int base = warp; base < nblk; base += kWgConsumerWarps * kBatch) {
-      float v[kBatch][kWgMaxTokens];
+    constexpr int kThreads = kWgConsumerWarps * 32, kBatch = 2;
+    const int items = plan.blocks() * M * 4;
+    // Whole warps take part in every step (the block maximum is a shuffle over four lanes);
+    // items past the end compute on zeros and store nothing.
+    for (int base = threadIdx.x / 32 * 32; base < items; base += kThreads * kBatch) {
+      float v[kBatch][8];
 #pragma unroll
       for (int k = 0; k < kBatch; ++k) {
-        const int b = base + k * kWgConsumerWarps;
-        if (b >= nblk) break;
-        const int c = b * kBlockSize + lane, channel = perm != nullptr ? order[c] : c;
+        const int i = base + threadIdx.x % 32 + k * kThreads;
+        const TokenItem it(plan, min(i, items - 1), M);
 #pragma unroll
-        for (int m = 0; m < kWgMaxTokens; ++m)
-          if (m < M) v[k][m] = src.channel(m, channel);
+        for (int h = 0; h < 2; ++h) {  // two runs of four channels
+          float* run = v[k] + 4 * h;
+          const int c = it.b * kBlockSize + octet_element(it.seg, it.t, 4 * h);
+          if (i >= items) {
+            run[0] = run[1] = run[2] = run[3] = 0.0f;
+          } else if (perm == nullptr) {
+            src.four(it.m, c, run);
+          } else {
+            const int4 q = *reinterpret_cast<const int4*>(order + c);
+            run[0] = src.channel(it.m, q.x);
+            run[1] = src.channel(it.m, q.y);
+            run[2] = src.channel(it.m, q.z);
+            run[3] = src.channel(it.m, q.w);
+          }
+        }
       }
 #pragma unroll
       for (int k = 0; k < kBatch; ++k) {
-        const int b = base + k * kWgConsumerWarps;
-        if (b >= nblk) break;
-        const int seg = segment_of_block(plan, b), local = b - segment_span(plan, seg).first;
-        uint8_t* pair = tiles + (pair_base(plan, seg) + local / 2) * kPairTileBytes + 4 * (local % 2) * 16;
+        const int i = base + threadIdx.x % 32 + k * kThreads;
+        BlockMax mx{0.0f, false};
 #pragma unroll
-        for (int m = 0; m < kWgMaxTokens; ++m) {
-          if (m >= M) break;
-          float* factor = factors + b * kWgTokens + m;
-          if (seg == 0) quantize_token<ElemFormat::E2M1>(v[k][m], rule, seg, lane, pair + 16 * m, factor);
-          else if (seg == 1) quantize_token<ElemFormat::E3M2>(v[k][m], rule, seg, lane, pair + 16 * m, factor);
-          else quantize_token<ElemFormat::E4M3>(v[k][m], rule, seg, lane, pair + 16 * m, factor);
-        }
+        for (int j = 0; j < 8; ++j) mx = mx.with(v[k][j]);
+        mx = block_max<4>(mx);
+        if (i >= items) continue;
+        const TokenItem it(plan, i, M);
+        uint32_t r[2];
+        uint8_t sb;
+        if (it.seg == 0) encode_octet<ElemFormat::E2M1>(v[k], sb = mx.scale(ElemFormat::E2M1, rule), r);
+        else if (it.seg == 1) encode_octet<ElemFormat::E3M2>(v[k], sb = mx.scale(ElemFormat::E3M2, rule), r);
+        else encode_octet<ElemFormat::E4M3>(v[k], sb = mx.scale(ElemFormat::E4M3, rule), r);
+        if (it.t == 0) factors[it.b * kWgTokens + it.m] = decode_scale(sb) * product_bias(it.seg);
+        it.store_words(plan, r, tiles);
       }
     }
   }
