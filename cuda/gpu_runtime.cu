@@ -371,15 +371,6 @@ struct GpuRuntime::Impl {
     const bool swiglu_in = how == Input::SwigluOrdered;
     const int32_t* perm = how == Input::Gathered ? L.perm.ptr : nullptr;
     const bool decode = M <= kDecodeMaxM;
-    if (decode && decode_quantizes_tokens(L.w.segments(), M, L.plan, perm != nullptr)) {
-      // One launch: the GEMM quantizes its tokens itself (the same bits as the quantizer).
-      stage("gemm " + name, [&] {
-        cuda_check(mx_gemm_decode_quantizing(DecodeInput{in, L.in, perm, swiglu_in, rule}, L.w.segments(), M, L.out,
-                                             L.plan, out, stream),
-                   "decode GEMM");
-      });
-      return;
-    }
     const MxSegments packed = decode ? decode_operand() : MxSegments{};
     const FoldedOperand a = decode ? FoldedOperand{} : FoldedOperand{folded_a.ptr, folded_a_f.ptr, 1, folded_a_8.ptr};
     unsigned long long* lossy_a = decode ? nullptr : lossy.ptr;

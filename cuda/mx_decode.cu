@@ -3,8 +3,7 @@
 // described where it is defined:
 //
 // decode_stream_wgmma_kernel (1-2 tokens) and decode_stream_kernel (more): row tiles of W
-// streamed into shared memory by the copy engine, E4M3 tensor cores (wgmma; mma.sync). The
-// wgmma kernel also takes bf16 tokens and quantizes them itself (mx_gemm_decode_quantizing).
+// streamed into shared memory by the copy engine, E4M3 tensor cores (wgmma; mma.sync).
 //
 // decode_tc_kernel: E4M3 tensor cores (mma.sync) fed straight from the packed codes of both
 // operands in global memory; Auto takes it above 8 tokens where the grid has fewer row tiles
@@ -26,7 +25,6 @@
 #include <type_traits>
 
 #include "mx_kernels.h"  // first: the CPU execution of the kernels puts its shim before it
-#include "act_source.cuh"
 #include "mx_codes.cuh"
 #include "mx_ptx.cuh"
 
@@ -728,149 +726,10 @@ struct TokenItem {
     if (seg == 0) codes_to_e4m3<ElemFormat::E2M1>(w, odd, r);
     else if (seg == 1) codes_to_e4m3<ElemFormat::E3M2>(w, odd, r);
     else codes_to_e4m3<ElemFormat::E4M3>(w, odd, r);
-    store_words(plan, r, tiles);
-  }
-  // The lane's two E4M3x4 words (codes_to_e4m3's r) into the tile: K bytes 4t .. 4t + 3 of
-  // the column's first and second 16.
-  __device__ __forceinline__ void store_words(const MixPlan& plan, const uint32_t (&r)[2], uint8_t* tiles) const {
     const int local = b - segment_span(plan, seg).first;
     uint8_t* tile = tiles + (pair_base(plan, seg) + local / 2) * kPairTileBytes + (4 * (local % 2) + m) * 16 + 4 * t;
     *reinterpret_cast<uint32_t*>(tile) = r[0];
     *reinterpret_cast<uint32_t*>(tile + 128) = r[1];
-  }
-};
-
-// Where the wgmma kernel's tokens come from. Each writes, after the chained wait, every
-// present token's E4M3 values into the pair tiles and its factors 2^s_a * 2^(2 kE4m3Bias);
-// `prepare` runs before the wait and may fill smem_bytes of shared memory (`order`).
-//
-// PackedTokens: the quantizer's packed output, kTokenBatch items per thread at a time: all
-// their loads (codes and the block's scale) first, so that they are in flight together,
-// then the conversions and stores.
-struct PackedTokens {
-  MxSegments A;
-  int smem_bytes(const MixPlan&) const { return 0; }
-  __device__ __forceinline__ void prepare(const MixPlan&, int32_t*) const {}
-  __device__ __forceinline__ void write(const MixPlan& plan, int M, const int32_t*, float* factors,
-                                        uint8_t* tiles) const {
-    constexpr int kThreads = kWgConsumerWarps * 32, kTokenBatch = 4;
-    const int nblk = plan.blocks(), items = nblk * M * 4;
-    for (int base = threadIdx.x; base < items; base += kThreads * kTokenBatch) {
-      LaneWords w[kTokenBatch];
-      uint8_t scale[kTokenBatch];
-#pragma unroll
-      for (int k = 0; k < kTokenBatch; ++k) {
-        const int i = base + k * kThreads;
-        if (i >= items) break;
-        const TokenItem it(plan, i, M);
-        w[k] = it.load(plan, A);
-        scale[k] = it.t == 0 ? __ldg(A.scales + static_cast<int64_t>(it.m) * nblk + it.b) : uint8_t(0);
-      }
-#pragma unroll
-      for (int k = 0; k < kTokenBatch; ++k) {
-        const int i = base + k * kThreads;
-        if (i >= items) break;
-        const TokenItem it(plan, i, M);
-        if (it.t == 0) factors[it.b * kWgTokens + it.m] = decode_scale(scale[k]) * product_bias(it.seg);
-        it.store(plan, w[k], tiles);
-      }
-    }
-  }
-};
-
-// The eight elements of a block that lane t of its four holds in TokenItem's map: element j
-// of FP4 and FP6 is 8t + j, of FP8 (j / 4) 16 + 4t + j % 4.
-__device__ __forceinline__ int octet_element(int seg, int t, int j) {
-  return seg == 2 ? j / 4 * 16 + 4 * t + j % 4 : 8 * t + j;
-}
-// Where codes_to_e4m3 puts element j of those eight: byte (slot % 4) of word slot / 4 (FP4:
-// even elements, then odd; FP6: 0, 1, 4, 5, then 2, 3, 6, 7; FP8 in order).
-template <ElemFormat F>
-__device__ __forceinline__ int octet_slot(int j) {
-  if constexpr (F == ElemFormat::E2M1) return j % 2 * 4 + j / 2;
-  else if constexpr (F == ElemFormat::E3M2) return j / 2 % 2 * 4 + j / 4 * 2 + j % 2;
-  else return j;
-}
-// A lane's eight values of a block whose scale is sb, as the E4M3 words of their codes.
-template <ElemFormat F>
-__device__ __forceinline__ void encode_octet(const float (&v)[8], uint8_t sb, uint32_t (&r)[2]) {
-  r[0] = r[1] = 0u;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const uint32_t code = sb == kScaleNaN ? 0u : encode_scaled(F, v[j], sb);
-    uint32_t e[2];
-    codes_to_e4m3<F>(LaneWords{code, 0u}, false, e);  // the code alone: its E4M3 byte in e[0]'s lowest
-    const int slot = octet_slot<F>(j);
-    r[slot / 4] |= (e[0] & 0xFFu) << (8 * (slot % 4));
-  }
-}
-
-// Shared memory of QuantizingTokens' gather order (K channel numbers, when it gathers).
-constexpr int gather_order_bytes(const MixPlan& plan, bool gathers) { return gathers ? plan.k() * 4 : 0; }
-
-// QuantizingTokens: the bf16 rows themselves (or SwiGLU of [gate | up] rows), quantized here
-// with the stand-alone quantizer's numerics (mx::quantize_block: block_max, block_scale,
-// encode_scaled). Four adjacent lanes share a block, eight elements each, in TokenItem's map,
-// so that each lane's codes are its two tile words; kBatch items' loads are in flight
-// together. The gather order (a model constant) is copied to shared memory before the wait
-// (16-byte aligned: it follows the tiles), and a lane's channels are two runs of four in it.
-template <class Source>
-struct QuantizingTokens {
-  Source src;
-  const int32_t* perm;  // nullptr: src holds the channels in the plan's order
-  ScaleRule rule;
-  int smem_bytes(const MixPlan& plan) const { return gather_order_bytes(plan, perm != nullptr); }
-  __device__ __forceinline__ void prepare(const MixPlan& plan, int32_t* order) const {
-    if (perm == nullptr) return;
-    for (int i = threadIdx.x; i < plan.k(); i += kWgConsumerWarps * 32) order[i] = __ldg(perm + i);
-  }
-  __device__ __forceinline__ void write(const MixPlan& plan, int M, const int32_t* order, float* factors,
-                                        uint8_t* tiles) const {
-    constexpr int kThreads = kWgConsumerWarps * 32, kBatch = 2;
-    const int items = plan.blocks() * M * 4;
-    // Whole warps take part in every step (the block maximum is a shuffle over four lanes);
-    // items past the end compute on zeros and store nothing.
-    for (int base = threadIdx.x / 32 * 32; base < items; base += kThreads * kBatch) {
-      float v[kBatch][8];
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int i = base + threadIdx.x % 32 + k * kThreads;
-        const TokenItem it(plan, min(i, items - 1), M);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // two runs of four channels
-          float* run = v[k] + 4 * h;
-          const int c = it.b * kBlockSize + octet_element(it.seg, it.t, 4 * h);
-          if (i >= items) {
-            run[0] = run[1] = run[2] = run[3] = 0.0f;
-          } else if (perm == nullptr) {
-            src.four(it.m, c, run);
-          } else {
-            const int4 q = *reinterpret_cast<const int4*>(order + c);
-            run[0] = src.channel(it.m, q.x);
-            run[1] = src.channel(it.m, q.y);
-            run[2] = src.channel(it.m, q.z);
-            run[3] = src.channel(it.m, q.w);
-          }
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int i = base + threadIdx.x % 32 + k * kThreads;
-        BlockMax mx{0.0f, false};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) mx = mx.with(v[k][j]);
-        mx = block_max<4>(mx);
-        if (i >= items) continue;
-        const TokenItem it(plan, i, M);
-        uint32_t r[2];
-        uint8_t sb;
-        if (it.seg == 0) encode_octet<ElemFormat::E2M1>(v[k], sb = mx.scale(ElemFormat::E2M1, rule), r);
-        else if (it.seg == 1) encode_octet<ElemFormat::E3M2>(v[k], sb = mx.scale(ElemFormat::E3M2, rule), r);
-        else encode_octet<ElemFormat::E4M3>(v[k], sb = mx.scale(ElemFormat::E4M3, rule), r);
-        if (it.t == 0) factors[it.b * kWgTokens + it.m] = decode_scale(sb) * product_bias(it.seg);
-        it.store_words(plan, r, tiles);
-      }
-    }
   }
 };
 
@@ -951,15 +810,13 @@ __device__ __forceinline__ void wg_stage(const uint8_t* codes, const uint8_t* sc
   }
 }
 
-template <class Tokens>
 __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
-    decode_stream_wgmma_kernel(Tokens tokens, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y) {
+    decode_stream_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y) {
   constexpr int kThreads = kWgConsumerWarps * 32;
   extern __shared__ __align__(128) uint8_t stream_smem[];
   WgStreamSmem& sm = *reinterpret_cast<WgStreamSmem*>(stream_smem);
   float* factors = reinterpret_cast<float*>(stream_smem + sizeof(WgStreamSmem));
   uint8_t* tiles = stream_smem + sizeof(WgStreamSmem) + wg_factor_bytes(plan);
-  int32_t* order = reinterpret_cast<int32_t*>(tiles + total_pairs(plan) * kPairTileBytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tiles_n = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
   if (!start_ring(sm, W, plan, tiles_n, kWgConsumerWarps)) return;
@@ -968,10 +825,32 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
   uint32_t* tile_words = reinterpret_cast<uint32_t*>(tiles);
   for (int i = threadIdx.x; i < total_pairs(plan) * kPairTileBytes / 4; i += kThreads) tile_words[i] = 0u;
   for (int i = threadIdx.x; i < nblk * kWgTokens; i += kThreads) factors[i] = 0.0f;
-  tokens.prepare(plan, order);
   ptx::named_bar_sync<1, kThreads>();
   ptx::chain_enter();  // the tokens come from the kernel before
-  tokens.write(plan, M, order, factors, tiles);
+  // The tokens' pass, kTokenBatch items per thread at a time: all their loads (codes and the
+  // block's scale) first, so that they are in flight together, then the conversions and stores.
+  constexpr int kTokenBatch = 4;
+  const int items = nblk * M * 4;
+  for (int base = threadIdx.x; base < items; base += kThreads * kTokenBatch) {
+    LaneWords w[kTokenBatch];
+    uint8_t scale[kTokenBatch];
+#pragma unroll
+    for (int k = 0; k < kTokenBatch; ++k) {
+      const int i = base + k * kThreads;
+      if (i >= items) break;
+      const TokenItem it(plan, i, M);
+      w[k] = it.load(plan, A);
+      scale[k] = it.t == 0 ? __ldg(A.scales + static_cast<int64_t>(it.m) * nblk + it.b) : uint8_t(0);
+    }
+#pragma unroll
+    for (int k = 0; k < kTokenBatch; ++k) {
+      const int i = base + k * kThreads;
+      if (i >= items) break;
+      const TokenItem it(plan, i, M);
+      if (it.t == 0) factors[it.b * kWgTokens + it.m] = decode_scale(scale[k]) * product_bias(it.seg);
+      it.store(plan, w[k], tiles);
+    }
+  }
   ptx::fence_proxy_async();  // the tiles' writes, visible to wgmma
   ptx::named_bar_sync<1, kThreads>();
   const int wg = warp / 4, j = warp % 4 / 2, half = warp % 2;
@@ -1089,23 +968,16 @@ cudaError_t launch_decode_stream(MxSegments A, MxSegments W, int M, int N, MixPl
   return ptx::launch_chained(kernel, dim3(grid), dim3(kThreads), smem, stream, A, W, M, N, plan, Y);
 }
 
-// Shared memory of the wgmma kernel with these tokens; over kStreamSmemLimit for long K.
-template <class Tokens>
-int wg_kernel_smem_bytes(const Tokens& tokens, const MixPlan& plan) {
-  return wg_smem_bytes(plan) + tokens.smem_bytes(plan);
-}
-
-template <class Tokens>
-cudaError_t launch_decode_stream_wgmma(const Tokens& tokens, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
+cudaError_t launch_decode_stream_wgmma(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
                                        cudaStream_t stream) {
-  const int smem = wg_kernel_smem_bytes(tokens, plan);
+  const int smem = wg_smem_bytes(plan);
   if (smem > kStreamSmemLimit || M > kWgMaxTokens) return cudaErrorInvalidValue;
-  auto kernel = decode_stream_wgmma_kernel<Tokens>;
-  static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(decode_stream_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
   if (attr != cudaSuccess) return attr;
   const int grid = std::min((N + kTcRows - 1) / kTcRows, device_sm_count());  // one CTA per multiprocessor
-  return ptx::launch_chained(kernel, dim3(grid), dim3((kWgConsumerWarps + 1) * 32), smem, stream, tokens, W, M, N,
-                             plan, Y);
+  return ptx::launch_chained(decode_stream_wgmma_kernel, dim3(grid), dim3((kWgConsumerWarps + 1) * 32), smem, stream,
+                             A, W, M, N, plan, Y);
 }
 
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
@@ -1153,9 +1025,8 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   }
   if (kernel == DecodeKernel::Streamed) {
     if (!stream_ready(W)) return cudaErrorInvalidValue;
-    const PackedTokens tokens{A};
-    if (m <= kWgMaxTokens && wg_kernel_smem_bytes(tokens, plan) <= kStreamSmemLimit)
-      return launch_decode_stream_wgmma(tokens, W, m, n, plan, Y, stream);
+    if (m <= kWgMaxTokens && wg_smem_bytes(plan) <= kStreamSmemLimit)
+      return launch_decode_stream_wgmma(A, W, m, n, plan, Y, stream);
     if (m == 1) return launch_decode_stream<1, true>(A, W, m, n, plan, Y, stream);
     return m <= 8 ? launch_decode_stream<1, false>(A, W, m, n, plan, Y, stream)
                   : launch_decode_stream<2, false>(A, W, m, n, plan, Y, stream);
@@ -1166,31 +1037,6 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   if (m <= 4) return launch_decode<4>(A, W, m, n, plan, Y, workspace, stream);
   if (m <= 8) return launch_decode<8>(A, W, m, n, plan, Y, workspace, stream);
   return launch_decode<16>(A, W, m, n, plan, Y, workspace, stream);
-}
-
-namespace {
-template <class Source>
-QuantizingTokens<Source> quantizing_tokens(Source src, const DecodeInput& in) {
-  return {src, in.perm, in.rule};
-}
-}  // namespace
-
-bool decode_quantizes_tokens(MxSegments W, int64_t M, MixPlan plan, bool gathers) {
-  const DecodeKernel setting = decode_kernel_setting();
-  if (!plan.valid() || M < 0 || M > kWgMaxTokens || !stream_ready(W)) return false;
-  if (setting != DecodeKernel::Auto && setting != DecodeKernel::Streamed) return false;
-  return wg_smem_bytes(plan) + gather_order_bytes(plan, gathers) <= kStreamSmemLimit;
-}
-
-cudaError_t mx_gemm_decode_quantizing(const DecodeInput& in, MxSegments W, int64_t M, int64_t N, MixPlan plan,
-                                      uint16_t* Y, cudaStream_t stream) {
-  if (!decode_quantizes_tokens(W, M, plan, in.perm != nullptr) || N > INT32_MAX || in.x == nullptr ||
-      (!in.swiglu && in.ldx < plan.k()))
-    return cudaErrorInvalidValue;
-  if (M == 0 || N == 0) return cudaSuccess;
-  const int m = static_cast<int>(M), n = static_cast<int>(N);
-  if (in.swiglu) return launch_decode_stream_wgmma(quantizing_tokens(SwigluSource{in.x, plan.k()}, in), W, m, n, plan, Y, stream);
-  return launch_decode_stream_wgmma(quantizing_tokens(RowsSource{in.x, in.ldx}, in), W, m, n, plan, Y, stream);
 }
 
 }  // namespace micromix::cuda

@@ -154,24 +154,6 @@ DecodeKernel decode_kernel_setting();  // MICROMIX_DECODE_KERNEL, read once (Aut
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                            float* workspace, cudaStream_t stream, DecodeKernel kernel = DecodeKernel::Auto);
 inline constexpr int kDecodeMaxM = 16;
-
-// The decode GEMM quantizing its own activations (one launch instead of the quantizer's and
-// the GEMM's): Y equals quantize_activations (swiglu: swiglu_quantize_activations) into the
-// packed operand followed by mx_gemm_decode, bit for bit. x is bf16 [M, ldx] (ldx >= K), or
-// with swiglu the [gate | up] rows [M, 2 K] (ldx unused); perm as quantize_activations'. It runs for
-// M <= 2 with W as the streamed kernel needs it, where its shared memory holds the plan
-// (and the gather order), and the decode kernel setting allows the streamed kernel:
-// decode_quantizes_tokens says whether; elsewhere it returns cudaErrorInvalidValue.
-struct DecodeInput {
-  const uint16_t* x = nullptr;
-  int64_t ldx = 0;
-  const int32_t* perm = nullptr;
-  bool swiglu = false;
-  ScaleRule rule = ScaleRule::Ceil;
-};
-bool decode_quantizes_tokens(MxSegments W, int64_t M, MixPlan plan, bool gathers);
-cudaError_t mx_gemm_decode_quantizing(const DecodeInput& in, MxSegments W, int64_t M, int64_t N, MixPlan plan,
-                                      uint16_t* Y, cudaStream_t stream);
 // Weight row tile (MxSegments::row_tile) that the decode GEMM reads best: its CTAs own 32 rows.
 inline constexpr int kDecodeRowTile = 32;
 

@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "micromix/model/swiglu.h"
 #include "mx_kernels.h"  // first: the CPU execution of the kernels puts its shim before it
-#include "act_source.cuh"
 #include "mx_codes.cuh"
 #include "mx_ptx.cuh"
 
@@ -213,6 +213,8 @@ __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint
   }
 }
 
+__device__ __forceinline__ float bf16f(uint16_t h) { return bf16_bits_to_float(h); }
+
 // The folded operand of block b of row m straight from its 32 values v (prefill's form):
 // scale and fold key from the block maximum, the tile's key from its four lanes, then the
 // payloads (fold_values). All lanes call it together (shuffles inside); valid is false past
@@ -346,19 +348,83 @@ __global__ void __launch_bounds__(256, 3) act_quant_kernel(const uint16_t* __res
   }
 }
 
-// Decode-sized inputs, packed output only: one warp per (row, 32-block), a lane per element
-// (quantize_lane), so that a few rows spread over the GPU instead of each block being one
-// thread's loop (the thread-per-block kernel above took 8 us for one row of 4096).
+// Decode-sized inputs, packed output only: one warp per (row, 32-block), a lane per element,
+// so that a few rows spread over the GPU instead of each block being one thread's loop
+// (the thread-per-block kernel above took 8 us for one row of 4096). The numerics are
+// quantize_block's, split over the lanes: the same amax, block_scale and encode_scaled.
 template <ElemFormat F>
 __device__ __forceinline__ void quantize_block_by_lanes(float v, ScaleRule rule, int lane, uint8_t* seg_block,
                                                         uint8_t* scale) {
-  uint8_t sb;
-  const uint32_t code = quantize_lane<F>(v, rule, &sb);
+  const float a = fabsf(v);
+  float amax = a;
+  unsigned non_finite = is_finite_value(a) ? 0u : 1u;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
+    non_finite |= __shfl_xor_sync(0xFFFFFFFFu, non_finite, o);
+  }
+  const uint8_t sb = non_finite ? kScaleNaN : block_scale(F, rule, amax);
+  const uint32_t code = sb == kScaleNaN ? 0u : encode_scaled(F, v, sb);
   uint8_t codes[kBlockSize];
 #pragma unroll
   for (int j = 0; j < kBlockSize; ++j) codes[j] = static_cast<uint8_t>(__shfl_sync(0xFFFFFFFFu, code, j));
   if (lane == 0) store_packed_block<F>(codes, sb, seg_block, scale);
 }
+
+// Eight bf16 values of a 16-byte word, as floats.
+__device__ __forceinline__ void bf16x8_to_float(uint4 w, float* v) {
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    v[2 * j] = bits_to_float(ws[j] << 16);
+    v[2 * j + 1] = bits_to_float(ws[j] & 0xFFFF0000u);
+  }
+}
+
+// Where the quantizers read their input: a bf16 matrix, or the SwiGLU of a [gate | up] row
+// (rounded to bf16, as the separate SwiGLU kernel stores it). `channel` is one value (the
+// lanes kernel's gather); `block` the 32 channels from 32 * b, in 16-byte loads (inputs
+// already in the plan's order; rows 16-byte aligned).
+struct RowsSource {
+  const uint16_t* __restrict__ x;
+  int64_t ldx;
+  __device__ float channel(int64_t m, int c) const { return bf16f(x[m * ldx + c]); }
+  __device__ __forceinline__ void block(int64_t m, int b, float* v) const {
+    const uint4* p = reinterpret_cast<const uint4*>(x + m * ldx + b * kBlockSize);
+    uint4 w[kBlockSize / 8];
+#pragma unroll
+    for (int i = 0; i < kBlockSize / 8; ++i) w[i] = __ldcs(p + i);  // read once: stream past L1
+#pragma unroll
+    for (int i = 0; i < kBlockSize / 8; ++i) bf16x8_to_float(w[i], v + 8 * i);
+  }
+};
+struct SwigluSource {
+  const uint16_t* __restrict__ gate_up;
+  int ffn;
+  __device__ static float value(float g, float u) { return bf16f(float_to_bf16_bits(model::swiglu(g, u))); }
+  __device__ float channel(int64_t m, int c) const {
+    const uint16_t* row = gate_up + m * 2 * ffn;
+    return value(bf16f(row[c]), bf16f(row[ffn + c]));
+  }
+  __device__ __forceinline__ void block(int64_t m, int b, float* v) const {
+    const uint4* g = reinterpret_cast<const uint4*>(gate_up + m * 2 * ffn + b * kBlockSize);
+    const uint4* u = reinterpret_cast<const uint4*>(gate_up + m * 2 * ffn + ffn + b * kBlockSize);
+    uint4 wg[kBlockSize / 8], wu[kBlockSize / 8];
+#pragma unroll
+    for (int i = 0; i < kBlockSize / 8; ++i) {
+      wg[i] = __ldcs(g + i);
+      wu[i] = __ldcs(u + i);
+    }
+#pragma unroll
+    for (int i = 0; i < kBlockSize / 8; ++i) {
+      float gv[8], uv[8];
+      bf16x8_to_float(wg[i], gv);
+      bf16x8_to_float(wu[i], uv);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[8 * i + j] = value(gv[j], uv[j]);
+    }
+  }
+};
 
 template <class Source>
 __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_t M, const int32_t* __restrict__ perm,
