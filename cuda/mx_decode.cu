@@ -677,6 +677,7 @@ constexpr int kWgTokens = 4;  // token columns per block: N = 8 is wgmma's narro
 // tokens, slower for 4 on qkv, o and down (the tokens' pass grows with M), so it serves M <= 2.
 constexpr int kWgMaxTokens = 2;
 constexpr int kWgConsumerWarps = 16;
+constexpr int kWgGroups = kWgConsumerWarps / 4;  // consumer warpgroups
 constexpr int kPairTileBytes = 256;
 __host__ __device__ constexpr int segment_pairs(const MixPlan& plan, int s) {
   return (segment_span(plan, s).blocks + 1) / 2;
@@ -733,7 +734,7 @@ struct TokenItem {
   }
 };
 
-// One stage for warpgroup `wg`: its pairs p = wg, wg + 4, ... of the stage's `count` blocks;
+// One stage for warpgroup `wg`: its pairs p = wg, wg + kWgGroups, ... of the stage's `count` blocks;
 // this warp holds rows 16 * half .. + 15 of block 2p + j. `factors` and `tiles` start at the
 // stage's first block and pair. acc: rows g, g + 8 x tokens 2 (t % 2), + 1, for lanes t / 2 == j.
 template <ElemFormat F>
@@ -741,16 +742,16 @@ __device__ __forceinline__ void wg_stage(const uint8_t* codes, const uint8_t* sc
                                          const float* factors, const uint8_t* tiles, int count, int wg, int j,
                                          int half, int lane, uint64_t* empty, float (&acc)[4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
-  constexpr int kPerWg = stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / 2 / (kWgConsumerWarps / 4);
+  constexpr int kPerWg = (stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / 2 + kWgGroups - 1) / kWgGroups;
   const int g = lane / 4, t = lane % 4;
   const int pairs = (count + 1) / 2;
-  const int mine = pairs > wg ? (pairs - wg + 3) / 4 : 0;  // the same for the whole warpgroup
+  const int mine = pairs > wg ? (pairs - wg + kWgGroups - 1) / kWgGroups : 0;  // the same for the whole warpgroup
   uint32_t a[kPerWg][4];
   float d[kPerWg][4], fw[kPerWg][2];
   float2 fa[kPerWg];
 #pragma unroll
   for (int u = 0; u < kPerWg; ++u) {
-    const int b = 2 * (wg + 4 * u) + j;
+    const int b = 2 * (wg + kWgGroups * u) + j;
     const uint8_t* rows = codes + (b * kTcRows + 16 * half) * kBytes;
     if (u < mine && b < count) {
       if constexpr (F == ElemFormat::E4M3) {
@@ -794,7 +795,7 @@ __device__ __forceinline__ void wg_stage(const uint8_t* codes, const uint8_t* sc
   ptx::wgmma_fence();
 #pragma unroll
   for (int u = 0; u < kPerWg; ++u) {
-    const int p = min(wg + 4 * u, pairs - 1);
+    const int p = min(wg + kWgGroups * u, pairs - 1);
     ptx::wgmma_m64n8k32_e4m3_rs(d[u], a[u], ptx::smem_desc_plain(tiles + p * kPairTileBytes, 128, 256));
   }
   ptx::wgmma_commit();
