@@ -688,10 +688,13 @@ size_t attention_workspace_floats(const AttentionShape& s, int splits) {
   return slots * (s.head_dim + 1);
 }
 
+// Key splits: enough CTAs for one per multiprocessor. Measured on the H200 (docs/kernels.md,
+// section 7) against two per multiprocessor, half and four: one per multiprocessor (17 splits
+// of about two key tiles at batch 1 after a 2048-token prompt) was fastest at batch 1 and 16.
 int attention_splits(const AttentionShape& s) {
   const int64_t group_rows = static_cast<int64_t>(s.tokens) * (s.n_heads / s.n_kv_heads);
   const int64_t ctas = (group_rows + kAttnRows - 1) / kAttnRows * s.n_kv_heads * s.batch;
-  const int64_t target = 2 * static_cast<int64_t>(device_sm_count());
+  const int64_t target = device_sm_count();
   if (ctas >= target) return 1;
   const int64_t key_blocks = (s.position + s.tokens + kAttnKeys - 1) / kAttnKeys;
   const int64_t splits = std::min<int64_t>({(target + ctas - 1) / ctas, key_blocks, kMaxAttnSplits});
