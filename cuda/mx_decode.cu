@@ -969,10 +969,15 @@ cudaError_t launch_decode_stream(MxSegments A, MxSegments W, int M, int N, MixPl
   return ptx::launch_chained(kernel, dim3(grid), dim3(kThreads), smem, stream, A, W, M, N, plan, Y);
 }
 
+// Whether decode_stream_wgmma_kernel serves M tokens of this plan (its shared memory grows with K).
+bool wgmma_decode_serves(const MixPlan& plan, int M) {
+  return M <= kWgMaxTokens && wg_smem_bytes(plan) <= kStreamSmemLimit;
+}
+
+// For shapes wgmma_decode_serves.
 cudaError_t launch_decode_stream_wgmma(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
                                        cudaStream_t stream) {
   const int smem = wg_smem_bytes(plan);
-  if (smem > kStreamSmemLimit || M > kWgMaxTokens) return cudaErrorInvalidValue;
   static const cudaError_t attr =
       cudaFuncSetAttribute(decode_stream_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
   if (attr != cudaSuccess) return attr;
@@ -1026,8 +1031,7 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   }
   if (kernel == DecodeKernel::Streamed) {
     if (!stream_ready(W)) return cudaErrorInvalidValue;
-    if (m <= kWgMaxTokens && wg_smem_bytes(plan) <= kStreamSmemLimit)
-      return launch_decode_stream_wgmma(A, W, m, n, plan, Y, stream);
+    if (wgmma_decode_serves(plan, m)) return launch_decode_stream_wgmma(A, W, m, n, plan, Y, stream);
     if (m == 1) return launch_decode_stream<1, true>(A, W, m, n, plan, Y, stream);
     return m <= 8 ? launch_decode_stream<1, false>(A, W, m, n, plan, Y, stream)
                   : launch_decode_stream<2, false>(A, W, m, n, plan, Y, stream);
