@@ -705,18 +705,16 @@ __host__ __device__ constexpr int wg_smem_bytes(const MixPlan& plan) {
 // One item of the tokens' pass: token m's block b (absolute) as lane t would hold it, bound for
 // column 4 (b's place in its pair) + m of the block's pair tile.
 struct TokenItem {
-  int seg, b, m, t;
+  int b, m, t, seg;
+  SegmentSpan span;
   __device__ __forceinline__ TokenItem(const MixPlan& plan, int i, int M)
-      : seg(0), b(i / (M * 4)), m(i / 4 % M), t(i % 4) {
-    seg = segment_of_block(plan, b);
-  }
-  __device__ __forceinline__ const uint8_t* block(const MixPlan& plan, const MxSegments& A) const {
-    const SegmentSpan span = segment_span(plan, seg);
+      : b(i / (M * 4)), m(i / 4 % M), t(i % 4), seg(segment_of_block(plan, b)), span(segment_span(plan, seg)) {}
+  __device__ __forceinline__ const uint8_t* block(const MxSegments& A) const {
     const uint8_t* aq = seg == 0 ? A.q4 : seg == 1 ? A.q6 : A.q8;
     return aq + (static_cast<int64_t>(m) * span.blocks + b - span.first) * span.block_bytes;
   }
-  __device__ __forceinline__ LaneWords load(const MixPlan& plan, const MxSegments& A) const {
-    const uint8_t* p = block(plan, A);
+  __device__ __forceinline__ LaneWords load(const MxSegments& A) const {
+    const uint8_t* p = block(A);
     return seg == 0   ? load_lane_ldsm_map<ElemFormat::E2M1, WordSource::Cached>(p, t)
            : seg == 1 ? load_lane_ldsm_map<ElemFormat::E3M2, WordSource::Cached>(p, t)
                       : load_lane_ldsm_map<ElemFormat::E4M3, WordSource::Cached>(p, t);
@@ -727,7 +725,7 @@ struct TokenItem {
     if (seg == 0) codes_to_e4m3<ElemFormat::E2M1>(w, odd, r);
     else if (seg == 1) codes_to_e4m3<ElemFormat::E3M2>(w, odd, r);
     else codes_to_e4m3<ElemFormat::E4M3>(w, odd, r);
-    const int local = b - segment_span(plan, seg).first;
+    const int local = b - span.first;
     uint8_t* tile = tiles + (pair_base(plan, seg) + local / 2) * kPairTileBytes + (4 * (local % 2) + m) * 16 + 4 * t;
     *reinterpret_cast<uint32_t*>(tile) = r[0];
     *reinterpret_cast<uint32_t*>(tile + 128) = r[1];
@@ -840,7 +838,7 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
       const int i = base + k * kThreads;
       if (i >= items) break;
       const TokenItem it(plan, i, M);
-      w[k] = it.load(plan, A);
+      w[k] = it.load(A);
       scale[k] = it.t == 0 ? __ldg(A.scales + static_cast<int64_t>(it.m) * nblk + it.b) : uint8_t(0);
     }
 #pragma unroll
