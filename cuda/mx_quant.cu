@@ -578,13 +578,15 @@ __device__ __forceinline__ void fold_payload_words(const uint32_t* raw, int d, u
 }
 
 // Grouped folding (out.row_group == kWeightRowGroup): a CTA per (group of rows, 128-wide
-// tile); its threads take the group's rows 32 at a time, four lanes to a row (one block
-// each, so that a row's tile is read and written contiguously). The group's exponent is
-// the largest any of its rows needs (mx::fold_rows).
-__global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
-                                    unsigned long long* lossy_count) {
-  constexpr int kRowsPerPass = 32;  // 128 threads, four per row
-  __shared__ int warp_key[4];
+// tile); its threads take the group's rows kFoldThreads / 4 at a time, four lanes to a row
+// (one block each, so that a row's tile is read and written contiguously). The group's
+// exponent is the largest any of its rows needs (mx::fold_rows).
+constexpr int kFoldThreads = 256;
+__global__ void __launch_bounds__(kFoldThreads) fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan,
+                                                                    FoldedOperand out, unsigned long long* lossy_count) {
+  constexpr int kRowsPerPass = kFoldThreads / 4;  // four threads per row
+  constexpr int kWarps = kFoldThreads / 32;
+  __shared__ int warp_key[kWarps];
   __shared__ int row_nan[kWeightRowGroup];
   const int k = plan.k(), nblk = k / kBlockSize, b8 = plan.first_fp8_block();
   const int t = blockIdx.y, j = threadIdx.x % 4, b = 4 * t + j;
@@ -618,7 +620,9 @@ __global__ void fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan, F
   }
   if (threadIdx.x % 32 == 0) warp_key[threadIdx.x / 32] = key;
   __syncthreads();
-  const int group_key = max(max(warp_key[0], warp_key[1]), max(warp_key[2], warp_key[3]));
+  int group_key = warp_key[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) group_key = max(group_key, warp_key[w]);
   unsigned lossy = 0;
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
@@ -776,7 +780,7 @@ cudaError_t fold_operand(MxSegments in, int64_t rows, MixPlan plan, FoldedOperan
   const int fstride = folded_fstride(plan.k());
   if (out.row_group == kWeightRowGroup) {
     const dim3 grid(static_cast<unsigned>((rows + kWeightRowGroup - 1) / kWeightRowGroup), static_cast<unsigned>(fstride / 4));
-    fold_grouped_kernel<<<grid, kWeightRowGroup, 0, stream>>>(in, rows, plan, out, lossy_count);
+    fold_grouped_kernel<<<grid, kFoldThreads, 0, stream>>>(in, rows, plan, out, lossy_count);
     return cudaGetLastError();
   }
   if (out.row_group != 1) return cudaErrorInvalidValue;
