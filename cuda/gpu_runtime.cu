@@ -262,7 +262,7 @@ struct GpuRuntime::Impl {
       for (const auto& L : l.linear) {
         add(L.perm); add(L.w_bf16); add(L.bias);
         for (const auto& q : L.w.q) add(q);
-        add(L.w.scales); add(L.w.fq); add(L.w.ff);
+        add(L.w.scales); add(L.w.fq); add(L.w.ff); add(L.w.f8);
       }
     }
     add(embedding); add(lm_head); add(output_norm); add(rope); add(k_cache); add(v_cache);
@@ -776,6 +776,28 @@ void GpuRuntime::set_cuda_graphs(bool on) {
   if (!on) impl_->drop_graphs();
 }
 
+void GpuRuntime::set_resident_folded_weights(bool on) {
+  Impl& I = *impl_;
+  for (auto& layer : I.layers)
+    for (auto& L : layer.linear) {
+      if (!L.mx || (L.w.fq.ptr != nullptr) == on) continue;
+      if (!on) {
+        L.w.fq = {};
+        L.w.ff = {};
+        L.w.f8 = {};
+        continue;
+      }
+      const int64_t k = L.plan.k();
+      L.w.fq = DeviceBuffer<uint8_t>(static_cast<size_t>(L.out) * k);
+      L.w.ff = DeviceBuffer<float>(static_cast<size_t>(L.out) * folded_fstride(static_cast<int>(k)));
+      L.w.f8 = DeviceBuffer<uint16_t>(static_cast<size_t>(L.out) * L.plan.p8);
+      L.w.row_group = kWeightRowGroup;
+      cuda_check(fold_operand(L.w.segments(), L.out, L.plan, L.w.folded(), nullptr, I.stream), "fold weights");
+    }
+  cuda_check(cudaStreamSynchronize(I.stream), "fold weights");
+  I.note_peak();
+}
+
 std::map<std::string, double> GpuRuntime::profile() {
   impl_->collect_profile();
   return impl_->profile_ms;
@@ -790,7 +812,7 @@ GpuMemory GpuRuntime::memory() const {
     for (const auto& L : l.linear) {
       m.linear_weights += L.w_bf16.count * 2 + L.w.scales.count + L.perm.count * 4 + L.bias.count * 4;
       for (const auto& q : L.w.q) m.linear_weights += q.count;
-      m.folded_weights += L.w.fq.count + L.w.ff.count * 4;
+      m.folded_weights += L.w.fq.count + L.w.ff.count * 4 + L.w.f8.count * 2;
     }
   }
   m.other_weights += (I.embedding.count + I.lm_head.count) * 2 + I.output_norm.count * 4 + I.rope.count * 8;

@@ -72,6 +72,11 @@ class GpuRuntime : public model::Runtime {
   // Decode steps (one token per sequence) replay a recorded CUDA graph (on by default;
   // profiling runs launch by launch).
   void set_cuda_graphs(bool on);
+  // Prefill folds each layer's packed MX weights into a scratch buffer right before its GEMM
+  // (off, the default: the least memory). On: every MX layer keeps its folded copy, made
+  // once here (about 1.4 bytes per weight more: E4M3 payloads, factors, the MXFP8 part as
+  // bf16), and prefill skips the folds. Decode reads the packed weights either way.
+  void set_resident_folded_weights(bool on);
   // Folded activation elements that were not exact (scale spread wider than the E4M3
   // window), counted since construction.
   uint64_t lossy_activation_elements();

@@ -217,6 +217,7 @@ int run_bench(const ParsedArgs& args) {
                         {"copy_bandwidth_gbs", bandwidth / 1e9},
                         {"decode_cuda_graphs", !args.flag("no-cuda-graphs")},
                         {"chained_launches", !args.flag("no-chained-launch")},
+                        {"resident_folded_weights", args.flag("resident-folded-weights")},
                         {"modes", nlohmann::json::array()}};
   for (const auto& mode : modes) {
     std::unique_ptr<cuda::GpuRuntime> rt;
@@ -242,6 +243,7 @@ int run_bench(const ParsedArgs& args) {
     }
     out["device"] = rt->device_name();
     rt->set_cuda_graphs(!args.flag("no-cuda-graphs"));
+    rt->set_resident_folded_weights(args.flag("resident-folded-weights"));
     nlohmann::json r = run_mode(*rt, mode, batches, decode_batches, static_cast<int>(prompt),
                                 static_cast<int>(decode_tokens), static_cast<int>(repeats), bandwidth);
     progress_done();
@@ -280,6 +282,7 @@ int run_bench(const ParsedArgs& args) {
 std::vector<OptionSpec> bench_options() {
   auto o = model_options();
   o.push_back(device_option());
+  o.push_back(resident_folded_option());
   o.insert(o.end(), {{"synthetic", "SHAPE", "", "random weights of this shape instead of --model (llama-3.1-8b)"},
                      {"modes", "LIST", "micromix,bf16", "modes to run, one after the other"},
                      {"batches", "LIST", "1,8,16", "prefill batch sizes"},

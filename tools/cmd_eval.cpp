@@ -63,6 +63,7 @@ int run_eval(const ParsedArgs& args) {
 std::vector<OptionSpec> eval_options() {
   auto o = model_options();
   o.push_back(device_option());
+  o.push_back(resident_folded_option());
   o.insert(o.end(), {{"tasks", "LIST", "lambada_openai,piqa,arc_easy,arc_challenge,winogrande", "comma-separated tasks"},
                      {"limit", "N", "-1", "first N documents per task (-1: all)"},
                      {"data", "DIR", "", "data folder (default: $MICROMIX_DATA or shared/data beside the tree)"},

@@ -113,6 +113,7 @@ int run_generate(const ParsedArgs& args) {
 std::vector<OptionSpec> generate_options() {
   auto o = model_options();
   o.push_back(device_option());
+  o.push_back(resident_folded_option());
   o.insert(o.end(), {{"prompt", "TEXT", "", "the user message (or raw text with --raw)"},
                      {"system", "TEXT", "", "system message for chat models"},
                      {"max-tokens", "N", "256", "tokens to generate at most"},

@@ -71,6 +71,7 @@ int run_ppl(const ParsedArgs& args) {
 std::vector<OptionSpec> ppl_options() {
   auto o = model_options();
   o.push_back(device_option());
+  o.push_back(resident_folded_option());
   o.insert(o.end(), {{"text", "FILE", "", "text to score (the whole file is tokenized at once)"},
                      {"seqlen", "N", "2048", "window length in tokens"},
                      {"max-windows", "N", "0", "score at most N windows (0: all)"},

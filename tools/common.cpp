@@ -82,9 +82,16 @@ OptionSpec device_option() {
   return {"device", "D", "cpu", "cpu, or cuda (Hopper GPU; modes bf16, micromix, mxfp8, mxfp6, mxfp4)"};
 }
 
+OptionSpec resident_folded_option() {
+  return {"resident-folded-weights", "", "",
+          "cuda: keep the prefill GEMM's folded copy of the MX weights in GPU memory (faster prefill, about 1.4 bytes per weight more)"};
+}
+
 std::string device_from_args(const ParsedArgs& args) {
   const std::string d = args.str("device");
   if (d != "cpu" && d != "cuda") throw UsageError("unknown --device '" + d + "' (cpu or cuda)");
+  if (args.flag("resident-folded-weights") && d != "cuda")
+    throw UsageError("--resident-folded-weights needs --device cuda");
 #ifndef MICROMIX_HAVE_CUDA
   if (d == "cuda") throw UsageError("this micromix was built without CUDA (nvcc was not found at build time)");
 #endif
@@ -95,7 +102,9 @@ std::unique_ptr<model::Runtime> make_runtime(const LoadedModel& m, const ParsedA
   if (device_from_args(args) == "cuda") {
 #ifdef MICROMIX_HAVE_CUDA
     if (!cuda::gpu_available()) throw std::runtime_error("--device cuda: no Hopper (compute capability 9.0) GPU found");
-    return std::make_unique<cuda::GpuRuntime>(m.weights, m.quant, context, 1);
+    auto rt = std::make_unique<cuda::GpuRuntime>(m.weights, m.quant, context, 1);
+    rt->set_resident_folded_weights(args.flag("resident-folded-weights"));
+    return rt;
 #endif
   }
   auto rt = std::make_unique<model::CpuRuntime>(m.weights, context);

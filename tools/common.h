@@ -32,7 +32,9 @@ LoadedModel load_model_from_args(const ParsedArgs& args, bool need_quant = true)
 std::unique_ptr<model::Runtime> make_runtime(const LoadedModel& m, const ParsedArgs& args, int context);
 // --device cpu|cuda, for the commands that run on either.
 OptionSpec device_option();
-// "cpu" or "cuda", checked.
+// --resident-folded-weights (cuda): GpuRuntime::set_resident_folded_weights.
+OptionSpec resident_folded_option();
+// "cpu" or "cuda", checked (also that --resident-folded-weights comes with cuda).
 std::string device_from_args(const ParsedArgs& args);
 
 // Peak resident memory of this process in MiB.

@@ -23,6 +23,7 @@
 #include <filesystem>
 #include <fstream>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -365,6 +366,35 @@ TEST(GpuRuntime, SyntheticModelRuns) {
     EXPECT_GT(mem.linear_weights, 0u);
     EXPECT_GE(mem.peak, mem.linear_weights + mem.kv_cache);
   }
+}
+
+// Resident folded weights: the prefill GEMMs read the folded copy made once instead of a fold
+// into the scratch before each GEMM; the bytes are the same, so are the logits, bit for bit.
+TEST(GpuRuntime, ResidentFoldedWeightsGiveTheSameLogits) {
+  REQUIRE_GPU();
+  const auto c = gpu_config(true, false);
+  const std::array<mx::MixPlan, model::kNumLinearSlots> plans = {
+      mx::MixPlan{128, 64, 64}, mx::MixPlan{128, 64, 64}, mx::MixPlan{128, 64, 64}, mx::MixPlan{256, 64, 64}};
+  const std::vector<int32_t> tokens = random_tokens(2 * 40, c.vocab, 7);  // 80 rows: the prefill path
+  auto run = [&](GpuRuntime& g) {
+    std::vector<float> logits(2 * static_cast<size_t>(c.vocab));
+    g.reset();
+    g.forward_batch(tokens, 2, 40, logits.data());
+    return logits;
+  };
+  auto g = GpuRuntime::synthetic(c, &plans, mx::ScaleRule::Ceil, 64, 2, 99);
+  EXPECT_EQ(g->memory().folded_weights, 0u);
+  const std::vector<float> scratch = run(*g);
+  g->set_resident_folded_weights(true);
+  EXPECT_GT(g->memory().folded_weights, 0u);
+  const std::vector<float> resident = run(*g);
+  ASSERT_EQ(resident.size(), scratch.size());
+  EXPECT_EQ(std::memcmp(resident.data(), scratch.data(), scratch.size() * sizeof(float)), 0);
+  for (float v : resident) ASSERT_TRUE(std::isfinite(v));
+  g->set_resident_folded_weights(false);
+  EXPECT_EQ(g->memory().folded_weights, 0u);
+  const std::vector<float> again = run(*g);
+  EXPECT_EQ(std::memcmp(again.data(), scratch.data(), scratch.size() * sizeof(float)), 0);
 }
 
 }  // namespace
