@@ -782,15 +782,10 @@ void GpuRuntime::set_resident_folded_weights(bool on) {
     for (auto& L : layer.linear) {
       if (!L.mx || (L.w.fq.ptr != nullptr) == on) continue;
       if (!on) {
-        L.w.fq = {};
-        L.w.ff = {};
-        L.w.f8 = {};
+        L.w.release_folded();
         continue;
       }
-      const int64_t k = L.plan.k();
-      L.w.fq = DeviceBuffer<uint8_t>(static_cast<size_t>(L.out) * k);
-      L.w.ff = DeviceBuffer<float>(static_cast<size_t>(L.out) * folded_fstride(static_cast<int>(k)));
-      L.w.f8 = DeviceBuffer<uint16_t>(static_cast<size_t>(L.out) * L.plan.p8);
+      L.w.allocate_folded();
       L.w.row_group = kWeightRowGroup;
       cuda_check(fold_operand(L.w.segments(), L.out, L.plan, L.w.folded(), nullptr, I.stream), "fold weights");
     }

@@ -94,11 +94,18 @@ struct DeviceMx {
     const int64_t padded = (r + tile - 1) / tile * tile;
     for (int s = 0; s < 3; ++s) q[s] = DeviceBuffer<uint8_t>(static_cast<size_t>(padded) * seg_row_bytes(p, s));
     scales = DeviceBuffer<uint8_t>(static_cast<size_t>(padded) * (p.k() / 32));
-    if (with_folded) {
-      fq = DeviceBuffer<uint8_t>(static_cast<size_t>(r) * p.k());
-      ff = DeviceBuffer<float>(static_cast<size_t>(r) * folded_fstride(p.k()));
-      f8 = DeviceBuffer<uint16_t>(static_cast<size_t>(r) * p.p8);
-    }
+    if (with_folded) allocate_folded();
+  }
+  // The folded operand's buffers (FoldedOperand: E4M3 payloads, factors, the MXFP8 part as bf16).
+  void allocate_folded() {
+    fq = DeviceBuffer<uint8_t>(static_cast<size_t>(rows) * plan.k());
+    ff = DeviceBuffer<float>(static_cast<size_t>(rows) * folded_fstride(plan.k()));
+    f8 = DeviceBuffer<uint16_t>(static_cast<size_t>(rows) * plan.p8);
+  }
+  void release_folded() {
+    fq = {};
+    ff = {};
+    f8 = {};
   }
   MxSegments segments() const { return {q[0].ptr, q[1].ptr, q[2].ptr, scales.ptr, row_tile}; }
   FoldedOperand folded() const { return {fq.ptr, ff.ptr, row_group, f8.ptr}; }
