@@ -732,83 +732,93 @@ struct TokenItem {
   }
 };
 
-// One stage for warpgroup `wg`: its pairs p = wg, wg + kWgGroups, ... of the stage's `count` blocks;
-// this warp holds rows 16 * half .. + 15 of block 2p + j. `factors` and `tiles` start at the
-// stage's first block and pair. acc: rows g, g + 8 x tokens 2 (t % 2), + 1, for lanes t / 2 == j.
-template <ElemFormat F>
-__device__ __forceinline__ void wg_stage(const uint8_t* codes, const uint8_t* scales, const float* lut,
-                                         const float* factors, const uint8_t* tiles, int count, int wg, int j,
-                                         int half, int lane, uint64_t* empty, float (&acc)[4]) {
+// A consumer lane's place in every stage, fixed for the kernel: warpgroup `wg` takes pairs p =
+// wg, wg + kWgGroups, ... of a stage; this warp holds rows 16 * half .. + 15 of block 2p + j.
+struct WgLane {
+  int wg, j, half, lane, g, t;
+  __device__ __forceinline__ explicit WgLane(int tid)
+      : wg(tid / 128), j(tid / 64 % 2), half(tid / 32 % 2), lane(tid % 32), g(tid % 32 / 4), t(tid % 4) {}
+  __device__ __forceinline__ int block(int u) const { return 2 * (wg + kWgGroups * u) + j; }
+};
+
+// One stage: `factors` and `tiles` start at the stage's first block and pair, `count` blocks.
+// Every lane loads and converts all its kPerWg slots (the stage buffer holds them, stale past
+// `count`), and every warpgroup issues all its wgmma (one under a branch the compiler cannot
+// prove uniform is serialized); only slots whose block exists are promoted. acc: rows g, g + 8
+// x tokens 2 (t % 2), + 1, for lanes t / 2 == j; kOneToken (M == 1): token 0 only.
+template <ElemFormat F, bool kOneToken>
+__device__ __forceinline__ void wg_stage(const WgLane& L, const uint8_t* codes, const uint8_t* scales,
+                                         const float* lut, const float* factors, const uint8_t* tiles, int count,
+                                         uint64_t* empty, float (&acc)[4]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
   constexpr int kPerWg = (stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / 2 + kWgGroups - 1) / kWgGroups;
-  const int g = lane / 4, t = lane % 4;
-  const int pairs = (count + 1) / 2;
-  const int mine = pairs > wg ? (pairs - wg + kWgGroups - 1) / kWgGroups : 0;  // the same for the whole warpgroup
+  constexpr int kSlotBytes = 2 * kWgGroups * kTcRows * kBytes;  // from one slot's rows to the next
+  const int b0 = L.block(0);
+  const uint8_t* rows = codes + (b0 * kTcRows + 16 * L.half) * kBytes;
+  const uint8_t* srow = scales + b0 * kTcRows + 16 * L.half + L.g;
+  const float* fcol = factors + b0 * kWgTokens + 2 * (L.t % 2);
   uint32_t a[kPerWg][4];
   float d[kPerWg][4], fw[kPerWg][2];
   float2 fa[kPerWg];
 #pragma unroll
   for (int u = 0; u < kPerWg; ++u) {
-    const int b = 2 * (wg + kWgGroups * u) + j;
-    const uint8_t* rows = codes + (b * kTcRows + 16 * half) * kBytes;
-    if (u < mine && b < count) {
-      if constexpr (F == ElemFormat::E4M3) {
-        // matrices: rows 0-7 | 8-15 of bytes 0-15, then of bytes 16-31
-        ptx::ldmatrix_x4(a[u], rows + (lane % 16) * kBytes + 16 * (lane / 16));
-      } else {
-        LaneWords w0, w1;
-        if constexpr (F == ElemFormat::E2M1) {
-          uint32_t r[2];
-          ptx::ldmatrix_x2(r, rows + (lane % 16) * kBytes);
-          w0 = {r[0], 0u};
-          w1 = {r[1], 0u};
-        } else {
-          w0 = load_lane<F, WordSource::Shared>(rows + g * kBytes, t);
-          w1 = load_lane<F, WordSource::Shared>(rows + (g + 8) * kBytes, t);
-        }
-        uint32_t r0[2], r1[2];
-        to_e4m3<F>(w0, r0);
-        to_e4m3<F>(w1, r1);
-        a[u][0] = r0[0];
-        a[u][1] = r1[0];
-        a[u][2] = r0[1];
-        a[u][3] = r1[1];
-      }
-      fw[u][0] = lut[scales[b * kTcRows + 16 * half + g]];
-      fw[u][1] = lut[scales[b * kTcRows + 16 * half + g + 8]];
-      fa[u] = *reinterpret_cast<const float2*>(factors + b * kWgTokens + 2 * (t % 2));
+    const uint8_t* r = rows + u * kSlotBytes;
+    if constexpr (F == ElemFormat::E4M3) {
+      // matrices: rows 0-7 | 8-15 of bytes 0-15, then of bytes 16-31
+      ptx::ldmatrix_x4(a[u], r + (L.lane % 16) * kBytes + 16 * (L.lane / 16));
     } else {
-      a[u][0] = a[u][1] = a[u][2] = a[u][3] = 0u;
-      fw[u][0] = fw[u][1] = 0.0f;
-      fa[u] = make_float2(0.0f, 0.0f);
+      LaneWords w0, w1;
+      if constexpr (F == ElemFormat::E2M1) {
+        uint32_t q[2];
+        ptx::ldmatrix_x2(q, r + (L.lane % 16) * kBytes);
+        w0 = {q[0], 0u};
+        w1 = {q[1], 0u};
+      } else {
+        w0 = load_lane<F, WordSource::Shared>(r + L.g * kBytes, L.t);
+        w1 = load_lane<F, WordSource::Shared>(r + (L.g + 8) * kBytes, L.t);
+      }
+      uint32_t r0[2], r1[2];
+      to_e4m3<F>(w0, r0);
+      to_e4m3<F>(w1, r1);
+      a[u][0] = r0[0];
+      a[u][1] = r1[0];
+      a[u][2] = r0[1];
+      a[u][3] = r1[1];
     }
+    fw[u][0] = lut[srow[u * 2 * kWgGroups * kTcRows]];
+    fw[u][1] = lut[srow[u * 2 * kWgGroups * kTcRows + 8]];
+    fa[u] = *reinterpret_cast<const float2*>(fcol + u * 2 * kWgGroups * kWgTokens);
 #pragma unroll
     for (int i = 0; i < 4; ++i) d[u][i] = 0.0f;
     ptx::fence_operands<4>(d[u]);
+    ptx::fence_operands<4>(a[u]);
   }
   __syncwarp();
-  if (lane == 0) ptx::mbar_arrive(empty);  // the stage is in registers: the producer may refill it
-  // Every warpgroup issues all kPerWg (a wgmma under a branch the compiler cannot prove uniform
-  // is serialized); those past its pairs multiply zeros by a tile that exists and are not promoted.
+  if (L.lane == 0) ptx::mbar_arrive(empty);  // the stage is in registers: the producer may refill it
+  // a pair past the stage's last reads that pair's tile: its products are not promoted
+  const int last_pair = (count + 1) / 2 - 1;
   ptx::wgmma_fence();
 #pragma unroll
   for (int u = 0; u < kPerWg; ++u) {
-    const int p = min(wg + kWgGroups * u, pairs - 1);
+    const int p = min(L.wg + kWgGroups * u, last_pair);
     ptx::wgmma_m64n8k32_e4m3_rs(d[u], a[u], ptx::smem_desc_plain(tiles + p * kPairTileBytes, 128, 256));
   }
   ptx::wgmma_commit();
   ptx::wgmma_wait<0>();
 #pragma unroll
   for (int u = 0; u < kPerWg; ++u) {
-    if (u >= mine) break;
     ptx::fence_operands<4>(d[u]);
+    if (L.block(u) >= count) continue;
     acc[0] = fmaf(d[u][0], fw[u][0] * fa[u].x, acc[0]);
-    acc[1] = fmaf(d[u][1], fw[u][0] * fa[u].y, acc[1]);
     acc[2] = fmaf(d[u][2], fw[u][1] * fa[u].x, acc[2]);
-    acc[3] = fmaf(d[u][3], fw[u][1] * fa[u].y, acc[3]);
+    if constexpr (!kOneToken) {
+      acc[1] = fmaf(d[u][1], fw[u][0] * fa[u].y, acc[1]);
+      acc[3] = fmaf(d[u][3], fw[u][1] * fa[u].y, acc[3]);
+    }
   }
 }
 
+template <bool kOneToken>
 __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
     decode_stream_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y) {
   constexpr int kThreads = kWgConsumerWarps * 32;
@@ -816,7 +826,7 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
   WgStreamSmem& sm = *reinterpret_cast<WgStreamSmem*>(stream_smem);
   float* factors = reinterpret_cast<float*>(stream_smem + sizeof(WgStreamSmem));
   uint8_t* tiles = stream_smem + sizeof(WgStreamSmem) + wg_factor_bytes(plan);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
   const int tiles_n = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
   if (!start_ring(sm, W, plan, tiles_n, kWgConsumerWarps)) return;
   fill_scale_lut(sm.lut, threadIdx.x, kThreads);
@@ -852,8 +862,8 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
   }
   ptx::fence_proxy_async();  // the tiles' writes, visible to wgmma
   ptx::named_bar_sync<1, kThreads>();
-  const int wg = warp / 4, j = warp % 4 / 2, half = warp % 2;
-  const int g = lane / 4, t = lane % 4;
+  const WgLane L(threadIdx.x);
+  const int g = L.g, t = L.t;
   RingPosition ring;
   for (int tile = blockIdx.x; tile < tiles_n; tile += gridDim.x) {
     const int n0 = tile * kTcRows;
@@ -865,12 +875,12 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
       const float* f = factors + (span.first + first) * kWgTokens;
       const uint8_t* pt = tiles + (pair_base(plan, s) + first / 2) * kPairTileBytes;
       uint64_t* empty = &sm.empty[ring.stage];
-      if (s == 0) wg_stage<ElemFormat::E2M1>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, empty, acc);
-      else if (s == 1) wg_stage<ElemFormat::E3M2>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, empty, acc);
-      else wg_stage<ElemFormat::E4M3>(codes, scales, sm.lut, f, pt, count, wg, j, half, lane, empty, acc);
+      if (s == 0) wg_stage<ElemFormat::E2M1, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
+      else if (s == 1) wg_stage<ElemFormat::E3M2, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
+      else wg_stage<ElemFormat::E4M3, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
       ring.advance();
     });
-    if (t / 2 == j) {
+    if (t / 2 == L.j) {
       const int m0 = 2 * (t % 2);
       sm.partial[warp][g][m0] = acc[0];
       sm.partial[warp][g][m0 + 1] = acc[1];
@@ -976,12 +986,18 @@ bool wgmma_decode_serves(const MixPlan& plan, int M) {
 cudaError_t launch_decode_stream_wgmma(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
                                        cudaStream_t stream) {
   const int smem = wg_smem_bytes(plan);
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(decode_stream_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
+  static const cudaError_t attr = [] {
+    const cudaError_t e = cudaFuncSetAttribute(decode_stream_wgmma_kernel<true>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
+    return e != cudaSuccess ? e
+                            : cudaFuncSetAttribute(decode_stream_wgmma_kernel<false>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
+  }();
   if (attr != cudaSuccess) return attr;
   const int grid = std::min((N + kTcRows - 1) / kTcRows, device_sm_count());  // one CTA per multiprocessor
-  return ptx::launch_chained(decode_stream_wgmma_kernel, dim3(grid), dim3((kWgConsumerWarps + 1) * 32), smem, stream,
-                             A, W, M, N, plan, Y);
+  auto kernel = M == 1 ? decode_stream_wgmma_kernel<true> : decode_stream_wgmma_kernel<false>;
+  return ptx::launch_chained(kernel, dim3(grid), dim3((kWgConsumerWarps + 1) * 32), smem, stream, A, W, M, N, plan,
+                             Y);
 }
 
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {

@@ -138,6 +138,12 @@ __device__ __forceinline__ void fence_operands(float* d) {
 #pragma unroll
   for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// The same for register operands (A fragments), so that their computation stays before the batch.
+template <int kN>
+__device__ __forceinline__ void fence_operands(uint32_t* a) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(a[i])::"memory");
+}
 
 // D (+)= A x B, both K-major in shared memory (descriptors), 128-byte swizzle; scale_d == 0 overwrites D.
 __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float* d, uint64_t da, uint64_t db, int scale_d) {

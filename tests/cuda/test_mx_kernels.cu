@@ -724,28 +724,32 @@ TEST(MxGemm, SmallGroupedFoldEdgeBlocks) {
   }
 }
 
-TEST(MxGemm, SmallNanPropagation) {
-  REQUIRE_GPU();
-  const MixPlan plan{128, 64, 64};
+// NaN inputs poison exactly their own outputs: activation row `nan_row` (channel `nan_channel`,
+// none if the row is past M) and weight rows 50 (an FP8 block) and 0 (an FP4 block, the first
+// row of a 128-row group), through every path given and the streamed decode kernels (W
+// row-tiled, M <= 16), whose partial stages leave stale blocks in their buffers.
+void check_nan_propagation(const MixPlan& plan, int64_t M, int64_t nan_row, int nan_channel,
+                           std::initializer_list<Path> paths, bool grouped_fp8) {
   const int K = plan.k();
-  const int64_t M = 9, N = 136;
+  const int64_t N = 136;
   auto x = random_activations(M, K, K);
   std::vector<int32_t> perm(K);
   for (int i = 0; i < K; ++i) perm[i] = i;
-  x[3 * K + 5] = 0x7FC0;  // NaN: row 3, FP4 segment
+  if (nan_row < M) x[nan_row * K + nan_channel] = 0x7FC0;
   DeviceBuffer<uint16_t> dx(x.size());
   DeviceBuffer<int32_t> dp(K);
   dx.upload(x);
   dp.upload(perm);
-  DeviceMx A(plan, M, true), W(plan, N, true);
+  DeviceMx A(plan, M, true), W(plan, N, true), wt(plan, N, true, kDecodeRowTile);
   CK(quantize_activations(dx.ptr, M, K, dp.ptr, plan, mx::ScaleRule::Ceil, A.segments(), A.folded(), nullptr, nullptr));
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> w(static_cast<size_t>(N) * K);
   for (auto& v : w) v = nd(rng());
   HostMx hw = quantize_segments(w, N, plan, mx::ScaleRule::Ceil);
-  hw.scales[50 * (K / 32) + 7] = mx::kScaleNaN;  // NaN block: weight row 50, FP8 segment
-  hw.scales[0 * (K / 32) + 1] = mx::kScaleNaN;   // and row 0, FP4 segment (the first row of a 128-row group)
+  hw.scales[50 * (K / 32) + K / 32 - 1] = mx::kScaleNaN;
+  hw.scales[0 * (K / 32) + 1] = mx::kScaleNaN;
   W.upload(hw);
+  wt.upload(hw);
   CK(fold_operand(W.segments(), N, plan, W.folded(), nullptr, nullptr));
   DeviceBuffer<uint16_t> y(static_cast<size_t>(M) * N);
   DeviceBuffer<float> ws(static_cast<size_t>(M) * N);
@@ -754,18 +758,24 @@ TEST(MxGemm, SmallNanPropagation) {
     size_t wrong = 0;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
-        const bool expect_nan = m == 3 || n == 50 || n == 0;
+        const bool expect_nan = m == nan_row || n == 50 || n == 0;
         wrong += std::isnan(mx::bf16_bits_to_float(yh[m * N + n])) != expect_nan;
       }
-    EXPECT_EQ(wrong, 0u) << what;
+    EXPECT_EQ(wrong, 0u) << what << " at M = " << M;
   };
-  for (Path p : {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Fp8Pipelined, Path::Fp8PerBlock,
-                 Path::DecodeCudaCores, Path::DecodeTensorCores}) {
+  for (Path p : paths) {
     CK(cudaMemset(y.ptr, 0, y.count * 2));
     CK(run_path(p, A, W, M, N, y.ptr, ws.ptr));
     CK(cudaDeviceSynchronize());
     check(path_name(p));
   }
+  if (M <= kDecodeMaxM) {
+    CK(cudaMemset(y.ptr, 0, y.count * 2));
+    CK(run_path(Path::DecodeStreamed, A, wt, M, N, y.ptr, ws.ptr));
+    CK(cudaDeviceSynchronize());
+    check("decode-streamed, row-tiled W");
+  }
+  if (!grouped_fp8) return;
   // Grouped W: the NaN rows stay NaN through their payloads and poison no other column.
   const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr};
   CK(fold_operand(W.segments(), N, plan, wg, nullptr, nullptr));
@@ -779,6 +789,23 @@ TEST(MxGemm, SmallNanPropagation) {
     CK(cudaDeviceSynchronize());
     check("fp8 per-block MXFP8, grouped W");
   }
+}
+
+TEST(MxGemm, SmallNanPropagation) {
+  REQUIRE_GPU();
+  check_nan_propagation({128, 64, 64}, 9, 3, 5,
+                        {Path::Reference, Path::Fp8, Path::Fp8Concurrent, Path::Fp8Pipelined, Path::Fp8PerBlock,
+                         Path::DecodeCudaCores, Path::DecodeTensorCores},
+                        true);
+}
+
+// One and two tokens (the streamed decode's wgmma kernel) with odd block counts in every
+// segment, so that its stages end in a pair with one block: a NaN token (the second, in the
+// FP8 segment) must not reach the other token's outputs.
+TEST(MxGemm, SmallNanPropagationFewTokens) {
+  REQUIRE_GPU();
+  const MixPlan plan{96, 32, 160};
+  for (int64_t m : {1, 2}) check_nan_propagation(plan, m, 1, 96 + 32 + 70, {Path::Reference}, false);
 }
 
 }  // namespace

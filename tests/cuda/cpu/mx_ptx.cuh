@@ -101,6 +101,8 @@ template <int kId, int kThreads = 256> void named_bar_arrive() {
 inline void wgmma_fence() {}
 template <int kN>
 inline void fence_operands(float*) {}
+template <int kN>
+inline void fence_operands(uint32_t*) {}
 inline void wgmma_commit() {}
 template <int kPending> inline void wgmma_wait() {}
 template <int kRegs>
