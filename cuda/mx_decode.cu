@@ -548,7 +548,7 @@ __device__ __forceinline__ LaneWords load_lane_ldsm_map(const uint8_t* block, in
 
 // This warp's blocks of one stage: j = warp, warp + kWarps, ... < count; `first` is
 // the stage's first block (segment-local), for the tokens; `factors`: the token factors from
-// the stage's first block on. Addresses are one base per stage plus constant strides.
+// the stage's first block on.
 template <ElemFormat F, int NT, bool kOneToken>
 __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t* scales, const float* lut,
                                              const float* factors, int first, int count, const LaneSegment<NT>& seg,
@@ -558,19 +558,16 @@ __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t
   constexpr int kPerWarp = stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / kWarps;
   const int g = lane / 4, t = lane % 4;
   const int mine = count > warp ? (count - warp + kWarps - 1) / kWarps : 0;  // this warp's blocks
-  const uint8_t* wblk = codes + warp * kTcRows * kBytes;     // + u * kWarps * kTcRows * kBytes
-  const uint8_t* sblk = scales + warp * kTcRows + g;         // + u * kWarps * kTcRows
-  const float* fblk = factors + warp * 8 * NT + 2 * t;       // + u * kWarps * 8 * NT
-  const uint8_t* ablk[NT];                                   // + u * kWarps * kBytes
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) ablk[nt] = seg.a[nt] ? seg.a[nt] + (first + warp) * kBytes : nullptr;
   LaneWords w[kPerWarp][kTcRowTiles][2], a[kPerWarp][NT];
   uint32_t sw[kPerWarp][kTcRowTiles][2];
   float2 fa[kPerWarp][NT];
+  // Every slot loads, those past the stage's blocks from its last block (in bounds for the
+  // tokens too), so that all loads are issued before the first MMA; only this warp's blocks
+  // are multiplied.
 #pragma unroll
   for (int u = 0; u < kPerWarp; ++u) {
-    if (u >= mine) break;
-    const uint8_t* block = wblk + u * kWarps * kTcRows * kBytes;  // rows 0..31, kBytes each
+    const int j = min(warp + u * kWarps, count - 1);
+    const uint8_t* block = codes + j * kTcRows * kBytes;  // rows 0..31, kBytes each
     if constexpr (F == ElemFormat::E3M2) {
 #pragma unroll
       for (int rt = 0; rt < kTcRowTiles; ++rt)
@@ -590,12 +587,12 @@ __device__ __forceinline__ void stream_stage(const uint8_t* codes, const uint8_t
 #pragma unroll
     for (int rt = 0; rt < kTcRowTiles; ++rt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) sw[u][rt][h] = sblk[u * kWarps * kTcRows + 16 * rt + 8 * h];
+      for (int h = 0; h < 2; ++h) sw[u][rt][h] = scales[j * kTcRows + g + 16 * rt + 8 * h];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      a[u][nt] = ablk[nt] ? load_lane_ldsm_map<F, WordSource::Cached>(ablk[nt] + u * kWarps * kBytes, t)
-                          : LaneWords{0u, 0u};
-      fa[u][nt] = *reinterpret_cast<const float2*>(fblk + u * kWarps * 8 * NT + 8 * nt);
+      a[u][nt] = seg.a[nt] ? load_lane_ldsm_map<F, WordSource::Cached>(seg.a[nt] + (first + j) * kBytes, t)
+                           : LaneWords{0u, 0u};
+      fa[u][nt] = *reinterpret_cast<const float2*>(factors + j * 8 * NT + 2 * t + 8 * nt);
     }
   }
 #pragma unroll
@@ -673,9 +670,10 @@ __global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
 // share a stage's pairs; each promotes its pairs' products with the blocks' scales, as
 // stream_stage does.
 constexpr int kWgTokens = 4;  // token columns per block: N = 8 is wgmma's narrowest
-// Measured on the H200 (docs/kernels.md, section 6): faster than decode_stream_kernel for 1 and 2
-// tokens, slower for 4 on qkv, o and down (the tokens' pass grows with M), so it serves M <= 2.
-constexpr int kWgMaxTokens = 2;
+// Measured on the H200 (docs/kernels.md, section 7): with its stage free of per-slot branches
+// it beats decode_stream_kernel up to 4 tokens in the decode step (gate_up by a quarter; o and
+// down at 4 tokens slightly slower: the tokens' pass grows with M).
+constexpr int kWgMaxTokens = kWgTokens;
 constexpr int kWgConsumerWarps = 16;
 constexpr int kWgGroups = kWgConsumerWarps / 4;  // consumer warpgroups
 constexpr int kPairTileBytes = 256;

@@ -657,7 +657,7 @@ TEST(MxGemm, SmallShapes) {
       {9, 40, {0, 96, 0}},     {33, 257, {96, 96, 96}}, {129, 136, {512 - 160 - 96, 160, 96}},
       // decode with K split over CTAs (fp32 atomics + bf16 pass)
       {3, 48, {4096 - 384 - 640, 384, 640}}, {16, 24, {1024, 0, 1024}}, {1, 40, {0, 2048, 96}},
-      {2, 72, {128, 64, 64}},
+      {2, 72, {128, 64, 64}}, {4, 96, {96, 32, 160}},
       // odd N with an odd number of FP6 blocks (rows 8 bytes off 16-byte alignment), partial
       // last row tiles
       {6, 41, {2048, 1120, 32}}, {12, 23, {0, 96, 0}},
@@ -799,13 +799,13 @@ TEST(MxGemm, SmallNanPropagation) {
                         true);
 }
 
-// One and two tokens (the streamed decode's wgmma kernel) with odd block counts in every
+// One, two and four tokens (the streamed decode's wgmma kernel) with odd block counts in every
 // segment, so that its stages end in a pair with one block: a NaN token (the second, in the
 // FP8 segment) must not reach the other token's outputs.
 TEST(MxGemm, SmallNanPropagationFewTokens) {
   REQUIRE_GPU();
   const MixPlan plan{96, 32, 160};
-  for (int64_t m : {1, 2}) check_nan_propagation(plan, m, 1, 96 + 32 + 70, {Path::Reference}, false);
+  for (int64_t m : {1, 2, 4}) check_nan_propagation(plan, m, 1, 96 + 32 + 70, {Path::Reference}, false);
 }
 
 }  // namespace
