@@ -657,26 +657,22 @@ __global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
   }
 }
 
-// ---- Few tokens on wgmma (M <= kWgMaxTokens) ----
+// ---- Few tokens on wgmma (M <= 16) ----
 // mma.sync with E4M3 operands is not native on sm_90: ptxas turns each into f16 conversions of
 // every operand register and two f16 MMAs, and those conversions were as many instructions as
-// the weight codes' own. wgmma.m64n8k32 takes E4M3 natively, A from registers. Its 64 rows are
+// the weight codes' own. wgmma.m64nNk32 takes E4M3 natively, A from registers. Its 64 rows are
 // two blocks of a 32-row tile side by side (warps 0, 1: rows 0-15 and 16-31 of block 2p; warps
-// 2, 3: of block 2p + 1), and its 8 columns hold the tokens of both blocks (block j, token m in
-// column 4j + m), so that each block meets its own tokens; the other four columns of each row
-// are products nobody reads. The tokens' side, one 8 x 32 E4M3 tile per pair of a segment's
-// blocks, is built once per CTA in shared memory (K-major, no swizzle: the second 16 bytes of K
-// 128 bytes on), in the element order to_e4m3 gives the weights. Four consumer warpgroups
-// share a stage's pairs; each promotes its pairs' products with the blocks' scales, as
-// stream_stage does.
-constexpr int kWgTokens = 4;  // token columns per block: N = 8 is wgmma's narrowest
-// Measured on the H200 (docs/kernels.md, section 7): with its stage free of per-slot branches
-// it beats decode_stream_kernel up to 4 tokens in the decode step (gate_up by a quarter; o and
-// down at 4 tokens slightly slower: the tokens' pass grows with M).
-constexpr int kWgMaxTokens = kWgTokens;
+// 2, 3: of block 2p + 1), and its N = 2 kTok columns hold the tokens of both blocks (block j,
+// token m in column kTok j + m), so that each block meets its own tokens; the other kTok columns
+// of each row are products nobody reads. kTok is 4 (N = 8, wgmma's narrowest) for up to four
+// tokens and 16 (N = 32) for up to sixteen. The tokens' side, one N x 32 E4M3 tile per pair of a
+// segment's blocks, is built once per CTA in shared memory (K-major, no swizzle: 8-column groups
+// 256 bytes apart, the second 16 bytes of K 128 bytes on), in the element order to_e4m3 gives
+// the weights. Four consumer warpgroups share a stage's pairs; each promotes its pairs' products
+// with the blocks' scales, as stream_stage does.
 constexpr int kWgConsumerWarps = 16;
 constexpr int kWgGroups = kWgConsumerWarps / 4;  // consumer warpgroups
-constexpr int kPairTileBytes = 256;
+__host__ __device__ constexpr int pair_tile_bytes(int tok) { return 2 * tok * 32; }
 __host__ __device__ constexpr int segment_pairs(const MixPlan& plan, int s) {
   return (segment_span(plan, s).blocks + 1) / 2;
 }
@@ -687,21 +683,27 @@ __host__ __device__ constexpr int total_pairs(const MixPlan& plan) {
   return pair_base(plan, 2) + segment_pairs(plan, 2);
 }
 
-// Followed in shared memory by the tokens' factors [blocks][kWgTokens] and the pair tiles.
+// Followed in shared memory by the tokens' factors [blocks][kTok] and the pair tiles.
+template <int kTok>
 struct WgStreamSmem {
   uint8_t codes[kStreamStages][kStreamCodeBytes];
   uint8_t scales[kStreamStages][kStreamScaleBytes];
   uint64_t full[kStreamStages], empty[kStreamStages];
-  float partial[kWgConsumerWarps][16][kWgTokens];  // each warp's sums of its 16 rows
+  float partial[kWgConsumerWarps][16][kTok];  // each warp's sums of its 16 rows
   float lut[256];
 };
-__host__ __device__ constexpr int wg_factor_bytes(const MixPlan& plan) { return plan.blocks() * kWgTokens * 4; }
+template <int kTok>
+__host__ __device__ constexpr int wg_factor_bytes(const MixPlan& plan) {
+  return plan.blocks() * kTok * 4;
+}
+template <int kTok>
 __host__ __device__ constexpr int wg_smem_bytes(const MixPlan& plan) {
-  return static_cast<int>(sizeof(WgStreamSmem)) + wg_factor_bytes(plan) + total_pairs(plan) * kPairTileBytes;
+  return static_cast<int>(sizeof(WgStreamSmem<kTok>)) + wg_factor_bytes<kTok>(plan) +
+         total_pairs(plan) * pair_tile_bytes(kTok);
 }
 
 // One item of the tokens' pass: token m's block b (absolute) as lane t would hold it, bound for
-// column 4 (b's place in its pair) + m of the block's pair tile.
+// column kTok (b's place in its pair) + m of the block's pair tile.
 struct TokenItem {
   int b, m, t, seg;
   SegmentSpan span;
@@ -717,14 +719,16 @@ struct TokenItem {
            : seg == 1 ? load_lane_ldsm_map<ElemFormat::E3M2, WordSource::Cached>(p, t)
                       : load_lane_ldsm_map<ElemFormat::E4M3, WordSource::Cached>(p, t);
   }
+  template <int kTok>
   __device__ __forceinline__ void store(const MixPlan& plan, LaneWords w, uint8_t* tiles) const {
     uint32_t r[2];
     const bool odd = (t & 1) != 0;
     if (seg == 0) codes_to_e4m3<ElemFormat::E2M1>(w, odd, r);
     else if (seg == 1) codes_to_e4m3<ElemFormat::E3M2>(w, odd, r);
     else codes_to_e4m3<ElemFormat::E4M3>(w, odd, r);
-    const int local = b - span.first;
-    uint8_t* tile = tiles + (pair_base(plan, seg) + local / 2) * kPairTileBytes + (4 * (local % 2) + m) * 16 + 4 * t;
+    const int local = b - span.first, col = kTok * (local % 2) + m;
+    uint8_t* tile = tiles + (pair_base(plan, seg) + local / 2) * pair_tile_bytes(kTok) + (col / 8) * 256 +
+                    (col % 8) * 16 + 4 * t;
     *reinterpret_cast<uint32_t*>(tile) = r[0];
     *reinterpret_cast<uint32_t*>(tile + 128) = r[1];
   }
@@ -739,25 +743,59 @@ struct WgLane {
   __device__ __forceinline__ int block(int u) const { return 2 * (wg + kWgGroups * u) + j; }
 };
 
+// A lane's output sums: kTok 4: rows g, g + 8 x tokens 2 (t % 2), + 1, for lanes t / 2 == j;
+// kTok 16: rows g, g + 8 x tokens 2t, 2t + 1, 8 + 2t, 9 + 2t, [row][token pair][token].
+template <int kTok>
+inline constexpr int kWgAcc = kTok == 4 ? 4 : 8;
+
+// Adds one slot's products, d (its wgmma's outputs), times the weight factors of rows g, g + 8
+// and the tokens' factors (their pairs of columns at `fcol`) to acc.
+template <int kTok, bool kOneToken>
+__device__ __forceinline__ void wg_promote(const WgLane& L, const float (&d)[kTok], const float (&fw)[2],
+                                           const float* fcol, float (&acc)[kWgAcc<kTok>]) {
+  if constexpr (kTok == 4) {
+    const float2 fa = *reinterpret_cast<const float2*>(fcol);
+    acc[0] = fmaf(d[0], fw[0] * fa.x, acc[0]);
+    acc[2] = fmaf(d[2], fw[1] * fa.x, acc[2]);
+    if constexpr (!kOneToken) {
+      acc[1] = fmaf(d[1], fw[0] * fa.y, acc[1]);
+      acc[3] = fmaf(d[3], fw[1] * fa.y, acc[3]);
+    }
+  } else {
+    // this warp's block's columns are the 8-column groups 2j, 2j + 1 (registers 8j .. 8j + 7)
+    const float2 fa[2] = {*reinterpret_cast<const float2*>(fcol), *reinterpret_cast<const float2*>(fcol + 8)};
+    auto add = [&](int base) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          acc[4 * r + 2 * h] = fmaf(d[base + 4 * h + 2 * r], fw[r] * fa[h].x, acc[4 * r + 2 * h]);
+          acc[4 * r + 2 * h + 1] = fmaf(d[base + 4 * h + 2 * r + 1], fw[r] * fa[h].y, acc[4 * r + 2 * h + 1]);
+        }
+    };
+    if (L.j == 0) add(0);
+    else add(8);
+  }
+}
+
 // One stage: `factors` and `tiles` start at the stage's first block and pair, `count` blocks.
 // Every lane loads and converts all its kPerWg slots (the stage buffer holds them, stale past
 // `count`), and every warpgroup issues all its wgmma (one under a branch the compiler cannot
-// prove uniform is serialized); only slots whose block exists are promoted. acc: rows g, g + 8
-// x tokens 2 (t % 2), + 1, for lanes t / 2 == j; kOneToken (M == 1): token 0 only.
-template <ElemFormat F, bool kOneToken>
+// prove uniform is serialized); only slots whose block exists are promoted. kOneToken (M == 1):
+// token 0 only.
+template <ElemFormat F, int kTok, bool kOneToken>
 __device__ __forceinline__ void wg_stage(const WgLane& L, const uint8_t* codes, const uint8_t* scales,
                                          const float* lut, const float* factors, const uint8_t* tiles, int count,
-                                         uint64_t* empty, float (&acc)[4]) {
+                                         uint64_t* empty, float (&acc)[kWgAcc<kTok>]) {
   constexpr int kBytes = static_cast<int>(packed_bytes(F, kBlockSize));
   constexpr int kPerWg = (stream_chunk_blocks(F == ElemFormat::E2M1 ? 0 : 1) / 2 + kWgGroups - 1) / kWgGroups;
   constexpr int kSlotBytes = 2 * kWgGroups * kTcRows * kBytes;  // from one slot's rows to the next
   const int b0 = L.block(0);
   const uint8_t* rows = codes + (b0 * kTcRows + 16 * L.half) * kBytes;
   const uint8_t* srow = scales + b0 * kTcRows + 16 * L.half + L.g;
-  const float* fcol = factors + b0 * kWgTokens + 2 * (L.t % 2);
+  const float* fcol = factors + b0 * kTok + (kTok == 4 ? 2 * (L.t % 2) : 2 * L.t);
   uint32_t a[kPerWg][4];
-  float d[kPerWg][4], fw[kPerWg][2];
-  float2 fa[kPerWg];
+  float fw[kPerWg][2];
 #pragma unroll
   for (int u = 0; u < kPerWg; ++u) {
     const uint8_t* r = rows + u * kSlotBytes;
@@ -785,53 +823,58 @@ __device__ __forceinline__ void wg_stage(const WgLane& L, const uint8_t* codes, 
     }
     fw[u][0] = lut[srow[u * 2 * kWgGroups * kTcRows]];
     fw[u][1] = lut[srow[u * 2 * kWgGroups * kTcRows + 8]];
-    fa[u] = *reinterpret_cast<const float2*>(fcol + u * 2 * kWgGroups * kWgTokens);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) d[u][i] = 0.0f;
-    ptx::fence_operands<4>(d[u]);
     ptx::fence_operands<4>(a[u]);
   }
   __syncwarp();
   if (L.lane == 0) ptx::mbar_arrive(empty);  // the stage is in registers: the producer may refill it
   // a pair past the stage's last reads that pair's tile: its products are not promoted
   const int last_pair = (count + 1) / 2 - 1;
-  ptx::wgmma_fence();
+  // The wgmma of kBatch slots at a time: 16 token columns hold 16 outputs per slot, and a
+  // multiprocessor's quarter of the register file holds five warps of at most 102 registers.
+  constexpr int kBatch = kTok == 16 && kPerWg > 2 ? 2 : kPerWg;
 #pragma unroll
-  for (int u = 0; u < kPerWg; ++u) {
-    const int p = min(L.wg + kWgGroups * u, last_pair);
-    ptx::wgmma_m64n8k32_e4m3_rs(d[u], a[u], ptx::smem_desc_plain(tiles + p * kPairTileBytes, 128, 256));
-  }
-  ptx::wgmma_commit();
-  ptx::wgmma_wait<0>();
+  for (int u0 = 0; u0 < kPerWg; u0 += kBatch) {
+    float d[kBatch][kTok];  // m64nNk32: N / 2 outputs per thread
 #pragma unroll
-  for (int u = 0; u < kPerWg; ++u) {
-    ptx::fence_operands<4>(d[u]);
-    if (L.block(u) >= count) continue;
-    acc[0] = fmaf(d[u][0], fw[u][0] * fa[u].x, acc[0]);
-    acc[2] = fmaf(d[u][2], fw[u][1] * fa[u].x, acc[2]);
-    if constexpr (!kOneToken) {
-      acc[1] = fmaf(d[u][1], fw[u][0] * fa[u].y, acc[1]);
-      acc[3] = fmaf(d[u][3], fw[u][1] * fa[u].y, acc[3]);
+    for (int v = 0; v < kBatch; ++v) {
+#pragma unroll
+      for (int i = 0; i < kTok; ++i) d[v][i] = 0.0f;
+      ptx::fence_operands<kTok>(d[v]);
+    }
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int v = 0; v < kBatch; ++v) {
+      const int p = min(L.wg + kWgGroups * (u0 + v), last_pair);
+      ptx::wgmma_m64nNk32_e4m3_rs<2 * kTok>(d[v], a[u0 + v],
+                                            ptx::smem_desc_plain(tiles + p * pair_tile_bytes(kTok), 128, 256));
+    }
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+#pragma unroll
+    for (int v = 0; v < kBatch; ++v) {
+      ptx::fence_operands<kTok>(d[v]);
+      if (L.block(u0 + v) >= count) continue;
+      wg_promote<kTok, kOneToken>(L, d[v], fw[u0 + v], fcol + (u0 + v) * 2 * kWgGroups * kTok, acc);
     }
   }
 }
 
-template <bool kOneToken>
+template <int kTok, bool kOneToken>
 __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
     decode_stream_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y) {
   constexpr int kThreads = kWgConsumerWarps * 32;
   extern __shared__ __align__(128) uint8_t stream_smem[];
-  WgStreamSmem& sm = *reinterpret_cast<WgStreamSmem*>(stream_smem);
-  float* factors = reinterpret_cast<float*>(stream_smem + sizeof(WgStreamSmem));
-  uint8_t* tiles = stream_smem + sizeof(WgStreamSmem) + wg_factor_bytes(plan);
+  WgStreamSmem<kTok>& sm = *reinterpret_cast<WgStreamSmem<kTok>*>(stream_smem);
+  float* factors = reinterpret_cast<float*>(stream_smem + sizeof(WgStreamSmem<kTok>));
+  uint8_t* tiles = stream_smem + sizeof(WgStreamSmem<kTok>) + wg_factor_bytes<kTok>(plan);
   const int warp = threadIdx.x / 32;
   const int tiles_n = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
   if (!start_ring(sm, W, plan, tiles_n, kWgConsumerWarps)) return;
   fill_scale_lut(sm.lut, threadIdx.x, kThreads);
   // Absent tokens stay zero; zeroing before the wait overlaps the kernel before.
   uint32_t* tile_words = reinterpret_cast<uint32_t*>(tiles);
-  for (int i = threadIdx.x; i < total_pairs(plan) * kPairTileBytes / 4; i += kThreads) tile_words[i] = 0u;
-  for (int i = threadIdx.x; i < nblk * kWgTokens; i += kThreads) factors[i] = 0.0f;
+  for (int i = threadIdx.x; i < total_pairs(plan) * pair_tile_bytes(kTok) / 4; i += kThreads) tile_words[i] = 0u;
+  for (int i = threadIdx.x; i < nblk * kTok; i += kThreads) factors[i] = 0.0f;
   ptx::named_bar_sync<1, kThreads>();
   ptx::chain_enter();  // the tokens come from the kernel before
   // The tokens' pass, kTokenBatch items per thread at a time: all their loads (codes and the
@@ -854,8 +897,8 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
       const int i = base + k * kThreads;
       if (i >= items) break;
       const TokenItem it(plan, i, M);
-      if (it.t == 0) factors[it.b * kWgTokens + it.m] = decode_scale(scale[k]) * product_bias(it.seg);
-      it.store(plan, w[k], tiles);
+      if (it.t == 0) factors[it.b * kTok + it.m] = decode_scale(scale[k]) * product_bias(it.seg);
+      it.store<kTok>(plan, w[k], tiles);
     }
   }
   ptx::fence_proxy_async();  // the tiles' writes, visible to wgmma
@@ -865,30 +908,40 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
   RingPosition ring;
   for (int tile = blockIdx.x; tile < tiles_n; tile += gridDim.x) {
     const int n0 = tile * kTcRows;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float acc[kWgAcc<kTok>] = {};
     for_each_chunk(plan, [&](int s, const SegmentSpan& span, int first, int count) {
       ptx::mbar_wait(&sm.full[ring.stage], ring.phase);
       const uint8_t* codes = sm.codes[ring.stage];
       const uint8_t* scales = sm.scales[ring.stage];
-      const float* f = factors + (span.first + first) * kWgTokens;
-      const uint8_t* pt = tiles + (pair_base(plan, s) + first / 2) * kPairTileBytes;
+      const float* f = factors + (span.first + first) * kTok;
+      const uint8_t* pt = tiles + (pair_base(plan, s) + first / 2) * pair_tile_bytes(kTok);
       uint64_t* empty = &sm.empty[ring.stage];
-      if (s == 0) wg_stage<ElemFormat::E2M1, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
-      else if (s == 1) wg_stage<ElemFormat::E3M2, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
-      else wg_stage<ElemFormat::E4M3, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
+      if (s == 0) wg_stage<ElemFormat::E2M1, kTok, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
+      else if (s == 1) wg_stage<ElemFormat::E3M2, kTok, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
+      else wg_stage<ElemFormat::E4M3, kTok, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
       ring.advance();
     });
-    if (t / 2 == L.j) {
-      const int m0 = 2 * (t % 2);
-      sm.partial[warp][g][m0] = acc[0];
-      sm.partial[warp][g][m0 + 1] = acc[1];
-      sm.partial[warp][g + 8][m0] = acc[2];
-      sm.partial[warp][g + 8][m0 + 1] = acc[3];
+    if constexpr (kTok == 4) {
+      if (t / 2 == L.j) {
+        const int m0 = 2 * (t % 2);
+        sm.partial[warp][g][m0] = acc[0];
+        sm.partial[warp][g][m0 + 1] = acc[1];
+        sm.partial[warp][g + 8][m0] = acc[2];
+        sm.partial[warp][g + 8][m0 + 1] = acc[3];
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          sm.partial[warp][g + 8 * r][8 * h + 2 * t] = acc[4 * r + 2 * h];
+          sm.partial[warp][g + 8 * r][8 * h + 2 * t + 1] = acc[4 * r + 2 * h + 1];
+        }
     }
     ptx::named_bar_sync<1, kThreads>();
     // Row r is rows r % 16 of the warps w with w % 2 == r / 16 (both blocks of every pair), summed in warp order.
-    for (int o = threadIdx.x; o < kTcRows * kWgTokens; o += kThreads) {
-      const int r = o / kWgTokens, m = o % kWgTokens, n = n0 + r;
+    for (int o = threadIdx.x; o < kTcRows * kTok; o += kThreads) {
+      const int r = o / kTok, m = o % kTok, n = n0 + r;
       float v = 0.0f;
 #pragma unroll
       for (int w = r / 16; w < kWgConsumerWarps; w += 2) v += sm.partial[w][r % 16][m];
@@ -975,27 +1028,39 @@ cudaError_t launch_decode_stream(MxSegments A, MxSegments W, int M, int N, MixPl
   return ptx::launch_chained(kernel, dim3(grid), dim3(kThreads), smem, stream, A, W, M, N, plan, Y);
 }
 
-// Whether decode_stream_wgmma_kernel serves M tokens of this plan (its shared memory grows with K).
-bool wgmma_decode_serves(const MixPlan& plan, int M) {
-  return M <= kWgMaxTokens && wg_smem_bytes(plan) <= kStreamSmemLimit;
+// Token columns per block of decode_stream_wgmma_kernel for M tokens and N output rows of this
+// plan; 0 where it does not serve (its shared memory grows with K). Measured on the H200
+// (docs/kernels.md, section 7): with its stage free of per-slot branches the 4-column kernel
+// beats decode_stream_kernel up to 4 tokens in the decode step (gate_up by a quarter; o and
+// down at 4 tokens slightly slower). The 16-column one pays only where decode_stream_kernel
+// needs two token tiles (more than 8 tokens) and each CTA has several row tiles to spread its
+// tokens' pass over (every token's K in every CTA): at 16 tokens gate_up (7 row tiles per
+// CTA) 53.6 -> 47.4 us, but qkv 17.1 -> 21.6 and o 10.2 -> 16.8; at 8 tokens all three slower.
+int wg_token_columns(const MixPlan& plan, int M, int N) {
+  if (M <= 4) return wg_smem_bytes<4>(plan) <= kStreamSmemLimit ? 4 : 0;
+  const int row_tiles = (N + kTcRows - 1) / kTcRows;
+  const bool pays = M > 8 && M <= 16 && row_tiles >= 4 * device_sm_count();
+  return pays && wg_smem_bytes<16>(plan) <= kStreamSmemLimit ? 16 : 0;
 }
 
-// For shapes wgmma_decode_serves.
-cudaError_t launch_decode_stream_wgmma(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
-                                       cudaStream_t stream) {
-  const int smem = wg_smem_bytes(plan);
-  static const cudaError_t attr = [] {
-    const cudaError_t e = cudaFuncSetAttribute(decode_stream_wgmma_kernel<true>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
-    return e != cudaSuccess ? e
-                            : cudaFuncSetAttribute(decode_stream_wgmma_kernel<false>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
-  }();
+template <int kTok, bool kOneToken>
+cudaError_t launch_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
+                                cudaStream_t stream) {
+  auto kernel = decode_stream_wgmma_kernel<kTok, kOneToken>;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
   if (attr != cudaSuccess) return attr;
   const int grid = std::min((N + kTcRows - 1) / kTcRows, device_sm_count());  // one CTA per multiprocessor
-  auto kernel = M == 1 ? decode_stream_wgmma_kernel<true> : decode_stream_wgmma_kernel<false>;
-  return ptx::launch_chained(kernel, dim3(grid), dim3((kWgConsumerWarps + 1) * 32), smem, stream, A, W, M, N, plan,
-                             Y);
+  return ptx::launch_chained(kernel, dim3(grid), dim3((kWgConsumerWarps + 1) * 32), wg_smem_bytes<kTok>(plan), stream,
+                             A, W, M, N, plan, Y);
+}
+
+// For shapes wg_token_columns serves.
+cudaError_t launch_decode_stream_wgmma(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
+                                       cudaStream_t stream) {
+  if (M == 1) return launch_wgmma_kernel<4, true>(A, W, M, N, plan, Y, stream);
+  if (M <= 4) return launch_wgmma_kernel<4, false>(A, W, M, N, plan, Y, stream);
+  return launch_wgmma_kernel<16, false>(A, W, M, N, plan, Y, stream);
 }
 
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
@@ -1034,16 +1099,18 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   if (M <= 0 || N == 0) return cudaSuccess;
   const int m = static_cast<int>(M), n = static_cast<int>(N);
   if (kernel == DecodeKernel::Auto) kernel = decode_kernel_setting();
-  // Auto: measured on H200 (docs/kernels.md, section 6), the streamed kernel is the faster one
-  // for up to 8 tokens, and for more where its grid has a row tile for every multiprocessor.
+  // Auto: measured on H200 (docs/kernels.md, sections 6 and 7), the streamed kernels are the
+  // faster ones on wgmma, for up to 8 tokens, and for more where the grid has a row tile for
+  // every multiprocessor.
   if (kernel == DecodeKernel::Auto) {
-    const bool fills = m <= 8 || (n + kTcRows - 1) / kTcRows >= device_sm_count();
+    const bool fills = m <= 8 || (n + kTcRows - 1) / kTcRows >= device_sm_count() ||
+                       (stream_ready(W) && wg_token_columns(plan, m, n) > 0);
     kernel = fills && stream_ready(W) && stream_smem_bytes(plan, m) <= kStreamSmemLimit ? DecodeKernel::Streamed
                                                                                        : DecodeKernel::TensorCores;
   }
   if (kernel == DecodeKernel::Streamed) {
     if (!stream_ready(W)) return cudaErrorInvalidValue;
-    if (wgmma_decode_serves(plan, m)) return launch_decode_stream_wgmma(A, W, m, n, plan, Y, stream);
+    if (wg_token_columns(plan, m, n) > 0) return launch_decode_stream_wgmma(A, W, m, n, plan, Y, stream);
     if (m == 1) return launch_decode_stream<1, true>(A, W, m, n, plan, Y, stream);
     return m <= 8 ? launch_decode_stream<1, false>(A, W, m, n, plan, Y, stream)
                   : launch_decode_stream<2, false>(A, W, m, n, plan, Y, stream);

@@ -181,15 +181,27 @@ __device__ __forceinline__ void wgmma_m64n128k16_bf16_rs_bmn(float* d, const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
-// D = A x B, m64n8k32 E4M3: A from registers (four words per thread, mma.sync m16n8k32's A
-// fragment for the thread's warp's 16 rows), B K-major in shared memory (smem_desc_plain); D is
-// overwritten.
-__device__ __forceinline__ void wgmma_m64n8k32_e4m3_rs(float* d, const uint32_t* a, uint64_t db) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
+// D = A x B, m64nNk32 E4M3 (N = 8 or 32): A from registers (four words per thread, mma.sync
+// m16n8k32's A fragment for the thread's warp's 16 rows), B K-major in shared memory
+// (smem_desc_plain); D (N / 2 floats per thread) is overwritten.
+template <int N>
+__device__ __forceinline__ void wgmma_m64nNk32_e4m3_rs(float* d, const uint32_t* a, uint64_t db) {
+  static_assert(N == 8 || N == 32, "wgmma_m64nNk32_e4m3_rs: N is 8 or 32");
+  if constexpr (N == 8) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "
+        "%12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
+  }
 }
 
 __device__ __forceinline__ void mma_bf16_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {

@@ -658,6 +658,10 @@ TEST(MxGemm, SmallShapes) {
       // decode with K split over CTAs (fp32 atomics + bf16 pass)
       {3, 48, {4096 - 384 - 640, 384, 640}}, {16, 24, {1024, 0, 1024}}, {1, 40, {0, 2048, 96}},
       {2, 72, {128, 64, 64}}, {4, 96, {96, 32, 160}},
+      // 16 tokens over enough row tiles for the 16-column wgmma decode kernel where a device has
+      // at most two multiprocessors (the CPU execution of the kernels), the streamed mma.sync one
+      // elsewhere
+      {16, 264, {96, 32, 160}},
       // odd N with an odd number of FP6 blocks (rows 8 bytes off 16-byte alignment), partial
       // last row tiles
       {6, 41, {2048, 1120, 32}}, {12, 23, {0, 96, 0}},
@@ -676,6 +680,10 @@ TEST(MxGemm, LargeShapes) {
       // decode grids of at least one CTA per multiprocessor (the 8-warp CTAs)
       {1, 6144, {4096 - 1248 - 640, 1248, 640}},
       {12, 4256, {4096 - 1024 - 640, 1024, 640}},
+      // K past what the 16-column wgmma decode kernel holds: the streamed mma.sync kernel, two token tiles
+      {12, 4256, {4608 - 1024 - 640, 1024, 640}},
+      // four row tiles per multiprocessor of a 132-multiprocessor GPU: the 16-column wgmma kernel
+      {16, 16896, {4096 - 1024 - 640, 1024, 640}},
   };
   for (const auto& c : cases) run_gemm_case(c);
 }
@@ -799,13 +807,13 @@ TEST(MxGemm, SmallNanPropagation) {
                         true);
 }
 
-// One, two and four tokens (the streamed decode's wgmma kernel) with odd block counts in every
+// Few tokens (the streamed decode's wgmma kernels: 4 and 16 token columns) with odd block counts in every
 // segment, so that its stages end in a pair with one block: a NaN token (the second, in the
 // FP8 segment) must not reach the other token's outputs.
 TEST(MxGemm, SmallNanPropagationFewTokens) {
   REQUIRE_GPU();
   const MixPlan plan{96, 32, 160};
-  for (int64_t m : {1, 2, 4}) check_nan_propagation(plan, m, 1, 96 + 32 + 70, {Path::Reference}, false);
+  for (int64_t m : {1, 2, 4, 5, 16}) check_nan_propagation(plan, m, 1, 96 + 32 + 70, {Path::Reference}, false);
 }
 
 }  // namespace

@@ -248,11 +248,13 @@ inline void mma_e4m3_m16n8k32(float* c, const uint32_t* a, const uint32_t* b) {
   mma_m16n8<e4m3_byte, 32, 4>(c, a, b);
 }
 
-// wgmma.m64n8k32 E4M3, A from the warpgroup's registers (thread t's four words hold mma.sync
+// wgmma.m64nNk32 E4M3, A from the warpgroup's registers (thread t's four words hold mma.sync
 // m16n8k32's A fragment of rows 16 (t / 32) .. +15), B K-major without swizzle: element (k, n)
-// at start + (k / 16) * LBO + (n / 8) * SBO + (n % 8) * 16 + k % 16. D is overwritten. The
-// fragments are exchanged within the warpgroup, whose 128 threads must issue it together.
-inline void wgmma_m64n8k32_e4m3_rs(float* d, const uint32_t* a, uint64_t db) {
+// at start + (k / 16) * LBO + (n / 8) * SBO + (n % 8) * 16 + k % 16. D (register 4j + i: row
+// lane / 4 + 8 (i / 2), column 8j + 2 (lane % 4) + i % 2) is overwritten. The fragments are
+// exchanged within the warpgroup, whose 128 threads must issue it together.
+template <int N>
+inline void wgmma_m64nNk32_e4m3_rs(float* d, const uint32_t* a, uint64_t db) {
   const int l = emu::lin();
   const std::vector<uint32_t>& frag = publish_fragment(a);
   emu::wg_bars[l / 128]->arrive_and_wait();
@@ -263,9 +265,9 @@ inline void wgmma_m64n8k32_e4m3_rs(float* d, const uint32_t* a, uint64_t db) {
     const int ln = (r % 8) * 4 + (k % 16) / 4, reg = (r % 16 >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0);
     return e4m3_byte(frag[4 * (wg0 + 32 * (r / 16) + ln) + reg], k % 4);
   };
-  float out[4];
-  for (int i = 0; i < 4; ++i) {
-    const int row = 16 * w + lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + (i % 2);
+  float out[N / 2];
+  for (int i = 0; i < N / 2; ++i) {
+    const int row = 16 * w + lane / 4 + 8 * (i % 4 / 2), col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
     float acc = 0.0f;
     for (int k = 0; k < 32; ++k) {
       const uint32_t addr = sb + (k / 16) * lbo + (col / 8) * sbo + (col % 8) * 16 + k % 16;
@@ -274,7 +276,7 @@ inline void wgmma_m64n8k32_e4m3_rs(float* d, const uint32_t* a, uint64_t db) {
     out[i] = acc;
   }
   emu::wg_bars[l / 128]->arrive_and_wait();
-  for (int i = 0; i < 4; ++i) d[i] = out[i];
+  for (int i = 0; i < N / 2; ++i) d[i] = out[i];
 }
 
 inline void ldmatrix_impl(uint32_t* r, const void* row, bool trans) {
