@@ -2,8 +2,9 @@
 // packed weights, which are streamed once (4/6/8-bit codes + E8M0 scales). The kernels, each
 // described where it is defined:
 //
-// decode_stream_wgmma_kernel (1-4 tokens; 9-16 over many row tiles) and decode_stream_kernel (the rest): row tiles of W
-// streamed into shared memory by the copy engine, E4M3 tensor cores (wgmma; mma.sync).
+// decode_stream_wgmma_kernel (1-4 tokens; 9-16 over many row tiles) and decode_stream_kernel
+// (the rest): row tiles of W streamed into shared memory by the copy engine, E4M3 tensor cores
+// (wgmma; mma.sync).
 //
 // decode_tc_kernel: E4M3 tensor cores (mma.sync) fed straight from the packed codes of both
 // operands in global memory; Auto takes it above 8 tokens where the grid has fewer row tiles
