@@ -667,13 +667,15 @@ __global__ void __launch_bounds__((stream_warps(NT) + 1) * 32, 1)
 // token m in column kTok j + m), so that each block meets its own tokens; the other kTok columns
 // of each row are products nobody reads. kTok is 4 (N = 8, wgmma's narrowest) for up to four
 // tokens and 16 (N = 32) for up to sixteen. The tokens' side, one N x 32 E4M3 tile per pair of a
-// segment's blocks, is built once per CTA in shared memory (K-major, no swizzle: 8-column groups
-// 256 bytes apart, the second 16 bytes of K 128 bytes on), in the element order to_e4m3 gives
-// the weights. Four consumer warpgroups share a stage's pairs; each promotes its pairs' products
+// segment's blocks, is built once per CTA in shared memory (K-major, no swizzle), in the
+// element order to_e4m3 gives the weights. Four consumer warpgroups share a stage's pairs; each promotes its pairs' products
 // with the blocks' scales, as stream_stage does.
 constexpr int kWgConsumerWarps = 16;
 constexpr int kWgGroups = kWgConsumerWarps / 4;  // consumer warpgroups
-__host__ __device__ constexpr int pair_tile_bytes(int tok) { return 2 * tok * 32; }
+// A pair tile, K-major without swizzle: 8-column groups kTileGroupBytes apart, each 8 columns
+// x 16 bytes of K, the second 16 bytes of K kTileKHalfBytes on (the wgmma descriptor's strides).
+constexpr int kTileKHalfBytes = 128, kTileGroupBytes = 256;
+__host__ __device__ constexpr int pair_tile_bytes(int tok) { return tok / 4 * kTileGroupBytes; }
 __host__ __device__ constexpr int segment_pairs(const MixPlan& plan, int s) {
   return (segment_span(plan, s).blocks + 1) / 2;
 }
@@ -728,10 +730,10 @@ struct TokenItem {
     else if (seg == 1) codes_to_e4m3<ElemFormat::E3M2>(w, odd, r);
     else codes_to_e4m3<ElemFormat::E4M3>(w, odd, r);
     const int local = b - span.first, col = kTok * (local % 2) + m;
-    uint8_t* tile = tiles + (pair_base(plan, seg) + local / 2) * pair_tile_bytes(kTok) + (col / 8) * 256 +
+    uint8_t* tile = tiles + (pair_base(plan, seg) + local / 2) * pair_tile_bytes(kTok) + (col / 8) * kTileGroupBytes +
                     (col % 8) * 16 + 4 * t;
     *reinterpret_cast<uint32_t*>(tile) = r[0];
-    *reinterpret_cast<uint32_t*>(tile + 128) = r[1];
+    *reinterpret_cast<uint32_t*>(tile + kTileKHalfBytes) = r[1];
   }
 };
 
@@ -846,8 +848,8 @@ __device__ __forceinline__ void wg_stage(const WgLane& L, const uint8_t* codes, 
 #pragma unroll
     for (int v = 0; v < kBatch; ++v) {
       const int p = min(L.wg + kWgGroups * (u0 + v), last_pair);
-      ptx::wgmma_m64nNk32_e4m3_rs<2 * kTok>(d[v], a[u0 + v],
-                                            ptx::smem_desc_plain(tiles + p * pair_tile_bytes(kTok), 128, 256));
+      ptx::wgmma_m64nNk32_e4m3_rs<2 * kTok>(
+          d[v], a[u0 + v], ptx::smem_desc_plain(tiles + p * pair_tile_bytes(kTok), kTileKHalfBytes, kTileGroupBytes));
     }
     ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
@@ -1056,12 +1058,12 @@ cudaError_t launch_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPla
                              A, W, M, N, plan, Y);
 }
 
-// For shapes wg_token_columns serves.
-cudaError_t launch_decode_stream_wgmma(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
+// With the token columns wg_token_columns gives (4 or 16).
+cudaError_t launch_decode_stream_wgmma(int tok, MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
                                        cudaStream_t stream) {
-  if (M == 1) return launch_wgmma_kernel<4, true>(A, W, M, N, plan, Y, stream);
-  if (M <= 4) return launch_wgmma_kernel<4, false>(A, W, M, N, plan, Y, stream);
-  return launch_wgmma_kernel<16, false>(A, W, M, N, plan, Y, stream);
+  if (tok == 16) return launch_wgmma_kernel<16, false>(A, W, M, N, plan, Y, stream);
+  return M == 1 ? launch_wgmma_kernel<4, true>(A, W, M, N, plan, Y, stream)
+                : launch_wgmma_kernel<4, false>(A, W, M, N, plan, Y, stream);
 }
 
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
@@ -1101,17 +1103,17 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   const int m = static_cast<int>(M), n = static_cast<int>(N);
   if (kernel == DecodeKernel::Auto) kernel = decode_kernel_setting();
   // Auto: measured on H200 (docs/kernels.md, sections 6 and 7), the streamed kernels are the
-  // faster ones on wgmma, for up to 8 tokens, and for more where the grid has a row tile for
-  // every multiprocessor.
+  // faster ones for up to 8 tokens, and for more where the grid has a row tile for every
+  // multiprocessor (which covers every shape the wgmma kernel serves).
   if (kernel == DecodeKernel::Auto) {
-    const bool fills = m <= 8 || (n + kTcRows - 1) / kTcRows >= device_sm_count() ||
-                       (stream_ready(W) && wg_token_columns(plan, m, n) > 0);
+    const bool fills = m <= 8 || (n + kTcRows - 1) / kTcRows >= device_sm_count();
     kernel = fills && stream_ready(W) && stream_smem_bytes(plan, m) <= kStreamSmemLimit ? DecodeKernel::Streamed
                                                                                        : DecodeKernel::TensorCores;
   }
   if (kernel == DecodeKernel::Streamed) {
     if (!stream_ready(W)) return cudaErrorInvalidValue;
-    if (wg_token_columns(plan, m, n) > 0) return launch_decode_stream_wgmma(A, W, m, n, plan, Y, stream);
+    if (const int tok = wg_token_columns(plan, m, n); tok > 0)
+      return launch_decode_stream_wgmma(tok, A, W, m, n, plan, Y, stream);
     if (m == 1) return launch_decode_stream<1, true>(A, W, m, n, plan, Y, stream);
     return m <= 8 ? launch_decode_stream<1, false>(A, W, m, n, plan, Y, stream)
                   : launch_decode_stream<2, false>(A, W, m, n, plan, Y, stream);
