@@ -461,10 +461,19 @@ struct GpuRuntime::Impl {
       linear(qkv_slot, L.linear[qkv_slot], xn.ptr, M, qkv.ptr, norm_out(l, qkv_slot, M).input);
       uint16_t* kc = k_cache.ptr + l * layer_cache;
       uint16_t* vc = v_cache.ptr + l * layer_cache;
-      stage("rope", [&] {
-        cuda_check(rope_and_cache(qkv.ptr, L.linear[0].bias.ptr, s, rope.ptr, cfg.rope_neox, q.ptr, kc, vc, stream), "rope");
-      });
-      stage("attention", [&] { cuda_check(attention(q.ptr, kc, vc, s, attn.ptr, splits, attn_ws.ptr, stream), "attention"); });
+      const float* bias = L.linear[0].bias.ptr;
+      if (s.tokens == 1) {  // decode: RoPE inside the attention kernel
+        stage("rope + attention", [&] {
+          cuda_check(decode_attention(qkv.ptr, bias, s, rope.ptr, cfg.rope_neox, kc, vc, attn.ptr, splits, attn_ws.ptr,
+                                      stream),
+                     "attention");
+        });
+      } else {
+        stage("rope", [&] {
+          cuda_check(rope_and_cache(qkv.ptr, bias, s, rope.ptr, cfg.rope_neox, q.ptr, kc, vc, stream), "rope");
+        });
+        stage("attention", [&] { cuda_check(attention(q.ptr, kc, vc, s, attn.ptr, splits, attn_ws.ptr, stream), "attention"); });
+      }
       linear(1, L.linear[1], attn.ptr, M, y.ptr, Input::Gathered);
       const NormOut ffn = norm_out(l, gate_up_slot, M);
       stage("norm", [&] {

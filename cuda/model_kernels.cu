@@ -112,6 +112,66 @@ __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __rest
   }
 }
 
+// Four RoPE pairs of one head, i0 .. i0 + 3 (pair i is (i, i + half) for neox, (2i, 2i + 1)
+// otherwise), from the head's qkv channels at `head` (+ bias, when set; head_dim a multiple of
+// 8: 8- and 16-byte loads), rotated by the angles cs[i] = (cos, sin) and rounded to bf16:
+// y[j] holds pair i0 + j, first element in the low half. rope_kernel and the decode
+// attention both use it, so that they write the same bits.
+__device__ __forceinline__ void rope_quad(const uint16_t* head, const float* bias, int i0, int half,
+                                          const float2* cs, bool neox, uint32_t* y) {
+  const int c0 = neox ? i0 : 2 * i0;  // first channel of the four pairs
+  float x0[4], x1[4];
+  if (neox) {
+    const uint2 lo = *reinterpret_cast<const uint2*>(head + c0), hi = *reinterpret_cast<const uint2*>(head + c0 + half);
+    const uint32_t l[2] = {lo.x, lo.y}, h[2] = {hi.x, hi.y};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      x0[j] = bf16_bits_to_float(static_cast<uint16_t>(l[j / 2] >> (16 * (j % 2))));
+      x1[j] = bf16_bits_to_float(static_cast<uint16_t>(h[j / 2] >> (16 * (j % 2))));
+      if (bias != nullptr) x0[j] += bias[c0 + j], x1[j] += bias[c0 + half + j];
+    }
+  } else {
+    const uint4 v = *reinterpret_cast<const uint4*>(head + c0);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      x0[j] = bf16_bits_to_float(static_cast<uint16_t>(w[j]));
+      x1[j] = bf16_bits_to_float(static_cast<uint16_t>(w[j] >> 16));
+      if (bias != nullptr) x0[j] += bias[c0 + 2 * j], x1[j] += bias[c0 + 2 * j + 1];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float c = cs[i0 + j].x, sn = cs[i0 + j].y;
+    y[j] = pack_bf16x2(x0[j] * c - x1[j] * sn, x0[j] * sn + x1[j] * c);
+  }
+}
+
+// rope_quad's pairs into a head's row (global or shared memory, 8-byte aligned).
+__device__ __forceinline__ void store_rope_quad(uint16_t* head, int i0, int half, bool neox, const uint32_t* y) {
+  if (neox) {
+    *reinterpret_cast<uint2*>(head + i0) = make_uint2((y[0] & 0xFFFFu) | (y[1] << 16), (y[2] & 0xFFFFu) | (y[3] << 16));
+    *reinterpret_cast<uint2*>(head + i0 + half) =
+        make_uint2((y[0] >> 16) | (y[1] & 0xFFFF0000u), (y[2] >> 16) | (y[3] & 0xFFFF0000u));
+  } else {
+    *reinterpret_cast<uint4*>(head + 2 * i0) = make_uint4(y[0], y[1], y[2], y[3]);
+  }
+}
+
+// Eight value channels c .. c + 7 of a qkv row (+ bias) as bf16, 16-byte aligned.
+__device__ __forceinline__ uint4 value_oct(const uint16_t* row, const float* bias, int c) {
+  const uint4 v = *reinterpret_cast<const uint4*>(row + c);
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float lo = bf16_bits_to_float(static_cast<uint16_t>(w[j])), hi = bf16_bits_to_float(static_cast<uint16_t>(w[j] >> 16));
+    if (bias != nullptr) lo += bias[c + 2 * j], hi += bias[c + 2 * j + 1];
+    o[j] = pack_bf16x2(lo, hi);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 __device__ __forceinline__ int current_position(const AttentionShape& s) {
   return s.position_ptr != nullptr ? *s.position_ptr : s.position;
 }
@@ -136,54 +196,13 @@ __global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __res
   const int first = blockIdx.y * blockDim.x, step = gridDim.y * blockDim.x;
   for (int p = first + threadIdx.x; p < quads; p += step) {
     const int head = 4 * p / half, i0 = 4 * p % half;
-    const int c0 = head * hd + (neox ? i0 : 2 * i0);  // first channel of the four pairs
-    float x0[4], x1[4];
-    if (neox) {
-      const uint2 lo = *reinterpret_cast<const uint2*>(src + c0), hi = *reinterpret_cast<const uint2*>(src + c0 + half);
-      const uint32_t l[2] = {lo.x, lo.y}, h[2] = {hi.x, hi.y};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        x0[j] = bf16_bits_to_float(static_cast<uint16_t>(l[j / 2] >> (16 * (j % 2))));
-        x1[j] = bf16_bits_to_float(static_cast<uint16_t>(h[j / 2] >> (16 * (j % 2))));
-        if (bias != nullptr) x0[j] += bias[c0 + j], x1[j] += bias[c0 + half + j];
-      }
-    } else {
-      const uint4 v = *reinterpret_cast<const uint4*>(src + c0);
-      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        x0[j] = bf16_bits_to_float(static_cast<uint16_t>(w[j]));
-        x1[j] = bf16_bits_to_float(static_cast<uint16_t>(w[j] >> 16));
-        if (bias != nullptr) x0[j] += bias[c0 + 2 * j], x1[j] += bias[c0 + 2 * j + 1];
-      }
-    }
-    uint32_t y[4];  // packed (y0, y1) of each pair
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float c = cs[i0 + j].x, sn = cs[i0 + j].y;
-      y[j] = pack_bf16x2(x0[j] * c - x1[j] * sn, x0[j] * sn + x1[j] * c);
-    }
-    uint16_t* dst = head < s.n_heads ? q + row * q_dim + c0 : cache_row(k_cache, head - s.n_heads) + (c0 - q_dim) % hd;
-    if (neox) {
-      *reinterpret_cast<uint2*>(dst) = make_uint2((y[0] & 0xFFFFu) | (y[1] << 16), (y[2] & 0xFFFFu) | (y[3] << 16));
-      *reinterpret_cast<uint2*>(dst + half) =
-          make_uint2((y[0] >> 16) | (y[1] & 0xFFFF0000u), (y[2] >> 16) | (y[3] & 0xFFFF0000u));
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(y[0], y[1], y[2], y[3]);
-    }
+    uint32_t y[4];
+    rope_quad(src + head * hd, bias != nullptr ? bias + head * hd : nullptr, i0, half, cs, neox, y);
+    store_rope_quad(head < s.n_heads ? q + row * q_dim + head * hd : cache_row(k_cache, head - s.n_heads), i0, half,
+                    neox, y);
   }
-  for (int c = 8 * (first + threadIdx.x); c < kv_dim; c += 8 * step) {
-    const uint4 v = *reinterpret_cast<const uint4*>(src + q_dim + kv_dim + c);
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-    uint32_t o[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float lo = bf16_bits_to_float(static_cast<uint16_t>(w[j])), hi = bf16_bits_to_float(static_cast<uint16_t>(w[j] >> 16));
-      if (bias != nullptr) lo += bias[q_dim + kv_dim + c + 2 * j], hi += bias[q_dim + kv_dim + c + 2 * j + 1];
-      o[j] = pack_bf16x2(lo, hi);
-    }
-    *reinterpret_cast<uint4*>(cache_row(v_cache, c / hd) + c % hd) = make_uint4(o[0], o[1], o[2], o[3]);
-  }
+  for (int c = 8 * (first + threadIdx.x); c < kv_dim; c += 8 * step)
+    *reinterpret_cast<uint4*>(cache_row(v_cache, c / hd) + c % hd) = value_oct(src, bias, q_dim + kv_dim + c);
 }
 
 __device__ __forceinline__ uint32_t load_u32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
@@ -284,31 +303,45 @@ constexpr int kAttnKeys = 64;      // keys per shared-memory tile
 constexpr int kAttnRows = 64;      // rows (query, head) per CTA: 4 warps x 16
 constexpr int kAttnThreads = 128;
 
-template <int D>
+// Two stages of K and V tiles, bf16, padded rows; kRope: then the rotated q rows.
+template <int D, bool kRope>
 constexpr int attention_smem_bytes() {
-  return 2 * 2 * kAttnKeys * (D + 8) * 2;  // two stages of K and V tiles, bf16, padded rows
+  return (2 * 2 * kAttnKeys + (kRope ? kAttnRows : 0)) * (D + 8) * 2;
 }
+
+// A decode step's RoPE inside the attention (attention_kernel<D, true>): q comes from the
+// qkv rows, rotated on load, and the new key and value (position `position`, one token per
+// sequence) are rotated, written to the cache and placed in the key tile that holds them.
+struct DecodeRope {
+  const uint16_t* qkv = nullptr;  // [batch, q_dim + 2 kv_dim]
+  const float* bias = nullptr;    // [q_dim + 2 kv_dim] or null
+  const float2* table = nullptr;  // [max_context, head_dim / 2] (cos, sin)
+  bool neox = false;
+  uint16_t* k_cache = nullptr;    // the same caches the kernel reads, for the new row
+  uint16_t* v_cache = nullptr;
+};
 
 // Grid: (row tiles, n_kv_heads, batch * splits). Row r of a KV head's group is query
 // r / group, head kv_head * group + r % group. K and V tiles (64 keys, rows padded to
 // D + 8 elements so that ldmatrix is conflict-free) stream through a two-stage cp.async
 // ring; ldmatrix gives the K fragments and, transposed, the V fragments.
-template <int D>
+// kRope (decode, one token per sequence): RoPE and the cache write of rope_and_cache happen
+// here (DecodeRope). The cache's earlier positions are final then, so the first key tile
+// is requested before the chained wait, while the kernel before (the qkv projection) runs.
+template <int D, bool kRope>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t* __restrict__ q,
-                                                                 const uint16_t* __restrict__ k_cache,
-                                                                 const uint16_t* __restrict__ v_cache,
+                                                                 const uint16_t* k_cache, const uint16_t* v_cache,
                                                                  AttentionShape s, int splits, uint16_t* out,
-                                                                 float* part_o, float* part_lse) {
+                                                                 float* part_o, float* part_lse, DecodeRope rope) {
   constexpr int KS = D + 8;
   extern __shared__ __align__(16) uint16_t attn_smem[];
-  ptx::chain_enter();
+  if constexpr (!kRope) ptx::chain_enter();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int kvh = blockIdx.y, b = blockIdx.z / splits, split = blockIdx.z % splits;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group, q_dim = s.q_dim();
   const int r0 = blockIdx.x * kAttnRows, position = current_position(s);
 
   int row[2], qrow[2], head[2], visible[2];  // this thread's two rows: g and g + 8 of its warp's 16
-  uint32_t qf[D / 16][4];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     row[i] = r0 + warp * 16 + g + 8 * i;
@@ -316,15 +349,6 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
     qrow[i] = rr / group;
     head[i] = kvh * group + rr % group;
     visible[i] = position + qrow[i];  // last key this row may see
-  }
-  const uint16_t* q0 = q + (static_cast<int64_t>(b) * s.tokens + qrow[0]) * q_dim + head[0] * D;
-  const uint16_t* q1 = q + (static_cast<int64_t>(b) * s.tokens + qrow[1]) * q_dim + head[1] * D;
-#pragma unroll
-  for (int c = 0; c < D / 16; ++c) {
-    qf[c][0] = load_u32(q0 + 16 * c + 2 * t4);
-    qf[c][1] = load_u32(q1 + 16 * c + 2 * t4);
-    qf[c][2] = load_u32(q0 + 16 * c + 8 + 2 * t4);
-    qf[c][3] = load_u32(q1 + 16 * c + 8 + 2 * t4);
   }
 
   const int first_visible = position + r0 / group;  // the CTA's first row sees the fewest keys
@@ -334,6 +358,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
   const int blk_begin = split * per_split, blk_end = min(blocks, blk_begin + per_split);
   const int64_t cache_base = (static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context * D;
   const float scale = kLog2e / sqrtf(static_cast<float>(D));
+  // kRope: the key at `position` is not in the cache yet; its row is zero-filled and then
+  // written from registers.
+  const int load_end = kRope ? position : key_end;
 
   auto tile_k = [&](int stage) { return attn_smem + stage * 2 * kAttnKeys * KS; };
   auto tile_v = [&](int stage) { return attn_smem + (stage * 2 + 1) * kAttnKeys * KS; };
@@ -341,13 +368,65 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
     const int key0 = blk * kAttnKeys;
     for (int i = threadIdx.x; i < kAttnKeys * D / 8; i += kAttnThreads) {
       const int key = i / (D / 8), c8 = i % (D / 8) * 8;
-      const bool valid = key0 + key < key_end;  // zeros past the end: no NaN from 0 * garbage
+      const bool valid = key0 + key < load_end;  // zeros past the end: no NaN from 0 * garbage
       const int64_t at = cache_base + static_cast<int64_t>(valid ? key0 + key : 0) * D + c8;
       cp_async_16(tile_k(stage) + key * KS + c8, k_cache + at, valid);
       cp_async_16(tile_v(stage) + key * KS + c8, v_cache + at, valid);
     }
     cp_async_commit();
   };
+  // Two key tiles in flight: the loop refills a stage once it is done with it.
+  if (blk_begin < blk_end) load_tile(blk_begin, 0);
+  if (blk_begin + 1 < blk_end) load_tile(blk_begin + 1, 1);
+  if constexpr (kRope) ptx::chain_enter();
+
+  uint32_t qf[D / 16][4];
+  const uint16_t* q0 = q + (static_cast<int64_t>(b) * s.tokens + qrow[0]) * q_dim + head[0] * D;
+  const uint16_t* q1 = q + (static_cast<int64_t>(b) * s.tokens + qrow[1]) * q_dim + head[1] * D;
+  // kRope: the CTA's rows rotated into shared memory (after the K/V stages), a head per row.
+  // The CTA whose keys end at `position` also makes the new key and value row: the first
+  // D / 8 threads four key pairs each, the next D / 8 eight value channels each.
+  const int new_blk = kRope && blk_begin < blk_end && blk_end == blocks ? blocks - 1 : -1;
+  uint32_t new_row[4];
+  int new_part = -1;  // 0: key pairs 4 i .. 4 i + 3, 1: value channels 8 i .. 8 i + 7
+  if constexpr (kRope) {
+    uint16_t* q_tile = attn_smem + 4 * kAttnKeys * KS;
+    const float2* cs = rope.table + static_cast<int64_t>(position) * (D / 2);
+    const int kv_dim = s.kv_dim();
+    const uint16_t* src = rope.qkv + static_cast<int64_t>(b) * (q_dim + 2 * kv_dim);
+    const int tile_rows = min(rows - r0, kAttnRows);
+    for (int i = threadIdx.x; i < tile_rows * (D / 8); i += kAttnThreads) {
+      const int r = i / (D / 8), h = kvh * group + (r0 + r) % group;
+      uint32_t y[4];
+      rope_quad(src + h * D, rope.bias != nullptr ? rope.bias + h * D : nullptr, 4 * (i % (D / 8)), D / 2, cs,
+                rope.neox, y);
+      store_rope_quad(q_tile + r * KS, 4 * (i % (D / 8)), D / 2, rope.neox, y);
+    }
+    if (new_blk >= 0 && threadIdx.x < D / 4) {
+      new_part = threadIdx.x / (D / 8);
+      const int i = threadIdx.x % (D / 8);
+      uint16_t* dst = (new_part == 0 ? rope.k_cache : rope.v_cache) + cache_base + static_cast<int64_t>(position) * D;
+      if (new_part == 0) {
+        const int c = q_dim + kvh * D;
+        rope_quad(src + c, rope.bias != nullptr ? rope.bias + c : nullptr, 4 * i, D / 2, cs, rope.neox, new_row);
+        if (blockIdx.x == 0) store_rope_quad(dst, 4 * i, D / 2, rope.neox, new_row);  // one writer per row
+      } else {
+        const uint4 v = value_oct(src, rope.bias, q_dim + kv_dim + kvh * D + 8 * i);
+        new_row[0] = v.x, new_row[1] = v.y, new_row[2] = v.z, new_row[3] = v.w;
+        if (blockIdx.x == 0) *reinterpret_cast<uint4*>(dst + 8 * i) = v;
+      }
+    }
+    __syncthreads();
+    q0 = q_tile + (min(row[0], rows - 1) - r0) * KS;
+    q1 = q_tile + (min(row[1], rows - 1) - r0) * KS;
+  }
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) {
+    qf[c][0] = load_u32(q0 + 16 * c + 2 * t4);
+    qf[c][1] = load_u32(q1 + 16 * c + 2 * t4);
+    qf[c][2] = load_u32(q0 + 16 * c + 8 + 2 * t4);
+    qf[c][3] = load_u32(q1 + 16 * c + 8 + 2 * t4);
+  }
 
   float o[D / 2];
 #pragma unroll
@@ -356,16 +435,18 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
   // ldmatrix row addresses: lanes 8i..8i+7 address matrix i.
   const int mi = lane / 8, mr = lane % 8;
 
-  if (blk_begin < blk_end) load_tile(blk_begin, 0);
   for (int blk = blk_begin; blk < blk_end; ++blk) {
     const int stage = (blk - blk_begin) & 1;
-    if (blk + 1 < blk_end) {
-      load_tile(blk + 1, stage ^ 1);  // that stage was released by the barrier ending the last iteration
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    if (blk + 1 < blk_end) cp_async_wait<1>();  // tile blk + 1 may still be on its way
+    else cp_async_wait<0>();
     __syncthreads();
+    if (kRope && blk == new_blk) {  // the new row over its zero fill
+      uint16_t* dst = (new_part == 0 ? tile_k(stage) : tile_v(stage)) + (position - blk * kAttnKeys) * KS;
+      if (new_part == 0) store_rope_quad(dst, 4 * (threadIdx.x % (D / 8)), D / 2, rope.neox, new_row);
+      else if (new_part == 1) *reinterpret_cast<uint4*>(dst + 8 * (threadIdx.x % (D / 8))) =
+          make_uint4(new_row[0], new_row[1], new_row[2], new_row[3]);
+      __syncthreads();
+    }
     // A warp whose 16 rows are all past the group's rows (decode: 1 token x group heads)
     // only helps load the tiles.
     if (r0 + warp * 16 < rows) {
@@ -400,7 +481,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
         }
       }
     }
-    __syncthreads();  // this stage is refilled two iterations on
+    __syncthreads();  // every warp is done with this stage
+    if (blk + 2 < blk_end) load_tile(blk + 2, stage);
   }
 
   store_attention_rows<D>(o, m, l, row, qrow, head, rows, b, kvh, split, splits, s, t4, out, part_o, part_lse);
@@ -701,46 +783,71 @@ int attention_splits(const AttentionShape& s) {
   return static_cast<int>(std::max<int64_t>(splits, 1));
 }
 
-cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const AttentionShape& s,
-                      uint16_t* out, int splits, float* workspace, cudaStream_t stream) {
-  if (s.rows() <= 0 || s.n_kv_heads <= 0 || s.n_heads % s.n_kv_heads != 0 || !attention_supports_head_dim(s.head_dim) ||
-      splits < 1 || splits > kMaxAttnSplits || (splits > 1 && workspace == nullptr) ||
-      s.position + s.tokens > s.max_context)
-    return cudaErrorInvalidValue;
+namespace {
+
+bool attention_shape_ok(const AttentionShape& s, int splits, const float* workspace) {
+  return s.rows() > 0 && s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0 && attention_supports_head_dim(s.head_dim) &&
+         splits >= 1 && splits <= kMaxAttnSplits && (splits == 1 || workspace != nullptr) &&
+         s.position + s.tokens <= s.max_context;
+}
+
+// The mma.sync kernel (with the merge of its key splits); kRope: decode_attention's form.
+template <bool kRope>
+cudaError_t launch_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                             const AttentionShape& s, uint16_t* out, int splits, float* workspace, DecodeRope rope,
+                             cudaStream_t stream) {
+  static const cudaError_t attr = [] {
+    cudaError_t e = cudaFuncSetAttribute(attention_kernel<64, kRope>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         attention_smem_bytes<64, kRope>());
+    if (e == cudaSuccess)
+      e = cudaFuncSetAttribute(attention_kernel<128, kRope>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               attention_smem_bytes<128, kRope>());
+    return e;
+  }();
+  if (attr != cudaSuccess) return attr;
   const int group_rows = s.tokens * (s.n_heads / s.n_kv_heads);
   const dim3 grid(static_cast<unsigned>((group_rows + kAttnRows - 1) / kAttnRows), static_cast<unsigned>(s.n_kv_heads),
                   static_cast<unsigned>(s.batch * splits));
   float* part_o = workspace;
   float* part_lse = splits > 1 ? workspace + static_cast<size_t>(splits) * s.batch * s.n_kv_heads * group_rows * s.head_dim
                                : nullptr;
-  static const cudaError_t attr = [] {
-    cudaError_t e = cudaFuncSetAttribute(attention_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         attention_smem_bytes<64>());
-    if (e == cudaSuccess)
-      e = cudaFuncSetAttribute(attention_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               attention_smem_bytes<128>());
-    if (e == cudaSuccess)
-      e = cudaFuncSetAttribute(attention_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kWgAttnSmemBytes);
-    return e;
-  }();
-  if (attr != cudaSuccess) return attr;
-  if (uses_wgmma_attention(s, splits))
-    return ptx::launch_chained(attention_wgmma_kernel,
-                               dim3(static_cast<unsigned>((group_rows + kWgAttnRows - 1) / kWgAttnRows),
-                                    static_cast<unsigned>(s.n_kv_heads), static_cast<unsigned>(s.batch)),
-                               kWgAttnThreads, kWgAttnSmemBytes, stream, q, k_cache, v_cache, s, out);
   const cudaError_t e =
       s.head_dim == 64
-          ? ptx::launch_chained(attention_kernel<64>, grid, kAttnThreads, attention_smem_bytes<64>(), stream, q, k_cache,
-                                v_cache, s, splits, out, part_o, part_lse)
-          : ptx::launch_chained(attention_kernel<128>, grid, kAttnThreads, attention_smem_bytes<128>(), stream, q,
-                                k_cache, v_cache, s, splits, out, part_o, part_lse);
+          ? ptx::launch_chained(attention_kernel<64, kRope>, grid, kAttnThreads, attention_smem_bytes<64, kRope>(), stream, q,
+                                k_cache, v_cache, s, splits, out, part_o, part_lse, rope)
+          : ptx::launch_chained(attention_kernel<128, kRope>, grid, kAttnThreads, attention_smem_bytes<128, kRope>(), stream, q,
+                                k_cache, v_cache, s, splits, out, part_o, part_lse, rope);
   if (e != cudaSuccess || splits == 1) return e;
   return ptx::launch_chained(attention_merge_kernel,
                              dim3(static_cast<unsigned>(group_rows), static_cast<unsigned>(s.n_kv_heads),
                                   static_cast<unsigned>(s.batch)),
                              static_cast<unsigned>(s.head_dim), 0, stream, part_o, part_lse, s, splits, out);
+}
+
+}  // namespace
+
+cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const AttentionShape& s,
+                      uint16_t* out, int splits, float* workspace, cudaStream_t stream) {
+  if (!attention_shape_ok(s, splits, workspace)) return cudaErrorInvalidValue;
+  if (uses_wgmma_attention(s, splits)) {
+    static const cudaError_t attr = cudaFuncSetAttribute(
+        attention_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgAttnSmemBytes);
+    if (attr != cudaSuccess) return attr;
+    const int group_rows = s.tokens * (s.n_heads / s.n_kv_heads);
+    return ptx::launch_chained(attention_wgmma_kernel,
+                               dim3(static_cast<unsigned>((group_rows + kWgAttnRows - 1) / kWgAttnRows),
+                                    static_cast<unsigned>(s.n_kv_heads), static_cast<unsigned>(s.batch)),
+                               kWgAttnThreads, kWgAttnSmemBytes, stream, q, k_cache, v_cache, s, out);
+  }
+  return launch_attention<false>(q, k_cache, v_cache, s, out, splits, workspace, DecodeRope{}, stream);
+}
+
+cudaError_t decode_attention(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
+                             bool neox, uint16_t* k_cache, uint16_t* v_cache, uint16_t* out, int splits,
+                             float* workspace, cudaStream_t stream) {
+  if (s.tokens != 1 || !attention_shape_ok(s, splits, workspace)) return cudaErrorInvalidValue;
+  return launch_attention<true>(nullptr, k_cache, v_cache, s, out, splits, workspace,
+                                DecodeRope{qkv, bias, rope, neox, k_cache, v_cache}, stream);
 }
 
 cudaError_t swiglu(const uint16_t* gate_up, int64_t M, int ffn, uint16_t* out, cudaStream_t stream) {

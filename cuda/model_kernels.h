@@ -56,6 +56,13 @@ inline constexpr int kMaxAttnSplits = 64;
 cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const AttentionShape& s,
                       uint16_t* out, int splits, float* workspace, cudaStream_t stream);
 size_t attention_workspace_floats(const AttentionShape& s, int splits);
+// A decode step's rope_and_cache and attention in one kernel (s.tokens == 1): the same
+// cache writes and the same output bits, with q read from qkv (+ bias) and rotated on load.
+// The cache's positions before s.position must be final when it starts: it requests them
+// while the kernel before it in the stream still runs (that kernel must not write them).
+cudaError_t decode_attention(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
+                             bool neox, uint16_t* k_cache, uint16_t* v_cache, uint16_t* out, int splits,
+                             float* workspace, cudaStream_t stream);
 // A split count that fills the GPU for this shape (1 when the query tiles already do). With
 // position_ptr set, pass the largest position it may hold: splits past the keys stay idle.
 int attention_splits(const AttentionShape& s);

@@ -6,6 +6,8 @@
 //   element: P is rounded to bf16 before P.V (2^-9 relative per weight, at most
 //   2^-9 max|v| in all) and the output to bf16 (2^-9 |out|); the bound is twice that.
 //   A key masked wrongly moves the output by about max|v| / keys, well beyond it.
+// - decode_attention (RoPE inside the attention): the same cache and the same output bits as
+//   rope_and_cache followed by attention, for every split count tried.
 // - add_rmsnorm, swiglu, embed_tokens: element-wise against float64 (one bf16 rounding).
 // - token_logprobs: log-softmax against float64 and first-maximum argmax with ties.
 #include <gtest/gtest.h>
@@ -124,6 +126,7 @@ void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, i
     const auto qkv = random_bf16(rows * qkv_dim, 1.0f);
     DeviceBuffer<uint16_t> d_qkv(qkv.size()), d_q(rows * s.q_dim());
     d_qkv.upload(qkv);
+    const std::vector<uint16_t> kc_before = kc.download(), vc_before = vc.download();
     CK(rope_and_cache(d_qkv.ptr, d_bias.ptr, s, d_rope.ptr, neox, d_q.ptr, kc.ptr, vc.ptr, nullptr));
     AttnCase c{s, d_q.download(), kc.download(), vc.download()};
     // RoPE: q and k rotated, v copied, all from qkv + bias.
@@ -158,6 +161,20 @@ void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, i
       for (int h = 0; h < n_kv_heads; ++h)
         ASSERT_TRUE(std::isnan(bf(c.kc[((static_cast<size_t>(b) * n_kv_heads + h) * s.max_context + position + tokens) * head_dim])));
 
+    // decode_attention (RoPE inside the attention) from the cache as it was before this step:
+    // the same cache afterwards and the same output bits as rope_and_cache + attention.
+    auto check_decode_attention = [&](const AttentionShape& shape, int splits, const std::vector<uint16_t>& want) {
+      DeviceBuffer<uint16_t> kc3(cache_n), vc3(cache_n), out(rows * s.q_dim());
+      kc3.upload(kc_before);
+      vc3.upload(vc_before);
+      DeviceBuffer<float> ws(std::max<size_t>(attention_workspace_floats(shape, splits), 1));
+      CK(decode_attention(d_qkv.ptr, d_bias.ptr, shape, d_rope.ptr, neox, kc3.ptr, vc3.ptr, out.ptr, splits, ws.ptr,
+                          nullptr));
+      SCOPED_TRACE("decode_attention, splits " + std::to_string(splits));
+      EXPECT_EQ(kc3.download(), c.kc);
+      EXPECT_EQ(vc3.download(), c.vc);
+      EXPECT_EQ(out.download(), want);
+    };
     std::vector<int> split_counts = {1, attention_splits(s)};
     if (tokens == 1) split_counts.push_back(3);
     for (const int splits : split_counts) {
@@ -165,7 +182,9 @@ void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, i
       DeviceBuffer<float> ws(std::max<size_t>(attention_workspace_floats(s, splits), 1));
       CK(attention(d_q.ptr, kc.ptr, vc.ptr, s, out.ptr, splits, ws.ptr, nullptr));
       SCOPED_TRACE("splits " + std::to_string(splits) + (uses_wgmma_attention(s, splits) ? ", wgmma kernel" : ""));
-      check_attention(c, out.download());
+      const std::vector<uint16_t> got = out.download();
+      check_attention(c, got);
+      if (tokens == 1) check_decode_attention(s, splits, got);
     }
     if (tokens == 1) {
       // The same step with the position read from device memory, as a recorded decode graph
@@ -189,7 +208,9 @@ void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, i
         DeviceBuffer<float> ws(std::max<size_t>(attention_workspace_floats(sd, splits), 1));
         CK(attention(q2.ptr, kc2.ptr, vc2.ptr, sd, out.ptr, splits, ws.ptr, nullptr));
         SCOPED_TRACE("device position, splits " + std::to_string(splits));
-        check_attention(c, out.download());
+        const std::vector<uint16_t> got = out.download();
+        check_attention(c, got);
+        check_decode_attention(sd, splits, got);
       }
     }
     position += tokens;
@@ -200,6 +221,7 @@ TEST(ModelKernels, RopeAndAttentionSmall) {
   REQUIRE_GPU();
   rope_attention_case(64, 4, 2, 2, 37, true);
   rope_attention_case(128, 4, 1, 1, 70, false);
+  rope_attention_case(64, 8, 2, 1, 64, false);  // the first decode key opens a key tile
   // The wgmma prefill kernel: several 128-row tiles per KV head (the last one partial), two KV
   // heads, two sequences, and a second prefill chunk that starts past the first.
   AttentionShape wg;
