@@ -78,6 +78,7 @@ struct DeviceLinear {
   MixPlan plan;
   DeviceBuffer<int32_t> perm;  // reordered channel j reads original channel perm[j]
   DeviceMx w;                  // packed codes + scales (+ folded when kept resident)
+  DeviceBuffer<int> fold_keys;  // fold_group_keys of w, for prefill's per-GEMM fold
   DeviceBuffer<uint16_t> w_bf16;
   DeviceBuffer<float> bias;
 };
@@ -260,7 +261,7 @@ struct GpuRuntime::Impl {
       add(l.attn_norm_ordered);
       add(l.ffn_norm_ordered);
       for (const auto& L : l.linear) {
-        add(L.perm); add(L.w_bf16); add(L.bias);
+        add(L.perm); add(L.w_bf16); add(L.bias); add(L.fold_keys);
         for (const auto& q : L.w.q) add(q);
         add(L.w.scales); add(L.w.fq); add(L.w.ff); add(L.w.f8);
       }
@@ -388,7 +389,7 @@ struct GpuRuntime::Impl {
     if (w.q == nullptr) {  // fold the packed weights into the scratch right before use
       w = weight_fold_scratch(L);
       stage("weight fold", [&] {
-        cuda_check(fold_operand(L.w.segments(), L.out, L.plan, w, nullptr, stream), "fold weights");
+        cuda_check(fold_operand(L.w.segments(), L.out, L.plan, w, nullptr, stream, L.fold_keys.ptr), "fold weights");
       });
     }
     stage("gemm " + name, [&] { cuda_check(mx_gemm_fp8(a, w, M, L.out, L.plan, out, stream), "MX GEMM"); });
@@ -538,8 +539,11 @@ struct GpuRuntime::Impl {
       fill_random(L.w.scales.ptr, L.w.scales.count, seed * 7 + 3, 1, 127 - 9, 0, stream);
     }
     fold_scratch_for(L);
-    // Fold once now to count the weight elements the grouped fold cannot keep exact.
+    // Fold once now to count the weight elements the grouped fold cannot keep exact, and keep
+    // the fold's group keys, which spare every later fold its reduction over rows.
     cuda_check(fold_operand(L.w.segments(), L.out, plan, weight_fold_scratch(L), lossy_w.ptr, stream), "fold weights");
+    L.fold_keys = DeviceBuffer<int>(fold_group_key_count(L.out, plan));
+    cuda_check(fold_group_keys(L.w.segments(), L.out, plan, L.fold_keys.ptr, stream), "fold keys");
   }
 };
 
@@ -796,7 +800,8 @@ void GpuRuntime::set_resident_folded_weights(bool on) {
       }
       L.w.allocate_folded();
       L.w.row_group = kWeightRowGroup;
-      cuda_check(fold_operand(L.w.segments(), L.out, L.plan, L.w.folded(), nullptr, I.stream), "fold weights");
+      cuda_check(fold_operand(L.w.segments(), L.out, L.plan, L.w.folded(), nullptr, I.stream, L.fold_keys.ptr),
+                 "fold weights");
     }
   cuda_check(cudaStreamSynchronize(I.stream), "fold weights");
   I.note_peak();

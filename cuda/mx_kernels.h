@@ -109,9 +109,16 @@ cudaError_t rmsnorm_quantize_activations(const uint16_t* x, int64_t M, int64_t l
                                          unsigned long long* lossy_count, cudaStream_t stream);
 
 // Re-encode a packed MX matrix (weights) as a folded operand, with out.row_group rows
-// sharing each tile's MXFP4/MXFP6 factor (1 or mx::kWeightRowGroup).
+// sharing each tile's MXFP4/MXFP6 factor (1 or mx::kWeightRowGroup). For the grouped form,
+// `group_keys` (from fold_group_keys on the same matrix) spares the kernel its reduction over
+// each group's rows: the same bytes, from a kernel without a CTA barrier.
 cudaError_t fold_operand(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
-                         unsigned long long* lossy_count, cudaStream_t stream);
+                         unsigned long long* lossy_count, cudaStream_t stream, const int* group_keys = nullptr);
+// The grouped fold's key of every (group of mx::kWeightRowGroup rows, 128-wide K tile): the
+// largest fold key of the group's MXFP4/MXFP6 blocks in that tile (INT_MIN when none is
+// nonzero), group-major, fold_group_key_count of them. They depend on the weights alone.
+cudaError_t fold_group_keys(MxSegments in, int64_t rows, MixPlan plan, int* group_keys, cudaStream_t stream);
+size_t fold_group_key_count(int64_t rows, const MixPlan& plan);
 
 // ---- GEMM: Y[M, N] (bf16, row-major) = A[M, K] x W[N, K]^T --------------------------
 // Exact reference path: dequantize both operands to bf16 (exact for MX values) and

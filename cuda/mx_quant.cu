@@ -580,17 +580,24 @@ __device__ __forceinline__ void fold_payload_words(const uint32_t* raw, int d, u
 // Grouped folding (out.row_group == kWeightRowGroup): a CTA per (group of rows, 128-wide
 // tile); its threads take the group's rows kFoldThreads / 4 at a time, four lanes to a row
 // (one block each, so that a row's tile is read and written contiguously). The group's
-// exponent is the largest any of its rows needs (mx::fold_rows).
+// exponent is the largest any of its rows needs (mx::fold_rows): reduced over the CTA
+// (Whole), only reduced and stored (KeysOnly), or read from fold_group_keys' output
+// (WithKeys: no barrier, every warp on its own pace).
+enum class GroupedFold { Whole, KeysOnly, WithKeys };
 constexpr int kFoldThreads = 256;
+template <GroupedFold kMode>
 __global__ void __launch_bounds__(kFoldThreads) fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan,
-                                                                    FoldedOperand out, unsigned long long* lossy_count) {
+                                                                    FoldedOperand out, unsigned long long* lossy_count,
+                                                                    const int* known_keys, int* keys_out) {
   constexpr int kRowsPerPass = kFoldThreads / 4;  // four threads per row
   constexpr int kWarps = kFoldThreads / 32;
   __shared__ int warp_key[kWarps];
-  __shared__ int row_nan[kWeightRowGroup];
   const int k = plan.k(), nblk = k / kBlockSize, b8 = plan.first_fp8_block();
   const int t = blockIdx.y, j = threadIdx.x % 4, b = 4 * t + j;
   const int64_t group0 = static_cast<int64_t>(blockIdx.x) * kWeightRowGroup;
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * gridDim.y + t;  // the group keys' index
+  int group_key = INT_MIN;
+  if constexpr (kMode == GroupedFold::WithKeys) group_key = known_keys[unit];  // in flight with the blocks
   constexpr int kPasses = kWeightRowGroup / kRowsPerPass;
   uint8_t codes[kBlockSize];
   // Every pass's block is loaded once, up front, and kept in registers for both phases.
@@ -603,31 +610,36 @@ __global__ void __launch_bounds__(kFoldThreads) fold_grouped_kernel(MxSegments i
     segs[pass] = m < rows && b < nblk ? load_block_raw(in, plan, m, b, raw[pass], &scales[pass]) : -1;
   }
   int key = INT_MIN;
+  int row_nan[kPasses];  // the row's tile holds a NaN block (its four lanes all know it)
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
-    const int local = pass * kRowsPerPass + threadIdx.x / 4;
     FoldKey mine;
     if (segs[pass] >= 0 && b < b8)
       mine = segs[pass] == 0 ? fold_key_of<ElemFormat::E2M1>(packed_nonzero<ElemFormat::E2M1>(raw[pass]), scales[pass])
                              : fold_key_of<ElemFormat::E3M2>(packed_nonzero<ElemFormat::E3M2>(raw[pass]), scales[pass]);
     const FoldKey row = tile_reduce(mine);  // the row's four blocks
-    if (j == 0) row_nan[local] = row.nan;
+    row_nan[pass] = row.nan;
     key = row.key > key ? row.key : key;
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const int other = __shfl_xor_sync(0xFFFFFFFFu, key, o);
-    key = other > key ? other : key;
-  }
-  if (threadIdx.x % 32 == 0) warp_key[threadIdx.x / 32] = key;
-  __syncthreads();
-  int group_key = warp_key[0];
+  if constexpr (kMode != GroupedFold::WithKeys) {
+    for (int o = 16; o > 0; o >>= 1) {
+      const int other = __shfl_xor_sync(0xFFFFFFFFu, key, o);
+      key = other > key ? other : key;
+    }
+    if (threadIdx.x % 32 == 0) warp_key[threadIdx.x / 32] = key;
+    __syncthreads();
+    group_key = warp_key[0];
 #pragma unroll
-  for (int w = 1; w < kWarps; ++w) group_key = max(group_key, warp_key[w]);
+    for (int w = 1; w < kWarps; ++w) group_key = max(group_key, warp_key[w]);
+  }
+  if constexpr (kMode == GroupedFold::KeysOnly) {
+    if (threadIdx.x == 0) keys_out[unit] = group_key;
+    return;
+  }
   unsigned lossy = 0;
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
-    const int local = pass * kRowsPerPass + threadIdx.x / 4;
-    const int64_t m = group0 + local;
+    const int64_t m = group0 + pass * kRowsPerPass + threadIdx.x / 4;
     if (m >= rows) continue;
     if (b >= nblk) {  // padding of the last tile
       out.f[folded_factor_index(m, b, rows)] = 0.0f;
@@ -635,7 +647,7 @@ __global__ void __launch_bounds__(kFoldThreads) fold_grouped_kernel(MxSegments i
     }
     const int seg = segs[pass];
     const uint8_t scale = scales[pass];
-    const FoldKey use{group_key, row_nan[local]};
+    const FoldKey use{group_key, row_nan[pass]};
     const int s = static_cast<int>(scale) - kScaleBias, e = fold_exponent(group_key);
     uint4* dst = reinterpret_cast<uint4*>(out.q + m * k + static_cast<int64_t>(b) * kBlockSize);
     if (seg < 2 && scale != kScaleNaN && !use.nan &&
@@ -773,17 +785,42 @@ cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int 
   return launch_lanes(SwigluSource{gate_up, ffn}, M, perm, plan, rule, packed, stream);
 }
 
+namespace {
+dim3 fold_group_grid(int64_t rows, const MixPlan& plan) {
+  return dim3(static_cast<unsigned>((rows + kWeightRowGroup - 1) / kWeightRowGroup),
+              static_cast<unsigned>(folded_fstride(plan.k()) / 4));
+}
+}  // namespace
+
+size_t fold_group_key_count(int64_t rows, const MixPlan& plan) {
+  const dim3 g = fold_group_grid(rows, plan);
+  return static_cast<size_t>(g.x) * g.y;
+}
+
+cudaError_t fold_group_keys(MxSegments in, int64_t rows, MixPlan plan, int* group_keys, cudaStream_t stream) {
+  if (!plan.valid() || group_keys == nullptr) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  fold_grouped_kernel<GroupedFold::KeysOnly><<<fold_group_grid(rows, plan), kFoldThreads, 0, stream>>>(
+      in, rows, plan, FoldedOperand{}, nullptr, nullptr, group_keys);
+  return cudaGetLastError();
+}
+
 cudaError_t fold_operand(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
-                         unsigned long long* lossy_count, cudaStream_t stream) {
+                         unsigned long long* lossy_count, cudaStream_t stream, const int* group_keys) {
   if (!plan.valid()) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const int fstride = folded_fstride(plan.k());
   if (out.row_group == kWeightRowGroup) {
-    const dim3 grid(static_cast<unsigned>((rows + kWeightRowGroup - 1) / kWeightRowGroup), static_cast<unsigned>(fstride / 4));
-    fold_grouped_kernel<<<grid, kFoldThreads, 0, stream>>>(in, rows, plan, out, lossy_count);
+    const dim3 grid = fold_group_grid(rows, plan);
+    if (group_keys != nullptr)
+      fold_grouped_kernel<GroupedFold::WithKeys><<<grid, kFoldThreads, 0, stream>>>(in, rows, plan, out, lossy_count,
+                                                                                     group_keys, nullptr);
+    else
+      fold_grouped_kernel<GroupedFold::Whole><<<grid, kFoldThreads, 0, stream>>>(in, rows, plan, out, lossy_count,
+                                                                                  nullptr, nullptr);
     return cudaGetLastError();
   }
-  if (out.row_group != 1) return cudaErrorInvalidValue;
+  if (out.row_group != 1 || group_keys != nullptr) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(rows), (fstride + 127) / 128);
   fold_kernel<<<grid, 128, 0, stream>>>(in, rows, plan, out, lossy_count);
   return cudaGetLastError();

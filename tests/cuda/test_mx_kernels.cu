@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
@@ -565,6 +566,17 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   EXPECT_EQ(ref.lossy, 0u);
   EXPECT_EQ(lossy.download()[0], 0u) << "grouped fold of W: lossy elements";
   expect_same_fold(W, ref, "grouped GPU fold of W");
+  // The same fold from its group keys (fold_group_keys, then no reduction in the fold).
+  {
+    DeviceBuffer<int> keys(fold_group_key_count(N, c.plan));
+    CK(fold_group_keys(W.segments(), N, c.plan, keys.ptr, nullptr));
+    poison_folded(W);
+    CK(cudaMemset(lossy.ptr, 0, 8));
+    CK(fold_operand(W.segments(), N, c.plan, wg, lossy.ptr, nullptr, keys.ptr));
+    CK(cudaDeviceSynchronize());
+    EXPECT_EQ(lossy.download()[0], 0u) << "grouped fold of W from its keys: lossy elements";
+    expect_same_fold(W, ref, "grouped GPU fold of W from its keys");
+  }
   for (const Fp8Schedule schedule :
        {Fp8Schedule::Alternating, Fp8Schedule::Concurrent, Fp8Schedule::Pipelined, Fp8Schedule::Auto}) {
     const bool wide = schedule != Fp8Schedule::Auto;  // Auto: here with per-block MXFP8 promotions
@@ -697,7 +709,7 @@ TEST(MxGemm, SmallWideScaleSpread) {
 // must not set their group's exponent, byte for byte against the host fold: blocks whose
 // codes are all (signed) zeros under a scale far above their group's (no exponent from them),
 // a block far below its group (rounded, lossy), NaN blocks in the folded and the MXFP8 parts,
-// in row-major and row-tiled W.
+// in row-major and row-tiled W, in one kernel and from the fold's group keys.
 TEST(MxGemm, SmallGroupedFoldEdgeBlocks) {
   REQUIRE_GPU();
   const MixPlan plan{128, 96, 64};  // blocks 0-3 FP4, 4-6 FP6, 7-8 FP8; tiles of 4, 4 and 1 blocks
@@ -729,6 +741,16 @@ TEST(MxGemm, SmallGroupedFoldEdgeBlocks) {
     CK(cudaDeviceSynchronize());
     expect_same_fold(W, ref, "grouped GPU fold");
     EXPECT_EQ(lossy.download()[0], ref.lossy) << "lossy count differs from the host fold";
+    // From the group keys: the same bytes and count.
+    DeviceBuffer<int> keys(fold_group_key_count(N, plan));
+    ASSERT_EQ(keys.count, 3u * folded_fstride(K) / 4);
+    CK(fold_group_keys(W.segments(), N, plan, keys.ptr, nullptr));
+    poison_folded(W);
+    CK(cudaMemset(lossy.ptr, 0, 8));
+    CK(fold_operand(W.segments(), N, plan, W.folded(), lossy.ptr, nullptr, keys.ptr));
+    CK(cudaDeviceSynchronize());
+    expect_same_fold(W, ref, "grouped GPU fold from its keys");
+    EXPECT_EQ(lossy.download()[0], ref.lossy) << "lossy count differs from the host fold (keys given)";
   }
 }
 
@@ -787,6 +809,19 @@ void check_nan_propagation(const MixPlan& plan, int64_t M, int64_t nan_row, int 
   // Grouped W: the NaN rows stay NaN through their payloads and poison no other column.
   const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr};
   CK(fold_operand(W.segments(), N, plan, wg, nullptr, nullptr));
+  {  // from the group keys: the same bytes, NaN rows included
+    const auto fq = W.fq.download();
+    const auto ff = W.ff.download();
+    const auto f8 = W.f8.download();
+    DeviceBuffer<int> keys(fold_group_key_count(N, plan));
+    CK(fold_group_keys(W.segments(), N, plan, keys.ptr, nullptr));
+    poison_folded(W);
+    CK(fold_operand(W.segments(), N, plan, wg, nullptr, nullptr, keys.ptr));
+    EXPECT_EQ(W.fq.download(), fq) << "grouped fold from its keys, NaN blocks";
+    EXPECT_EQ(std::memcmp(W.ff.download().data(), ff.data(), ff.size() * sizeof(float)), 0)
+        << "grouped fold from its keys, NaN blocks: factors";
+    EXPECT_EQ(W.f8.download(), f8) << "grouped fold from its keys, NaN blocks: MXFP8 part";
+  }
   for (const Fp8Schedule schedule : {Fp8Schedule::Alternating, Fp8Schedule::Concurrent, Fp8Schedule::Pipelined}) {
     CK(cudaMemset(y.ptr, 0, y.count * 2));
     CK(mx_gemm_fp8(A.folded(), wg, M, N, plan, y.ptr, nullptr, schedule));
