@@ -539,11 +539,12 @@ struct GpuRuntime::Impl {
       fill_random(L.w.scales.ptr, L.w.scales.count, seed * 7 + 3, 1, 127 - 9, 0, stream);
     }
     fold_scratch_for(L);
-    // Fold once now to count the weight elements the grouped fold cannot keep exact, and keep
-    // the fold's group keys, which spare every later fold its reduction over rows.
-    cuda_check(fold_operand(L.w.segments(), L.out, plan, weight_fold_scratch(L), lossy_w.ptr, stream), "fold weights");
+    // The fold's group keys, which spare every fold its reduction over rows; then one fold now,
+    // as prefill will run it, to count the weight elements the grouped fold cannot keep exact.
     L.fold_keys = DeviceBuffer<int>(fold_group_key_count(L.out, plan));
     cuda_check(fold_group_keys(L.w.segments(), L.out, plan, L.fold_keys.ptr, stream), "fold keys");
+    cuda_check(fold_operand(L.w.segments(), L.out, plan, weight_fold_scratch(L), lossy_w.ptr, stream, L.fold_keys.ptr),
+               "fold weights");
   }
 };
 

@@ -113,16 +113,16 @@ __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __rest
 }
 
 // Four RoPE pairs of one head, i0 .. i0 + 3 (pair i is (i, i + half) for neox, (2i, 2i + 1)
-// otherwise), from the head's qkv channels at `head` (+ bias, when set; head_dim a multiple of
-// 8: 8- and 16-byte loads), rotated by the angles cs[i] = (cos, sin) and rounded to bf16:
-// y[j] holds pair i0 + j, first element in the low half. rope_kernel and the decode
-// attention both use it, so that they write the same bits.
-__device__ __forceinline__ void rope_quad(const uint16_t* head, const float* bias, int i0, int half,
+// otherwise), from the head whose first channel is `h0` in a qkv row (+ bias, when set;
+// head_dim a multiple of 8: 8- and 16-byte loads), rotated by the angles cs[i] = (cos, sin)
+// and rounded to bf16: y[j] holds pair i0 + j, first element in the low half. rope_kernel
+// and the decode attention both use it, so that they write the same bits.
+__device__ __forceinline__ void rope_quad(const uint16_t* row, const float* bias, int h0, int i0, int half,
                                           const float2* cs, bool neox, uint32_t* y) {
-  const int c0 = neox ? i0 : 2 * i0;  // first channel of the four pairs
+  const int c0 = h0 + (neox ? i0 : 2 * i0);  // first channel of the four pairs
   float x0[4], x1[4];
   if (neox) {
-    const uint2 lo = *reinterpret_cast<const uint2*>(head + c0), hi = *reinterpret_cast<const uint2*>(head + c0 + half);
+    const uint2 lo = *reinterpret_cast<const uint2*>(row + c0), hi = *reinterpret_cast<const uint2*>(row + c0 + half);
     const uint32_t l[2] = {lo.x, lo.y}, h[2] = {hi.x, hi.y};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -131,7 +131,7 @@ __device__ __forceinline__ void rope_quad(const uint16_t* head, const float* bia
       if (bias != nullptr) x0[j] += bias[c0 + j], x1[j] += bias[c0 + half + j];
     }
   } else {
-    const uint4 v = *reinterpret_cast<const uint4*>(head + c0);
+    const uint4 v = *reinterpret_cast<const uint4*>(row + c0);
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -197,7 +197,7 @@ __global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __res
   for (int p = first + threadIdx.x; p < quads; p += step) {
     const int head = 4 * p / half, i0 = 4 * p % half;
     uint32_t y[4];
-    rope_quad(src + head * hd, bias != nullptr ? bias + head * hd : nullptr, i0, half, cs, neox, y);
+    rope_quad(src, bias, head * hd, i0, half, cs, neox, y);
     store_rope_quad(head < s.n_heads ? q + row * q_dim + head * hd : cache_row(k_cache, head - s.n_heads), i0, half,
                     neox, y);
   }
@@ -326,8 +326,8 @@ struct DecodeRope {
 // D + 8 elements so that ldmatrix is conflict-free) stream through a two-stage cp.async
 // ring; ldmatrix gives the K fragments and, transposed, the V fragments.
 // kRope (decode, one token per sequence): RoPE and the cache write of rope_and_cache happen
-// here (DecodeRope). The cache's earlier positions are final then, so the first key tile
-// is requested before the chained wait, while the kernel before (the qkv projection) runs.
+// here (DecodeRope). The cache's earlier positions are final then, so the first two key tiles
+// are requested before the chained wait, while the kernel before (the qkv projection) runs.
 template <int D, bool kRope>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t* __restrict__ q,
                                                                  const uint16_t* k_cache, const uint16_t* v_cache,
@@ -380,9 +380,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
   if (blk_begin + 1 < blk_end) load_tile(blk_begin + 1, 1);
   if constexpr (kRope) ptx::chain_enter();
 
-  uint32_t qf[D / 16][4];
-  const uint16_t* q0 = q + (static_cast<int64_t>(b) * s.tokens + qrow[0]) * q_dim + head[0] * D;
-  const uint16_t* q1 = q + (static_cast<int64_t>(b) * s.tokens + qrow[1]) * q_dim + head[1] * D;
+  const uint16_t* q0;  // this thread's two q rows: in q, or (kRope) rotated into shared memory
+  const uint16_t* q1;
   // kRope: the CTA's rows rotated into shared memory (after the K/V stages), a head per row.
   // The CTA whose keys end at `position` also makes the new key and value row: the first
   // D / 8 threads four key pairs each, the next D / 8 eight value channels each.
@@ -398,8 +397,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
     for (int i = threadIdx.x; i < tile_rows * (D / 8); i += kAttnThreads) {
       const int r = i / (D / 8), h = kvh * group + (r0 + r) % group;
       uint32_t y[4];
-      rope_quad(src + h * D, rope.bias != nullptr ? rope.bias + h * D : nullptr, 4 * (i % (D / 8)), D / 2, cs,
-                rope.neox, y);
+      rope_quad(src, rope.bias, h * D, 4 * (i % (D / 8)), D / 2, cs, rope.neox, y);
       store_rope_quad(q_tile + r * KS, 4 * (i % (D / 8)), D / 2, rope.neox, y);
     }
     if (new_blk >= 0 && threadIdx.x < D / 4) {
@@ -407,8 +405,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
       const int i = threadIdx.x % (D / 8);
       uint16_t* dst = (new_part == 0 ? rope.k_cache : rope.v_cache) + cache_base + static_cast<int64_t>(position) * D;
       if (new_part == 0) {
-        const int c = q_dim + kvh * D;
-        rope_quad(src + c, rope.bias != nullptr ? rope.bias + c : nullptr, 4 * i, D / 2, cs, rope.neox, new_row);
+        rope_quad(src, rope.bias, q_dim + kvh * D, 4 * i, D / 2, cs, rope.neox, new_row);
         if (blockIdx.x == 0) store_rope_quad(dst, 4 * i, D / 2, rope.neox, new_row);  // one writer per row
       } else {
         const uint4 v = value_oct(src, rope.bias, q_dim + kv_dim + kvh * D + 8 * i);
@@ -419,7 +416,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
     __syncthreads();
     q0 = q_tile + (min(row[0], rows - 1) - r0) * KS;
     q1 = q_tile + (min(row[1], rows - 1) - r0) * KS;
+  } else {
+    q0 = q + (static_cast<int64_t>(b) * s.tokens + qrow[0]) * q_dim + head[0] * D;
+    q1 = q + (static_cast<int64_t>(b) * s.tokens + qrow[1]) * q_dim + head[1] * D;
   }
+  uint32_t qf[D / 16][4];
 #pragma unroll
   for (int c = 0; c < D / 16; ++c) {
     qf[c][0] = load_u32(q0 + 16 * c + 2 * t4);
