@@ -4,6 +4,7 @@
 // CPU library uses), so packed outputs are bit-identical to mx::quantize.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "micromix/model/swiglu.h"
 #include "mx_kernels.h"  // first: the CPU execution of the kernels puts its shim before it
@@ -398,6 +399,47 @@ struct RowsSource {
     for (int i = 0; i < kBlockSize / 8; ++i) bf16x8_to_float(w[i], v + 8 * i);
   }
 };
+// Rows in the stored channel order (the attention output that feeds o_proj): the CTA first
+// copies the rows its threads cover into shared memory, then each thread gathers its block's
+// 32 values from there through the plan's permutation. In place of act_quant_kernel's row
+// loop (one row per CTA at a time, a barrier per row), so that a CTA's loads are all in
+// flight at once.
+struct StagedRowsSource {
+  const uint16_t* __restrict__ x;
+  int64_t ldx;
+  const int32_t* __restrict__ perm;
+  int k;
+  const uint16_t* rows = nullptr;  // staged rows first, first + 1, ...
+  int64_t first = 0;
+  // At most this many rows hold the blocks of blockDim threads (fstride per row).
+  static int64_t rows_per_cta(int fstride, int threads, int64_t M) {
+    return std::min<int64_t>(M, (threads - 1 + fstride - 1) / fstride + 1);
+  }
+  // Every thread of the CTA calls it (a barrier inside).
+  __device__ void stage(int64_t first_row, int64_t last_row, uint4* smem) {
+    const int chunks = k / 8;  // 16-byte chunks per row (ldx % 8 == 0)
+    const int total = static_cast<int>(last_row - first_row + 1) * chunks;
+    for (int i = threadIdx.x; i < total; i += blockDim.x)
+      cp_async_16(smem + i, x + (first_row + i / chunks) * ldx + (i % chunks) * 8, true);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    rows = reinterpret_cast<const uint16_t*>(smem);
+    first = first_row;
+  }
+  __device__ __forceinline__ void block(int64_t m, int b, float* v) const {
+    const uint16_t* row = rows + (m - first) * k;
+    const int4* pp = reinterpret_cast<const int4*>(perm + b * kBlockSize);
+#pragma unroll
+    for (int q = 0; q < kBlockSize / 4; ++q) {
+      const int4 c = __ldg(pp + q);
+      v[4 * q] = bf16f(row[c.x]);
+      v[4 * q + 1] = bf16f(row[c.y]);
+      v[4 * q + 2] = bf16f(row[c.z]);
+      v[4 * q + 3] = bf16f(row[c.w]);
+    }
+  }
+};
 struct SwigluSource {
   const uint16_t* __restrict__ gate_up;
   int ffn;
@@ -447,9 +489,12 @@ __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_
 // writes them so, and stores the gate_up rows in the down projection's order): with no
 // gather there is no shared-memory row and no barrier. A thread per 32-block, its 32 values
 // in 16-byte loads straight from global memory; the four lanes of a 128-wide tile combine
-// their keys by shuffles. Folded output only; the same bytes as act_quant_kernel.
+// their keys by shuffles. Folded output only; the same bytes as act_quant_kernel. Inputs in
+// the stored order (StagedRowsSource) are first copied to shared memory, the CTA's rows at once.
+constexpr int kOrderedThreads = 256;
+
 template <class Source>
-__global__ void __launch_bounds__(256) act_quant_ordered_kernel(Source src, int64_t M, MixPlan plan, ScaleRule rule,
+__global__ void __launch_bounds__(kOrderedThreads) act_quant_ordered_kernel(Source src, int64_t M, MixPlan plan, ScaleRule rule,
                                                                 FoldedOperand folded,
                                                                 unsigned long long* lossy_count) {
   const int nblk = plan.blocks(), fstride = folded_fstride(plan.k());
@@ -459,6 +504,12 @@ __global__ void __launch_bounds__(256) act_quant_ordered_kernel(Source src, int6
   const bool in_range = u < units;
   const int64_t m = in_range ? u / fstride : 0;
   const int b = in_range ? static_cast<int>(u % fstride) : fstride;
+  if constexpr (std::is_same_v<Source, StagedRowsSource>) {
+    extern __shared__ uint4 staged_rows[];
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x / fstride;
+    src.stage(first, std::min<int64_t>(M - 1, ((static_cast<int64_t>(blockIdx.x) + 1) * blockDim.x - 1) / fstride),
+              staged_rows);
+  }
   const bool valid = b < nblk;
   const int seg = b < plan.first_fp6_block() ? 0 : b < plan.first_fp8_block() ? 1 : 2;
   float v[kBlockSize];
@@ -696,12 +747,27 @@ bool is_folded_only(const MxSegments& packed, const FoldedOperand& folded) {
          packed.scales == nullptr;
 }
 
+// Shared memory of act_quant_ordered_kernel<StagedRowsSource> for M rows of K.
+size_t staged_rows_smem(int64_t M, int K) {
+  return static_cast<size_t>(StagedRowsSource::rows_per_cta(folded_fstride(K), kOrderedThreads, M)) * K *
+         sizeof(uint16_t);
+}
+
 template <class Source>
 cudaError_t launch_ordered(Source src, int64_t M, MixPlan plan, ScaleRule rule, FoldedOperand folded,
                            unsigned long long* lossy, cudaStream_t stream) {
   const int64_t threads = M * folded_fstride(plan.k());
-  act_quant_ordered_kernel<Source><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(src, M, plan, rule,
-                                                                                                    folded, lossy);
+  size_t smem = 0;
+  if constexpr (std::is_same_v<Source, StagedRowsSource>) {
+    smem = staged_rows_smem(M, plan.k());
+    if (smem > 48 * 1024) {
+      const cudaError_t e = cudaFuncSetAttribute(act_quant_ordered_kernel<Source>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+    }
+  }
+  act_quant_ordered_kernel<Source><<<static_cast<unsigned>((threads + kOrderedThreads - 1) / kOrderedThreads), kOrderedThreads, smem, stream>>>(
+      src, M, plan, rule, folded, lossy);
   return cudaGetLastError();
 }
 
@@ -722,6 +788,9 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
   const size_t smem = static_cast<size_t>(plan.k()) * (2 * sizeof(uint16_t) + (kNorm ? sizeof(float) : 0));
   const bool folded_only = is_folded_only(packed, folded);
   if (!kNorm && folded_only && perm == nullptr) return launch_ordered(RowsSource{x, ldx}, M, plan, rule, folded, lossy, stream);
+  // Prefill's gathered input (o_proj's): staged rows, where they fit in shared memory.
+  if (!kNorm && folded_only && staged_rows_smem(M, plan.k()) <= 160 * 1024)
+    return launch_ordered(StagedRowsSource{x, ldx, perm, plan.k()}, M, plan, rule, folded, lossy, stream);
   auto kernel = folded_only ? act_quant_kernel<kNorm, true> : act_quant_kernel<kNorm, false>;
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));

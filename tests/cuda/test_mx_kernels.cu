@@ -265,6 +265,8 @@ const ActCase kActCases[] = {
     {{0, 96, 0}, 5, mx::ScaleRule::Ceil},         {{64, 0, 96}, 300, mx::ScaleRule::Floor},
     {{14336 - 1920 - 2496, 1920, 2496}, 3, mx::ScaleRule::Ceil},
     {{32, 32, 32}, 2047, mx::ScaleRule::Ceil},
+    // 20 factor columns a row: a 256-thread CTA's blocks start and end inside rows.
+    {{320, 128, 128}, 45, mx::ScaleRule::Ceil},
 };
 
 TEST(MxActQuant, BitExactWithCpuLibrary) {
