@@ -74,12 +74,21 @@ __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __rest
                                    const float* __restrict__ gamma, float eps, const int32_t* __restrict__ order,
                                    uint16_t* __restrict__ out) {
   extern __shared__ float4 row_smem[];  // kOrdered: the summed row
-  ptx::chain_enter();
   const int64_t r = blockIdx.x;
   float4* xr = reinterpret_cast<float4*>(x + r * hidden);
   const uint2* yr = reinterpret_cast<const uint2*>(y + r * hidden);
   const float4* g4 = reinterpret_cast<const float4*>(gamma);
+  const int4* order4 = reinterpret_cast<const int4*>(order);
   uint2* o = reinterpret_cast<uint2*>(out + r * hidden);
+  // The weights (and channel order) of the thread's first chunk, loaded before the wait, and
+  // its summed values, kept: with hidden / 4 <= blockDim (rows up to 4096 wide) the output
+  // loop runs once and issues no load after the reduction's barrier.
+  const bool has_first = static_cast<int>(threadIdx.x) < hidden / 4;
+  const float4 g_first = has_first ? g4[threadIdx.x] : float4{};
+  int4 c_first{};
+  if constexpr (kOrdered) c_first = has_first ? order4[threadIdx.x] : int4{};
+  ptx::chain_enter();
+  float4 v_first{};
   float ss = 0.0f;
   for (int i = threadIdx.x; i < hidden / 4; i += blockDim.x) {
     float4 v = xr[i];
@@ -92,6 +101,7 @@ __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __rest
       xr[i] = v;
     }
     if constexpr (kOrdered) row_smem[i] = v;
+    if (i == static_cast<int>(threadIdx.x)) v_first = v;
     ss = fmaf(v.x, v.x, ss);
     ss = fmaf(v.y, v.y, ss);
     ss = fmaf(v.z, v.z, ss);
@@ -99,14 +109,15 @@ __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __rest
   }
   const float inv = 1.0f / sqrtf(block_sum(ss) / static_cast<float>(hidden) + eps);  // a barrier: row_smem is ready
   for (int i = threadIdx.x; i < hidden / 4; i += blockDim.x) {
+    const bool first = i == static_cast<int>(threadIdx.x);
+    const float4 g = first ? g_first : g4[i];
     if constexpr (kOrdered) {
       const float* row = reinterpret_cast<const float*>(row_smem);
-      const int4 c = reinterpret_cast<const int4*>(order)[i];
-      const float4 g = g4[i];
+      const int4 c = first ? c_first : order4[i];
       o[i] = make_uint2(pack_bf16x2(row[c.x] * inv * g.x, row[c.y] * inv * g.y),
                         pack_bf16x2(row[c.z] * inv * g.z, row[c.w] * inv * g.w));
     } else {
-      const float4 v = xr[i], g = g4[i];
+      const float4 v = first ? v_first : xr[i];
       o[i] = make_uint2(pack_bf16x2(v.x * inv * g.x, v.y * inv * g.y), pack_bf16x2(v.z * inv * g.z, v.w * inv * g.w));
     }
   }

@@ -366,10 +366,21 @@ __device__ __forceinline__ void quantize_block_by_lanes(float v, ScaleRule rule,
   }
   const uint8_t sb = non_finite ? kScaleNaN : block_scale(F, rule, amax);
   const uint32_t code = sb == kScaleNaN ? 0u : encode_scaled(F, v, sb);
-  uint8_t codes[kBlockSize];
+  // The packing is local to groups of kGroup codes (two FP4 codes a byte, four FP6 codes in
+  // three bytes): the first lane of each group packs its group's codes and stores the bytes,
+  // so no lane collects all 32 codes.
+  constexpr int kGroup = F == ElemFormat::E2M1 ? 2 : F == ElemFormat::E3M2 ? 4 : 1;
+  constexpr int kGroupBytes = static_cast<int>(packed_bytes(F, kGroup));
+  uint8_t group[kGroup];
 #pragma unroll
-  for (int j = 0; j < kBlockSize; ++j) codes[j] = static_cast<uint8_t>(__shfl_sync(0xFFFFFFFFu, code, j));
-  if (lane == 0) store_packed_block<F>(codes, sb, seg_block, scale);
+  for (int j = 0; j < kGroup; ++j) group[j] = static_cast<uint8_t>(__shfl_sync(0xFFFFFFFFu, code, lane + j));
+  if (lane % kGroup == 0) {
+    uint8_t bytes[kGroupBytes];
+    pack_codes(F, group, kGroup, bytes);
+#pragma unroll
+    for (int i = 0; i < kGroupBytes; ++i) seg_block[lane / kGroup * kGroupBytes + i] = bytes[i];
+  }
+  if (lane == 0) *scale = sb;
 }
 
 // Eight bf16 values of a 16-byte word, as floats.
@@ -471,15 +482,19 @@ struct SwigluSource {
 template <class Source>
 __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_t M, const int32_t* __restrict__ perm,
                                                               MixPlan plan, ScaleRule rule, MxSegments packed) {
-  ptx::chain_enter();
   const int nblk = plan.blocks(), lane = threadIdx.x % 32;
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  if (w >= M * nblk) return;  // whole warps
-  const int64_t m = w / nblk;
-  const int b = static_cast<int>(w % nblk);
+  const bool active = w < M * nblk;  // whole warps
+  const int64_t m = active ? w / nblk : 0;
+  const int b = active ? static_cast<int>(w % nblk) : 0;
   const int c = b * kBlockSize + lane;
-  const float v = src.channel(m, perm != nullptr ? perm[c] : c);
+  // The channel index and the destination depend on the plan alone: worked out before the
+  // wait, while the kernel before still runs.
+  const int channel = perm != nullptr ? perm[c] : c;
   const BlockAt at = block_at(packed, plan, m, b);
+  ptx::chain_enter();
+  if (!active) return;
+  const float v = src.channel(m, channel);
   if (at.seg == 0) quantize_block_by_lanes<ElemFormat::E2M1>(v, rule, lane, at.bytes, at.scale);
   else if (at.seg == 1) quantize_block_by_lanes<ElemFormat::E3M2>(v, rule, lane, at.bytes, at.scale);
   else quantize_block_by_lanes<ElemFormat::E4M3>(v, rule, lane, at.bytes, at.scale);

@@ -247,9 +247,9 @@ TEST(ModelKernels, RejectsUnsupportedShapes) {
   EXPECT_EQ(attention(nullptr, nullptr, nullptr, s, nullptr, 2, nullptr, nullptr), cudaErrorInvalidValue);  // no workspace
 }
 
-TEST(ModelKernels, NormSwigluEmbedSmall) {
-  REQUIRE_GPU();
-  const int M = 5, H = 96, F = 80, V = 11;
+// add_rmsnorm on M rows of H, plain and in a random channel order.
+void check_add_rmsnorm(int M, int H) {
+  SCOPED_TRACE(testing::Message() << "hidden " << H);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> x(M * H), gamma(H);
   for (auto& v : x) v = 3.0f * nd(rng());
@@ -273,24 +273,29 @@ TEST(ModelKernels, NormSwigluEmbedSmall) {
     const double inv = 1.0 / std::sqrt(ss / H + 1e-5);
     for (int i = 0; i < H; ++i) expect_bf16_close(bf(out[r * H + i]), x2[r * H + i] * inv * gamma[i], 1e-5, "rmsnorm", i);
   }
-  {  // written in a channel order (the next MX layer's): the same bits, permuted; the same residual
-    std::vector<int32_t> order(H);
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), rng());
-    std::vector<float> gamma_ordered(H);
-    for (int j = 0; j < H; ++j) gamma_ordered[j] = gamma[order[j]];
-    DeviceBuffer<int32_t> dorder(H);
-    DeviceBuffer<float> dgo(H);
-    dorder.upload(order);
-    dgo.upload(gamma_ordered);
-    dx.upload(x);
-    CK(add_rmsnorm(dx.ptr, dy.ptr, M, H, dgo.ptr, 1e-5f, dorder.ptr, dout.ptr, nullptr));
-    EXPECT_EQ(dx.download(), x2);
-    const auto ordered = dout.download();
-    for (int r = 0; r < M; ++r)
-      for (int j = 0; j < H; ++j) ASSERT_EQ(ordered[r * H + j], out[r * H + order[j]]) << "row " << r << ", " << j;
-  }
+  // written in a channel order (the next MX layer's): the same bits, permuted; the same residual
+  std::vector<int32_t> order(H);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng());
+  std::vector<float> gamma_ordered(H);
+  for (int j = 0; j < H; ++j) gamma_ordered[j] = gamma[order[j]];
+  DeviceBuffer<int32_t> dorder(H);
+  DeviceBuffer<float> dgo(H);
+  dorder.upload(order);
+  dgo.upload(gamma_ordered);
+  dx.upload(x);
+  CK(add_rmsnorm(dx.ptr, dy.ptr, M, H, dgo.ptr, 1e-5f, dorder.ptr, dout.ptr, nullptr));
+  EXPECT_EQ(dx.download(), x2);
+  const auto ordered = dout.download();
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < H; ++j) ASSERT_EQ(ordered[r * H + j], out[r * H + order[j]]) << "row " << r << ", " << j;
+}
 
+TEST(ModelKernels, NormSwigluEmbedSmall) {
+  REQUIRE_GPU();
+  const int M = 5, H = 96, F = 80, V = 11;
+  check_add_rmsnorm(M, H);
+  check_add_rmsnorm(2, 4192);  // wider than 4 x 1024: two chunks per thread, the second partial
   const auto gu = random_bf16(M * 2 * F, 2.0f);
   DeviceBuffer<uint16_t> dgu(gu.size()), dact(M * F);
   dgu.upload(gu);
@@ -306,6 +311,7 @@ TEST(ModelKernels, NormSwigluEmbedSmall) {
   const std::vector<int32_t> toks = {3, 0, 10, 3, 7};
   DeviceBuffer<uint16_t> dt(table.size());
   DeviceBuffer<int32_t> dtok(toks.size());
+  DeviceBuffer<float> dx(M * H);
   dt.upload(table);
   dtok.upload(toks);
   CK(embed_tokens(dtok.ptr, M, dt.ptr, H, dx.ptr, nullptr));
