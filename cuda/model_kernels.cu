@@ -187,60 +187,33 @@ __device__ __forceinline__ int current_position(const AttentionShape& s) {
   return s.position_ptr != nullptr ? *s.position_ptr : s.position;
 }
 
-// Grid (row groups, chunks): CTA x takes rows kRows * x ... kRows * x + kRows - 1, and chunk c
-// of them every gridDim.y-th block of blockDim.x pairs. Four rotated pairs per thread and row
-// (head_dim a multiple of 8: 8- and 16-byte accesses): pair i of a head is (i, i + half) for
-// neox, (2i, 2i + 1) otherwise; v is copied eight channels at a time. The kRows rows' loads
-// come before their stores, so that they are in flight together (one row's few loads per
-// thread left prefill's RoPE at a third of the memory rate).
-constexpr int kRopeRows = 4;
-
-template <int kRows>
+// Grid (rows, chunks): chunk c of a row takes every gridDim.y-th block of blockDim.x pairs.
+// Four rotated pairs per thread (head_dim a multiple of 8: 8- and 16-byte accesses): pair i of
+// a head is (i, i + half) for neox, (2i, 2i + 1) otherwise; v is copied eight channels at a time.
 __global__ void rope_kernel(const uint16_t* __restrict__ qkv, const float* __restrict__ bias, AttentionShape s,
                             const float2* __restrict__ rope, bool neox, uint16_t* __restrict__ q,
                             uint16_t* __restrict__ k_cache, uint16_t* __restrict__ v_cache) {
   ptx::chain_enter();
-  const int64_t rows = s.rows(), row0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  const int hd = s.head_dim, half = hd / 2, q_dim = s.q_dim(), kv_dim = s.kv_dim(), width = q_dim + 2 * kv_dim;
-  const int position = current_position(s);
-  const uint16_t* src[kRows];
-  const float2* cs[kRows];
-  int64_t cache_at[kRows];  // offset of the row's position in head 0 of its sequence's cache
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int64_t row = min(row0 + r, rows - 1);  // past the end: the last row again, not stored
-    const int b = static_cast<int>(row / s.tokens), pos = position + static_cast<int>(row % s.tokens);
-    src[r] = qkv + row * width;
-    cs[r] = rope + static_cast<int64_t>(pos) * half;
-    cache_at[r] = (static_cast<int64_t>(b) * s.n_kv_heads * s.max_context + pos) * hd;
-  }
-  const int64_t head_stride = static_cast<int64_t>(s.max_context) * hd;  // between kv heads of the cache
+  const int64_t row = blockIdx.x;
+  const int b = static_cast<int>(row / s.tokens), pos = current_position(s) + static_cast<int>(row % s.tokens);
+  const int hd = s.head_dim, half = hd / 2, q_dim = s.q_dim(), kv_dim = s.kv_dim();
+  const uint16_t* src = qkv + row * (q_dim + 2 * kv_dim);
+  const float2* cs = rope + static_cast<int64_t>(pos) * half;
+  auto cache_row = [&](uint16_t* cache, int kvh) {
+    return cache + ((static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context + pos) * hd;
+  };
   // Rotated pairs: q heads, then k heads, four at a time.
   const int quads = (s.n_heads + s.n_kv_heads) * half / 4;
   const int first = blockIdx.y * blockDim.x, step = gridDim.y * blockDim.x;
   for (int p = first + threadIdx.x; p < quads; p += step) {
     const int head = 4 * p / half, i0 = 4 * p % half;
-    uint32_t y[kRows][4];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) rope_quad(src[r], bias, head * hd, i0, half, cs[r], neox, y[r]);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (row0 + r >= rows) break;
-      uint16_t* dst = head < s.n_heads ? q + (row0 + r) * q_dim + head * hd
-                                       : k_cache + cache_at[r] + (head - s.n_heads) * head_stride;
-      store_rope_quad(dst, i0, half, neox, y[r]);
-    }
+    uint32_t y[4];
+    rope_quad(src, bias, head * hd, i0, half, cs, neox, y);
+    store_rope_quad(head < s.n_heads ? q + row * q_dim + head * hd : cache_row(k_cache, head - s.n_heads), i0, half,
+                    neox, y);
   }
-  for (int c = 8 * (first + threadIdx.x); c < kv_dim; c += 8 * step) {
-    uint4 v[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) v[r] = value_oct(src[r], bias, q_dim + kv_dim + c);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (row0 + r >= rows) break;
-      *reinterpret_cast<uint4*>(v_cache + cache_at[r] + (c / hd) * head_stride + c % hd) = v[r];
-    }
-  }
+  for (int c = 8 * (first + threadIdx.x); c < kv_dim; c += 8 * step)
+    *reinterpret_cast<uint4*>(cache_row(v_cache, c / hd) + c % hd) = value_oct(src, bias, q_dim + kv_dim + c);
 }
 
 __device__ __forceinline__ uint32_t load_u32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
@@ -790,15 +763,11 @@ cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const Attenti
   if (s.rows() <= 0 || s.position + s.tokens > s.max_context || s.head_dim % 8 != 0) return cudaErrorInvalidValue;
   // A CTA per row; with fewer rows than multiprocessors (decode) each row is split over CTAs
   // of 128 threads, four pairs per thread, instead of one CTA looping over the heads.
-  // Many rows: kRopeRows rows per CTA.
   const int64_t quads = static_cast<int64_t>(s.n_heads + s.n_kv_heads) * s.head_dim / 8;
   const bool few_rows = s.rows() < device_sm_count();
   const unsigned threads = few_rows ? 128 : row_threads(quads), chunks = few_rows ? (quads + 127) / 128 : 1;
-  if (few_rows)
-    return ptx::launch_chained(rope_kernel<1>, dim3(grid_rows(s.rows()), chunks), threads, 0, stream, qkv, bias, s, rope,
-                               neox, q, k_cache, v_cache);
-  return ptx::launch_chained(rope_kernel<kRopeRows>, dim3(grid_rows((s.rows() + kRopeRows - 1) / kRopeRows), chunks),
-                             threads, 0, stream, qkv, bias, s, rope, neox, q, k_cache, v_cache);
+  return ptx::launch_chained(rope_kernel, dim3(grid_rows(s.rows()), chunks), threads, 0, stream, qkv, bias, s, rope, neox,
+                             q, k_cache, v_cache);
 }
 
 bool attention_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
