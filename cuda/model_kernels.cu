@@ -69,7 +69,11 @@ __global__ void embed_kernel(const int32_t* __restrict__ tokens, const uint16_t*
 // kOrdered: out[j] is channel order[j] (the next linear layer's plan order), gathered from
 // the summed row kept in shared memory, gamma given in that order too; the same values as
 // the plain output, permuted.
-template <bool kOrdered>
+// kEarly (few rows: decode): the weights (and order) of the thread's first chunk are loaded
+// before the wait and its summed values kept, so that no load follows the reduction's barrier
+// (with hidden / 4 <= blockDim the output loop runs once). Not for many rows: the registers
+// would halve the resident CTAs of 1024 threads.
+template <bool kOrdered, bool kEarly>
 __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __restrict__ y, int hidden,
                                    const float* __restrict__ gamma, float eps, const int32_t* __restrict__ order,
                                    uint16_t* __restrict__ out) {
@@ -80,13 +84,14 @@ __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __rest
   const float4* g4 = reinterpret_cast<const float4*>(gamma);
   const int4* order4 = reinterpret_cast<const int4*>(order);
   uint2* o = reinterpret_cast<uint2*>(out + r * hidden);
-  // The weights (and channel order) of the thread's first chunk, loaded before the wait, and
-  // its summed values, kept: with hidden / 4 <= blockDim (rows up to 4096 wide) the output
-  // loop runs once and issues no load after the reduction's barrier.
-  const bool has_first = static_cast<int>(threadIdx.x) < hidden / 4;
-  const float4 g_first = has_first ? g4[threadIdx.x] : float4{};
+  const bool has_first = kEarly && static_cast<int>(threadIdx.x) < hidden / 4;
+  float4 g_first{};
   int4 c_first{};
-  if constexpr (kOrdered) c_first = has_first ? order4[threadIdx.x] : int4{};
+  if constexpr (kEarly) {
+    if (has_first) g_first = g4[threadIdx.x];
+    if constexpr (kOrdered)
+      if (has_first) c_first = order4[threadIdx.x];
+  }
   ptx::chain_enter();
   float4 v_first{};
   float ss = 0.0f;
@@ -101,7 +106,7 @@ __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __rest
       xr[i] = v;
     }
     if constexpr (kOrdered) row_smem[i] = v;
-    if (i == static_cast<int>(threadIdx.x)) v_first = v;
+    if (kEarly && i == static_cast<int>(threadIdx.x)) v_first = v;
     ss = fmaf(v.x, v.x, ss);
     ss = fmaf(v.y, v.y, ss);
     ss = fmaf(v.z, v.z, ss);
@@ -109,7 +114,7 @@ __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __rest
   }
   const float inv = 1.0f / sqrtf(block_sum(ss) / static_cast<float>(hidden) + eps);  // a barrier: row_smem is ready
   for (int i = threadIdx.x; i < hidden / 4; i += blockDim.x) {
-    const bool first = i == static_cast<int>(threadIdx.x);
+    const bool first = kEarly && i == static_cast<int>(threadIdx.x);
     const float4 g = first ? g_first : g4[i];
     if constexpr (kOrdered) {
       const float* row = reinterpret_cast<const float*>(row_smem);
@@ -745,17 +750,19 @@ cudaError_t embed_tokens(const int32_t* tokens, int64_t M, const uint16_t* table
 cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, const float* gamma, float eps,
                         const int32_t* order, uint16_t* out, cudaStream_t stream) {
   if (M <= 0 || hidden % 4 != 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  const bool few_rows = M < device_sm_count();
   if (order == nullptr)
-    return ptx::launch_chained(add_rmsnorm_kernel<false>, grid_rows(M), row_threads(hidden / 4), 0, stream, x, y, hidden,
-                               gamma, eps, order, out);
+    return ptx::launch_chained(few_rows ? add_rmsnorm_kernel<false, true> : add_rmsnorm_kernel<false, false>,
+                               grid_rows(M), row_threads(hidden / 4), 0, stream, x, y, hidden, gamma, eps, order, out);
+  auto kernel = few_rows ? add_rmsnorm_kernel<true, true> : add_rmsnorm_kernel<true, false>;
   const size_t smem = static_cast<size_t>(hidden) * sizeof(float);
   if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(add_rmsnorm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  return ptx::launch_chained(add_rmsnorm_kernel<true>, grid_rows(M), row_threads(hidden / 4), smem, stream, x, y, hidden,
-                             gamma, eps, order, out);
+  return ptx::launch_chained(kernel, grid_rows(M), row_threads(hidden / 4), smem, stream, x, y, hidden, gamma, eps,
+                             order, out);
 }
 
 cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
