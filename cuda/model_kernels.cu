@@ -84,10 +84,10 @@ __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __rest
   const float4* g4 = reinterpret_cast<const float4*>(gamma);
   const int4* order4 = reinterpret_cast<const int4*>(order);
   uint2* o = reinterpret_cast<uint2*>(out + r * hidden);
-  const bool has_first = kEarly && static_cast<int>(threadIdx.x) < hidden / 4;
   float4 g_first{};
   int4 c_first{};
   if constexpr (kEarly) {
+    const bool has_first = static_cast<int>(threadIdx.x) < hidden / 4;
     if (has_first) g_first = g4[threadIdx.x];
     if constexpr (kOrdered)
       if (has_first) c_first = order4[threadIdx.x];
@@ -756,11 +756,7 @@ cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, cons
                                grid_rows(M), row_threads(hidden / 4), 0, stream, x, y, hidden, gamma, eps, order, out);
   auto kernel = few_rows ? add_rmsnorm_kernel<true, true> : add_rmsnorm_kernel<true, false>;
   const size_t smem = static_cast<size_t>(hidden) * sizeof(float);
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
+  if (const cudaError_t e = ptx::allow_dynamic_smem(kernel, smem); e != cudaSuccess) return e;
   return ptx::launch_chained(kernel, grid_rows(M), row_threads(hidden / 4), smem, stream, x, y, hidden, gamma, eps,
                              order, out);
 }

@@ -366,10 +366,9 @@ __device__ __forceinline__ void quantize_block_by_lanes(float v, ScaleRule rule,
   }
   const uint8_t sb = non_finite ? kScaleNaN : block_scale(F, rule, amax);
   const uint32_t code = sb == kScaleNaN ? 0u : encode_scaled(F, v, sb);
-  // The packing is local to groups of kGroup codes (two FP4 codes a byte, four FP6 codes in
-  // three bytes): the first lane of each group packs its group's codes and stores the bytes,
-  // so no lane collects all 32 codes.
-  constexpr int kGroup = F == ElemFormat::E2M1 ? 2 : F == ElemFormat::E3M2 ? 4 : 1;
+  // The packing is local to groups of pack_group(F) codes: the first lane of each group packs
+  // its group's codes and stores the bytes, so no lane collects all 32 codes.
+  constexpr int kGroup = pack_group(F);
   constexpr int kGroupBytes = static_cast<int>(packed_bytes(F, kGroup));
   uint8_t group[kGroup];
 #pragma unroll
@@ -775,11 +774,8 @@ cudaError_t launch_ordered(Source src, int64_t M, MixPlan plan, ScaleRule rule, 
   size_t smem = 0;
   if constexpr (std::is_same_v<Source, StagedRowsSource>) {
     smem = staged_rows_smem(M, plan.k());
-    if (smem > 48 * 1024) {
-      const cudaError_t e = cudaFuncSetAttribute(act_quant_ordered_kernel<Source>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (e != cudaSuccess) return e;
-    }
+    const cudaError_t e = ptx::allow_dynamic_smem(act_quant_ordered_kernel<Source>, smem);
+    if (e != cudaSuccess) return e;
   }
   act_quant_ordered_kernel<Source><<<static_cast<unsigned>((threads + kOrderedThreads - 1) / kOrderedThreads), kOrderedThreads, smem, stream>>>(
       src, M, plan, rule, folded, lossy);
@@ -807,10 +803,7 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
   if (!kNorm && folded_only && staged_rows_smem(M, plan.k()) <= 160 * 1024)
     return launch_ordered(StagedRowsSource{x, ldx, perm, plan.k()}, M, plan, rule, folded, lossy, stream);
   auto kernel = folded_only ? act_quant_kernel<kNorm, true> : act_quant_kernel<kNorm, false>;
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
+  if (const cudaError_t e = ptx::allow_dynamic_smem(kernel, smem); e != cudaSuccess) return e;
   int threads = act_threads(plan.blocks());
   int splits = 1;
   const int sms = device_sm_count();

@@ -213,6 +213,13 @@ MICROMIX_HD constexpr size_t packed_bytes(ElemFormat f, size_t n) {
   return (n * static_cast<size_t>(elem_traits(f).bits) + 7) / 8;
 }
 
+// Codes per packing group, the fewest whole codes in whole bytes (FP4 2, FP6 4, 8-bit 1):
+// pack_codes packs each group on its own, so a group's bytes depend on its codes alone.
+MICROMIX_HD constexpr int pack_group(ElemFormat f) {
+  const int bits = elem_traits(f).bits;
+  return bits == 4 ? 2 : bits == 6 ? 4 : 1;
+}
+
 MICROMIX_HD void pack_codes(ElemFormat f, const uint8_t* codes, size_t n, uint8_t* out) {
   const int bits = elem_traits(f).bits;
   if (bits == 8) {

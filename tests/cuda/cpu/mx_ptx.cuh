@@ -331,6 +331,10 @@ cudaError_t launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, siz
   emu::launch(grid, block, smem, stream, [&] { kernel(args...); });
   return cudaSuccess;
 }
+template <typename... Params>
+cudaError_t allow_dynamic_smem(void (*)(Params...), size_t) {
+  return cudaSuccess;
+}
 inline bool make_map(CUtensorMap* map, CUtensorMapDataType, size_t elem_bytes, const void* ptr, uint64_t inner,
                      uint64_t outer, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swizzle) {
   *reinterpret_cast<emu8::Map*>(map) = {static_cast<const uint8_t*>(ptr), static_cast<int>(elem_bytes), inner, outer,
