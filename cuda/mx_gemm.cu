@@ -16,7 +16,11 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
+#include <utility>
 
 #include "mx_kernels.h"
 #include "mx_ptx.cuh"
@@ -502,6 +506,21 @@ cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, M
 
 }  // namespace
 
+Fp8Schedule fp8_schedule_setting() {
+  static const Fp8Schedule setting = [] {
+    const char* v = std::getenv("MICROMIX_FP8_SCHEDULE");
+    if (v == nullptr) return Fp8Schedule::Auto;
+    for (const auto& [name, schedule] : {std::pair{"alternating", Fp8Schedule::Alternating},
+                                         std::pair{"concurrent", Fp8Schedule::Concurrent},
+                                         std::pair{"pipelined", Fp8Schedule::Pipelined}})
+      if (std::strcmp(v, name) == 0) return schedule;
+    std::fprintf(stderr, "micromix: MICROMIX_FP8_SCHEDULE=%s is not alternating, concurrent or pipelined; "
+                         "choosing the schedule automatically\n", v);
+    return Fp8Schedule::Auto;
+  }();
+  return setting;
+}
+
 cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                         cudaStream_t stream, Fp8Schedule schedule) {
   if (!plan.valid()) return cudaErrorInvalidValue;
@@ -510,6 +529,7 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
   // Measured on H100 (docs/kernels.md section 6): Pipelined wherever the folded part is most of
   // K (the authors' plans, all-MXFP4); with MXFP8 the majority its bf16 stages run better on the
   // wider tiles.
+  if (schedule == Fp8Schedule::Auto) schedule = fp8_schedule_setting();
   if (schedule == Fp8Schedule::Auto)
     schedule = plan.p4 + plan.p6 >= plan.p8 ? Fp8Schedule::Pipelined : Fp8Schedule::Alternating;
   if (schedule == Fp8Schedule::Pipelined) return launch_fp8<128>(A, W, M, N, plan, Y, stream, false);

@@ -132,11 +132,13 @@ cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, 
 // while the other's MMAs run) or issue them as they come (Concurrent).
 // Pipelined: 128 x 128 CTA tiles whose warpgroups issue the next K tile's MMAs before
 // promoting this one (two temporaries; the 128 x 256 tiles have registers for one).
-// Auto: Pipelined when MXFP4 + MXFP6 are at least half of K, else Alternating (measured on
-// H100: bench/results/h100, docs/kernels.md).
+// Auto: MICROMIX_FP8_SCHEDULE (alternating, concurrent or pipelined) if set, else Pipelined
+// when MXFP4 + MXFP6 are at least half of K, else Alternating (measured on H100:
+// bench/results/h100, docs/kernels.md).
 enum class Fp8Schedule { Auto, Alternating, Concurrent, Pipelined };
 cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
                         cudaStream_t stream, Fp8Schedule schedule = Fp8Schedule::Auto);
+Fp8Schedule fp8_schedule_setting();  // MICROMIX_FP8_SCHEDULE, read once (Auto when unset or unknown)
 
 // Multiprocessors of the current device (read once).
 int device_sm_count();

@@ -457,7 +457,9 @@ struct GemmCase {
 };
 
 // A from random bf16 activations through the GPU quantizer; W quantized on the CPU.
-void run_gemm_case(const GemmCase& c, bool spread = false) {
+// group_scales: each 128-row group of W 2^5 times the one before (cycling over three), so that
+// grouped W factors differ from group to group.
+void run_gemm_case(const GemmCase& c, bool spread = false, bool group_scales = false) {
   const int K = c.plan.k();
   const int64_t M = c.M, N = c.N;
   auto x = random_activations(M, K, K);
@@ -478,7 +480,8 @@ void run_gemm_case(const GemmCase& c, bool spread = false) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> w(static_cast<size_t>(N) * K);
   for (int64_t n = 0; n < N; ++n) {
-    const float rs = std::exp(0.5f * nd(rng())) * 0.02f;
+    const float group = group_scales ? std::ldexp(1.0f, 5 * static_cast<int>(n / kWeightRowGroup % 3)) : 1.0f;
+    const float rs = std::exp(0.5f * nd(rng())) * 0.02f * group;
     for (int k = 0; k < K; ++k) w[n * K + k] = nd(rng()) * rs * (spread && (k / 32) % 4 == (n % 4) ? 0x1p-20f : 1.0f);
   }
   const HostMx hw = quantize_segments(w, N, c.plan, mx::ScaleRule::Ceil);
@@ -705,6 +708,13 @@ TEST(MxGemm, LargeShapes) {
 TEST(MxGemm, SmallWideScaleSpread) {
   REQUIRE_GPU();
   run_gemm_case({67, 136, {256, 128, 128}}, true);
+}
+
+// Weight groups of different scales: each 128-column half of a 256-column tile promotes with
+// its own group's factor, and so does every 128-column tile.
+TEST(MxGemm, SmallWeightGroupsOfDifferentScales) {
+  REQUIRE_GPU();
+  run_gemm_case({33, 552, {256, 96, 160}}, false, true);
 }
 
 // The grouped weight fold (the runtime's prefill form) on blocks that leave its fast path or
