@@ -4,8 +4,9 @@
     python3 bench/summarize_gpu.py MX_GEMM_BENCH.json TORCH_GEMM_BASELINE.json
 
 Prefill: mixed GEMM (authors' plan, all-FP4, all-FP8) at M = 8192 against cuBLAS BF16 and
-cuBLASLt FP8 (per-tensor scales; same program) and PyTorch FP8 _scaled_mm. Decode: the decode kernels at M = 1 and 16, with their
-bandwidth as a share of the measured device copy. Activation quantization at M = 8192.
+cuBLASLt FP8 (per-tensor scales; same program) and PyTorch FP8 _scaled_mm. Decode: the decode
+kernels at M = 1 and 16, with their bandwidth as a share of the measured device copy.
+Activation quantization at M = 8192.
 """
 import json
 import sys
