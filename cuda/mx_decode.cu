@@ -20,12 +20,11 @@
 // With several K chunks the partial sums go through fp32 atomics into `workspace`, then a
 // small kernel writes bf16.
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
 #include "mx_kernels.h"  // first: the CPU execution of the kernels puts its shim before it
+#include "env_choice.h"
 #include "mx_codes.cuh"
 #include "mx_ptx.cuh"
 
@@ -1081,16 +1080,11 @@ cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan p
 }  // namespace
 
 DecodeKernel decode_kernel_setting() {
-  static const DecodeKernel setting = [] {
-    const char* v = std::getenv("MICROMIX_DECODE_KERNEL");
-    if (v == nullptr) return DecodeKernel::Auto;
-    if (std::strcmp(v, "streamed") == 0) return DecodeKernel::Streamed;
-    if (std::strcmp(v, "tensor-cores") == 0) return DecodeKernel::TensorCores;
-    if (std::strcmp(v, "cuda-cores") == 0) return DecodeKernel::CudaCores;
-    std::fprintf(stderr, "micromix: MICROMIX_DECODE_KERNEL=%s is not streamed, tensor-cores or cuda-cores; "
-                         "choosing the decode kernel automatically\n", v);
-    return DecodeKernel::Auto;
-  }();
+  static const DecodeKernel setting = env_choice("MICROMIX_DECODE_KERNEL",
+                                                 {std::pair{"streamed", DecodeKernel::Streamed},
+                                                  std::pair{"tensor-cores", DecodeKernel::TensorCores},
+                                                  std::pair{"cuda-cores", DecodeKernel::CudaCores}},
+                                                 DecodeKernel::Auto, "decode kernel");
   return setting;
 }
 

@@ -16,13 +16,10 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
-#include <utility>
 
 #include "mx_kernels.h"
+#include "env_choice.h"
 #include "mx_ptx.cuh"
 
 namespace micromix::cuda {
@@ -507,17 +504,11 @@ cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, M
 }  // namespace
 
 Fp8Schedule fp8_schedule_setting() {
-  static const Fp8Schedule setting = [] {
-    const char* v = std::getenv("MICROMIX_FP8_SCHEDULE");
-    if (v == nullptr) return Fp8Schedule::Auto;
-    for (const auto& [name, schedule] : {std::pair{"alternating", Fp8Schedule::Alternating},
-                                         std::pair{"concurrent", Fp8Schedule::Concurrent},
-                                         std::pair{"pipelined", Fp8Schedule::Pipelined}})
-      if (std::strcmp(v, name) == 0) return schedule;
-    std::fprintf(stderr, "micromix: MICROMIX_FP8_SCHEDULE=%s is not alternating, concurrent or pipelined; "
-                         "choosing the schedule automatically\n", v);
-    return Fp8Schedule::Auto;
-  }();
+  static const Fp8Schedule setting = env_choice("MICROMIX_FP8_SCHEDULE",
+                                                {std::pair{"alternating", Fp8Schedule::Alternating},
+                                                 std::pair{"concurrent", Fp8Schedule::Concurrent},
+                                                 std::pair{"pipelined", Fp8Schedule::Pipelined}},
+                                                Fp8Schedule::Auto, "schedule");
   return setting;
 }
 
