@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <numeric>
 #include <random>
@@ -31,6 +33,15 @@ DeviceBuffer<T> to_device(const std::vector<T>& v) {
   DeviceBuffer<T> d(v.size());
   if (!v.empty()) d.upload(v);
   return d;
+}
+
+// MICROMIX_FOLD_AHEAD=0: prefill's weight folds on the main stream (GpuRuntime::Impl::fold_layer).
+bool fold_ahead_setting() {
+  static const bool on = [] {
+    const char* v = std::getenv("MICROMIX_FOLD_AHEAD");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
 }
 
 std::vector<uint16_t> to_bf16(const float* x, size_t n) {
@@ -115,9 +126,7 @@ struct GpuRuntime::Impl {
   DeviceBuffer<uint16_t> xn, qkv, q, attn, y, gate_up, act;
   DeviceBuffer<uint8_t> folded_a;  // [M, K] E4M3
   DeviceBuffer<float> folded_a_f;  // M x fstride, tile-major
-  DeviceBuffer<uint8_t> folded_w;  // weight fold scratch (weights not kept folded)
-  DeviceBuffer<float> folded_w_f;
-  DeviceBuffer<uint16_t> folded_a_8, folded_w_8;  // the MXFP8 parts as bf16 (FoldedOperand::mx8)
+  DeviceBuffer<uint16_t> folded_a_8;  // the MXFP8 part as bf16 (FoldedOperand::mx8)
   DeviceBuffer<uint8_t> packed_a[3], packed_a_scales;  // decode-path activations, kDecodeMaxM rows
   DeviceBuffer<float> attn_ws, logits;
   DeviceBuffer<int32_t> tokens, targets;
@@ -148,6 +157,25 @@ struct GpuRuntime::Impl {
     b = DeviceBuffer<T>(n);
   }
 
+  // Prefill folds each MX layer's packed weights into the FP8 GEMM's operand (unless they are
+  // kept folded), a layer ahead: layer l + 1's four folds are issued once layer l's qkv GEMM
+  // has finished, which also means that layer l - 1, whose scratch they reuse (one set per
+  // layer parity), is done. Up to kFoldAheadMaxRows rows they run on a second stream of lower
+  // priority, beside layer l's attention and the rest, and each GEMM waits for its fold's
+  // event; with more rows, on the main stream. Measured on the H200 (docs/kernels.md, section
+  // 7): 3-4 % off the batch-1 prefill (2048 rows), even at 16384 rows, 1 % slower at 32768.
+  // MICROMIX_FOLD_AHEAD=0 keeps them on the main stream at any size, for comparison.
+  struct FoldScratch {
+    DeviceBuffer<uint8_t> q;
+    DeviceBuffer<float> f;
+    DeviceBuffer<uint16_t> mx8;
+  };
+  FoldScratch fold_scratch[2][kNumLinearSlots];  // [layer parity][slot]
+  cudaStream_t fold_stream = nullptr;
+  cudaEvent_t fold_go = nullptr, fold_join = nullptr, fold_done[2][kNumLinearSlots] = {};
+  static constexpr int64_t kFoldAheadMaxRows = 8192;
+  bool folding_ahead = false;  // this forward's folds are on fold_stream
+
   // Optional per-stage timing (CUDA events around each launch group).
   bool profiling = false;
   struct Pending {
@@ -158,17 +186,18 @@ struct GpuRuntime::Impl {
   std::map<std::string, double> profile_ms;
 
   template <typename F>
-  void stage(const std::string& name, F&& launch) {
+  void stage(const std::string& name, F&& launch, cudaStream_t on = nullptr) {
     if (!profiling) {
       launch();
       return;
     }
+    if (on == nullptr) on = stream;
     Pending p{name, nullptr, nullptr};
     cuda_check(cudaEventCreate(&p.start), "cudaEventCreate");
     cuda_check(cudaEventCreate(&p.stop), "cudaEventCreate");
-    cuda_check(cudaEventRecord(p.start, stream), "cudaEventRecord");
+    cuda_check(cudaEventRecord(p.start, on), "cudaEventRecord");
     launch();
-    cuda_check(cudaEventRecord(p.stop, stream), "cudaEventRecord");
+    cuda_check(cudaEventRecord(p.stop, on), "cudaEventRecord");
     pending.push_back(p);
   }
 
@@ -195,7 +224,16 @@ struct GpuRuntime::Impl {
     int dev = 0;
     cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
     cuda_check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
-    cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    int least = 0, greatest = 0;
+    cuda_check(cudaDeviceGetStreamPriorityRange(&least, &greatest), "stream priorities");
+    cuda_check(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, greatest), "cudaStreamCreate");
+    if (fold_ahead_setting()) {
+      cuda_check(cudaStreamCreateWithPriority(&fold_stream, cudaStreamNonBlocking, least), "cudaStreamCreate");
+      cuda_check(cudaEventCreateWithFlags(&fold_go, cudaEventDisableTiming), "cudaEventCreate");
+      cuda_check(cudaEventCreateWithFlags(&fold_join, cudaEventDisableTiming), "cudaEventCreate");
+      for (auto& row : fold_done)
+        for (auto& e : row) cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    }
     blas_check(cublasCreate(&blas), "cublasCreate");
     blas_check(cublasSetStream(blas, stream), "cublasSetStream");
     const auto inv = model::rope_inv_frequencies(cfg);
@@ -228,6 +266,12 @@ struct GpuRuntime::Impl {
       cudaEventDestroy(p.stop);
     }
     if (blas) cublasDestroy(blas);
+    for (cudaEvent_t e : {fold_go, fold_join})
+      if (e) cudaEventDestroy(e);
+    for (auto& row : fold_done)
+      for (cudaEvent_t e : row)
+        if (e) cudaEventDestroy(e);
+    if (fold_stream) cudaStreamDestroy(fold_stream);
     if (stream) cudaStreamDestroy(stream);
   }
 
@@ -244,13 +288,36 @@ struct GpuRuntime::Impl {
     return s == LinearSlot::O ? cfg.q_dim() : s == LinearSlot::Down ? cfg.ffn : cfg.hidden;
   }
 
-  void fold_scratch_for(const DeviceLinear& L) {
-    reserve(folded_w, static_cast<size_t>(L.out) * L.in);
-    reserve(folded_w_f, static_cast<size_t>(L.out) * folded_fstride(static_cast<int>(L.in)));
-    reserve(folded_w_8, static_cast<size_t>(L.out) * L.plan.p8);
+  void fold_scratch_for(const DeviceLinear& L, int slot) {
+    for (auto& parity : fold_scratch) {
+      FoldScratch& f = parity[slot];
+      reserve(f.q, static_cast<size_t>(L.out) * L.in);
+      reserve(f.f, static_cast<size_t>(L.out) * folded_fstride(static_cast<int>(L.in)));
+      reserve(f.mx8, static_cast<size_t>(L.out) * L.plan.p8);
+    }
   }
-  FoldedOperand weight_fold_scratch(const DeviceLinear& L) const {
-    return {folded_w.ptr, folded_w_f.ptr, kWeightRowGroup, folded_w_8.ptr};
+  FoldedOperand weight_fold_scratch(int layer, int slot) const {
+    const FoldScratch& f = fold_scratch[layer % 2][slot];
+    return {f.q.ptr, f.f.ptr, kWeightRowGroup, f.mx8.ptr};
+  }
+  bool folds_before_gemm(const DeviceLinear& L, int64_t M) const { return L.mx && M > kDecodeMaxM && L.w.fq.ptr == nullptr; }
+  cudaStream_t fold_on() const { return folding_ahead ? fold_stream : stream; }
+  // Layer l's folds, on the fold stream once the main stream has reached this point.
+  void fold_layer(int l, int64_t M) {
+    if (folding_ahead) {
+      cuda_check(cudaEventRecord(fold_go, stream), "fold go");
+      cuda_check(cudaStreamWaitEvent(fold_stream, fold_go, 0), "fold go");
+    }
+    for (int slot = 0; slot < kNumLinearSlots; ++slot) {
+      const DeviceLinear& L = layers[l].linear[slot];
+      if (!folds_before_gemm(L, M)) continue;
+      stage("weight fold", [&] {
+        cuda_check(fold_operand(L.w.segments(), L.out, L.plan, weight_fold_scratch(l, slot), nullptr, fold_on(),
+                                L.fold_keys.ptr),
+                   "fold weights");
+      }, fold_on());
+      if (folding_ahead) cuda_check(cudaEventRecord(fold_done[l % 2][slot], fold_stream), "fold done");
+    }
   }
 
   size_t held_bytes() const {
@@ -269,7 +336,11 @@ struct GpuRuntime::Impl {
     }
     add(embedding); add(lm_head); add(output_norm); add(rope); add(k_cache); add(v_cache);
     add(x); add(xn); add(qkv); add(q); add(attn); add(y); add(gate_up); add(act);
-    add(folded_a); add(folded_a_f); add(folded_w); add(folded_w_f); add(folded_a_8); add(folded_w_8);
+    add(folded_a); add(folded_a_f); add(folded_a_8);
+    for (const auto& parity : fold_scratch)
+      for (const auto& f : parity) {
+        add(f.q); add(f.f); add(f.mx8);
+      }
     for (const auto& p : packed_a) add(p);
     add(packed_a_scales); add(attn_ws); add(logits); add(tokens); add(targets); add(logprob); add(greedy); add(lossy); add(lossy_w);
     add(position_dev); add(blas_workspace);
@@ -357,7 +428,7 @@ struct GpuRuntime::Impl {
     dst.ffn_norm_ordered = to_device(ordered(ffn, gate_up_order));
   }
 
-  void linear(int slot, const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out, Input how) {
+  void linear(int layer, int slot, const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out, Input how) {
     const std::string name = model::linear_slot_name(static_cast<LinearSlot>(slot));
     if (!L.mx) {
       stage("gemm " + name, [&] {
@@ -387,11 +458,9 @@ struct GpuRuntime::Impl {
       return;
     }
     FoldedOperand w = L.w.folded();
-    if (w.q == nullptr) {  // fold the packed weights into the scratch right before use
-      w = weight_fold_scratch(L);
-      stage("weight fold", [&] {
-        cuda_check(fold_operand(L.w.segments(), L.out, L.plan, w, nullptr, stream, L.fold_keys.ptr), "fold weights");
-      });
+    if (folds_before_gemm(L, M)) {  // folded by fold_layer, a layer ahead
+      w = weight_fold_scratch(layer, slot);
+      if (folding_ahead) cuda_check(cudaStreamWaitEvent(stream, fold_done[layer % 2][slot], 0), "fold wait");
     }
     stage("gemm " + name, [&] { cuda_check(mx_gemm_fp8(a, w, M, L.out, L.plan, out, stream), "MX GEMM"); });
   }
@@ -453,6 +522,9 @@ struct GpuRuntime::Impl {
     });
     const int qkv_slot = static_cast<int>(LinearSlot::QKV), gate_up_slot = static_cast<int>(LinearSlot::GateUp);
     const NormOut first = norm_out(0, qkv_slot, M);
+    const bool folds = mx && M > kDecodeMaxM;  // prefill's weight folds (fold_layer)
+    folding_ahead = folds && fold_stream != nullptr && M <= kFoldAheadMaxRows;
+    if (folds) fold_layer(0, M);
     stage("norm", [&] {
       cuda_check(add_rmsnorm(x.ptr, nullptr, M, cfg.hidden, first.gamma, cfg.rms_eps, first.order, xn.ptr, stream),
                  "norm");
@@ -460,7 +532,8 @@ struct GpuRuntime::Impl {
     const size_t layer_cache = static_cast<size_t>(max_batch) * cfg.kv_dim() * max_context;
     for (int l = 0; l < cfg.n_layers; ++l) {
       DeviceLayer& L = layers[l];
-      linear(qkv_slot, L.linear[qkv_slot], xn.ptr, M, qkv.ptr, norm_out(l, qkv_slot, M).input);
+      linear(l, qkv_slot, L.linear[qkv_slot], xn.ptr, M, qkv.ptr, norm_out(l, qkv_slot, M).input);
+      if (folds && l + 1 < cfg.n_layers) fold_layer(l + 1, M);
       uint16_t* kc = k_cache.ptr + l * layer_cache;
       uint16_t* vc = v_cache.ptr + l * layer_cache;
       const float* bias = L.linear[0].bias.ptr;
@@ -476,24 +549,29 @@ struct GpuRuntime::Impl {
         });
         stage("attention", [&] { cuda_check(attention(q.ptr, kc, vc, s, attn.ptr, splits, attn_ws.ptr, stream), "attention"); });
       }
-      linear(1, L.linear[1], attn.ptr, M, y.ptr, Input::Gathered);
+      linear(l, 1, L.linear[1], attn.ptr, M, y.ptr, Input::Gathered);
       const NormOut ffn = norm_out(l, gate_up_slot, M);
       stage("norm", [&] {
         cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, ffn.gamma, cfg.rms_eps, ffn.order, xn.ptr, stream), "norm");
       });
-      linear(gate_up_slot, L.linear[gate_up_slot], xn.ptr, M, gate_up.ptr, ffn.input);
+      linear(l, gate_up_slot, L.linear[gate_up_slot], xn.ptr, M, gate_up.ptr, ffn.input);
       const DeviceLinear& down = L.linear[3];
       if (down.mx) {
-        linear(3, down, gate_up.ptr, M, y.ptr, Input::SwigluOrdered);
+        linear(l, 3, down, gate_up.ptr, M, y.ptr, Input::SwigluOrdered);
       } else {
         stage("swiglu", [&] { cuda_check(swiglu(gate_up.ptr, M, cfg.ffn, act.ptr, stream), "swiglu"); });
-        linear(3, down, act.ptr, M, y.ptr, Input::Gathered);
+        linear(l, 3, down, act.ptr, M, y.ptr, Input::Gathered);
       }
       // The last norm feeds the lm_head, in the stored order.
       const NormOut next = l + 1 < cfg.n_layers ? norm_out(l + 1, qkv_slot, M) : NormOut{output_norm.ptr, nullptr, Input::Gathered};
       stage("norm", [&] {
         cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, next.gamma, cfg.rms_eps, next.order, xn.ptr, stream), "norm");
       });
+    }
+    if (folding_ahead) {  // nothing of this forward left running on the fold stream
+      cuda_check(cudaEventRecord(fold_join, fold_stream), "fold join");
+      cuda_check(cudaStreamWaitEvent(stream, fold_join, 0), "fold join");
+      folding_ahead = false;
     }
   }
 
@@ -527,7 +605,7 @@ struct GpuRuntime::Impl {
     cuda_check(cudaStreamSynchronize(stream), "upload tokens");  // toks may go away after return
   }
 
-  void add_mx_linear(DeviceLinear& L, const std::vector<int32_t>& perm, MixPlan plan, const HostMx* host,
+  void add_mx_linear(DeviceLinear& L, int slot, const std::vector<int32_t>& perm, MixPlan plan, const HostMx* host,
                      uint64_t seed) {
     L.mx = true;
     L.plan = plan;
@@ -539,12 +617,12 @@ struct GpuRuntime::Impl {
       for (int s = 0; s < 3; ++s) fill_random(L.w.q[s].ptr, L.w.q[s].count, seed * 7 + s, 0, 0, 0, stream);
       fill_random(L.w.scales.ptr, L.w.scales.count, seed * 7 + 3, 1, 127 - 9, 0, stream);
     }
-    fold_scratch_for(L);
+    fold_scratch_for(L, slot);
     // The fold's group keys, which spare every fold its reduction over rows; then one fold now,
     // as prefill will run it, to count the weight elements the grouped fold cannot keep exact.
     L.fold_keys = DeviceBuffer<int>(fold_group_key_count(L.out, plan));
     cuda_check(fold_group_keys(L.w.segments(), L.out, plan, L.fold_keys.ptr, stream), "fold keys");
-    cuda_check(fold_operand(L.w.segments(), L.out, plan, weight_fold_scratch(L), lossy_w.ptr, stream, L.fold_keys.ptr),
+    cuda_check(fold_operand(L.w.segments(), L.out, plan, weight_fold_scratch(0, slot), lossy_w.ptr, stream, L.fold_keys.ptr),
                "fold weights");
   }
 };
@@ -641,7 +719,7 @@ GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spe
           if (segment_value(packed, r, j) != reordered[r * L.in + j])
             throw std::invalid_argument(std::string("layer ") + std::to_string(l) + " " + model::linear_slot_name(slot) +
                                         ": the weights are not this mode's MX values (quantize them first)");
-      I.add_mx_linear(L, order, plan, &packed, 0);
+      I.add_mx_linear(L, si, order, plan, &packed, 0);
       orders[si] = std::move(order);
     }
     I.set_norms(dst, src.attn_norm, src.ffn_norm, orders[0], orders[2]);
@@ -691,7 +769,7 @@ std::unique_ptr<GpuRuntime> GpuRuntime::synthetic(const model::ModelConfig& conf
       std::iota(order.begin(), order.end(), 0);
       std::mt19937_64 order_rng(stream_id);
       std::shuffle(order.begin(), order.end(), order_rng);
-      I.add_mx_linear(L, order, plan, nullptr, ++stream_id);
+      I.add_mx_linear(L, si, order, plan, nullptr, ++stream_id);
       orders[si] = std::move(order);
     }
     I.set_norms(dst, ones, ones, orders[0], orders[2]);
