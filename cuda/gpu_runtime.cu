@@ -163,7 +163,7 @@ struct GpuRuntime::Impl {
   // layer parity), is done. Up to kFoldAheadMaxRows rows they run on a second stream of lower
   // priority, beside layer l's attention and the rest, and each GEMM waits for its fold's
   // event; with more rows, on the main stream. Measured on the H200 (docs/kernels.md, section
-  // 7): 3-4 % off the batch-1 prefill (2048 rows), even at 16384 rows, 1 % slower at 32768.
+  // 7): 1-2 % off the prefill at 2048 and 4096 rows, up to 2 % slower at 8192, 1 % at 32768.
   // MICROMIX_FOLD_AHEAD=0 keeps them on the main stream at any size, for comparison.
   struct FoldScratch {
     DeviceBuffer<uint8_t> q;
@@ -173,7 +173,7 @@ struct GpuRuntime::Impl {
   FoldScratch fold_scratch[2][kNumLinearSlots];  // [layer parity][slot]
   cudaStream_t fold_stream = nullptr;
   cudaEvent_t fold_go = nullptr, fold_join = nullptr, fold_done[2][kNumLinearSlots] = {};
-  static constexpr int64_t kFoldAheadMaxRows = 8192;
+  static constexpr int64_t kFoldAheadMaxRows = 4096;
   bool folding_ahead = false;  // this forward's folds are on fold_stream
 
   // Optional per-stage timing (CUDA events around each launch group).
