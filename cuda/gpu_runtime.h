@@ -60,6 +60,10 @@ class GpuRuntime : public model::Runtime {
   // `batch` sequences of n tokens each (tokens row-major [batch, n]), all at position();
   // logits (when set) receives each sequence's last-token logits [batch, vocab].
   void forward_batch(std::span<const int32_t> tokens, int batch, int n, float* logits);
+  // As forward_batch with logits, but they stay on the device and the call returns once the
+  // work is queued: a step as the GPU runs it (the benchmark's decode step; PyTorch's is timed
+  // the same way, its logits copied to the host after the clock stops).
+  void forward_batch_on_device(std::span<const int32_t> tokens, int batch, int n);
   // Waits for the queued work (forward_batch returns once it is queued when logits is null).
   void synchronize();
 
@@ -72,8 +76,8 @@ class GpuRuntime : public model::Runtime {
   // Decode steps (one token per sequence) replay a recorded CUDA graph (on by default;
   // profiling runs launch by launch).
   void set_cuda_graphs(bool on);
-  // Prefill folds each layer's packed MX weights into a scratch buffer right before its GEMM
-  // (off, the default: the least memory). On: every MX layer keeps its folded copy, made
+  // Prefill folds each layer's packed MX weights into scratch buffers, a layer ahead of its
+  // GEMMs (off, the default: the least memory). On: every MX layer keeps its folded copy, made
   // once here (about 1.4 bytes per weight more: E4M3 payloads, factors, the MXFP8 part as
   // bf16), and prefill skips the folds. Decode reads the packed weights either way.
   void set_resident_folded_weights(bool on);

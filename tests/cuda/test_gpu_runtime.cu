@@ -218,6 +218,17 @@ TEST(GpuRuntime, DecodeChunksAndBatchesAgreeWithOnePrefill) {
   cuda::set_chained_launches(true);
   EXPECT_EQ(unchained, steps);
   g.set_cuda_graphs(true);
+  // Steps whose logits stay on the device (the benchmark's decode step) leave the same cache:
+  // the last step, read back, gives the same logits to the bit. Another sequence fills the
+  // cache first, so that steps that wrote nothing would leave its keys and values there.
+  g.reset();
+  g.forward_last(seqs[1], nullptr, 0);
+  g.reset();
+  g.forward_last(std::span(seqs[0]).first(n - tail), nullptr, 0);
+  for (int t = n - tail; t < n - 1; ++t) g.forward_batch_on_device(std::span(seqs[0]).subspan(t, 1), 1, 1);
+  std::vector<float> last(c.vocab);
+  g.forward_last(std::span(seqs[0]).subspan(n - 1, 1), last.data(), 1);
+  EXPECT_TRUE(std::equal(last.begin(), last.end(), steps.end() - c.vocab));
 
   // Prefill in two chunks (the second attends to the cached first).
   g.reset();
