@@ -9,30 +9,10 @@
 #include <random>
 
 #include "common.h"
+#include "micromix/model/sampling.h"
 
 namespace micromix::cli {
 namespace {
-
-// Samples from logits: greedy at temperature 0, else softmax(logits / T) cut to the
-// smallest set of tokens whose probability reaches top_p.
-int32_t sample(const std::vector<float>& logits, double temperature, double top_p, std::mt19937_64& rng) {
-  if (temperature <= 0) return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-  const float mx = *std::max_element(logits.begin(), logits.end());
-  std::vector<std::pair<double, int32_t>> p(logits.size());
-  double sum = 0;
-  for (size_t i = 0; i < logits.size(); ++i) {
-    p[i] = {std::exp((double(logits[i]) - mx) / temperature), static_cast<int32_t>(i)};
-    sum += p[i].first;
-  }
-  std::sort(p.begin(), p.end(), std::greater<>());
-  double kept = 0;
-  size_t n = 0;
-  while (n < p.size() && (n == 0 || kept < top_p * sum)) kept += p[n++].first;
-  double u = std::uniform_real_distribution<double>(0.0, kept)(rng);
-  for (size_t i = 0; i < n; ++i)
-    if ((u -= p[i].first) <= 0) return p[i].second;
-  return p[n - 1].second;
-}
 
 int run_generate(const ParsedArgs& args) {
   if (!args.given("prompt")) throw UsageError("--prompt TEXT is required");
@@ -68,7 +48,7 @@ int run_generate(const ParsedArgs& args) {
   std::vector<int32_t> out;
   std::string pending, text;
   while (static_cast<int64_t>(out.size()) < max_tokens && rt.position() < context) {
-    const int32_t next = sample(logits, temperature, top_p, rng);
+    const int32_t next = model::sample_token(logits, temperature, top_p, rng);
     if (next == tok.eos() || next == im_end) break;
     out.push_back(next);
     pending += tok.token_bytes(next);
