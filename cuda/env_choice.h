@@ -1,6 +1,6 @@
-// A kernel choice read from an environment variable, for timing one kernel against another
-// with one binary: unset gives `automatic`, a name not among `choices` a warning and
-// `automatic` too.
+// Settings read from environment variables, for timing one kernel or schedule against another
+// with one binary. env_choice: unset gives `automatic`, a name not among `choices` a warning
+// and `automatic` too. env_switch: on unless the variable is "0".
 #pragma once
 
 #include <cstddef>
@@ -23,6 +23,11 @@ E env_choice(const char* var, const std::pair<const char*, E> (&choices)[N], E a
   }
   std::fprintf(stderr, "micromix: %s=%s is not %s; choosing the %s automatically\n", var, v, names.c_str(), what);
   return automatic;
+}
+
+inline bool env_switch(const char* var) {
+  const char* v = std::getenv(var);
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 }  // namespace micromix::cuda

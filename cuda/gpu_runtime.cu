@@ -4,8 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <numeric>
 #include <random>
@@ -13,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "env_choice.h"
 #include "model_kernels.h"
 #include "mx_host.h"
 #include "mx_kernels.h"
@@ -37,10 +36,7 @@ DeviceBuffer<T> to_device(const std::vector<T>& v) {
 
 // MICROMIX_FOLD_AHEAD=0: prefill's weight folds on the main stream (GpuRuntime::Impl::fold_layer).
 bool fold_ahead_setting() {
-  static const bool on = [] {
-    const char* v = std::getenv("MICROMIX_FOLD_AHEAD");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = env_switch("MICROMIX_FOLD_AHEAD");
   return on;
 }
 

@@ -16,6 +16,8 @@
 #include <mutex>
 #include <utility>
 
+#include "env_choice.h"
+
 namespace micromix::cuda::ptx {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -284,10 +286,7 @@ __device__ __forceinline__ void chain_enter() {
 
 // On unless MICROMIX_CHAINED_LAUNCH=0; set_chained_launches (mx_kernels.h) changes it.
 inline std::atomic<bool>& chained_launch_setting() {
-  static std::atomic<bool> on = [] {
-    const char* v = std::getenv("MICROMIX_CHAINED_LAUNCH");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static std::atomic<bool> on{env_switch("MICROMIX_CHAINED_LAUNCH")};
   return on;
 }
 

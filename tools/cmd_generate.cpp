@@ -1,11 +1,9 @@
 // `micromix generate`: chat or plain-text generation with streaming output.
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
-#include <numeric>
 #include <random>
 
 #include "common.h"
