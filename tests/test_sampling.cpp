@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdio>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -89,4 +91,33 @@ TEST(Sampling, TemperatureZeroIsGreedy) {
   std::mt19937_64 rng(1);
   EXPECT_EQ(model::sample_token(logits, 0.0, 0.9, rng), 1);  // the first of equal maxima
   EXPECT_THROW(model::sample_token(std::vector<float>{}, 0.7, 0.9, rng), std::invalid_argument);
+}
+
+TEST(Sampling, NonFiniteLogitsAreRefused) {
+  std::mt19937_64 rng(1);
+  for (const float bad : {NAN, INFINITY, -INFINITY})
+    for (const double temperature : {0.0, 0.7}) {
+      std::vector<float> logits = random_logits(1000, 1.0f, 3);
+      logits[517] = bad;
+      EXPECT_THROW(model::sample_token(logits, temperature, 0.9, rng), std::invalid_argument) << bad;
+      EXPECT_THROW(model::sample_token_full_sort(logits, temperature, 0.9, rng), std::invalid_argument) << bad;
+    }
+}
+
+TEST(Sampling, WeightExponentialWithinTwoUlp) {
+  // Every 61st fp32 value in [-87, 0] (18 million) against the float64 exponential: within 2
+  // ulp of the correctly rounded result, exact at 0, 0 below -87.
+  double worst = 0;
+  const uint32_t last = std::bit_cast<uint32_t>(87.0f);
+  for (uint32_t bits = 0; bits <= last; bits += 61) {
+    const float x = -std::bit_cast<float>(bits);
+    const double exact = std::exp(double(x));
+    const double ulp = std::ldexp(1.0, std::ilogb(exact) - 23);
+    worst = std::max(worst, std::abs(double(model::exp_nonpositive(x)) - exact) / ulp);
+  }
+  EXPECT_LE(worst, 2.0);
+  EXPECT_EQ(model::exp_nonpositive(0.0f), 1.0f);
+  EXPECT_EQ(model::exp_nonpositive(-87.5f), 0.0f);
+  EXPECT_EQ(model::exp_nonpositive(-INFINITY), 0.0f);
+  std::printf("exp_nonpositive: worst error %.3f ulp\n", worst);
 }

@@ -45,8 +45,11 @@ int run_generate(const ParsedArgs& args) {
   const auto t1 = std::chrono::steady_clock::now();
   std::vector<int32_t> out;
   std::string pending, text;
+  double sampling_s = 0;
   while (static_cast<int64_t>(out.size()) < max_tokens && rt.position() < context) {
+    const auto sample_start = std::chrono::steady_clock::now();
     const int32_t next = model::sample_token(logits, temperature, top_p, rng);
+    sampling_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - sample_start).count();
     if (next == tok.eos() || next == im_end) break;
     out.push_back(next);
     pending += tok.token_bytes(next);
@@ -75,6 +78,7 @@ int run_generate(const ParsedArgs& args) {
                                 {"text", text},
                                 {"prefill_seconds", prefill_s},
                                 {"decode_seconds", decode_s},
+                                {"sampling_seconds", sampling_s},
                                 {"tokens_per_second", tps}}
                      .dump(2)
               << "\n";
