@@ -40,6 +40,13 @@ bool fold_ahead_setting() {
   return on;
 }
 
+// MICROMIX_QKV_ROPE_EPILOGUE=0: prefill runs RoPE and the cache write as their own kernel after
+// the qkv GEMM instead of in its epilogue (mx_gemm_fp8_rope_and_cache), for comparison.
+bool qkv_rope_epilogue_setting() {
+  static const bool on = env_switch("MICROMIX_QKV_ROPE_EPILOGUE");
+  return on;
+}
+
 std::vector<uint16_t> to_bf16(const float* x, size_t n) {
   std::vector<uint16_t> out(n);
   for (size_t i = 0; i < n; ++i) out[i] = mx::float_to_bf16_bits(x[i]);
@@ -424,7 +431,16 @@ struct GpuRuntime::Impl {
     dst.ffn_norm_ordered = to_device(ordered(ffn, gate_up_order));
   }
 
-  void linear(int layer, int slot, const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out, Input how) {
+  // Where a prefill qkv GEMM's epilogue puts its output when it runs RoPE and the cache write
+  // itself (out is then q).
+  struct RopeInto {
+    const AttentionShape& s;
+    uint16_t* k_cache;
+    uint16_t* v_cache;
+  };
+
+  void linear(int layer, int slot, const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out, Input how,
+              const RopeInto* rope_into = nullptr) {
     const std::string name = model::linear_slot_name(static_cast<LinearSlot>(slot));
     if (!L.mx) {
       stage("gemm " + name, [&] {
@@ -457,6 +473,14 @@ struct GpuRuntime::Impl {
     if (folds_before_gemm(L, M)) {  // folded by fold_layer, a layer ahead
       w = weight_fold_scratch(layer, slot);
       if (folding_ahead) cuda_check(cudaStreamWaitEvent(stream, fold_done[layer % 2][slot], 0), "fold wait");
+    }
+    if (rope_into != nullptr) {
+      stage("gemm " + name + " + rope", [&] {
+        cuda_check(mx_gemm_fp8_rope_and_cache(a, w, L.plan, L.bias.ptr, rope_into->s, rope.ptr, cfg.rope_neox, out,
+                                              rope_into->k_cache, rope_into->v_cache, stream),
+                   "MX GEMM + rope");
+      });
+      return;
     }
     stage("gemm " + name, [&] { cuda_check(mx_gemm_fp8(a, w, M, L.out, L.plan, out, stream), "MX GEMM"); });
   }
@@ -528,11 +552,16 @@ struct GpuRuntime::Impl {
     const size_t layer_cache = static_cast<size_t>(max_batch) * cfg.kv_dim() * max_context;
     for (int l = 0; l < cfg.n_layers; ++l) {
       DeviceLayer& L = layers[l];
-      linear(l, qkv_slot, L.linear[qkv_slot], xn.ptr, M, qkv.ptr, norm_out(l, qkv_slot, M).input);
-      if (folds && l + 1 < cfg.n_layers) fold_layer(l + 1, M);
       uint16_t* kc = k_cache.ptr + l * layer_cache;
       uint16_t* vc = v_cache.ptr + l * layer_cache;
       const float* bias = L.linear[0].bias.ptr;
+      // Prefill's MX qkv GEMM runs RoPE and the cache write in its epilogue where the heads allow.
+      const bool rope_in_gemm =
+          L.linear[qkv_slot].mx && M > kDecodeMaxM && qkv_rope_fusable(s) && qkv_rope_epilogue_setting();
+      const RopeInto rope_into{s, kc, vc};
+      linear(l, qkv_slot, L.linear[qkv_slot], xn.ptr, M, rope_in_gemm ? q.ptr : qkv.ptr, norm_out(l, qkv_slot, M).input,
+             rope_in_gemm ? &rope_into : nullptr);
+      if (folds && l + 1 < cfg.n_layers) fold_layer(l + 1, M);
       if (s.tokens == 1) {  // decode: RoPE inside the attention kernel
         stage("rope + attention", [&] {
           cuda_check(decode_attention(qkv.ptr, bias, s, rope.ptr, cfg.rope_neox, kc, vc, attn.ptr, splits, attn_ws.ptr,
@@ -540,9 +569,10 @@ struct GpuRuntime::Impl {
                      "attention");
         });
       } else {
-        stage("rope", [&] {
-          cuda_check(rope_and_cache(qkv.ptr, bias, s, rope.ptr, cfg.rope_neox, q.ptr, kc, vc, stream), "rope");
-        });
+        if (!rope_in_gemm)
+          stage("rope", [&] {
+            cuda_check(rope_and_cache(qkv.ptr, bias, s, rope.ptr, cfg.rope_neox, q.ptr, kc, vc, stream), "rope");
+          });
         stage("attention", [&] { cuda_check(attention(q.ptr, kc, vc, s, attn.ptr, splits, attn_ws.ptr, stream), "attention"); });
       }
       linear(l, 1, L.linear[1], attn.ptr, M, y.ptr, Input::Gathered);

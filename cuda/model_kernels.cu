@@ -11,6 +11,7 @@
 #include "mx_kernels.h"
 #include "model_kernels.h"
 #include "mx_ptx.cuh"
+#include "bf16_pairs.cuh"
 
 namespace micromix::cuda {
 
@@ -42,10 +43,6 @@ __device__ __forceinline__ float block_sum(float v) {
   float t = 0.0f;
   for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) t += partial[w];
   return t;
-}
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  return static_cast<uint32_t>(float_to_bf16_bits(lo)) | (static_cast<uint32_t>(float_to_bf16_bits(hi)) << 16);
 }
 
 // The per-row kernels below keep their loads independent of their stores (__restrict__,
@@ -157,10 +154,7 @@ __device__ __forceinline__ void rope_quad(const uint16_t* row, const float* bias
     }
   }
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float c = cs[i0 + j].x, sn = cs[i0 + j].y;
-    y[j] = pack_bf16x2(x0[j] * c - x1[j] * sn, x0[j] * sn + x1[j] * c);
-  }
+  for (int j = 0; j < 4; ++j) y[j] = rope_rotate_bf16x2(x0[j], x1[j], cs[i0 + j]);
 }
 
 // rope_quad's pairs into a head's row (global or shared memory, 8-byte aligned).
@@ -540,9 +534,15 @@ __global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(cons
 
   const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4,
             t4 = lane % 4;
-  const int kvh = blockIdx.y, b = blockIdx.z;
+  // Row tiles of every (sequence, KV head) in the order the CTAs are dispatched, heaviest
+  // first: a row tile sees about twice the keys of the one halfway before it (causal), so the
+  // tiles dispatched last, which set the tail, are the lightest of all heads.
+  const int heads = gridDim.y * gridDim.z;
+  const int dispatch = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const int tile = gridDim.x - 1 - dispatch / heads;
+  const int kvh = dispatch % heads % gridDim.y, b = dispatch % heads / gridDim.y;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group, q_dim = s.q_dim();
-  const int r0 = blockIdx.x * kWgAttnRows, position = current_position(s);
+  const int r0 = tile * kWgAttnRows, position = current_position(s);
   // This thread's two rows (query, head) and the last key each may see; the rest of the row's
   // coordinates are worked out again for the store, to keep registers for the loop.
   const int row0 = r0 + wg * 64 + warp * 16 + g;

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "micromix/mx/format.h"  // MICROMIX_HD
+#include "mx_kernels.h"
 
 namespace micromix::cuda {
 
@@ -46,6 +47,17 @@ struct AttentionShape {
 // [batch, n_kv_heads, max_context, head_dim]. head_dim a multiple of 8; pointers 16-byte aligned.
 cudaError_t rope_and_cache(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
                            bool neox, uint16_t* q, uint16_t* k_cache, uint16_t* v_cache, cudaStream_t stream);
+
+// The qkv projection's MX GEMM (mx_gemm_fp8 on weights folded in row groups, the qkv rows
+// [s.rows(), q_dim + 2 kv_dim]) with rope_and_cache in its epilogue: q, k_cache and v_cache get
+// the bits mx_gemm_fp8 followed by rope_and_cache writes, and no qkv rows are stored. For
+// head_dim 128 (qkv_rope_fusable; cudaErrorInvalidValue otherwise), where each 128 output
+// columns are one head.
+bool qkv_rope_fusable(const AttentionShape& s);
+cudaError_t mx_gemm_fp8_rope_and_cache(FoldedOperand A, FoldedOperand W, MixPlan plan, const float* bias,
+                                       const AttentionShape& s, const float2* rope, bool neox, uint16_t* q,
+                                       uint16_t* k_cache, uint16_t* v_cache, cudaStream_t stream,
+                                       Fp8Schedule schedule = Fp8Schedule::Auto);
 
 // Causal attention of q [rows, q_dim] over cache positions [0, position + t] for token t;
 // out bf16 [rows, q_dim]. Heads that share a KV head are scored together. head_dim 64 or

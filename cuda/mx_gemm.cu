@@ -17,10 +17,13 @@
 
 #include <algorithm>
 #include <mutex>
+#include <type_traits>
 
 #include "mx_kernels.h"
 #include "env_choice.h"
+#include "model_kernels.h"
 #include "mx_ptx.cuh"
+#include "bf16_pairs.cuh"
 
 namespace micromix::cuda {
 
@@ -230,12 +233,147 @@ __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, u
   promote<kSharedW>(acc, tmp, fa, fw, j0, row0, lane);
 }
 
-template <bool kAlternate, bool kGroupedW, int kBN>
+// Where the FP8 GEMM's output tiles go: bf16 rows of Y, each thread storing its accumulators
+// (rows m0 + row0 and + 8 of the CTA tile; columns n0 + 8 jj + 2 (lane % 4) + {0, 1}, the
+// 128-column halves back to back).
+struct RowsOut {
+  uint16_t* __restrict__ y;
+  __device__ __forceinline__ int context() const { return 0; }
+  template <int kBN>
+  __device__ __forceinline__ void store(int, const float* acc, int m0, int n0, int row0, int lane, int M, int N) const {
+    const bool pair_ok = (N % 2) == 0;
+#pragma unroll
+    for (int jj = 0; jj < kBN / 8; ++jj) {
+      const int col = n0 + jj * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + row0 + 8 * h;
+        if (row >= M) continue;
+        const uint32_t pair = pack_bf16x2(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
+        uint16_t* dst = y + static_cast<int64_t>(row) * N + col;
+        if (pair_ok && col + 1 < N) {
+          *reinterpret_cast<uint32_t*>(dst) = pair;
+        } else {
+          if (col < N) dst[0] = static_cast<uint16_t>(pair);
+          if (col + 1 < N) dst[1] = static_cast<uint16_t>(pair >> 16);
+        }
+      }
+    }
+  }
+};
+
+// The qkv projection's tiles through RoPE into q and the KV cache (mx_gemm_fp8_rope_and_cache):
+// head_dim 128, so each 128-column half is one head, q's, k's or v's, and a thread holds both
+// columns of every RoPE pair it needs (neox: i and i + 64, accumulators jj and jj + 8;
+// interleaved: 2i and 2i + 1). The values are rounded to bf16 first, as the GEMM's rows
+// would be, then go through rope_and_cache's arithmetic.
+struct QkvRopeOut {
+  uint16_t* __restrict__ q;
+  uint16_t* __restrict__ k_cache;
+  uint16_t* __restrict__ v_cache;
+  const float* __restrict__ bias;
+  const float2* __restrict__ rope;
+  AttentionShape s;
+  bool neox;
+  static constexpr int kHeadDim = 128;
+  // What a CTA reads once for all its tiles: the position.
+  __device__ __forceinline__ int context() const { return s.position_ptr != nullptr ? *s.position_ptr : s.position; }
+  template <int kBN>
+  __device__ __forceinline__ void store(int position, const float* acc, int m0, int n0, int row0, int lane, int M,
+                                        int) const {
+    const int c0 = 2 * (lane % 4);  // this thread's first column of a head; then + 8 jj
+    int row[2], b[2], pos[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      row[i] = m0 + row0 + 8 * i;
+      b[i] = min(row[i], M - 1) / s.tokens;
+      pos[i] = position + min(row[i], M - 1) % s.tokens;
+    }
+#pragma unroll
+    for (int half = 0; half < kBN / 128; ++half) {
+      const int head = (n0 + 128 * half) / kHeadDim;  // q heads, then k heads, then v heads
+      const float* a = acc + 64 * half;
+      // The angles of both rows first, all their loads in flight together (only the
+      // accumulators are live here): (cos, sin) of pairs d and d + 1 (neox), or of pair d / 2.
+      const bool rotate = head < s.n_heads + s.n_kv_heads;
+      float2 cs[2][16];
+      if (rotate)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const float2* table = rope + static_cast<int64_t>(pos[i]) * (kHeadDim / 2);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (neox) {
+              const float4 two = *reinterpret_cast<const float4*>(table + c0 + 8 * j);
+              cs[i][2 * j] = make_float2(two.x, two.y);
+              cs[i][2 * j + 1] = make_float2(two.z, two.w);
+            } else {
+              cs[i][2 * j] = table[(c0 + 16 * j) / 2];
+              cs[i][2 * j + 1] = table[(c0 + 16 * j + 8) / 2];
+            }
+          }
+        }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if (row[i] >= M) continue;
+        // Columns c0 + 8 jj and + 1 of this head: the values the GEMM would store, plus the bias.
+        auto values = [&](int jj, float* x) {
+          const uint32_t pair = pack_bf16x2(a[4 * jj + 2 * i], a[4 * jj + 2 * i + 1]);
+          x[0] = bf16_low(pair);
+          x[1] = bf16_high(pair);
+          if (bias != nullptr) {
+            const float* bc = bias + head * kHeadDim + c0 + 8 * jj;
+            x[0] += bc[0];
+            x[1] += bc[1];
+          }
+        };
+        uint16_t* dst;
+        if (head < s.n_heads) {
+          dst = q + static_cast<int64_t>(row[i]) * s.q_dim() + head * kHeadDim;
+        } else {
+          const bool key = head < s.n_heads + s.n_kv_heads;
+          const int kvh = head - s.n_heads - (key ? 0 : s.n_kv_heads);
+          dst = (key ? k_cache : v_cache) +
+                ((static_cast<int64_t>(b[i]) * s.n_kv_heads + kvh) * s.max_context + pos[i]) * kHeadDim;
+        }
+        if (!rotate) {  // v: copied
+#pragma unroll
+          for (int jj = 0; jj < 16; ++jj) {
+            float x[2];
+            values(jj, x);
+            *reinterpret_cast<uint32_t*>(dst + c0 + 8 * jj) = pack_bf16x2(x[0], x[1]);
+          }
+        } else if (neox) {
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+            const int d = c0 + 8 * jj;
+            float x0[2], x1[2];
+            values(jj, x0);
+            values(jj + 8, x1);
+            const uint32_t y0 = rope_rotate_bf16x2(x0[0], x1[0], cs[i][2 * jj]);
+            const uint32_t y1 = rope_rotate_bf16x2(x0[1], x1[1], cs[i][2 * jj + 1]);
+            *reinterpret_cast<uint32_t*>(dst + d) = (y0 & 0xFFFFu) | (y1 << 16);
+            *reinterpret_cast<uint32_t*>(dst + d + kHeadDim / 2) = (y0 >> 16) | (y1 & 0xFFFF0000u);
+          }
+        } else {
+#pragma unroll
+          for (int jj = 0; jj < 16; ++jj) {
+            float x[2];
+            values(jj, x);
+            *reinterpret_cast<uint32_t*>(dst + c0 + 8 * jj) = rope_rotate_bf16x2(x[0], x[1], cs[i][jj]);
+          }
+        }
+      }
+    }
+  }
+};
+
+template <bool kAlternate, bool kGroupedW, int kBN, class Out>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_fp8_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                     const __grid_constant__ CUtensorMap map_fa, const __grid_constant__ CUtensorMap map_fw,
                     const __grid_constant__ CUtensorMap map_a8, const __grid_constant__ CUtensorMap map_w8,
-                    uint16_t* __restrict__ Y, int M, int N, int nblk, int k8b, int wide_tiles,
+                    const __grid_constant__ Out out, int M, int N, int nblk, int k8b, int wide_tiles,
                     bool group_factors_only) {
   using T = TileN<kBN>;
   constexpr int kStages = T::kStages, kStageBytes = T::kStageBytes, kTileBytesW = T::kTileBytesW;
@@ -318,9 +456,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < 64; ++i) tmp[i] = tmp2[i] = 0.0f;
   const int groups_per_tile = (folded_blocks + 3) / 4 + (wide_tiles > 0 ? 0 : nblk - folded_blocks);
+  const int context = out.context();  // once per CTA, not per tile
   const int my_tiles = (num_tiles - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
   Turn turn{kAlternate, wg, 0, kHalves * groups_per_tile * my_tiles};  // a turn per half and group
-  const bool pair_ok = (N % 2) == 0;
 
   int it = 0;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
@@ -423,23 +561,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       it += wide_tiles;
     }
 
-#pragma unroll
-    for (int jj = 0; jj < kBN / 8; ++jj) {  // the halves back to back: column n0 + 8 jj + ...
-      const int col = n0 + jj * 8 + 2 * (lane % 4);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = m0 + row0 + 8 * h;
-        if (row >= M) continue;
-        const uint16_t v0 = float_to_bf16_bits(acc[4 * jj + 2 * h]), v1 = float_to_bf16_bits(acc[4 * jj + 2 * h + 1]);
-        uint16_t* y = Y + static_cast<int64_t>(row) * N + col;
-        if (pair_ok && col + 1 < N) {
-          *reinterpret_cast<uint32_t*>(y) = static_cast<uint32_t>(v0) | (static_cast<uint32_t>(v1) << 16);
-        } else {
-          if (col < N) y[0] = v0;
-          if (col + 1 < N) y[1] = v1;
-        }
-      }
-    }
+    out.template store<kBN>(context, acc, m0, n0, row0, lane, M, N);
   }
 }
 
@@ -456,8 +578,8 @@ cudaError_t mx_gemm_reference(MxSegments A, MxSegments W, int64_t M, int64_t N, 
 
 namespace {
 
-template <int kBN>
-cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
+template <int kBN, class Out>
+cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, const Out& out,
                        cudaStream_t stream, bool alternate) {
   using T = TileN<kBN>;
   if (((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM) > INT32_MAX) return cudaErrorInvalidValue;
@@ -481,21 +603,29 @@ cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, M
                          CU_TENSOR_MAP_SWIZZLE_128B)))
     return cudaErrorInvalidValue;
   const int wide_tiles = wide ? (plan.p8 + kWideK - 1) / kWideK : 0;
+  // The qkv epilogue runs on the runtime's weights only, which are folded in row groups.
+  constexpr bool kUngrouped = std::is_same_v<Out, RowsOut>;
+  if (!kUngrouped && W.row_group == 1) return cudaErrorInvalidValue;
   static std::once_flag once;
   static cudaError_t attr = cudaSuccess;
   std::call_once(once, [] {
-    for (auto kernel : {gemm_fp8_kernel<true, false, kBN>, gemm_fp8_kernel<false, false, kBN>,
-                        gemm_fp8_kernel<true, true, kBN>, gemm_fp8_kernel<false, true, kBN>})
-      if (attr == cudaSuccess)
-        attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+    auto allow = [](auto kernel) {
+      if (attr == cudaSuccess) attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+    };
+    allow(gemm_fp8_kernel<true, true, kBN, Out>);
+    allow(gemm_fp8_kernel<false, true, kBN, Out>);
+    if constexpr (kUngrouped) {
+      allow(gemm_fp8_kernel<true, false, kBN, Out>);
+      allow(gemm_fp8_kernel<false, false, kBN, Out>);
+    }
   });
   if (attr != cudaSuccess) return attr;
   const int64_t num_tiles = ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(num_tiles, device_sm_count())));
-  const bool grouped = W.row_group != 1;
-  auto kernel = alternate ? (grouped ? gemm_fp8_kernel<true, true, kBN> : gemm_fp8_kernel<true, false, kBN>)
-                          : (grouped ? gemm_fp8_kernel<false, true, kBN> : gemm_fp8_kernel<false, false, kBN>);
-  kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(ma, mw, mfa, mfw, ma8, mw8, Y, static_cast<int>(M),
+  auto kernel = alternate ? gemm_fp8_kernel<true, true, kBN, Out> : gemm_fp8_kernel<false, true, kBN, Out>;
+  if constexpr (kUngrouped)
+    if (W.row_group == 1) kernel = alternate ? gemm_fp8_kernel<true, false, kBN, Out> : gemm_fp8_kernel<false, false, kBN, Out>;
+  kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(ma, mw, mfa, mfw, ma8, mw8, out, static_cast<int>(M),
                                                     static_cast<int>(N), plan.blocks(), plan.first_fp8_block(),
                                                     wide_tiles, group_factors_only);
   return cudaGetLastError();
@@ -512,8 +642,12 @@ Fp8Schedule fp8_schedule_setting() {
   return setting;
 }
 
-cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
-                        cudaStream_t stream, Fp8Schedule schedule) {
+namespace {
+
+// The schedule's tile width and launch, for either output form.
+template <class Out>
+cudaError_t run_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, const Out& out,
+                    cudaStream_t stream, Fp8Schedule schedule) {
   if (!plan.valid()) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   if (A.row_group != 1 || (W.row_group != 1 && W.row_group != kWeightRowGroup)) return cudaErrorInvalidValue;
@@ -523,8 +657,27 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
   if (schedule == Fp8Schedule::Auto) schedule = fp8_schedule_setting();
   if (schedule == Fp8Schedule::Auto)
     schedule = plan.p4 + plan.p6 >= plan.p8 ? Fp8Schedule::Pipelined : Fp8Schedule::Alternating;
-  if (schedule == Fp8Schedule::Pipelined) return launch_fp8<128>(A, W, M, N, plan, Y, stream, false);
-  return launch_fp8<256>(A, W, M, N, plan, Y, stream, schedule == Fp8Schedule::Alternating);
+  if (schedule == Fp8Schedule::Pipelined) return launch_fp8<128>(A, W, M, N, plan, out, stream, false);
+  return launch_fp8<256>(A, W, M, N, plan, out, stream, schedule == Fp8Schedule::Alternating);
+}
+
+}  // namespace
+
+cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
+                        cudaStream_t stream, Fp8Schedule schedule) {
+  return run_fp8(A, W, M, N, plan, RowsOut{Y}, stream, schedule);
+}
+
+bool qkv_rope_fusable(const AttentionShape& s) {
+  return s.head_dim == QkvRopeOut::kHeadDim && s.rows() > 0 && s.position + s.tokens <= s.max_context;
+}
+
+cudaError_t mx_gemm_fp8_rope_and_cache(FoldedOperand A, FoldedOperand W, MixPlan plan, const float* bias,
+                                       const AttentionShape& s, const float2* rope, bool neox, uint16_t* q,
+                                       uint16_t* k_cache, uint16_t* v_cache, cudaStream_t stream, Fp8Schedule schedule) {
+  if (!qkv_rope_fusable(s)) return cudaErrorInvalidValue;
+  const QkvRopeOut out{q, k_cache, v_cache, bias, rope, s, neox};
+  return run_fp8(A, W, s.rows(), s.q_dim() + 2 * s.kv_dim(), plan, out, stream, schedule);
 }
 
 }  // namespace micromix::cuda

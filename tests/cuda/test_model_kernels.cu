@@ -10,6 +10,7 @@
 //   rope_and_cache followed by attention, for every split count tried.
 // - add_rmsnorm, swiglu, embed_tokens: element-wise against float64 (one bf16 rounding).
 // - token_logprobs: log-softmax against float64 and first-maximum argmax with ties.
+// - mx_gemm_fp8_rope_and_cache: the bits of mx_gemm_fp8 followed by rope_and_cache.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernel_test_util.h"
@@ -392,6 +394,91 @@ TEST(ModelKernels, SwigluQuantizeMatchesSeparateKernels) {
             cudaErrorInvalidValue);
   EXPECT_EQ(swiglu_quantize_activations(nullptr, 17, F, nullptr, plan, mx::ScaleRule::Ceil, out.segments(),
                                         folded.folded(), nullptr, nullptr),
+            cudaErrorInvalidValue);
+}
+
+// The qkv GEMM with RoPE and the cache write in its epilogue writes the bits of mx_gemm_fp8
+// followed by rope_and_cache: q and the whole caches (the other slots untouched), for both
+// pair layouts, with and without a bias, the position from the host or from the device, two
+// sequences at a later position (140 rows: a partial row tile), both tile widths.
+TEST(ModelKernels, QkvGemmRopeMatchesSeparateKernels) {
+  REQUIRE_GPU();
+  const MixPlan plan{128, 64, 64};
+  AttentionShape s;
+  s.batch = 2;
+  s.tokens = 70;
+  s.position = 5;
+  s.n_heads = 4;
+  s.n_kv_heads = 2;
+  s.head_dim = 128;
+  s.max_context = 96;
+  const int K = plan.k(), N = s.q_dim() + 2 * s.kv_dim(), half = s.head_dim / 2;
+  const int64_t M = s.rows();
+  std::vector<int32_t> perm(K);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng());
+  DeviceBuffer<uint16_t> dx(static_cast<size_t>(M) * K);
+  DeviceBuffer<int32_t> dp(K);
+  dx.upload(random_bf16(static_cast<size_t>(M) * K, 1.0f));
+  dp.upload(perm);
+  DeviceMx A(plan, M, true), W(plan, N, true);
+  DeviceBuffer<unsigned long long> lossy(1);
+  CK(cudaMemset(lossy.ptr, 0, 8));
+  CK(quantize_activations(dx.ptr, M, K, dp.ptr, plan, mx::ScaleRule::Ceil, A.segments(), A.folded(), lossy.ptr, nullptr));
+  std::vector<float> w(static_cast<size_t>(N) * K);
+  for (auto& x : w) x = std::normal_distribution<float>(0.0f, 0.05f)(rng());
+  W.upload(mx::quantize_segments(w, N, plan, mx::ScaleRule::Ceil));
+  const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr};
+  CK(fold_operand(W.segments(), N, plan, wg, lossy.ptr, nullptr));
+
+  std::vector<float2> rope(static_cast<size_t>(s.max_context) * half);
+  for (int p = 0; p < s.max_context; ++p)
+    for (int i = 0; i < half; ++i) {
+      const double a = p * std::pow(10000.0, -2.0 * i / s.head_dim);
+      rope[static_cast<size_t>(p) * half + i] = {static_cast<float>(std::cos(a)), static_cast<float>(std::sin(a))};
+    }
+  std::vector<float> bias(N);
+  for (auto& x : bias) x = std::normal_distribution<float>(0.0f, 0.1f)(rng());
+  DeviceBuffer<float2> d_rope(rope.size());
+  d_rope.upload(rope);
+  DeviceBuffer<float> d_bias(bias.size());
+  d_bias.upload(bias);
+  DeviceBuffer<int> d_position(1);
+  d_position.upload(std::vector<int>{s.position});
+  const size_t cache_n = static_cast<size_t>(s.batch) * s.kv_dim() * s.max_context;
+  DeviceBuffer<uint16_t> qkv(static_cast<size_t>(M) * N), q_ref(M * s.q_dim()), q(M * s.q_dim());
+  DeviceBuffer<uint16_t> kc_ref(cache_n), vc_ref(cache_n), kc(cache_n), vc(cache_n);
+  for (const Fp8Schedule schedule : {Fp8Schedule::Pipelined, Fp8Schedule::Alternating})
+    for (const bool neox : {false, true})
+      for (const bool with_bias : {false, true})
+        for (const bool device_position : {false, true}) {
+          for (DeviceBuffer<uint16_t>* b : {&kc_ref, &vc_ref, &kc, &vc}) CK(cudaMemset(b->ptr, 0x7F, cache_n * 2));
+          CK(cudaMemset(q_ref.ptr, 0xFF, q_ref.count * 2));
+          CK(cudaMemset(q.ptr, 0xFF, q.count * 2));
+          AttentionShape sp = s;
+          if (device_position) sp.position_ptr = d_position.ptr;
+          const float* b = with_bias ? d_bias.ptr : nullptr;
+          CK(mx_gemm_fp8(A.folded(), wg, M, N, plan, qkv.ptr, nullptr, schedule));
+          CK(rope_and_cache(qkv.ptr, b, sp, d_rope.ptr, neox, q_ref.ptr, kc_ref.ptr, vc_ref.ptr, nullptr));
+          CK(mx_gemm_fp8_rope_and_cache(A.folded(), wg, plan, b, sp, d_rope.ptr, neox, q.ptr, kc.ptr, vc.ptr, nullptr,
+                                        schedule));
+          CK(cudaDeviceSynchronize());
+          const std::string what = std::string(schedule == Fp8Schedule::Pipelined ? "128" : "256") + "-wide tiles" +
+                                   (neox ? ", neox" : ", interleaved") + (with_bias ? ", bias" : "") +
+                                   (device_position ? ", device position" : "");
+          EXPECT_EQ(q_ref.download(), q.download()) << "q, " << what;
+          EXPECT_EQ(kc_ref.download(), kc.download()) << "k cache, " << what;
+          EXPECT_EQ(vc_ref.download(), vc.download()) << "v cache, " << what;
+        }
+  // Heads of 64 (two per 128 columns) and weights not folded in row groups are refused.
+  AttentionShape s64 = s;
+  s64.head_dim = 64;
+  EXPECT_FALSE(qkv_rope_fusable(s64));
+  EXPECT_EQ(mx_gemm_fp8_rope_and_cache(A.folded(), wg, plan, nullptr, s64, d_rope.ptr, true, q.ptr, kc.ptr, vc.ptr,
+                                       nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(mx_gemm_fp8_rope_and_cache(A.folded(), W.folded(), plan, nullptr, s, d_rope.ptr, true, q.ptr, kc.ptr,
+                                       vc.ptr, nullptr),
             cudaErrorInvalidValue);
 }
 

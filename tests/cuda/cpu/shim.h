@@ -105,6 +105,7 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
 template <typename T> T __ldcs(const T* p) { return *p; }
 template <typename T> T __ldg(const T* p) { return *p; }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 template <typename T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
 template <typename F> cudaError_t emuFuncSetAttribute(F, int, int) { return cudaSuccess; }
