@@ -9,7 +9,6 @@
 #include <vector>
 
 namespace micromix::model {
-
 namespace {
 
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two
@@ -112,22 +111,11 @@ int32_t sample(std::span<const float> logits, double temperature, double top_p, 
   for (float threshold = kFullSort ? 0.0f : 1e-3f;; threshold = threshold > 1e-35f ? threshold * 1e-3f : 0.0f) {
     keys.clear();
     double mass = 0;
-    auto take = [&](size_t k) {
+    for (size_t k = 0; k < n; ++k)
       if (w[k] >= threshold) {
         keys.push_back(candidate_key(w[k], static_cast<uint32_t>(k)));
         mass += w[k];
       }
-    };
-    // Runs of eight tested at once first (a vectorized test; most runs hold no candidate).
-    constexpr size_t kRun = 8;
-    size_t k = 0;
-    for (; k + kRun <= n; k += kRun) {
-      uint32_t any = 0;
-      for (size_t j = 0; j < kRun; ++j) any |= w[k + j] >= threshold;
-      if (any)
-        for (size_t j = 0; j < kRun; ++j) take(k + j);
-    }
-    for (; k < n; ++k) take(k);
     if (threshold == 0.0f || mass > goal * (1 + 1e-9)) break;
   }
   // The reference sorts with std::sort; the fast form hands large sets to the radix sort
