@@ -293,29 +293,27 @@ struct QkvRopeOut {
     for (int half = 0; half < kBN / 128; ++half) {
       const int head = (n0 + 128 * half) / kHeadDim;  // q heads, then k heads, then v heads
       const float* a = acc + 64 * half;
-      // The angles of both rows first, all their loads in flight together (only the
-      // accumulators are live here): (cos, sin) of pairs d and d + 1 (neox), or of pair d / 2.
       const bool rotate = head < s.n_heads + s.n_kv_heads;
-      float2 cs[2][16];
-      if (rotate)
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < 2; ++i) {
+        if (row[i] >= M) continue;
+        // The row's angles first, their loads in flight together: (cos, sin) of pairs d and
+        // d + 1 (neox) or of pair d / 2, d = c0 + 8 jj.
+        float2 cs[16];
+        if (rotate) {
           const float2* table = rope + static_cast<int64_t>(pos[i]) * (kHeadDim / 2);
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
             if (neox) {
               const float4 two = *reinterpret_cast<const float4*>(table + c0 + 8 * j);
-              cs[i][2 * j] = make_float2(two.x, two.y);
-              cs[i][2 * j + 1] = make_float2(two.z, two.w);
+              cs[2 * j] = make_float2(two.x, two.y);
+              cs[2 * j + 1] = make_float2(two.z, two.w);
             } else {
-              cs[i][2 * j] = table[(c0 + 16 * j) / 2];
-              cs[i][2 * j + 1] = table[(c0 + 16 * j + 8) / 2];
+              cs[2 * j] = table[(c0 + 16 * j) / 2];
+              cs[2 * j + 1] = table[(c0 + 16 * j + 8) / 2];
             }
           }
         }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        if (row[i] >= M) continue;
         // Columns c0 + 8 jj and + 1 of this head: the values the GEMM would store, plus the bias.
         auto values = [&](int jj, float* x) {
           const uint32_t pair = pack_bf16x2(a[4 * jj + 2 * i], a[4 * jj + 2 * i + 1]);
@@ -350,8 +348,8 @@ struct QkvRopeOut {
             float x0[2], x1[2];
             values(jj, x0);
             values(jj + 8, x1);
-            const uint32_t y0 = rope_rotate_bf16x2(x0[0], x1[0], cs[i][2 * jj]);
-            const uint32_t y1 = rope_rotate_bf16x2(x0[1], x1[1], cs[i][2 * jj + 1]);
+            const uint32_t y0 = rope_rotate_bf16x2(x0[0], x1[0], cs[2 * jj]);
+            const uint32_t y1 = rope_rotate_bf16x2(x0[1], x1[1], cs[2 * jj + 1]);
             *reinterpret_cast<uint32_t*>(dst + d) = (y0 & 0xFFFFu) | (y1 << 16);
             *reinterpret_cast<uint32_t*>(dst + d + kHeadDim / 2) = (y0 >> 16) | (y1 & 0xFFFF0000u);
           }
@@ -360,7 +358,7 @@ struct QkvRopeOut {
           for (int jj = 0; jj < 16; ++jj) {
             float x[2];
             values(jj, x);
-            *reinterpret_cast<uint32_t*>(dst + c0 + 8 * jj) = rope_rotate_bf16x2(x[0], x[1], cs[i][jj]);
+            *reinterpret_cast<uint32_t*>(dst + c0 + 8 * jj) = rope_rotate_bf16x2(x[0], x[1], cs[jj]);
           }
         }
       }

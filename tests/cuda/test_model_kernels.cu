@@ -91,6 +91,23 @@ void check_attention(const AttnCase& c, const std::vector<uint16_t>& out) {
       }
 }
 
+// RoPE's (cos, sin) table [max_context, head_dim / 2] with base 10000, and a qkv bias.
+std::vector<float2> rope_table(int max_context, int head_dim) {
+  const int half = head_dim / 2;
+  std::vector<float2> rope(static_cast<size_t>(max_context) * half);
+  for (int p = 0; p < max_context; ++p)
+    for (int i = 0; i < half; ++i) {
+      const double a = p * std::pow(10000.0, -2.0 * i / head_dim);
+      rope[static_cast<size_t>(p) * half + i] = {static_cast<float>(std::cos(a)), static_cast<float>(std::sin(a))};
+    }
+  return rope;
+}
+std::vector<float> random_bias(int n) {
+  std::vector<float> bias(n);
+  for (auto& x : bias) x = std::normal_distribution<float>(0.0f, 0.1f)(rng());
+  return bias;
+}
+
 // A prompt of `prompt` tokens, then (when `chunk` > 0) a second prefill of `chunk` tokens at
 // position `prompt`, then two decode steps.
 void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, int prompt, bool neox, int chunk = 0) {
@@ -101,14 +118,8 @@ void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, i
   s.head_dim = head_dim;
   s.max_context = prompt + chunk + 8;
   const int qkv_dim = s.q_dim() + 2 * s.kv_dim(), half = head_dim / 2;
-  std::vector<float2> rope(static_cast<size_t>(s.max_context) * half);
-  for (int p = 0; p < s.max_context; ++p)
-    for (int i = 0; i < half; ++i) {
-      const double a = p * std::pow(10000.0, -2.0 * i / head_dim);
-      rope[static_cast<size_t>(p) * half + i] = {static_cast<float>(std::cos(a)), static_cast<float>(std::sin(a))};
-    }
-  std::vector<float> bias(qkv_dim);
-  for (auto& x : bias) x = std::normal_distribution<float>(0.0f, 0.1f)(rng());
+  const std::vector<float2> rope = rope_table(s.max_context, head_dim);
+  const std::vector<float> bias = random_bias(qkv_dim);
   const size_t cache_n = static_cast<size_t>(batch) * s.kv_dim() * s.max_context;
   DeviceBuffer<float2> d_rope(rope.size());
   d_rope.upload(rope);
@@ -412,7 +423,7 @@ TEST(ModelKernels, QkvGemmRopeMatchesSeparateKernels) {
   s.n_kv_heads = 2;
   s.head_dim = 128;
   s.max_context = 96;
-  const int K = plan.k(), N = s.q_dim() + 2 * s.kv_dim(), half = s.head_dim / 2;
+  const int K = plan.k(), N = s.q_dim() + 2 * s.kv_dim();
   const int64_t M = s.rows();
   std::vector<int32_t> perm(K);
   std::iota(perm.begin(), perm.end(), 0);
@@ -431,14 +442,8 @@ TEST(ModelKernels, QkvGemmRopeMatchesSeparateKernels) {
   const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr};
   CK(fold_operand(W.segments(), N, plan, wg, lossy.ptr, nullptr));
 
-  std::vector<float2> rope(static_cast<size_t>(s.max_context) * half);
-  for (int p = 0; p < s.max_context; ++p)
-    for (int i = 0; i < half; ++i) {
-      const double a = p * std::pow(10000.0, -2.0 * i / s.head_dim);
-      rope[static_cast<size_t>(p) * half + i] = {static_cast<float>(std::cos(a)), static_cast<float>(std::sin(a))};
-    }
-  std::vector<float> bias(N);
-  for (auto& x : bias) x = std::normal_distribution<float>(0.0f, 0.1f)(rng());
+  const std::vector<float2> rope = rope_table(s.max_context, s.head_dim);
+  const std::vector<float> bias = random_bias(N);
   DeviceBuffer<float2> d_rope(rope.size());
   d_rope.upload(rope);
   DeviceBuffer<float> d_bias(bias.size());
