@@ -415,14 +415,8 @@ TEST(ModelKernels, SwigluQuantizeMatchesSeparateKernels) {
 TEST(ModelKernels, QkvGemmRopeMatchesSeparateKernels) {
   REQUIRE_GPU();
   const MixPlan plan{128, 64, 64};
-  AttentionShape s;
-  s.batch = 2;
-  s.tokens = 70;
-  s.position = 5;
-  s.n_heads = 4;
-  s.n_kv_heads = 2;
-  s.head_dim = 128;
-  s.max_context = 96;
+  const AttentionShape s{.batch = 2, .tokens = 70, .position = 5, .n_heads = 4, .n_kv_heads = 2, .head_dim = 128,
+                         .max_context = 96};
   const int K = plan.k(), N = s.q_dim() + 2 * s.kv_dim();
   const int64_t M = s.rows();
   std::vector<int32_t> perm(K);
