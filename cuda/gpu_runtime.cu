@@ -819,10 +819,8 @@ void GpuRuntime::forward_batch(std::span<const int32_t> tokens, int batch, int n
 }
 
 void GpuRuntime::forward_batch_on_device(std::span<const int32_t> tokens, int batch, int n) {
-  Impl& I = *impl_;
-  I.start(tokens, batch, n);
-  I.run_layers(batch, n);
-  I.lm_head_rows(n - 1, batch, n);
+  forward_batch(tokens, batch, n, nullptr);  // queued only
+  impl_->lm_head_rows(n - 1, batch, n);
 }
 
 void GpuRuntime::forward_last(std::span<const int32_t> tokens, float* logits, int64_t last) {

@@ -601,9 +601,10 @@ cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, M
                          CU_TENSOR_MAP_SWIZZLE_128B)))
     return cudaErrorInvalidValue;
   const int wide_tiles = wide ? (plan.p8 + kWideK - 1) / kWideK : 0;
-  // The qkv epilogue runs on the runtime's weights only, which are folded in row groups.
-  constexpr bool kUngrouped = std::is_same_v<Out, RowsOut>;
-  if (!kUngrouped && W.row_group == 1) return cudaErrorInvalidValue;
+  // The qkv epilogue runs on the runtime's weights only, which are folded in row groups; the
+  // plain rows also take weights folded row by row.
+  constexpr bool kTakesUngroupedW = std::is_same_v<Out, RowsOut>;
+  if (!kTakesUngroupedW && W.row_group == 1) return cudaErrorInvalidValue;
   static std::once_flag once;
   static cudaError_t attr = cudaSuccess;
   std::call_once(once, [] {
@@ -612,7 +613,7 @@ cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, M
     };
     allow(gemm_fp8_kernel<true, true, kBN, Out>);
     allow(gemm_fp8_kernel<false, true, kBN, Out>);
-    if constexpr (kUngrouped) {
+    if constexpr (kTakesUngroupedW) {
       allow(gemm_fp8_kernel<true, false, kBN, Out>);
       allow(gemm_fp8_kernel<false, false, kBN, Out>);
     }
@@ -621,7 +622,7 @@ cudaError_t launch_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, M
   const int64_t num_tiles = ((N + kBN - 1) / kBN) * ((M + kBM - 1) / kBM);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(num_tiles, device_sm_count())));
   auto kernel = alternate ? gemm_fp8_kernel<true, true, kBN, Out> : gemm_fp8_kernel<false, true, kBN, Out>;
-  if constexpr (kUngrouped)
+  if constexpr (kTakesUngroupedW)
     if (W.row_group == 1) kernel = alternate ? gemm_fp8_kernel<true, false, kBN, Out> : gemm_fp8_kernel<false, false, kBN, Out>;
   kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(ma, mw, mfa, mfw, ma8, mw8, out, static_cast<int>(M),
                                                     static_cast<int>(N), plan.blocks(), plan.first_fp8_block(),
