@@ -27,8 +27,9 @@ std::vector<float> random_logits(size_t vocab, float spread, uint64_t seed) {
 }  // namespace
 
 TEST(Sampling, CandidatesDrawWhatTheFullSortDraws) {
-  // Vocabularies around and past the first chunks, flat and peaked logits, logits with many
-  // ties (the order then rests on the token ids), nuclei from one token to the whole vocabulary.
+  // Vocabularies from 1 to 49152 (the flat ones' thousands of candidates go through the radix
+  // sort on the fast side), flat and peaked logits, logits with many ties (the order then rests
+  // on the token ids), nuclei from one token to the whole vocabulary.
   for (const size_t vocab : {1ul, 2ul, 255ul, 256ul, 257ul, 1000ul, 49152ul}) {
     for (const float spread : {0.01f, 1.0f, 4.0f}) {
       std::vector<std::vector<float>> cases = {random_logits(vocab, spread, vocab + 7)};
