@@ -709,8 +709,8 @@ __host__ __device__ constexpr int wg_smem_bytes(const MixPlan& plan) {
 struct TokenItem {
   int b, m, t, seg;
   SegmentSpan span;
-  __device__ __forceinline__ TokenItem(const MixPlan& plan, int i, int M)
-      : b(i / (M * 4)), m(i / 4 % M), t(i % 4), seg(segment_of_block(plan, b)), span(segment_span(plan, seg)) {}
+  __device__ __forceinline__ TokenItem(const MixPlan& plan, int b_, int m_, int t_)
+      : b(b_), m(m_), t(t_), seg(segment_of_block(plan, b)), span(segment_span(plan, seg)) {}
   __device__ __forceinline__ const uint8_t* block(const MxSegments& A) const {
     const uint8_t* aq = seg == 0 ? A.q4 : seg == 1 ? A.q6 : A.q8;
     return aq + (static_cast<int64_t>(m) * span.blocks + b - span.first) * span.block_bytes;
@@ -878,28 +878,41 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
   for (int i = threadIdx.x; i < total_pairs(plan) * pair_tile_bytes(kTok) / 4; i += kThreads) tile_words[i] = 0u;
   for (int i = threadIdx.x; i < nblk * kTok; i += kThreads) factors[i] = 0.0f;
   ptx::named_bar_sync<1, kThreads>();
+  // The tokens' pass walks items i = threadIdx.x, + kThreads, ...: lane t = i % 4 of token
+  // m = i / 4 % M's block b = i / (4 M). Each step moves (b, m) by kThreads / 4 pairs, so one
+  // division per thread, worked out before the wait, places them all.
+  const int t_item = static_cast<int>(threadIdx.x) % 4;
+  const int first_pair = static_cast<int>(threadIdx.x) / 4, step_b = kThreads / 4 / M, step_m = kThreads / 4 % M;
+  int b_item = first_pair / M, m_item = first_pair % M;
   ptx::chain_enter();  // the tokens come from the kernel before
-  // The tokens' pass, kTokenBatch items per thread at a time: all their loads (codes and the
-  // block's scale) first, so that they are in flight together, then the conversions and stores.
+  // kTokenBatch items per thread at a time: all their loads (codes and the block's scale) first,
+  // so that they are in flight together, then the conversions and stores.
   constexpr int kTokenBatch = 4;
-  const int items = nblk * M * 4;
-  for (int base = threadIdx.x; base < items; base += kThreads * kTokenBatch) {
+  while (b_item < nblk) {
+    int bs[kTokenBatch], ms[kTokenBatch];
     LaneWords w[kTokenBatch];
     uint8_t scale[kTokenBatch];
+    int n = 0;
 #pragma unroll
     for (int k = 0; k < kTokenBatch; ++k) {
-      const int i = base + k * kThreads;
-      if (i >= items) break;
-      const TokenItem it(plan, i, M);
-      w[k] = it.load(A);
-      scale[k] = it.t == 0 ? __ldg(A.scales + static_cast<int64_t>(it.m) * nblk + it.b) : uint8_t(0);
+      if (b_item >= nblk) break;
+      w[k] = TokenItem(plan, b_item, m_item, t_item).load(A);
+      scale[k] = t_item == 0 ? __ldg(A.scales + static_cast<int64_t>(m_item) * nblk + b_item) : uint8_t(0);
+      bs[k] = b_item;
+      ms[k] = m_item;
+      ++n;
+      b_item += step_b;
+      m_item += step_m;
+      if (m_item >= M) {
+        m_item -= M;
+        ++b_item;
+      }
     }
 #pragma unroll
     for (int k = 0; k < kTokenBatch; ++k) {
-      const int i = base + k * kThreads;
-      if (i >= items) break;
-      const TokenItem it(plan, i, M);
-      if (it.t == 0) factors[it.b * kTok + it.m] = decode_scale(scale[k]) * product_bias(it.seg);
+      if (k >= n) break;
+      const TokenItem it(plan, bs[k], ms[k], t_item);
+      if (t_item == 0) factors[it.b * kTok + it.m] = decode_scale(scale[k]) * product_bias(it.seg);
       it.store<kTok>(plan, w[k], tiles);
     }
   }
