@@ -636,33 +636,43 @@ __global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(cons
 }
 
 // Merges the per-split partial outputs: weights 2^(lse_s - max lse). Grid (rows, kv heads,
-// batch), head_dim threads. The splits' log-sum-exps are loaded together into shared memory
-// and the partial outputs' loads are unrolled, so that the loop over up to 64 splits does not
-// wait for one memory round trip per split.
+// batch), head_dim threads. The splits' log-sum-exps go into shared memory and the partial
+// outputs' loads are unrolled by 8; with kHeld (many splits: batch-1 decode) the first kHeld
+// partial outputs are requested together with the log-sum-exps, into registers, so that the
+// merge waits for one memory round trip rather than one per 8 splits. The sums run in split
+// order either way.
+constexpr int kMergeHeldFrom = 8;  // splits above which the merge holds its first 32 partial outputs
+template <int kHeld>
 __global__ void attention_merge_kernel(const float* part_o, const float* part_lse, AttentionShape s, int splits,
                                        uint16_t* out) {
   __shared__ float lse_s[kMaxAttnSplits];
-  ptx::chain_enter();
   const int row = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, d = threadIdx.x;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group;
   const int64_t stride = static_cast<int64_t>(s.batch) * s.n_kv_heads * rows;
   const int64_t slot0 = (static_cast<int64_t>(b) * s.n_kv_heads + kvh) * rows + row;
+  const float* o = part_o + slot0 * s.head_dim + d;
+  const int64_t o_stride = stride * s.head_dim;
+  ptx::chain_enter();
   for (int sp = d; sp < splits; sp += blockDim.x) lse_s[sp] = part_lse[slot0 + sp * stride];
+  float held[kHeld > 0 ? kHeld : 1];
+#pragma unroll
+  for (int sp = 0; sp < kHeld; ++sp) held[sp] = sp < splits ? o[sp * o_stride] : 0.0f;
   __syncthreads();
   float top = -INFINITY;
   for (int sp = 0; sp < splits; ++sp) top = fmaxf(top, lse_s[sp]);
-  const float* o = part_o + slot0 * s.head_dim + d;
-  const int64_t o_stride = stride * s.head_dim;
   float num = 0.0f, den = 0.0f;
-#pragma unroll 8
-  for (int sp = 0; sp < splits; ++sp) {
-    const float v = o[sp * o_stride];  // read for empty splits too (in bounds), so the loads need no branch
+  auto add = [&](int sp, float v) {
     const float lse = lse_s[sp];
-    if (lse == -INFINITY) continue;
+    if (lse == -INFINITY) return;
     const float w = exp2f(lse - top);
     num += w * v;
     den += w;
-  }
+  };
+#pragma unroll
+  for (int sp = 0; sp < kHeld; ++sp)
+    if (sp < splits) add(sp, held[sp]);
+#pragma unroll 8
+  for (int sp = kHeld; sp < splits; ++sp) add(sp, o[sp * o_stride]);
   const int qi = row / group, head = kvh * group + row % group;
   out[(static_cast<int64_t>(b) * s.tokens + qi) * s.q_dim() + head * s.head_dim + d] =
       float_to_bf16_bits(den > 0.0f ? num / den : 0.0f);
@@ -833,7 +843,7 @@ cudaError_t launch_attention(const uint16_t* q, const uint16_t* k_cache, const u
           : ptx::launch_chained(attention_kernel<128, kRope>, grid, kAttnThreads, attention_smem_bytes<128, kRope>(), stream, q,
                                 k_cache, v_cache, s, splits, out, part_o, part_lse, rope);
   if (e != cudaSuccess || splits == 1) return e;
-  return ptx::launch_chained(attention_merge_kernel,
+  return ptx::launch_chained(splits > kMergeHeldFrom ? attention_merge_kernel<32> : attention_merge_kernel<0>,
                              dim3(static_cast<unsigned>(group_rows), static_cast<unsigned>(s.n_kv_heads),
                                   static_cast<unsigned>(s.batch)),
                              static_cast<unsigned>(s.head_dim), 0, stream, part_o, part_lse, s, splits, out);
