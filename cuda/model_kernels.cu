@@ -641,7 +641,7 @@ __global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(cons
 // partial outputs are requested together with the log-sum-exps, into registers, so that the
 // merge waits for one memory round trip rather than one per 8 splits. The sums run in split
 // order either way.
-constexpr int kMergeHeldFrom = 8;  // splits above which the merge holds its first 32 partial outputs
+constexpr int kMergeHeld = 32, kMergeHeldFrom = 8;  // above kMergeHeldFrom splits, hold kMergeHeld
 template <int kHeld>
 __global__ void attention_merge_kernel(const float* part_o, const float* part_lse, AttentionShape s, int splits,
                                        uint16_t* out) {
@@ -672,7 +672,7 @@ __global__ void attention_merge_kernel(const float* part_o, const float* part_ls
   for (int sp = 0; sp < kHeld; ++sp)
     if (sp < splits) add(sp, held[sp]);
 #pragma unroll 8
-  for (int sp = kHeld; sp < splits; ++sp) add(sp, o[sp * o_stride]);
+  for (int sp = kHeld; sp < splits; ++sp) add(sp, o[sp * o_stride]);  // loaded for empty splits too: no branch
   const int qi = row / group, head = kvh * group + row % group;
   out[(static_cast<int64_t>(b) * s.tokens + qi) * s.q_dim() + head * s.head_dim + d] =
       float_to_bf16_bits(den > 0.0f ? num / den : 0.0f);
@@ -843,7 +843,7 @@ cudaError_t launch_attention(const uint16_t* q, const uint16_t* k_cache, const u
           : ptx::launch_chained(attention_kernel<128, kRope>, grid, kAttnThreads, attention_smem_bytes<128, kRope>(), stream, q,
                                 k_cache, v_cache, s, splits, out, part_o, part_lse, rope);
   if (e != cudaSuccess || splits == 1) return e;
-  return ptx::launch_chained(splits > kMergeHeldFrom ? attention_merge_kernel<32> : attention_merge_kernel<0>,
+  return ptx::launch_chained(splits > kMergeHeldFrom ? attention_merge_kernel<kMergeHeld> : attention_merge_kernel<0>,
                              dim3(static_cast<unsigned>(group_rows), static_cast<unsigned>(s.n_kv_heads),
                                   static_cast<unsigned>(s.batch)),
                              static_cast<unsigned>(s.head_dim), 0, stream, part_o, part_lse, s, splits, out);
