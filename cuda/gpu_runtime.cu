@@ -42,6 +42,13 @@ bool fold_ahead_setting() {
 
 // MICROMIX_QKV_ROPE_EPILOGUE=0: prefill runs RoPE and the cache write as their own kernel after
 // the qkv GEMM instead of in its epilogue (mx_gemm_fp8_rope_and_cache), for comparison.
+// MICROMIX_DECODE_NORM_QUANTIZE=0: a decode step runs the RMSNorm and the quantization of its
+// output as two kernels instead of add_rmsnorm_quantize_packed, for comparison.
+bool decode_norm_quantize_setting() {
+  static const bool on = env_switch("MICROMIX_DECODE_NORM_QUANTIZE");
+  return on;
+}
+
 bool qkv_rope_epilogue_setting() {
   static const bool on = env_switch("MICROMIX_QKV_ROPE_EPILOGUE");
   return on;
@@ -126,6 +133,8 @@ struct GpuRuntime::Impl {
   // Activations, grown to the largest forward seen.
   int64_t capacity = 0;
   DeviceBuffer<float> x;
+  DeviceBuffer<float> x_decode_alt;  // decode's second residual buffer (norm(), Input::Quantized)
+  float* x_now = nullptr;            // the residual buffer that holds the stream now
   DeviceBuffer<uint16_t> xn, qkv, q, attn, y, gate_up, act;
   DeviceBuffer<uint8_t> folded_a;  // [M, K] E4M3
   DeviceBuffer<float> folded_a_f;  // M x fstride, tile-major
@@ -367,6 +376,7 @@ struct GpuRuntime::Impl {
       const int64_t kmax = std::max<int64_t>({H, F, qd});
       for (auto& p : packed_a) reserve(p, kDecodeMaxM * kmax);
       reserve(packed_a_scales, kDecodeMaxM * kmax / 32);
+      reserve(x_decode_alt, kDecodeMaxM * H);
       if (M > kDecodeMaxM) {
         reserve(folded_a, M * kmax);
         reserve(folded_a_f, M * folded_fstride(static_cast<int>(kmax)));
@@ -395,13 +405,14 @@ struct GpuRuntime::Impl {
   // How an MX layer's input reaches its quantizer: gathered through the layer's channel order
   // (the attention output), already in that order (the RMSNorm output, written so), or as
   // the gate_up output, whose rows are stored in the down projection's order, with SwiGLU
-  // applied inside the quantizer.
-  enum class Input { Gathered, Ordered, SwigluOrdered };
+  // applied inside the quantizer; or already quantized by decode's RMSNorm.
+  enum class Input { Gathered, Ordered, SwigluOrdered, Quantized };
 
   // The RMSNorm before linear layer `slot` (QKV or GateUp) of layer l: its weights and the
   // channel order it writes. Prefill writes an MX layer's input in its plan's order, so that
   // the quantizer reads it without a gather (Input::Ordered); decode keeps the stored order
-  // and lets its quantizer gather (measured faster for one row per sequence).
+  // and lets its quantizer gather (measured faster for one row per sequence), the quantizer
+  // running inside the norm's kernel (Input::Quantized; `order` is then that gather).
   struct NormOut {
     const float* gamma;
     const int32_t* order;
@@ -411,8 +422,33 @@ struct GpuRuntime::Impl {
     const DeviceLayer& L = layers[l];
     const DeviceLinear& next = L.linear[slot];
     const bool qkv = slot == static_cast<int>(LinearSlot::QKV);
-    if (!next.mx || M <= kDecodeMaxM) return {qkv ? L.attn_norm.ptr : L.ffn_norm.ptr, nullptr, Input::Gathered};
+    if (!next.mx) return {qkv ? L.attn_norm.ptr : L.ffn_norm.ptr, nullptr, Input::Gathered};
+    if (M <= kDecodeMaxM) {
+      const bool fused = decode_norm_quantize_setting() && norm_quantize_packed_fusable(cfg.hidden);
+      // order: the fused kernel's gather (it quantizes straight from the summed row); none for add_rmsnorm
+      return {qkv ? L.attn_norm.ptr : L.ffn_norm.ptr, fused ? next.perm.ptr : nullptr,
+              fused ? Input::Quantized : Input::Gathered};
+    }
     return {qkv ? L.attn_norm_ordered.ptr : L.ffn_norm_ordered.ptr, next.perm.ptr, Input::Ordered};
+  }
+
+  // x += y (y may be null), then the RMSNorm of x into the input of the layer `next` (null: the
+  // lm_head): xn, or for Input::Quantized (decode) `next`'s packed activation operand, the
+  // residual then moving to the other buffer (the fused kernel reads one and writes the other).
+  void norm(const uint16_t* y_in, const NormOut& n, const DeviceLinear* next, int64_t M) {
+    if (n.input == Input::Quantized) {
+      float* other = x_now == x.ptr ? x_decode_alt.ptr : x.ptr;
+      stage("norm + activation quant", [&] {
+        cuda_check(add_rmsnorm_quantize_packed(x_now, other, y_in, M, n.gamma, cfg.rms_eps, n.order, next->plan, rule,
+                                               decode_operand(), stream),
+                   "norm + quantize");
+      });
+      x_now = other;
+      return;
+    }
+    stage("norm", [&] {
+      cuda_check(add_rmsnorm(x_now, y_in, M, cfg.hidden, n.gamma, cfg.rms_eps, n.order, xn.ptr, stream), "norm");
+    });
   }
 
   // Host-side RMSNorm weights of layer l; the ordered copies follow the layer's qkv and gate_up
@@ -459,12 +495,13 @@ struct GpuRuntime::Impl {
     const MxSegments packed = decode ? decode_operand() : MxSegments{};
     const FoldedOperand a = decode ? FoldedOperand{} : FoldedOperand{folded_a.ptr, folded_a_f.ptr, 1, folded_a_8.ptr};
     unsigned long long* lossy_a = decode ? nullptr : lossy.ptr;
-    stage(swiglu_in ? "swiglu + activation quant" : "activation quant", [&] {
-      cuda_check(swiglu_in ? swiglu_quantize_activations(in, M, static_cast<int>(L.in), nullptr, L.plan, rule, packed, a,
-                                                         lossy_a, stream)
-                           : quantize_activations(in, M, L.in, perm, L.plan, rule, packed, a, lossy_a, stream),
-                 "quantize");
-    });
+    if (how != Input::Quantized)
+      stage(swiglu_in ? "swiglu + activation quant" : "activation quant", [&] {
+        cuda_check(swiglu_in ? swiglu_quantize_activations(in, M, static_cast<int>(L.in), nullptr, L.plan, rule, packed,
+                                                           a, lossy_a, stream)
+                             : quantize_activations(in, M, L.in, perm, L.plan, rule, packed, a, lossy_a, stream),
+                   "quantize");
+      });
     if (decode) {
       decode_gemm(slot, L, M, out);
       return;
@@ -537,18 +574,16 @@ struct GpuRuntime::Impl {
 
   void layer_launches(const AttentionShape& s, int splits) {
     const int64_t M = s.rows();
+    x_now = x.ptr;
     stage("embedding", [&] {
-      cuda_check(embed_tokens(tokens.ptr, M, embedding.ptr, cfg.hidden, x.ptr, stream), "embedding");
+      cuda_check(embed_tokens(tokens.ptr, M, embedding.ptr, cfg.hidden, x_now, stream), "embedding");
     });
     const int qkv_slot = static_cast<int>(LinearSlot::QKV), gate_up_slot = static_cast<int>(LinearSlot::GateUp);
     const NormOut first = norm_out(0, qkv_slot, M);
     const bool folds = mx && M > kDecodeMaxM;  // prefill's weight folds (fold_layer)
     folding_ahead = folds && fold_stream != nullptr && M <= kFoldAheadMaxRows;
     if (folds) fold_layer(0, M);
-    stage("norm", [&] {
-      cuda_check(add_rmsnorm(x.ptr, nullptr, M, cfg.hidden, first.gamma, cfg.rms_eps, first.order, xn.ptr, stream),
-                 "norm");
-    });
+    norm(nullptr, first, &layers[0].linear[qkv_slot], M);
     const size_t layer_cache = static_cast<size_t>(max_batch) * cfg.kv_dim() * max_context;
     for (int l = 0; l < cfg.n_layers; ++l) {
       DeviceLayer& L = layers[l];
@@ -577,9 +612,7 @@ struct GpuRuntime::Impl {
       }
       linear(l, 1, L.linear[1], attn.ptr, M, y.ptr, Input::Gathered);
       const NormOut ffn = norm_out(l, gate_up_slot, M);
-      stage("norm", [&] {
-        cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, ffn.gamma, cfg.rms_eps, ffn.order, xn.ptr, stream), "norm");
-      });
+      norm(y.ptr, ffn, &L.linear[gate_up_slot], M);
       linear(l, gate_up_slot, L.linear[gate_up_slot], xn.ptr, M, gate_up.ptr, ffn.input);
       const DeviceLinear& down = L.linear[3];
       if (down.mx) {
@@ -589,10 +622,9 @@ struct GpuRuntime::Impl {
         linear(l, 3, down, act.ptr, M, y.ptr, Input::Gathered);
       }
       // The last norm feeds the lm_head, in the stored order.
-      const NormOut next = l + 1 < cfg.n_layers ? norm_out(l + 1, qkv_slot, M) : NormOut{output_norm.ptr, nullptr, Input::Gathered};
-      stage("norm", [&] {
-        cuda_check(add_rmsnorm(x.ptr, y.ptr, M, cfg.hidden, next.gamma, cfg.rms_eps, next.order, xn.ptr, stream), "norm");
-      });
+      const bool last = l + 1 == cfg.n_layers;
+      const NormOut next = last ? NormOut{output_norm.ptr, nullptr, Input::Gathered} : norm_out(l + 1, qkv_slot, M);
+      norm(y.ptr, next, last ? nullptr : &layers[l + 1].linear[qkv_slot], M);
     }
     if (folding_ahead) {  // nothing of this forward left running on the fold stream
       cuda_check(cudaEventRecord(fold_join, fold_stream), "fold join");

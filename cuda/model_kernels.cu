@@ -744,10 +744,6 @@ __global__ void logprob_kernel(const float* logits, const int32_t* targets, int 
 }
 
 unsigned grid_rows(int64_t rows) { return static_cast<unsigned>(rows); }
-// Threads for a CTA that owns one row of `work` items: all of them at once, up to 1024.
-unsigned row_threads(int64_t work) {
-  return static_cast<unsigned>(std::clamp<int64_t>((work + 31) / 32 * 32, 32, 1024));
-}
 
 }  // namespace
 

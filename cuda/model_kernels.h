@@ -27,6 +27,23 @@ cudaError_t embed_tokens(const int32_t* tokens, int64_t M, const uint16_t* table
 cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, const float* gamma, float eps,
                         const int32_t* order, uint16_t* out, cudaStream_t stream);
 
+// Decode's add_rmsnorm (stored order) and quantize_activations of its output (gathered through
+// `perm`, packed output, row-major) in one kernel, for M <= kDecodeMaxM rows: x_out gets the
+// residual add_rmsnorm leaves in x (x_in + y, or x_in's copy without y; x_in itself is only
+// read, so x_out must be another buffer) and `packed` the same codes and scales as those two
+// kernels give. For hidden == plan.k() a multiple of 32 (norm_quantize_packed_fusable;
+// cudaErrorInvalidValue otherwise).
+bool norm_quantize_packed_fusable(int hidden);
+cudaError_t add_rmsnorm_quantize_packed(const float* x_in, float* x_out, const uint16_t* y, int64_t M,
+                                        const float* gamma, float eps, const int32_t* perm, MixPlan plan,
+                                        mx::ScaleRule rule, MxSegments packed, cudaStream_t stream);
+
+// Threads of the per-row kernels' CTA (embedding, add_rmsnorm, RoPE) for one row of `work`
+// items: all of them at once, up to 1024.
+inline unsigned row_threads(int64_t work) {
+  return static_cast<unsigned>(work < 32 ? 32 : work > 1024 ? 1024 : (work + 31) / 32 * 32);
+}
+
 // Where the batch stands: `batch` sequences of `tokens` new tokens each, all at the
 // same `position`; token t of sequence b is row b * tokens + t.
 struct AttentionShape {

@@ -8,8 +8,10 @@
 
 #include "micromix/model/swiglu.h"
 #include "mx_kernels.h"  // first: the CPU execution of the kernels puts its shim before it
+#include "model_kernels.h"
 #include "mx_codes.cuh"
 #include "mx_ptx.cuh"
+#include "bf16_pairs.cuh"
 
 namespace micromix::cuda {
 
@@ -380,6 +382,94 @@ __device__ __forceinline__ void quantize_block_by_lanes(float v, ScaleRule rule,
     for (int i = 0; i < kGroupBytes; ++i) seg_block[lane / kGroup * kGroupBytes + i] = bytes[i];
   }
   if (lane == 0) *scale = sb;
+}
+
+// Decode's residual add + RMSNorm with its output quantized into the packed operand
+// (add_rmsnorm_quantize_packed), for the few rows of a decode step. Grid (rows, chunks): every
+// CTA of a row computes the row's norm as add_rmsnorm's CTA of norm_threads threads does, each
+// thread standing in for up to kNormSlots of those (virtual threads tid, tid + blockDim, ...:
+// the same chunks in the same order, the same warp sums and their sum in warp order, so the
+// same inverse RMS), keeps the summed row in shared memory, and its warps then quantize blocks
+// of the row a lane per element, gathered through `perm` and rounded to bf16 as add_rmsnorm
+// stores them (act_quant_lanes_kernel's numerics). The row's first CTA writes the summed row to
+// x_out, another buffer than x_in, which every CTA of the row reads. One kernel instead of two
+// in the chain of a decode step.
+constexpr int kNormSlots = 8;
+constexpr int kNormQuantizeThreads = 256;
+
+__global__ void __launch_bounds__(kNormQuantizeThreads)
+    add_rmsnorm_quantize_packed_kernel(const float* __restrict__ x_in, float* __restrict__ x_out,
+                                       const uint16_t* __restrict__ y, int norm_threads,
+                                       const float* __restrict__ gamma, float eps, const int32_t* __restrict__ perm,
+                                       MixPlan plan, ScaleRule rule, MxSegments packed) {
+  extern __shared__ float4 summed_row[];
+  __shared__ float warp_sums[32];
+  const int hidden = plan.k(), chunks = hidden / 4, threads = static_cast<int>(blockDim.x);
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32, warps = threads / 32;
+  const int64_t r = blockIdx.x;
+  // This warp's first block: its lane's channel, weight and destination depend on the plan
+  // alone, so they are read before the wait.
+  const int nblk = plan.blocks(), b_first = static_cast<int>(blockIdx.y) * warps + warp;
+  const int b_step = static_cast<int>(gridDim.y) * warps;
+  const int c_first = b_first < nblk ? perm[b_first * kBlockSize + lane] : 0;
+  const float g_first = b_first < nblk ? gamma[c_first] : 0.0f;
+  const float4* xr = reinterpret_cast<const float4*>(x_in + r * hidden);
+  float4* xw = reinterpret_cast<float4*>(x_out + r * hidden);
+  const uint2* yr = reinterpret_cast<const uint2*>(y + r * hidden);
+  const bool writes_residual = blockIdx.y == 0;
+  chain_enter();
+  float ss[kNormSlots];
+#pragma unroll
+  for (int s = 0; s < kNormSlots; ++s) ss[s] = 0.0f;
+  for (int base = 0; base < chunks; base += norm_threads) {
+    float4 v[kNormSlots];
+#pragma unroll
+    for (int s = 0; s < kNormSlots; ++s) {  // every slot's loads first, all in flight
+      const int vt = static_cast<int>(threadIdx.x) + s * threads, i = base + vt;
+      if (vt >= norm_threads || i >= chunks) continue;
+      v[s] = xr[i];
+      if (y != nullptr) {
+        const uint2 a = yr[i];
+        v[s].x += bf16f(static_cast<uint16_t>(a.x));
+        v[s].y += bf16f(static_cast<uint16_t>(a.x >> 16));
+        v[s].z += bf16f(static_cast<uint16_t>(a.y));
+        v[s].w += bf16f(static_cast<uint16_t>(a.y >> 16));
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kNormSlots; ++s) {
+      const int vt = static_cast<int>(threadIdx.x) + s * threads, i = base + vt;
+      if (vt >= norm_threads || i >= chunks) continue;
+      if (writes_residual) xw[i] = v[s];
+      summed_row[i] = v[s];
+      ss[s] = fmaf(v[s].x, v[s].x, ss[s]);
+      ss[s] = fmaf(v[s].y, v[s].y, ss[s]);
+      ss[s] = fmaf(v[s].z, v[s].z, ss[s]);
+      ss[s] = fmaf(v[s].w, v[s].w, ss[s]);
+    }
+  }
+  // add_rmsnorm's block_sum: each warp's butterfly sum, then the warps' sums in order.
+#pragma unroll
+  for (int s = 0; s < kNormSlots; ++s) {
+    float t = ss[s];
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xFFFFFFFFu, t, o);
+    const int virtual_warp = warp + s * warps;
+    if (lane == 0 && virtual_warp < norm_threads / 32) warp_sums[virtual_warp] = t;
+  }
+  __syncthreads();  // the warp sums and the summed row
+  float total = 0.0f;
+  for (int w = 0; w < norm_threads / 32; ++w) total += warp_sums[w];
+  const float inv = 1.0f / sqrtf(total / static_cast<float>(hidden) + eps);
+  const float* row = reinterpret_cast<const float*>(summed_row);
+  for (int b = b_first; b < nblk; b += b_step) {  // whole warps: shuffles inside
+    const int c = b == b_first ? c_first : perm[b * kBlockSize + lane];
+    const float g = b == b_first ? g_first : gamma[c];
+    const float v = bf16_low(pack_bf16x2(row[c] * inv * g, 0.0f));  // add_rmsnorm's bf16 output
+    const BlockAt at = block_at(packed, plan, r, b);
+    if (at.seg == 0) quantize_block_by_lanes<ElemFormat::E2M1>(v, rule, lane, at.bytes, at.scale);
+    else if (at.seg == 1) quantize_block_by_lanes<ElemFormat::E3M2>(v, rule, lane, at.bytes, at.scale);
+    else quantize_block_by_lanes<ElemFormat::E4M3>(v, rule, lane, at.bytes, at.scale);
+  }
 }
 
 // Eight bf16 values of a 16-byte word, as floats.
@@ -860,6 +950,30 @@ cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int 
   if (M == 0) return cudaSuccess;
   if (folded_only) return launch_ordered(SwigluSource{gate_up, ffn}, M, plan, rule, folded, lossy_count, stream);
   return launch_lanes(SwigluSource{gate_up, ffn}, M, perm, plan, rule, packed, stream);
+}
+
+bool norm_quantize_packed_fusable(int hidden) {
+  return hidden > 0 && hidden % kBlockSize == 0 &&
+         static_cast<int>(row_threads(hidden / 4)) <= kNormSlots * kNormQuantizeThreads;
+}
+
+cudaError_t add_rmsnorm_quantize_packed(const float* x_in, float* x_out, const uint16_t* y, int64_t M,
+                                        const float* gamma, float eps, const int32_t* perm, MixPlan plan,
+                                        ScaleRule rule, MxSegments packed, cudaStream_t stream) {
+  const int hidden = plan.k();
+  if (!plan.valid() || !norm_quantize_packed_fusable(hidden) || perm == nullptr || x_in == x_out || M < 0 ||
+      M > kDecodeMaxM ||
+      packed.row_tile != 1 || packed.scales == nullptr)
+    return cudaErrorInvalidValue;
+  if (M == 0) return cudaSuccess;
+  const size_t smem = static_cast<size_t>(hidden) * sizeof(float);
+  if (const cudaError_t e = allow_dynamic_smem(add_rmsnorm_quantize_packed_kernel, smem + 32 * sizeof(float));
+      e != cudaSuccess)
+    return e;
+  const int warps = kNormQuantizeThreads / 32;
+  const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>((plan.blocks() + warps - 1) / warps));
+  return launch_chained(add_rmsnorm_quantize_packed_kernel, grid, kNormQuantizeThreads, smem, stream, x_in, x_out, y,
+                        static_cast<int>(row_threads(hidden / 4)), gamma, eps, perm, plan, rule, packed);
 }
 
 namespace {

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -406,6 +407,72 @@ TEST(ModelKernels, SwigluQuantizeMatchesSeparateKernels) {
   EXPECT_EQ(swiglu_quantize_activations(nullptr, 17, F, nullptr, plan, mx::ScaleRule::Ceil, out.segments(),
                                         folded.folded(), nullptr, nullptr),
             cudaErrorInvalidValue);
+}
+
+// Decode's RMSNorm fused with the quantization of its output: the residual (in the other
+// buffer) and the packed codes and scales of add_rmsnorm followed by quantize_activations (which
+// gathers through perm), bit for bit. Hidden sizes with one to eight norm threads per kernel
+// thread and two chunks per norm thread (4192), with and without the residual add, a NaN row,
+// 1 to 16 rows.
+TEST(ModelKernels, DecodeNormQuantizeMatchesSeparateKernels) {
+  REQUIRE_GPU();
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (const MixPlan plan : {MixPlan{160, 96, 64}, MixPlan{2208, 1248, 640}, MixPlan{2048, 1184, 960}}) {
+    const int H = plan.k();
+    ASSERT_TRUE(norm_quantize_packed_fusable(H));
+    std::vector<int32_t> perm(H);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng());
+    std::vector<float> gamma(H);
+    for (auto& v : gamma) v = 1.0f + 0.3f * nd(rng());
+    DeviceBuffer<int32_t> dperm(H);
+    DeviceBuffer<float> dgamma(H);
+    dperm.upload(perm);
+    dgamma.upload(gamma);
+    for (const int64_t M : {1, 5, 16})
+      for (const bool residual : {true, false}) {
+        SCOPED_TRACE(testing::Message() << "hidden " << H << ", M " << M << (residual ? ", residual add" : ""));
+        std::vector<float> x(M * H);
+        for (auto& v : x) v = 3.0f * nd(rng());
+        x[(M - 1) * H + 5] = std::numeric_limits<float>::quiet_NaN();  // the last row: every block NaN
+        const auto y = random_bf16(M * H, 2.0f);
+        DeviceBuffer<float> dx_separate(x.size()), dx_in(x.size()), dx_out(x.size());
+        DeviceBuffer<uint16_t> dy(y.size()), dxn(M * H);
+        dx_separate.upload(x);
+        dx_in.upload(x);
+        dy.upload(y);
+        CK(cudaMemset(dx_out.ptr, 0xFF, x.size() * sizeof(float)));
+        DeviceMx separate(plan, M, false), fused(plan, M, false);
+        for (DeviceMx* d : {&separate, &fused}) poison_packed(*d);
+        const uint16_t* add = residual ? dy.ptr : nullptr;
+        CK(add_rmsnorm(dx_separate.ptr, add, M, H, dgamma.ptr, 1e-5f, nullptr, dxn.ptr, nullptr));
+        CK(quantize_activations(dxn.ptr, M, H, dperm.ptr, plan, mx::ScaleRule::Ceil, separate.segments(),
+                                FoldedOperand{}, nullptr, nullptr));
+        CK(add_rmsnorm_quantize_packed(dx_in.ptr, dx_out.ptr, add, M, dgamma.ptr, 1e-5f, dperm.ptr, plan,
+                                       mx::ScaleRule::Ceil, fused.segments(), nullptr));
+        CK(cudaDeviceSynchronize());
+        const auto xa = dx_separate.download(), xb = dx_out.download();
+        EXPECT_EQ(0, std::memcmp(xa.data(), xb.data(), xa.size() * sizeof(float))) << "residual";
+        EXPECT_EQ(0, std::memcmp(x.data(), dx_in.download().data(), x.size() * sizeof(float))) << "x_in untouched";
+        const HostMx a = separate.download(), b = fused.download();
+        for (int s = 0; s < 3; ++s) EXPECT_EQ(a.q[s], b.q[s]) << "segment " << s;
+        EXPECT_EQ(a.scales, b.scales);
+        EXPECT_NE(std::find(b.scales.begin(), b.scales.end(), mx::kScaleNaN), b.scales.end()) << "the NaN row";
+      }
+  }
+  const MixPlan plan{160, 96, 64};
+  DeviceMx packed(plan, 4, false);
+  DeviceBuffer<int32_t> perm(plan.k());
+  DeviceBuffer<float> buf(4 * plan.k());
+  EXPECT_EQ(add_rmsnorm_quantize_packed(buf.ptr, buf.ptr, nullptr, 4, nullptr, 1e-5f, perm.ptr, plan,
+                                        mx::ScaleRule::Ceil, packed.segments(), nullptr),
+            cudaErrorInvalidValue);  // in place
+  EXPECT_EQ(add_rmsnorm_quantize_packed(buf.ptr, nullptr, nullptr, 4, nullptr, 1e-5f, nullptr, plan,
+                                        mx::ScaleRule::Ceil, packed.segments(), nullptr),
+            cudaErrorInvalidValue);  // no perm
+  EXPECT_EQ(add_rmsnorm_quantize_packed(buf.ptr, nullptr, nullptr, kDecodeMaxM + 1, nullptr, 1e-5f, perm.ptr, plan,
+                                        mx::ScaleRule::Ceil, packed.segments(), nullptr),
+            cudaErrorInvalidValue);  // more rows than a decode step
 }
 
 // The qkv GEMM with RoPE and the cache write in its epilogue writes the bits of mx_gemm_fp8
