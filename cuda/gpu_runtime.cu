@@ -40,8 +40,6 @@ bool fold_ahead_setting() {
   return on;
 }
 
-// MICROMIX_QKV_ROPE_EPILOGUE=0: prefill runs RoPE and the cache write as their own kernel after
-// the qkv GEMM instead of in its epilogue (mx_gemm_fp8_rope_and_cache), for comparison.
 // MICROMIX_DECODE_NORM_QUANTIZE=0: a decode step runs the RMSNorm and the quantization of its
 // output as two kernels instead of add_rmsnorm_quantize_packed, for comparison.
 bool decode_norm_quantize_setting() {
@@ -49,6 +47,8 @@ bool decode_norm_quantize_setting() {
   return on;
 }
 
+// MICROMIX_QKV_ROPE_EPILOGUE=0: prefill runs RoPE and the cache write as their own kernel after
+// the qkv GEMM instead of in its epilogue (mx_gemm_fp8_rope_and_cache), for comparison.
 bool qkv_rope_epilogue_setting() {
   static const bool on = env_switch("MICROMIX_QKV_ROPE_EPILOGUE");
   return on;
