@@ -26,6 +26,14 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 __device__ __forceinline__ float bf16_low(uint32_t w) { return mx::bits_to_float(w << 16); }
 __device__ __forceinline__ float bf16_high(uint32_t w) { return mx::bits_to_float(w & 0xFFFF0000u); }
 
+// v += the four bf16 values of a (low half first): the residual add of the RMSNorm kernels.
+__device__ __forceinline__ void add_bf16x4(float4& v, uint2 a) {
+  v.x += bf16_low(a.x);
+  v.y += bf16_high(a.x);
+  v.z += bf16_low(a.y);
+  v.w += bf16_high(a.y);
+}
+
 // (x0, x1) rotated by cs = (cos, sin), each result rounded to bf16; x0's in the low half. The
 // roundings are spelled out (one product, then one fused multiply-add) so that no kernel's
 // compilation contracts them differently.

@@ -12,6 +12,7 @@
 #include "model_kernels.h"
 #include "mx_ptx.cuh"
 #include "bf16_pairs.cuh"
+#include "warp_sum.cuh"
 
 namespace micromix::cuda {
 
@@ -28,10 +29,6 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-  return v;
-}
 
 // Sum of v over the CTA (blockDim.x a multiple of 32, at most 1024); every thread gets it.
 __device__ __forceinline__ float block_sum(float v) {
@@ -95,11 +92,7 @@ __global__ void add_rmsnorm_kernel(float* __restrict__ x, const uint16_t* __rest
   for (int i = threadIdx.x; i < hidden / 4; i += blockDim.x) {
     float4 v = xr[i];
     if (y != nullptr) {
-      const uint2 a = yr[i];
-      v.x += bf16_bits_to_float(static_cast<uint16_t>(a.x));
-      v.y += bf16_bits_to_float(static_cast<uint16_t>(a.x >> 16));
-      v.z += bf16_bits_to_float(static_cast<uint16_t>(a.y));
-      v.w += bf16_bits_to_float(static_cast<uint16_t>(a.y >> 16));
+      add_bf16x4(v, yr[i]);
       xr[i] = v;
     }
     if constexpr (kOrdered) row_smem[i] = v;
@@ -731,7 +724,7 @@ __global__ void logprob_kernel(const float* logits, const int32_t* targets, int 
   double sum = 0.0;
   for (int v = threadIdx.x; v < vocab; v += blockDim.x) sum += exp(static_cast<double>(row[v]) - bv);
   __shared__ double partial[32];
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, o);
+  sum = warp_sum(sum);
   if ((threadIdx.x & 31) == 0) partial[threadIdx.x / 32] = sum;
   __syncthreads();
   if (threadIdx.x == 0) {

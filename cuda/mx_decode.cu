@@ -27,6 +27,7 @@
 #include "env_choice.h"
 #include "mx_codes.cuh"
 #include "mx_ptx.cuh"
+#include "warp_sum.cuh"
 
 namespace micromix::cuda {
 
@@ -166,9 +167,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(MxSegments A,
     const int n = row_base + r;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      float v = acc[r][m];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+      const float v = warp_sum(acc[r][m]);
       if (lane == 0 && n < N && m < M) {
         if (atomic_out) atomicAdd(workspace + static_cast<int64_t>(m) * N + n, v);
         else Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);

@@ -12,6 +12,7 @@
 #include "mx_codes.cuh"
 #include "mx_ptx.cuh"
 #include "bf16_pairs.cuh"
+#include "warp_sum.cuh"
 
 namespace micromix::cuda {
 
@@ -289,12 +290,12 @@ __global__ void __launch_bounds__(256, 3) act_quant_kernel(const uint16_t* __res
     float inv = 1.0f;
     if constexpr (kNorm) {
       __shared__ float partial[32];
-      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+      ss = warp_sum(ss);
       if ((threadIdx.x & 31) == 0) partial[threadIdx.x / 32] = ss;
       __syncthreads();
       if (threadIdx.x < 32) {
         float t = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xFFFFFFFFu, t, o);
+        t = warp_sum(t);
         if (threadIdx.x == 0) partial[0] = t;
       }
       __syncthreads();
@@ -428,13 +429,7 @@ __global__ void __launch_bounds__(kNormQuantizeThreads)
       const int vt = static_cast<int>(threadIdx.x) + s * threads, i = base + vt;
       if (vt >= norm_threads || i >= chunks) continue;
       v[s] = xr[i];
-      if (y != nullptr) {
-        const uint2 a = yr[i];
-        v[s].x += bf16f(static_cast<uint16_t>(a.x));
-        v[s].y += bf16f(static_cast<uint16_t>(a.x >> 16));
-        v[s].z += bf16f(static_cast<uint16_t>(a.y));
-        v[s].w += bf16f(static_cast<uint16_t>(a.y >> 16));
-      }
+      if (y != nullptr) add_bf16x4(v[s], yr[i]);
     }
 #pragma unroll
     for (int s = 0; s < kNormSlots; ++s) {
@@ -451,8 +446,7 @@ __global__ void __launch_bounds__(kNormQuantizeThreads)
   // add_rmsnorm's block_sum: each warp's butterfly sum, then the warps' sums in order.
 #pragma unroll
   for (int s = 0; s < kNormSlots; ++s) {
-    float t = ss[s];
-    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xFFFFFFFFu, t, o);
+    const float t = warp_sum(ss[s]);
     const int virtual_warp = warp + s * warps;
     if (lane == 0 && virtual_warp < norm_threads / 32) warp_sums[virtual_warp] = t;
   }
@@ -952,10 +946,9 @@ cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int 
   return launch_lanes(SwigluSource{gate_up, ffn}, M, perm, plan, rule, packed, stream);
 }
 
-bool norm_quantize_packed_fusable(int hidden) {
-  return hidden > 0 && hidden % kBlockSize == 0 &&
-         static_cast<int>(row_threads(hidden / 4)) <= kNormSlots * kNormQuantizeThreads;
-}
+// Every add_rmsnorm CTA (at most 1024 threads) fits in one CTA's virtual threads.
+static_assert(kNormSlots * kNormQuantizeThreads >= 1024);
+bool norm_quantize_packed_fusable(int hidden) { return hidden > 0 && hidden % kBlockSize == 0; }
 
 cudaError_t add_rmsnorm_quantize_packed(const float* x_in, float* x_out, const uint16_t* y, int64_t M,
                                         const float* gamma, float eps, const int32_t* perm, MixPlan plan,
