@@ -70,6 +70,7 @@ float checked_max(std::span<const float> logits) {
 // larger id.
 uint64_t candidate_key(float w, uint32_t token) { return (static_cast<uint64_t>(std::bit_cast<uint32_t>(w)) << 32) | token; }
 float key_weight(uint64_t key) { return std::bit_cast<float>(static_cast<uint32_t>(key >> 32)); }
+int32_t key_token(uint64_t key) { return static_cast<int32_t>(key & 0xFFFFFFFFu); }
 
 // Distinct keys into descending order by a least-significant-digit radix sort (11-bit
 // digits; a digit all keys share is skipped): a large nucleus (a flat distribution, a high
@@ -132,8 +133,8 @@ int32_t sample(std::span<const float> logits, double temperature, double top_p, 
   while (m < keys.size() && (m == 0 || kept < goal)) kept += key_weight(keys[m++]);
   double u = std::uniform_real_distribution<double>(0.0, kept)(rng);
   for (size_t k = 0; k < m; ++k)
-    if ((u -= key_weight(keys[k])) <= 0) return static_cast<int32_t>(keys[k] & 0xFFFFFFFFu);
-  return static_cast<int32_t>(keys[m - 1] & 0xFFFFFFFFu);
+    if ((u -= key_weight(keys[k])) <= 0) return key_token(keys[k]);
+  return key_token(keys[m - 1]);
 }
 
 }  // namespace
