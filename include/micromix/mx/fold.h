@@ -41,8 +41,8 @@ struct FoldKey {
 
 // 32-blocks along K that share one fold exponent: two 128-wide K tiles of the FP8 GEMM, which
 // accumulates both in one temporary and promotes once (half the promotions of 128-wide groups:
-// 11 % of a batch-8 prefill). Wider groups raise the chance that a group's scales spread past
-// the window (lossy, counted).
+// 2-3 % of a prefill on the H200). Wider groups raise the chance that a group's scales spread
+// past the window (lossy, counted).
 inline constexpr int kFoldGroupBlocks = 8;
 
 // Combine the keys of the folded blocks of one group.
