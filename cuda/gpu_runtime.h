@@ -85,7 +85,7 @@ class GpuRuntime : public model::Runtime {
   // window), counted since construction.
   uint64_t lossy_activation_elements();
   // Weight elements that the prefill GEMM's grouped fold (one factor per 128 rows of a
-  // 256-wide fold group in the MXFP4/MXFP6 part) cannot keep exact; counted at load.
+  // 128-wide K tile in the MXFP4/MXFP6 part) cannot keep exact; counted at load.
   uint64_t lossy_weight_elements();
   const char* device_name() const;
 

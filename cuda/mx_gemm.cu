@@ -8,9 +8,8 @@
 // docs/kernels.md): 128x256 or 128x128 CTA tiles, TMA loads with 128-byte swizzle into a
 // shared-memory ring, one producer thread, two consumer warpgroups each issuing wgmma
 // m64n128k32 (FP8) per 128-column half into a temporary accumulator, promoted into the fp32
-// result (times the two operands' factors, exact powers of two) once per 128-K tile, or with
-// 128x128 tiles once per 256-K fold group, whose MMAs run into a second temporary while the
-// group before is promoted.
+// result once per 128-K tile (times the two operands' factors, exact powers of two); with
+// 128x128 tiles the next K tile's MMAs run into a second temporary during the promotion.
 // The MXFP8 part runs on its exact bf16 values (m64n128k16) straight into the fp32 result
 // when both operands carry them, else as FP8 promoted once per 32-block.
 #include <mma.h>
@@ -117,10 +116,6 @@ constexpr int kFactorBytesA = kBM * 4 * 4;       // fp32 factors [rows][4 blocks
 constexpr int kFactorBoxRows = 64;              // 256 fp32 factors, the largest TMA box side
 constexpr int kWideK = 64;                      // bf16 elements per 128-byte tile row (MXFP8 part)
 constexpr int kThreads = 384;  // warpgroup 0: producer; 1 and 2: consumers
-// K tiles of one fold group (mx::kFoldGroupBlocks): they share their factors, so the pipelined
-// schedule sums them in one temporary and promotes once.
-constexpr int kFoldTiles = mx::kFoldGroupBlocks / (kBK / mx::kBlockSize);
-static_assert(kFoldTiles * (kBK / mx::kBlockSize) == mx::kFoldGroupBlocks, "fold groups of whole K tiles");
 
 // The CTA tile's column count kBN (256: each consumer warpgroup owns 64 x 256 in two
 // 128-column halves; 128: 64 x 128, which leaves registers for a second temporary so that
@@ -171,42 +166,33 @@ __device__ __forceinline__ void tile_origin(int tile, int tiles_m, int tiles_n, 
   *n0 = (idx / rows) * kBN;
 }
 
-// kN consecutive k32 steps into one accumulator, in straight-line code (with a branch before
-// each wgmma, ptxas fenced each one on its own); the first overwrites d unless `accumulate`.
-// Committed as one batch unless the caller commits a larger one.
+// kN consecutive k32 steps into one accumulator, issued and committed as one batch, in
+// straight-line code (with a branch before each wgmma, ptxas fenced each one on its own).
 template <int kN>
-__device__ __forceinline__ void wgmma_chain(float* d, uint64_t da, uint64_t db, int j0, bool accumulate = false,
-                                            bool commit = true) {
+__device__ __forceinline__ void wgmma_chain(float* d, uint64_t da, uint64_t db, int j0) {
   wgmma_fence();
 #pragma unroll
-  for (int i = 0; i < kN; ++i)
-    wgmma_m64n128k32_e4m3(d, da + 2 * (j0 + i), db + 2 * (j0 + i), i > 0 || accumulate ? 1 : 0);
-  if (commit) wgmma_commit();
+  for (int i = 0; i < kN; ++i) wgmma_m64n128k32_e4m3(d, da + 2 * (j0 + i), db + 2 * (j0 + i), i > 0 ? 1 : 0);
+  wgmma_commit();
 }
 
 // acc += tmp * (factor_a[row] * factor_w[col]) for one m64n128 half, block j0's factors.
 // kSharedW: the 128 columns of this half share one W factor (weights folded in row groups),
 // read once.
-// kSharedW's two scales, rows row0 and row0 + 8: read before the stage holding them is released.
-__device__ __forceinline__ float2 shared_w_scales(const float* fa, const float* fw, int j0, int row0) {
-  return make_float2(fa[row0 * 4 + j0] * fw[j0], fa[(row0 + 8) * 4 + j0] * fw[j0]);
-}
-__device__ __forceinline__ void promote_scaled(float* acc, const float* tmp, float2 sc) {
-#pragma unroll
-  for (int jj = 0; jj < 128 / 8; ++jj) {
-    acc[4 * jj + 0] = fmaf(tmp[4 * jj + 0], sc.x, acc[4 * jj + 0]);
-    acc[4 * jj + 1] = fmaf(tmp[4 * jj + 1], sc.x, acc[4 * jj + 1]);
-    acc[4 * jj + 2] = fmaf(tmp[4 * jj + 2], sc.y, acc[4 * jj + 2]);
-    acc[4 * jj + 3] = fmaf(tmp[4 * jj + 3], sc.y, acc[4 * jj + 3]);
-  }
-}
 template <bool kSharedW>
 __device__ __forceinline__ void promote(float* acc, const float* tmp, const float* fa, const float* fw, int j0,
                                         int row0, int lane) {
+  const float a0 = fa[row0 * 4 + j0], a1 = fa[(row0 + 8) * 4 + j0];
   if constexpr (kSharedW) {
-    promote_scaled(acc, tmp, shared_w_scales(fa, fw, j0, row0));
+    const float s0 = a0 * fw[j0], s1 = a1 * fw[j0];
+#pragma unroll
+    for (int jj = 0; jj < 128 / 8; ++jj) {
+      acc[4 * jj + 0] = fmaf(tmp[4 * jj + 0], s0, acc[4 * jj + 0]);
+      acc[4 * jj + 1] = fmaf(tmp[4 * jj + 1], s0, acc[4 * jj + 1]);
+      acc[4 * jj + 2] = fmaf(tmp[4 * jj + 2], s1, acc[4 * jj + 2]);
+      acc[4 * jj + 3] = fmaf(tmp[4 * jj + 3], s1, acc[4 * jj + 3]);
+    }
   } else {
-    const float a0 = fa[row0 * 4 + j0], a1 = fa[(row0 + 8) * 4 + j0];
 #pragma unroll
     for (int jj = 0; jj < 128 / 8; ++jj) {
       const int c = jj * 8 + 2 * (lane % 4);
@@ -219,15 +205,13 @@ __device__ __forceinline__ void promote(float* acc, const float* tmp, const floa
   }
 }
 
-// n (1..4) consecutive k32 steps from block j0 into tmp, one committed batch (or, with
-// commit false, part of the caller's batch; accumulate: added to tmp's sums).
-__device__ __forceinline__ void issue_group(float* tmp, uint64_t da, uint64_t db, int j0, int n,
-                                            bool accumulate = false, bool commit = true) {
+// n (1..4) consecutive k32 steps from block j0 into tmp, one committed batch.
+__device__ __forceinline__ void issue_group(float* tmp, uint64_t da, uint64_t db, int j0, int n) {
   switch (n) {
-    case 4: wgmma_chain<4>(tmp, da, db, j0, accumulate, commit); break;
-    case 3: wgmma_chain<3>(tmp, da, db, j0, accumulate, commit); break;
-    case 2: wgmma_chain<2>(tmp, da, db, j0, accumulate, commit); break;
-    default: wgmma_chain<1>(tmp, da, db, j0, accumulate, commit); break;
+    case 4: wgmma_chain<4>(tmp, da, db, j0); break;
+    case 3: wgmma_chain<3>(tmp, da, db, j0); break;
+    case 2: wgmma_chain<2>(tmp, da, db, j0); break;
+    default: wgmma_chain<1>(tmp, da, db, j0); break;
   }
 }
 
@@ -481,89 +465,44 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kHalves * 64; ++i) acc[i] = 0.0f;
     if (kBN == 128 && one_group && ktiles >= 2) {
-      // Software-pipelined, one promotion per fold group (kFoldTiles = 2 K tiles sharing their
-      // factors): a group's two tiles go into one temporary, each its own committed batch, and
-      // the group is promoted while the first tile of the next group (in the other temporary)
-      // runs, so the tensor cores do not wait for the promotion. With grouped W the group's
-      // scales are read as soon as its first tile is done and that stage is released at once,
-      // so the consumers hold two stages and the producer stays four ahead (held until the
-      // promotion, the stage kept the producer one stage shorter: 2-3 % of the GEMM time).
-      static_assert(kFoldTiles == 2, "the steps below pair K tiles");
+      // Software-pipelined (one group per K tile): K tile t's MMAs go into one of two
+      // temporaries while the other, holding K tile t - 1, is promoted, so the tensor cores
+      // do not wait for the promotion.
       const int it0 = it;
-      auto stage_of = [&](int t) { return (it0 + t) % kStages; };
-      auto issue = [&](float* buf, int t, bool accumulate) {
-        const int s = stage_of(t);
+      auto issue = [&](float* buf, int t) {
+        const int s = (it0 + t) % kStages;
         mbar_wait(&full[s], ((it0 + t) / kStages) & 1);
         issue_group(buf, smem_desc(tiles_a + s * kTileBytesA + wg * 64 * kBK), smem_desc(tiles_w + s * kTileBytesW), 0,
-                    folded_blocks_in_tile(t, nblk, k8b), accumulate);
+                    folded_blocks_in_tile(t, nblk, k8b));
       };
-      float2 group_scales{};  // kGroupedW: the scales of the group in flight
-      auto first_done = [&](int t) {  // after the wait that completes a group's first tile t
-        if constexpr (kGroupedW) {
-          const int s = stage_of(t);
-          group_scales = shared_w_scales(fac_a + s * (kFactorBytesA / 4), fac_w + s * (kFactorBytesW / 4), 0, row0);
-          release_stage(&empty[s], lane);
-        }
-      };
-      auto group_done = [&](float* cur, int t0, int n) {  // after the wait that completes tiles t0 .. t0 + n - 1
+      auto retire = [&](float* cur, int t) {  // after the wait that completes K tile t
         fence_operands<64>(cur);  // keeps the promotion's reads of cur after that wait
-        const int s0 = stage_of(t0);
-        if (kGroupedW && n == 2) {
-          promote_scaled(acc, cur, group_scales);
-          release_stage(&empty[stage_of(t0 + 1)], lane);
-        } else {
-          promote<kGroupedW>(acc, cur, fac_a + s0 * (kFactorBytesA / 4), fac_w + s0 * (kFactorBytesW / 4), 0, row0, lane);
-          for (int u = 0; u < n; ++u) release_stage(&empty[stage_of(t0 + u)], lane);
-        }
+        const int s = (it0 + t) % kStages;
+        promote<kGroupedW>(acc, cur, fac_a + s * (kFactorBytesA / 4), fac_w + s * (kFactorBytesW / 4), 0, row0, lane);
+        release_stage(&empty[s], lane);
       };
-      // Straight-line steps with fixed roles of the two temporaries and the first group issued
+      // Straight-line steps with fixed roles of the two temporaries and the first K tile issued
       // unconditionally: with a conditional first issue ptxas could not tell which batch was
       // in flight and serialized every wgmma (warning C7514).
       int t = 0;
-      issue(tmp, 0, false);
-      issue(tmp, 1, true);
-      wgmma_wait<1>();
-      first_done(0);
-      for (; t + 6 <= ktiles; t += 4) {  // tmp: tile t done, t + 1 in flight
-        issue(tmp2, t + 2, false);
+      issue(tmp, 0);
+      for (; t + 2 < ktiles; t += 2) {  // tmp holds K tile t in flight
+        issue(tmp2, t + 1);
         wgmma_wait<1>();
-        group_done(tmp, t, 2);
-        issue(tmp2, t + 3, true);
+        retire(tmp, t);
+        issue(tmp, t + 2);
         wgmma_wait<1>();
-        first_done(t + 2);
-        issue(tmp, t + 4, false);
-        wgmma_wait<1>();
-        group_done(tmp2, t + 2, 2);
-        issue(tmp, t + 5, true);
-        wgmma_wait<1>();
-        first_done(t + 4);
+        retire(tmp2, t + 1);
       }
-      const int rest = ktiles - (t + 2);  // 0 .. 3 tiles after tmp's group
-      if (rest == 0) {
-        wgmma_wait<0>();
-        group_done(tmp, t, 2);
-      } else {
-        issue(tmp2, t + 2, false);
+      if (t + 1 < ktiles) {
+        issue(tmp2, t + 1);
         wgmma_wait<1>();
-        group_done(tmp, t, 2);
-        if (rest == 1) {
-          wgmma_wait<0>();
-          group_done(tmp2, t + 2, 1);
-        } else {
-          issue(tmp2, t + 3, true);
-          wgmma_wait<1>();
-          first_done(t + 2);
-          if (rest == 2) {
-            wgmma_wait<0>();
-            group_done(tmp2, t + 2, 2);
-          } else {
-            issue(tmp, t + 4, false);
-            wgmma_wait<1>();
-            group_done(tmp2, t + 2, 2);
-            wgmma_wait<0>();
-            group_done(tmp, t + 4, 1);
-          }
-        }
+        retire(tmp, t);
+        wgmma_wait<0>();
+        retire(tmp2, t + 1);
+      } else {
+        wgmma_wait<0>();
+        retire(tmp, t);
       }
       it += ktiles;
     } else {

@@ -63,17 +63,16 @@ MICROMIX_HD BlockAt block_at(const MxSegments& s, const MixPlan& plan, int64_t m
 }
 
 // The operand of the FP8 tensor-core GEMM: every element re-encoded as E4M3 with its
-// per-32 scale folded in, and one fp32 factor per (row, 32-block). Within a 256-wide
-// fold group (mx::kFoldGroupBlocks) all MXFP4/MXFP6 blocks of a row share one factor (a
-// power of two); each MXFP8 block keeps its own. q is [rows, K]; f holds rows x fstride
-// factors (fstride = K/32 rounded up to whole groups, padding zeros), tile-major:
-// mx::folded_factor_index.
+// per-32 scale folded in, and one fp32 factor per (row, 32-block). Within a 128-wide
+// K tile all MXFP4/MXFP6 blocks of a row share one factor (a power of two); each MXFP8
+// block keeps its own. q is [rows, K]; f holds rows x fstride factors (fstride = K/32
+// rounded up to a multiple of 4, padding zeros), tile-major: mx::folded_factor_index.
 struct FoldedOperand {
   uint8_t* q = nullptr;
   float* f = nullptr;
-  // Rows sharing a group's MXFP4/MXFP6 factor (mx::fold_rows): 1 (activations; the only
+  // Rows sharing a tile's MXFP4/MXFP6 factor (mx::fold_rows): 1 (activations; the only
   // value for A) or mx::kWeightRowGroup (weights folded so, by fold_operand; the GEMM then
-  // promotes those groups with one factor per 128 output columns).
+  // promotes those tiles with one factor per 128 output columns).
   int row_group = 1;
   // Optional: the MXFP8 part as bf16 values, [rows, p8] (mx::mx8_as_bf16). When both GEMM
   // operands have it, the GEMM runs that part on the bf16 tensor cores straight into its
@@ -110,13 +109,13 @@ cudaError_t rmsnorm_quantize_activations(const uint16_t* x, int64_t M, int64_t l
                                          unsigned long long* lossy_count, cudaStream_t stream);
 
 // Re-encode a packed MX matrix (weights) as a folded operand, with out.row_group rows
-// sharing each group's MXFP4/MXFP6 factor (1 or mx::kWeightRowGroup). For the grouped form,
+// sharing each tile's MXFP4/MXFP6 factor (1 or mx::kWeightRowGroup). For the grouped form,
 // `group_keys` (from fold_group_keys on the same matrix) spares the kernel its reduction over
 // each group's rows: the same bytes, from a kernel without a CTA barrier.
 cudaError_t fold_operand(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
                          unsigned long long* lossy_count, cudaStream_t stream, const int* group_keys = nullptr);
-// The grouped fold's key of every (group of mx::kWeightRowGroup rows, fold group along K): the
-// largest fold key of the row group's MXFP4/MXFP6 blocks in that fold group (INT_MIN when none is
+// The grouped fold's key of every (group of mx::kWeightRowGroup rows, 128-wide K tile): the
+// largest fold key of the group's MXFP4/MXFP6 blocks in that tile (INT_MIN when none is
 // nonzero), group-major, fold_group_key_count of them. They depend on the weights alone.
 cudaError_t fold_group_keys(MxSegments in, int64_t rows, MixPlan plan, int* group_keys, cudaStream_t stream);
 size_t fold_group_key_count(int64_t rows, const MixPlan& plan);

@@ -21,12 +21,10 @@ namespace {
 using namespace micromix::mx;
 using namespace micromix::cuda::ptx;
 
-// Combine the fold keys of the eight lanes (8q..8q+7) that hold one row's fold group.
-static_assert(kFoldGroupBlocks == 8, "group_reduce combines eight lanes");
-__device__ __forceinline__ FoldKey group_reduce(FoldKey k) {
-#pragma unroll
-  for (int o = 1; o < kFoldGroupBlocks; o <<= 1)
-    k = fold_combine(k, FoldKey{__shfl_xor_sync(0xFFFFFFFFu, k.key, o), __shfl_xor_sync(0xFFFFFFFFu, k.nan, o)});
+// Combine the fold keys of the four lanes (4q..4q+3) that hold one 128-wide K tile.
+__device__ __forceinline__ FoldKey tile_reduce(FoldKey k) {
+  k = fold_combine(k, FoldKey{__shfl_xor_sync(0xFFFFFFFFu, k.key, 1), __shfl_xor_sync(0xFFFFFFFFu, k.nan, 1)});
+  k = fold_combine(k, FoldKey{__shfl_xor_sync(0xFFFFFFFFu, k.key, 2), __shfl_xor_sync(0xFFFFFFFFu, k.nan, 2)});
   return k;
 }
 
@@ -112,7 +110,7 @@ __device__ __forceinline__ void store_mx8(const uint8_t* codes, uint8_t scale, i
   }
 }
 
-// Payload, factor and (MXFP8) bf16 values of block b of row m, given its group's combined
+// Payload, factor and (MXFP8) bf16 values of block b of row m, given its tile's combined
 // fold key: the tail of every folding path.
 __device__ __forceinline__ void store_folded(int seg, const uint8_t* codes, uint8_t sb, FoldKey group, int64_t m, int b,
                                              int64_t rows, const MixPlan& plan, const FoldedOperand& folded,
@@ -136,7 +134,7 @@ __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* 
   if (valid) key = seg == 0 ? fold_key<ElemFormat::E2M1>(codes, sb)
                  : seg == 1 ? fold_key<ElemFormat::E3M2>(codes, sb)
                             : fold_key<ElemFormat::E4M3>(codes, sb);
-  const FoldKey group = group_reduce(key);
+  const FoldKey group = tile_reduce(key);
   if (b >= folded_fstride(plan.k())) return;
   if (!valid) {
     folded.f[folded_factor_index(m, b, rows)] = 0.0f;
@@ -146,7 +144,7 @@ __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* 
 }
 
 // The folded operand straight from a block's 32 values (no packed output wanted), in two
-// steps around the group's key reduction. fold_scale_and_key: the scale and fold key from the
+// steps around the tile's key reduction. fold_scale_and_key: the scale and fold key from the
 // block maximum. fold_values: where the block's shift lies inside its window (every block of
 // ordinary data), the payload bytes from fold_element_value and the E4M3 conversion, without
 // element codes: a fraction of the instructions of quantize_block and the table lookups.
@@ -222,7 +220,7 @@ __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint
 __device__ __forceinline__ float bf16f(uint16_t h) { return bf16_bits_to_float(h); }
 
 // The folded operand of block b of row m straight from its 32 values v (prefill's form):
-// scale and fold key from the block maximum, the group's key from its eight lanes, then the
+// scale and fold key from the block maximum, the tile's key from its four lanes, then the
 // payloads (fold_values). All lanes call it together (shuffles inside); valid is false past
 // K, and b >= folded_fstride(K) writes nothing.
 __device__ __forceinline__ void fold_block_values(int seg, bool valid, const float* v, ScaleRule rule, int64_t m, int b,
@@ -233,7 +231,7 @@ __device__ __forceinline__ void fold_block_values(int seg, bool valid, const flo
   if (valid) key = seg == 0 ? fold_scale_and_key<ElemFormat::E2M1>(v, rule, &sb)
                  : seg == 1 ? fold_scale_and_key<ElemFormat::E3M2>(v, rule, &sb)
                             : fold_scale_and_key<ElemFormat::E4M3>(v, rule, &sb);
-  const FoldKey group = group_reduce(key);
+  const FoldKey group = tile_reduce(key);
   if (b >= folded_fstride(plan.k())) return;
   if (!valid) {
     folded.f[folded_factor_index(m, b, rows)] = 0.0f;
@@ -309,7 +307,7 @@ __global__ void __launch_bounds__(256, 3) act_quant_kernel(const uint16_t* __res
     unsigned lossy = 0;
     const int nloop = folded.q != nullptr ? fstride : nblk;
     // A row's blocks may be split over gridDim.y CTAs (few rows: decode); warp-uniform
-    // trip count (shuffles inside), starts aligned to whole fold groups (blockDim.x >= 64).
+    // trip count (shuffles inside), starts aligned to whole 128-wide tiles.
     for (int b0 = blockIdx.y * blockDim.x; b0 < nloop; b0 += gridDim.y * blockDim.x) {
       const int b = b0 + threadIdx.x;
       const bool valid = b < nblk;
@@ -588,7 +586,7 @@ __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_
 // Prefill's quantizer for inputs already in the plan's channel order (the runtime's RMSNorm
 // writes them so, and stores the gate_up rows in the down projection's order): with no
 // gather there is no shared-memory row and no barrier. A thread per 32-block, its 32 values
-// in 16-byte loads straight from global memory; the eight lanes of a fold group combine
+// in 16-byte loads straight from global memory; the four lanes of a 128-wide tile combine
 // their keys by shuffles. Folded output only; the same bytes as act_quant_kernel. Inputs in
 // the stored order (StagedRowsSource) are first copied to shared memory, the CTA's rows at once.
 constexpr int kOrderedThreads = 256;
@@ -599,7 +597,7 @@ __global__ void __launch_bounds__(kOrderedThreads) act_quant_ordered_kernel(Sour
                                                                 unsigned long long* lossy_count) {
   const int nblk = plan.blocks(), fstride = folded_fstride(plan.k());
   const int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, units = M * fstride;
-  // fstride is a multiple of kFoldGroupBlocks, so a group's lanes are all in range or all out of it;
+  // fstride is a multiple of 4, so a tile's four lanes are all in range or all out of it;
   // out-of-range lanes still take part in the shuffles, with b = fstride (no output).
   const bool in_range = u < units;
   const int64_t m = in_range ? u / fstride : 0;
@@ -668,8 +666,8 @@ __device__ __forceinline__ int load_block(const MxSegments& in, const MixPlan& p
   return seg;
 }
 
-// Per-row folding (out.row_group == 1): one thread per (row, block), the eight lanes of a
-// fold group combine their keys.
+// Per-row folding (out.row_group == 1): one thread per (row, block), the four lanes of a
+// 128-wide tile combine their keys.
 __global__ void fold_kernel(MxSegments in, int64_t rows, MixPlan plan, FoldedOperand out,
                             unsigned long long* lossy_count) {
   const int k = plan.k();
@@ -728,9 +726,9 @@ __device__ __forceinline__ void fold_payload_words(const uint32_t* raw, int d, u
   }
 }
 
-// Grouped folding (out.row_group == kWeightRowGroup): a CTA per (group of rows, fold group
-// along K); its threads take the group's rows kFoldThreads / 8 at a time, eight lanes to a row
-// (one block each, so that a row's fold group is read and written contiguously). The group's
+// Grouped folding (out.row_group == kWeightRowGroup): a CTA per (group of rows, 128-wide
+// tile); its threads take the group's rows kFoldThreads / 4 at a time, four lanes to a row
+// (one block each, so that a row's tile is read and written contiguously). The group's
 // exponent is the largest any of its rows needs (mx::fold_rows): reduced over the CTA
 // (Whole), only reduced and stored (KeysOnly), or read from fold_group_keys' output
 // (WithKeys: no barrier, every warp on its own pace).
@@ -740,11 +738,11 @@ template <GroupedFold kMode>
 __global__ void __launch_bounds__(kFoldThreads) fold_grouped_kernel(MxSegments in, int64_t rows, MixPlan plan,
                                                                     FoldedOperand out, unsigned long long* lossy_count,
                                                                     const int* known_keys, int* keys_out) {
-  constexpr int kRowsPerPass = kFoldThreads / kFoldGroupBlocks;  // a thread per block of a row's group
+  constexpr int kRowsPerPass = kFoldThreads / 4;  // four threads per row
   constexpr int kWarps = kFoldThreads / 32;
   __shared__ int warp_key[kWarps];
   const int k = plan.k(), nblk = k / kBlockSize, b8 = plan.first_fp8_block();
-  const int t = blockIdx.y, b = kFoldGroupBlocks * t + static_cast<int>(threadIdx.x) % kFoldGroupBlocks;
+  const int t = blockIdx.y, j = threadIdx.x % 4, b = 4 * t + j;
   const int64_t group0 = static_cast<int64_t>(blockIdx.x) * kWeightRowGroup;
   const int64_t unit = static_cast<int64_t>(blockIdx.x) * gridDim.y + t;  // the group keys' index
   int group_key = INT_MIN;
@@ -757,18 +755,18 @@ __global__ void __launch_bounds__(kFoldThreads) fold_grouped_kernel(MxSegments i
   int segs[kPasses];
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
-    const int64_t m = group0 + pass * kRowsPerPass + threadIdx.x / kFoldGroupBlocks;
+    const int64_t m = group0 + pass * kRowsPerPass + threadIdx.x / 4;
     segs[pass] = m < rows && b < nblk ? load_block_raw(in, plan, m, b, raw[pass], &scales[pass]) : -1;
   }
   int key = INT_MIN;
-  int row_nan[kPasses];  // the row's group holds a NaN block (its eight lanes all know it)
+  int row_nan[kPasses];  // the row's tile holds a NaN block (its four lanes all know it)
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
     FoldKey mine;
     if (segs[pass] >= 0 && b < b8)
       mine = segs[pass] == 0 ? fold_key_of<ElemFormat::E2M1>(packed_nonzero<ElemFormat::E2M1>(raw[pass]), scales[pass])
                              : fold_key_of<ElemFormat::E3M2>(packed_nonzero<ElemFormat::E3M2>(raw[pass]), scales[pass]);
-    const FoldKey row = group_reduce(mine);  // the row's blocks of the group
+    const FoldKey row = tile_reduce(mine);  // the row's four blocks
     row_nan[pass] = row.nan;
     key = row.key > key ? row.key : key;
   }
@@ -790,9 +788,9 @@ __global__ void __launch_bounds__(kFoldThreads) fold_grouped_kernel(MxSegments i
   unsigned lossy = 0;
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
-    const int64_t m = group0 + pass * kRowsPerPass + threadIdx.x / kFoldGroupBlocks;
+    const int64_t m = group0 + pass * kRowsPerPass + threadIdx.x / 4;
     if (m >= rows) continue;
-    if (b >= nblk) {  // padding of the last group
+    if (b >= nblk) {  // padding of the last tile
       out.f[folded_factor_index(m, b, rows)] = 0.0f;
       continue;
     }
@@ -974,7 +972,7 @@ cudaError_t add_rmsnorm_quantize_packed(const float* x_in, float* x_out, const u
 namespace {
 dim3 fold_group_grid(int64_t rows, const MixPlan& plan) {
   return dim3(static_cast<unsigned>((rows + kWeightRowGroup - 1) / kWeightRowGroup),
-              static_cast<unsigned>(folded_fstride(plan.k()) / kFoldGroupBlocks));
+              static_cast<unsigned>(folded_fstride(plan.k()) / 4));
 }
 }  // namespace
 

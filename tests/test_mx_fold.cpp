@@ -1,7 +1,7 @@
 // Exponent folding (micromix/mx/fold.h), the operand encoding of the FP8 tensor-core
 // GEMM, checked on the CPU: window exactness, value preservation on segmented
 // matrices, the bound for scale spreads outside the window, NaN groups, and an
-// emulation of the kernel's per-group promotion order against a float64 product.
+// emulation of the kernel's per-tile promotion order against a float64 product.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -16,7 +16,6 @@ using namespace micromix::mx;
 namespace {
 
 std::mt19937_64 rng(20261123);
-constexpr int kGroupK = kFoldGroupBlocks * kBlockSize;  // K columns of one fold group
 
 TEST(MxFold, WindowIsExactAndTight) {
   for (ElemFormat f : {ElemFormat::E2M1, ElemFormat::E3M2}) {
@@ -141,8 +140,8 @@ TEST(MxFold, PreservesValuesWithinWindow) {
       for (int64_t r = 0; r < rows; ++r) {
         for (int c = 0; c < p.k(); ++c) ASSERT_EQ(folded_value(f, r, c), segment_value(m, r, c)) << r << "," << c;
         for (int b = 0; b < p.blocks(); ++b) {
-          if (b < b8)  // folded blocks of a group share its factor
-            EXPECT_EQ(folded_factor(f, r, b), folded_factor(f, r, b / kFoldGroupBlocks * kFoldGroupBlocks));
+          if (b < b8 && (b / 4) * 4 < b8)  // folded blocks of a tile share their group's factor
+            EXPECT_EQ(folded_factor(f, r, b), folded_factor(f, r, (b / 4) * 4));
           else
             EXPECT_EQ(folded_factor(f, r, b), decode_scale(m.scales[r * p.blocks() + b]));
         }
@@ -153,7 +152,7 @@ TEST(MxFold, PreservesValuesWithinWindow) {
 }
 
 // Outside the window: per element |folded - exact| <= 2^-16 * (largest |value| in the
-// row's fold group).
+// row's 128-wide tile).
 TEST(MxFold, WideSpreadBound) {
   const MixPlan p{512, 256, 128};
   const int64_t rows = 64;
@@ -163,21 +162,21 @@ TEST(MxFold, WideSpreadBound) {
   EXPECT_GT(f.lossy, 0u);
   double worst = 0;
   for (int64_t r = 0; r < rows; ++r)
-    for (int t = 0; t * kGroupK < p.k(); ++t) {
+    for (int t = 0; t * 128 < p.k(); ++t) {
       double tmax = 0;
-      for (int c = t * kGroupK; c < std::min(p.k(), (t + 1) * kGroupK); ++c) tmax = std::max(tmax, std::fabs(double(segment_value(m, r, c))));
-      for (int c = t * kGroupK; c < std::min(p.k(), (t + 1) * kGroupK); ++c) {
+      for (int c = t * 128; c < std::min(p.k(), t * 128 + 128); ++c) tmax = std::max(tmax, std::fabs(double(segment_value(m, r, c))));
+      for (int c = t * 128; c < std::min(p.k(), t * 128 + 128); ++c) {
         const double err = std::fabs(double(folded_value(f, r, c)) - segment_value(m, r, c));
         worst = std::max(worst, err / (tmax * std::ldexp(1.0, -16)));
       }
     }
   EXPECT_LE(worst, 1.0);
-  std::printf("lossy elements %llu of %lld, worst error / (2^-16 group max) = %.3g\n",
+  std::printf("lossy elements %llu of %lld, worst error / (2^-16 tile max) = %.3g\n",
               static_cast<unsigned long long>(f.lossy), static_cast<long long>(rows * p.k()), worst);
 }
 
 TEST(MxFold, NanBlocks) {
-  const MixPlan p{64, 32, 64};  // group 0: FP4, FP4, FP6, FP8, FP8, FP8
+  const MixPlan p{64, 32, 64};  // tile 0: FP4, FP4, FP6, FP8; tile 1: FP8
   const auto x = random_rows(2, p.k(), 2.0);
   SegmentedMx m = quantize_segments(x, 2, p, ScaleRule::Ceil);
   m.scales[0 * p.blocks() + 1] = kScaleNaN;  // row 0: FP4 block 1 -> whole folded group NaN
@@ -190,7 +189,7 @@ TEST(MxFold, NanBlocks) {
 }
 
 // Weights folded with 128-row groups: every row of a group has the same factor for a
-// fold group's folded blocks; values are preserved (here the rows' scales sit within a few
+// tile's folded blocks; values are preserved (here the rows' scales sit within a few
 // binades, inside the window) and agree with the per-row fold; lossy rows appear only when
 // a row's blocks sit far below its group's top, within the same 2^-16 bound as per-row
 // folding measured against the group's largest value; a NaN block poisons only its row.
@@ -209,31 +208,31 @@ TEST(MxFold, RowGroupsShareTheFactor) {
     for (int b = 0; b < b8; ++b) ASSERT_EQ(folded_factor(grouped, r, b), folded_factor(grouped, first, b)) << r << "," << b;
     for (int b = b8; b < p.blocks(); ++b) ASSERT_EQ(folded_factor(grouped, r, b), folded_factor(per_row, r, b));  // MXFP8: per row
   }
-  // One row 2^-20 below the others: lossy, but within 2^-16 of the row group's maximum in each fold group.
+  // One row 2^-20 below the others: lossy, but within 2^-16 of the group's tile maximum.
   for (int c = 0; c < p.k(); ++c) x[5 * p.k() + c] *= 0x1p-20f;
   SegmentedMx low = quantize_segments(x, rows, p, ScaleRule::Ceil);
   const FoldedMx g2 = fold_rows(low, kWeightRowGroup);
   EXPECT_GT(g2.lossy, 0u);
   EXPECT_EQ(fold_rows(low).lossy, 0u);
-  for (int t = 0; t * kGroupK < p.k(); ++t) {
+  for (int t = 0; t * 128 < p.k(); ++t) {
     double tmax = 0;
     for (int64_t r = 0; r < kWeightRowGroup; ++r)
-      for (int c = t * kGroupK; c < (t + 1) * kGroupK; ++c) tmax = std::max(tmax, std::fabs(double(segment_value(low, r, c))));
-    for (int c = t * kGroupK; c < (t + 1) * kGroupK; ++c)
+      for (int c = t * 128; c < t * 128 + 128; ++c) tmax = std::max(tmax, std::fabs(double(segment_value(low, r, c))));
+    for (int c = t * 128; c < t * 128 + 128; ++c)
       EXPECT_LE(std::fabs(double(folded_value(g2, 5, c)) - segment_value(low, 5, c)), std::ldexp(tmax, -16)) << c;
   }
-  // A NaN block in row 7's FP4 part: row 7's folded blocks of that fold group are NaN, the
-  // factor stays the row group's, every other row is unchanged.
+  // A NaN block in row 7's FP4 part: row 7's folded blocks of that tile are NaN, the factor
+  // stays the group's, every other row is unchanged.
   low.scales[7 * p.blocks() + 1] = kScaleNaN;
   const FoldedMx g3 = fold_rows(low, kWeightRowGroup);
-  for (int c = 0; c < p.k(); ++c) EXPECT_EQ(std::isnan(folded_value(g3, 7, c)), c < kGroupK) << c;
-  for (int b = 0; b < kFoldGroupBlocks; ++b) EXPECT_TRUE(std::isfinite(folded_factor(g3, 7, b)));
+  for (int c = 0; c < 128; ++c) EXPECT_TRUE(std::isnan(folded_value(g3, 7, c))) << c;
+  for (int b = 0; b < 4; ++b) EXPECT_TRUE(std::isfinite(folded_factor(g3, 7, b)));
   for (int64_t r = 0; r < rows; ++r)
     if (r != 7)
       for (int c = 0; c < p.k(); ++c) ASSERT_EQ(folded_value(g3, r, c), folded_value(g2, r, c));
 }
 
-// The kernel's arithmetic on folded operands: per fold group, the folded blocks' sum of
+// The kernel's arithmetic on folded operands: per 128-K tile, the folded group's sum of
 // payload products (exact here; the tensor core keeps about 14 bits), times fa * fw,
 // accumulated in fp32; each MXFP8 block promoted on its own.
 TEST(MxFold, EmulatedGemmMatchesFloat64) {
@@ -251,17 +250,16 @@ TEST(MxFold, EmulatedGemmMatchesFloat64) {
           s += std::fabs(double(segment_value(a, i, c)) * segment_value(w, j, c));
         }
         float acc = 0;
-        // blocks [b0, b0 + n): one sum of payload products, one promotion with b0's factors
-        auto promote = [&](int b0, int n) {
-          double g = 0;
-          for (int c = b0 * kBlockSize; c < (b0 + n) * kBlockSize; ++c)
-            g += double(decode_elem(ElemFormat::E4M3, fa.q[i * p.k() + c])) * decode_elem(ElemFormat::E4M3, fw.q[j * p.k() + c]);
-          acc = std::fma(float(g), folded_factor(fa, i, b0) * folded_factor(fw, j, b0), acc);
-        };
-        for (int g0 = 0; g0 < nblk; g0 += kFoldGroupBlocks) {
-          const int g1 = std::min(nblk, g0 + kFoldGroupBlocks), f1 = std::min(g1, std::max(g0, b8));
-          if (f1 > g0) promote(g0, f1 - g0);          // the group's folded blocks, both K tiles
-          for (int b = f1; b < g1; ++b) promote(b, 1);  // MXFP8 blocks, each on its own
+        for (int t = 0; t * 4 < nblk; ++t) {
+          const int nb = std::min(4, nblk - 4 * t), nf = folded_blocks_in_tile(t, nblk, b8);
+          auto group = [&](int j0, int n) {
+            double g = 0;
+            for (int c = (4 * t + j0) * 32; c < (4 * t + j0 + n) * 32; ++c)
+              g += double(decode_elem(ElemFormat::E4M3, fa.q[i * p.k() + c])) * decode_elem(ElemFormat::E4M3, fw.q[j * p.k() + c]);
+            acc = std::fma(float(g), folded_factor(fa, i, 4 * t + j0) * folded_factor(fw, j, 4 * t + j0), acc);
+          };
+          if (nf > 0) group(0, nf);
+          for (int jj = nf; jj < nb; ++jj) group(jj, 1);
         }
         EXPECT_LE(std::fabs(acc - ref), std::ldexp(s, -20) + 1e-30) << "plan " << p.p4 << "/" << p.p6 << "/" << p.p8;
       }

@@ -10,13 +10,13 @@
 //     |y - r| <= 2^-8 |r| + c * S,
 //   2^-8|r| covers the bf16 output rounding (half an ulp is 2^-9 relative); c * S the
 //   accumulation: c = 2^-10 for the fp32 paths (worst case K * 2^-24 for K <= 16384),
-//   and for the FP8 path as well (each 256-K fold group is summed inside the tensor core with
+//   and for the FP8 path as well (each 128-K group is summed inside the tensor core with
 //   about 14 significant bits, error <= 4 * 2^-13 of that group's sum of |products|,
 //   then promoted exactly into fp32). Norm-wise, ||y - r|| / ||r|| must stay below 4e-3
 //   (bf16 output rounding alone gives about 1.1e-3), which catches any lost block.
 //   Folded elements that are not exact (scale spreads wider than the folding window;
 //   rare on random inputs, forced by the explicit spread test) add at most
-//   2^-16 * T_k * |w_k| per element, T_k the largest |a| in k's fold group (see
+//   2^-16 * T_k * |w_k| per element, T_k the largest |a| in k's 128-wide tile (see
 //   docs/kernels.md). Inputs come from a fixed seed; MICROMIX_TEST_SEED picks another.
 #include <gtest/gtest.h>
 
@@ -129,8 +129,7 @@ uint64_t expect_folded_exact(const DeviceMx& d, const HostMx& cpu) {
   EXPECT_EQ(bad_wide, 0u) << "bf16 MXFP8 values differ from the packed values";
   auto group_has_nan = [&](int64_t m, int b) {  // a NaN block makes its whole folded group NaN
     if (b >= b8) return false;
-    const int g0 = b / mx::kFoldGroupBlocks * mx::kFoldGroupBlocks;
-    for (int j = g0; j < std::min(g0 + mx::kFoldGroupBlocks, b8); ++j)
+    for (int j = b / 4 * 4; j < std::min(b / 4 * 4 + 4, b8); ++j)
       if (cpu.scales[m * nblk + j] == mx::kScaleNaN) return true;
     return false;
   };
@@ -343,16 +342,15 @@ void reference(const HostMx& A, const HostMx& W, std::vector<double>& r, std::ve
   r.assign(static_cast<size_t>(M) * N, 0);
   s.assign(r.size(), 0);
   std::vector<double> ta, tw;
-  if (tile_term) {  // per element: the largest |value| in its row's fold group
+  if (tile_term) {  // per element: the largest |value| in its row's 128-wide tile
     tile_term->assign(r.size(), 0);
-    constexpr int kGroupK = mx::kFoldGroupBlocks * mx::kBlockSize;
     auto tiles = [&](const std::vector<double>& v, int64_t rows) {
       std::vector<double> t(v.size());
       for (int64_t i = 0; i < rows; ++i)
-        for (int k0 = 0; k0 < K; k0 += kGroupK) {
+        for (int k0 = 0; k0 < K; k0 += 128) {
           double mx = 0;
-          for (int k = k0; k < std::min(K, k0 + kGroupK); ++k) mx = std::max(mx, std::fabs(v[i * K + k]));
-          for (int k = k0; k < std::min(K, k0 + kGroupK); ++k) t[i * K + k] = mx;
+          for (int k = k0; k < std::min(K, k0 + 128); ++k) mx = std::max(mx, std::fabs(v[i * K + k]));
+          for (int k = k0; k < std::min(K, k0 + 128); ++k) t[i * K + k] = mx;
         }
       return t;
     };
@@ -465,7 +463,7 @@ void run_gemm_case(const GemmCase& c, bool spread = false, bool group_scales = f
   const int K = c.plan.k();
   const int64_t M = c.M, N = c.N;
   auto x = random_activations(M, K, K);
-  if (spread)  // blocks of very different magnitude inside fold groups
+  if (spread)  // blocks of very different magnitude inside 128-wide tiles
     for (int64_t m = 0; m < M; ++m)
       for (int k = 0; k < K; ++k)
         if ((k / 32) % 4 == (m % 4)) x[m * K + k] = mx::float_to_bf16_bits(mx::bf16_bits_to_float(x[m * K + k]) * 0x1p-22f);
@@ -726,7 +724,7 @@ TEST(MxGemm, SmallWeightGroupsOfDifferentScales) {
 // in row-major and row-tiled W, in one kernel and from the fold's group keys.
 TEST(MxGemm, SmallGroupedFoldEdgeBlocks) {
   REQUIRE_GPU();
-  const MixPlan plan{128, 96, 64};  // blocks 0-3 FP4, 4-6 FP6, 7-8 FP8; fold groups of 8 and 1 blocks
+  const MixPlan plan{128, 96, 64};  // blocks 0-3 FP4, 4-6 FP6, 7-8 FP8; tiles of 4, 4 and 1 blocks
   const int K = plan.k(), nblk = K / 32;
   const int64_t N = 300;  // three 128-row groups, the last one partial
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -757,7 +755,7 @@ TEST(MxGemm, SmallGroupedFoldEdgeBlocks) {
     EXPECT_EQ(lossy.download()[0], ref.lossy) << "lossy count differs from the host fold";
     // From the group keys: the same bytes and count.
     DeviceBuffer<int> keys(fold_group_key_count(N, plan));
-    ASSERT_EQ(keys.count, 3u * folded_fstride(K) / mx::kFoldGroupBlocks);
+    ASSERT_EQ(keys.count, 3u * folded_fstride(K) / 4);
     CK(fold_group_keys(W.segments(), N, plan, keys.ptr, nullptr));
     poison_folded(W);
     CK(cudaMemset(lossy.ptr, 0, 8));

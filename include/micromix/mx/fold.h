@@ -1,11 +1,10 @@
 // Exponent folding: re-encoding MX elements as E4M3 payloads with the per-32 scale
-// folded in, so that a row's eight 32-blocks of one 256-wide fold group (two of the FP8
-// GEMM's 128-wide K tiles) share one power-of-two factor (the operand form of the FP8
-// tensor-core GEMM, which promotes once per group; docs/kernels.md).
+// folded in, so that a row's four 32-blocks of one 128-wide K tile share one power-of-
+// two factor (the operand form of the FP8 tensor-core GEMM; docs/kernels.md).
 //
 // An E2M1 value times 2^d is an E4M3 value for d in [-8, 6]; an E3M2 value times 2^d for
 // d in [-5, 4] (the E4M3 grid has 3 mantissa bits, exponents -6..8 and subnormals down
-// to 2^-9). For the folded (FP4/FP6) blocks of one group, E = max over nonzero finite
+// to 2^-9). For the folded (FP4/FP6) blocks of one tile, E = max over nonzero finite
 // blocks of (s_j - top_j) is the smallest exponent keeping every shift s_j - E at or
 // below its window top; blocks whose shift falls below the window bottom are rounded
 // (RNE) and counted as lossy. MXFP8 blocks are not folded: payload = code, E = s.
@@ -39,13 +38,7 @@ struct FoldKey {
   int nan = 0;        // a folded block with the NaN scale
 };
 
-// 32-blocks along K that share one fold exponent: two 128-wide K tiles of the FP8 GEMM, which
-// accumulates both in one temporary and promotes once (half the promotions of 128-wide groups:
-// 2-3 % of a prefill on the H200). Wider groups raise the chance that a group's scales spread
-// past the window (lossy, counted).
-inline constexpr int kFoldGroupBlocks = 8;
-
-// Combine the keys of the folded blocks of one group.
+// Combine the keys of the folded blocks of one tile.
 MICROMIX_HD FoldKey fold_combine(FoldKey a, FoldKey b) {
   return {a.key > b.key ? a.key : b.key, a.nan | b.nan};
 }
@@ -70,7 +63,7 @@ MICROMIX_HD FoldKey fold_key(const uint8_t* codes, uint8_t scale) {
   return fold_key_of<F>(nonzero, scale);
 }
 
-// A group's fold exponent E from its combined key (0 when none of its folded blocks is nonzero).
+// A tile's fold exponent E from its combined key (0 when none of its folded blocks is nonzero).
 MICROMIX_HD constexpr int fold_exponent(int key) { return key == INT_MIN ? 0 : key; }
 
 // Whether a block with scale exponent s folds exactly into a group of exponent e.
@@ -185,20 +178,17 @@ inline float fold_payload_rt(ElemFormat f, const uint8_t* codes, uint8_t scale, 
   }
 }
 
-// Number of 32-blocks (from the start of 128-wide K tile `tile`) that are folded, given the
-// first MXFP8 block b8 and the number of blocks nblk: the rest of the tile's blocks are
-// MXFP8 blocks, each its own group.
+// Number of 32-blocks (from the tile start) that form the tile's folded group, given
+// the first MXFP8 block b8 and the number of blocks nblk: the rest of the tile's blocks
+// are MXFP8 blocks, each its own group.
 MICROMIX_HD constexpr int folded_blocks_in_tile(int tile, int nblk, int b8) {
   const int nb = nblk - 4 * tile < 4 ? nblk - 4 * tile : 4;
   const int nf = b8 - 4 * tile;
   return nf < 0 ? 0 : nf > nb ? nb : nf;
 }
 
-// fp32 factors per row: K/32 rounded up to whole fold groups, so that the eight lanes of a
-// kernel that maps consecutive threads to consecutive blocks hold one row's group.
-MICROMIX_HD constexpr int folded_fstride(int k) {
-  return ((k / kBlockSize) + kFoldGroupBlocks - 1) / kFoldGroupBlocks * kFoldGroupBlocks;
-}
+// fp32 factors per row: K/32 rounded up to a multiple of 4 (whole 128-wide K tiles).
+MICROMIX_HD constexpr int folded_fstride(int k) { return ((k / kBlockSize) + 3) / 4 * 4; }
 
 // Where the factor of 32-block `block` of `row` lives among rows x fstride factors. They are
 // stored tile-major: a 128-wide K tile's factors are [rows][4] contiguous, so the FP8 GEMM
@@ -229,9 +219,9 @@ MICROMIX_HD uint16_t mx8_as_bf16(uint8_t code, uint8_t scale) {
 }
 
 // The folded operand on the host: q [rows, K] E4M3 payloads, f: rows x fstride factors at
-// folded_factor_index (one per 32-block; the folded blocks of a group repeat its
+// folded_factor_index (one per 32-block; the folded blocks of a tile repeat their group's
 // factor; padding 0), and mx8 [rows, p8]: the MXFP8 part as bf16 values (mx8_as_bf16).
-// row_group: how many consecutive rows (from row 0) share the factor of a group's folded
+// row_group: how many consecutive rows (from row 0) share the factor of a tile's folded
 // blocks. 1 for activations. Weights may use 128 (the FP8 GEMM's half tile), so that the
 // GEMM promotes those tiles with one factor per 128 columns; the group's exponent is the
 // largest any of its rows needs, so rows whose blocks sit far below the group's top can
@@ -263,19 +253,18 @@ inline FoldedMx fold_rows(const SegmentedMx& m, int row_group = 1) {
     for (int c = 0; c < p.p8; ++c)
       out.mx8[r * p.p8 + c] =
           mx8_as_bf16(segment_code(m, r, b8 * kBlockSize + c), m.scales[r * nblk + b8 + c / kBlockSize]);
-  constexpr int G = kFoldGroupBlocks;
-  std::vector<uint8_t> codes(static_cast<size_t>(row_group) * G * kBlockSize);
+  std::vector<uint8_t> codes(static_cast<size_t>(row_group) * 4 * kBlockSize);
   std::vector<FoldKey> row_key(static_cast<size_t>(row_group));
   for (int64_t g0 = 0; g0 < m.rows; g0 += row_group) {
     const int64_t g1 = g0 + row_group < m.rows ? g0 + row_group : m.rows;
-    for (int t = 0; t * G < nblk; ++t) {
-      const int nb = nblk - G * t < G ? nblk - G * t : G;
+    for (int t = 0; t * 4 < nblk; ++t) {
+      const int nb = nblk - 4 * t < 4 ? nblk - 4 * t : 4;
       int group_key = INT_MIN;
       for (int64_t r = g0; r < g1; ++r) {
         FoldKey key;
         for (int j = 0; j < nb; ++j) {
-          const int b = G * t + j;
-          uint8_t* c = &codes[((r - g0) * G + j) * kBlockSize];
+          const int b = 4 * t + j;
+          uint8_t* c = &codes[((r - g0) * 4 + j) * kBlockSize];
           for (int i = 0; i < kBlockSize; ++i) c[i] = segment_code(m, r, b * kBlockSize + i);
           if (b < b8) key = fold_combine(key, fold_key_rt(kSegmentFormat[segment_of_block(p, b)], c, m.scales[r * nblk + b]));
         }
@@ -285,9 +274,9 @@ inline FoldedMx fold_rows(const SegmentedMx& m, int row_group = 1) {
       for (int64_t r = g0; r < g1; ++r) {
         const FoldKey use = row_group == 1 ? row_key[0] : FoldKey{group_key, row_key[r - g0].nan};
         for (int j = 0; j < nb; ++j) {
-          const int b = G * t + j;
+          const int b = 4 * t + j;
           unsigned lossy = 0;
-          float f = fold_payload_rt(kSegmentFormat[segment_of_block(p, b)], &codes[((r - g0) * G + j) * kBlockSize],
+          float f = fold_payload_rt(kSegmentFormat[segment_of_block(p, b)], &codes[((r - g0) * 4 + j) * kBlockSize],
                                     m.scales[r * nblk + b], use, out.q.data() + r * p.k() + b * kBlockSize, &lossy);
           if (row_group > 1 && b < b8 && f != f) f = exp2i(fold_exponent(group_key));
           out.f[folded_factor_index(r, b, m.rows)] = f;
