@@ -29,7 +29,6 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-
 // Sum of v over the CTA (blockDim.x a multiple of 32, at most 1024); every thread gets it.
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float partial[32];
