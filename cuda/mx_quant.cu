@@ -493,47 +493,6 @@ struct RowsSource {
     for (int i = 0; i < kBlockSize / 8; ++i) bf16x8_to_float(w[i], v + 8 * i);
   }
 };
-// Rows in the stored channel order (the attention output that feeds o_proj): the CTA first
-// copies the rows its threads cover into shared memory, then each thread gathers its block's
-// 32 values from there through the plan's permutation. In place of act_quant_kernel's row
-// loop (one row per CTA at a time, a barrier per row), so that a CTA's loads are all in
-// flight at once.
-struct StagedRowsSource {
-  const uint16_t* __restrict__ x;
-  int64_t ldx;
-  const int32_t* __restrict__ perm;
-  int k;
-  const uint16_t* rows = nullptr;  // staged rows first, first + 1, ...
-  int64_t first = 0;
-  // At most this many rows hold the blocks of blockDim threads (fstride per row).
-  static int64_t rows_per_cta(int fstride, int threads, int64_t M) {
-    return std::min<int64_t>(M, (threads - 1 + fstride - 1) / fstride + 1);
-  }
-  // Every thread of the CTA calls it (a barrier inside).
-  __device__ void stage(int64_t first_row, int64_t last_row, uint4* smem) {
-    const int chunks = k / 8;  // 16-byte chunks per row (ldx % 8 == 0)
-    const int total = static_cast<int>(last_row - first_row + 1) * chunks;
-    for (int i = threadIdx.x; i < total; i += blockDim.x)
-      cp_async_16(smem + i, x + (first_row + i / chunks) * ldx + (i % chunks) * 8, true);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    rows = reinterpret_cast<const uint16_t*>(smem);
-    first = first_row;
-  }
-  __device__ __forceinline__ void block(int64_t m, int b, float* v) const {
-    const uint16_t* row = rows + (m - first) * k;
-    const int4* pp = reinterpret_cast<const int4*>(perm + b * kBlockSize);
-#pragma unroll
-    for (int q = 0; q < kBlockSize / 4; ++q) {
-      const int4 c = __ldg(pp + q);
-      v[4 * q] = bf16f(row[c.x]);
-      v[4 * q + 1] = bf16f(row[c.y]);
-      v[4 * q + 2] = bf16f(row[c.z]);
-      v[4 * q + 3] = bf16f(row[c.w]);
-    }
-  }
-};
 struct SwigluSource {
   const uint16_t* __restrict__ gate_up;
   int ffn;
@@ -588,7 +547,7 @@ __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_
 // gather there is no shared-memory row and no barrier. A thread per 32-block, its 32 values
 // in 16-byte loads straight from global memory; the four lanes of a 128-wide tile combine
 // their keys by shuffles. Folded output only; the same bytes as act_quant_kernel. Inputs in
-// the stored order (StagedRowsSource) are first copied to shared memory, the CTA's rows at once.
+// the stored order go through act_quant_gathered_kernel below.
 constexpr int kOrderedThreads = 256;
 
 template <class Source>
@@ -602,18 +561,84 @@ __global__ void __launch_bounds__(kOrderedThreads) act_quant_ordered_kernel(Sour
   const bool in_range = u < units;
   const int64_t m = in_range ? u / fstride : 0;
   const int b = in_range ? static_cast<int>(u % fstride) : fstride;
-  if constexpr (std::is_same_v<Source, StagedRowsSource>) {
-    extern __shared__ uint4 staged_rows[];
-    const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x / fstride;
-    src.stage(first, std::min<int64_t>(M - 1, ((static_cast<int64_t>(blockIdx.x) + 1) * blockDim.x - 1) / fstride),
-              staged_rows);
-  }
   const bool valid = b < nblk;
   const int seg = b < plan.first_fp6_block() ? 0 : b < plan.first_fp8_block() ? 1 : 2;
   float v[kBlockSize];
   if (valid) src.block(m, b, v);
   unsigned lossy = 0;
   fold_block_values(seg, valid, v, rule, m, b, M, plan, folded, &lossy, nullptr);
+  if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
+}
+
+// Prefill's quantizer for rows in the stored channel order (the attention output that feeds
+// o_proj), folded output only. A CTA copies kGatherRows rows into shared memory, and the plan's
+// permutation as 16-bit channel pairs, then each warp takes 128-wide K tiles of all those rows:
+// lane = 4 x row + block of the tile, so the four lanes of a tile are one row's (the shuffles
+// of fold_block_values) and the eight rows reading the same channel of a block fall in eight
+// banks (row pitch 4 banks past a multiple of 128 bytes). A warp's gather then meets about two
+// requests per bank instead of the three to four of 32 blocks of one row, and the permutation
+// is read once per CTA instead of per block from global memory. Same bytes as the other forms.
+constexpr int kGatherRows = 8;
+constexpr int kGatherMaxSmem = 160 * 1024;
+
+struct GatherLayout {
+  int row_pitch;   // bytes: a multiple of 128, plus 16
+  int rows;        // rows staged per CTA (at most kGatherRows)
+  int perm_bytes;  // the permutation as 16-bit channel pairs, 17 words per block
+  __host__ __device__ static GatherLayout of(int k) {
+    GatherLayout g;
+    g.row_pitch = (k * 2 + 127) / 128 * 128 + 16;
+    g.perm_bytes = k / kBlockSize * 17 * 4;
+    g.rows = (kGatherMaxSmem - g.perm_bytes) / g.row_pitch;
+    if (g.rows > kGatherRows) g.rows = kGatherRows;
+    return g;
+  }
+  __host__ __device__ int smem_bytes() const { return rows * row_pitch + perm_bytes; }
+};
+
+__global__ void __launch_bounds__(kOrderedThreads, 3) act_quant_gathered_kernel(const uint16_t* __restrict__ x, int64_t M,
+                                                                int64_t ldx, const int32_t* __restrict__ perm,
+                                                                MixPlan plan, ScaleRule rule, FoldedOperand folded,
+                                                                unsigned long long* lossy_count) {
+  extern __shared__ uint4 gather_smem[];
+  const int k = plan.k(), nblk = plan.blocks(), fstride = folded_fstride(k), chunks = k / 8;
+  const GatherLayout g = GatherLayout::of(k);
+  uint8_t* rows_s = reinterpret_cast<uint8_t*>(gather_smem);
+  uint32_t* perm_s = reinterpret_cast<uint32_t*>(rows_s + g.rows * g.row_pitch);  // [block][17] channel pairs
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * g.rows;
+  const int rows = static_cast<int>(M - first < g.rows ? M - first : g.rows);
+  for (int i = threadIdx.x; i < rows * chunks; i += blockDim.x)
+    cp_async_16(rows_s + (i / chunks) * g.row_pitch + (i % chunks) * 16, x + (first + i / chunks) * ldx + (i % chunks) * 8,
+                true);
+  cp_async_commit();
+  for (int i = threadIdx.x; i < k / 2; i += blockDim.x) {
+    const int2 c = reinterpret_cast<const int2*>(perm)[i];
+    perm_s[(2 * i) / kBlockSize * 17 + i % (kBlockSize / 2)] = static_cast<uint32_t>(c.x) | (static_cast<uint32_t>(c.y) << 16);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 4;
+  const bool row_ok = r < rows;
+  const int64_t m = first + (row_ok ? r : 0);
+  const uint8_t* row = rows_s + r * g.row_pitch;
+  unsigned lossy = 0;
+  for (int tile = warp; tile < fstride / 4; tile += blockDim.x / 32) {
+    const int b = row_ok ? 4 * tile + lane % 4 : fstride;  // lanes of missing rows: shuffles only
+    const bool valid = b < nblk;
+    const int seg = b < plan.first_fp6_block() ? 0 : b < plan.first_fp8_block() ? 1 : 2;
+    float v[kBlockSize];
+    if (valid) {
+      const uint32_t* pp = perm_s + b * 17;
+#pragma unroll
+      for (int i = 0; i < kBlockSize / 2; ++i) {
+        const uint32_t c = pp[i];
+        v[2 * i] = bf16f(*reinterpret_cast<const uint16_t*>(row + 2 * (c & 0xFFFFu)));
+        v[2 * i + 1] = bf16f(*reinterpret_cast<const uint16_t*>(row + 2 * (c >> 16)));
+      }
+    }
+    fold_block_values(seg, valid, v, rule, m, b, M, plan, folded, &lossy, nullptr);
+  }
   if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }
 
@@ -845,24 +870,26 @@ bool is_folded_only(const MxSegments& packed, const FoldedOperand& folded) {
          packed.scales == nullptr;
 }
 
-// Shared memory of act_quant_ordered_kernel<StagedRowsSource> for M rows of K.
-size_t staged_rows_smem(int64_t M, int K) {
-  return static_cast<size_t>(StagedRowsSource::rows_per_cta(folded_fstride(K), kOrderedThreads, M)) * K *
-         sizeof(uint16_t);
-}
-
 template <class Source>
 cudaError_t launch_ordered(Source src, int64_t M, MixPlan plan, ScaleRule rule, FoldedOperand folded,
                            unsigned long long* lossy, cudaStream_t stream) {
   const int64_t threads = M * folded_fstride(plan.k());
-  size_t smem = 0;
-  if constexpr (std::is_same_v<Source, StagedRowsSource>) {
-    smem = staged_rows_smem(M, plan.k());
-    const cudaError_t e = ptx::allow_dynamic_smem(act_quant_ordered_kernel<Source>, smem);
-    if (e != cudaSuccess) return e;
-  }
-  act_quant_ordered_kernel<Source><<<static_cast<unsigned>((threads + kOrderedThreads - 1) / kOrderedThreads), kOrderedThreads, smem, stream>>>(
+  act_quant_ordered_kernel<Source><<<static_cast<unsigned>((threads + kOrderedThreads - 1) / kOrderedThreads), kOrderedThreads, 0, stream>>>(
       src, M, plan, rule, folded, lossy);
+  return cudaGetLastError();
+}
+
+// Rows in the stored order, folded output only: staged rows where at least one fits beside the
+// permutation (channel numbers below 2^16).
+bool gathered_fits(int k) { return k <= 65536 && GatherLayout::of(k).rows >= 1; }
+
+cudaError_t launch_gathered(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* perm, MixPlan plan,
+                            ScaleRule rule, FoldedOperand folded, unsigned long long* lossy, cudaStream_t stream) {
+  const GatherLayout g = GatherLayout::of(plan.k());
+  const size_t smem = static_cast<size_t>(g.smem_bytes());
+  if (const cudaError_t e = ptx::allow_dynamic_smem(act_quant_gathered_kernel, smem); e != cudaSuccess) return e;
+  act_quant_gathered_kernel<<<static_cast<unsigned>((M + g.rows - 1) / g.rows), kOrderedThreads, smem, stream>>>(
+      x, M, ldx, perm, plan, rule, folded, lossy);
   return cudaGetLastError();
 }
 
@@ -884,8 +911,8 @@ cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t
   const bool folded_only = is_folded_only(packed, folded);
   if (!kNorm && folded_only && perm == nullptr) return launch_ordered(RowsSource{x, ldx}, M, plan, rule, folded, lossy, stream);
   // Prefill's gathered input (o_proj's): staged rows, where they fit in shared memory.
-  if (!kNorm && folded_only && staged_rows_smem(M, plan.k()) <= 160 * 1024)
-    return launch_ordered(StagedRowsSource{x, ldx, perm, plan.k()}, M, plan, rule, folded, lossy, stream);
+  if (!kNorm && folded_only && gathered_fits(plan.k()))
+    return launch_gathered(x, M, ldx, perm, plan, rule, folded, lossy, stream);
   auto kernel = folded_only ? act_quant_kernel<kNorm, true> : act_quant_kernel<kNorm, false>;
   if (const cudaError_t e = ptx::allow_dynamic_smem(kernel, smem); e != cudaSuccess) return e;
   int threads = act_threads(plan.blocks());
