@@ -47,6 +47,14 @@ bool decode_norm_quantize_setting() {
   return on;
 }
 
+// MICROMIX_DECODE_MERGE_QUANTIZE=0: a decode step merges the attention's key splits in their own
+// kernel and quantizes o_proj's input after it, instead of merging them inside that quantizer
+// (decode_attention_unmerged + quantize_attention_splits), for comparison.
+bool decode_merge_quantize_setting() {
+  static const bool on = env_switch("MICROMIX_DECODE_MERGE_QUANTIZE");
+  return on;
+}
+
 // MICROMIX_QKV_ROPE_EPILOGUE=0: prefill runs RoPE and the cache write as their own kernel after
 // the qkv GEMM instead of in its epilogue (mx_gemm_fp8_rope_and_cache), for comparison.
 bool qkv_rope_epilogue_setting() {
@@ -406,7 +414,8 @@ struct GpuRuntime::Impl {
   // (the attention output), already in that order (the RMSNorm output, written so), or as
   // the gate_up output, whose rows are stored in the down projection's order, with SwiGLU
   // applied inside the quantizer; or already quantized by decode's RMSNorm.
-  enum class Input { Gathered, Ordered, SwigluOrdered, Quantized };
+  // AttentionSplits: decode's o_proj input as the attention's unmerged key splits (attn_ws).
+  enum class Input { Gathered, Ordered, SwigluOrdered, Quantized, AttentionSplits };
 
   // The RMSNorm before linear layer `slot` (QKV or GateUp) of layer l: its weights and the
   // channel order it writes. Prefill writes an MX layer's input in its plan's order, so that
@@ -475,8 +484,14 @@ struct GpuRuntime::Impl {
     uint16_t* v_cache;
   };
 
+  // Where the unmerged key splits of Input::AttentionSplits are.
+  struct SplitsIn {
+    const AttentionShape& s;
+    int splits;
+  };
+
   void linear(int layer, int slot, const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out, Input how,
-              const RopeInto* rope_into = nullptr) {
+              const RopeInto* rope_into = nullptr, const SplitsIn* splits_in = nullptr) {
     const std::string name = model::linear_slot_name(static_cast<LinearSlot>(slot));
     if (!L.mx) {
       stage("gemm " + name, [&] {
@@ -495,7 +510,13 @@ struct GpuRuntime::Impl {
     const MxSegments packed = decode ? decode_operand() : MxSegments{};
     const FoldedOperand a = decode ? FoldedOperand{} : FoldedOperand{folded_a.ptr, folded_a_f.ptr, 1, folded_a_8.ptr};
     unsigned long long* lossy_a = decode ? nullptr : lossy.ptr;
-    if (how != Input::Quantized)
+    if (how == Input::AttentionSplits)
+      stage("merge + activation quant", [&] {
+        cuda_check(quantize_attention_splits(attn_ws.ptr, splits_in->s, splits_in->splits, L.perm.ptr, L.plan, rule,
+                                             packed, stream),
+                   "merge + quantize");
+      });
+    else if (how != Input::Quantized)
       stage(swiglu_in ? "swiglu + activation quant" : "activation quant", [&] {
         cuda_check(swiglu_in ? swiglu_quantize_activations(in, M, static_cast<int>(L.in), nullptr, L.plan, rule, packed,
                                                            a, lossy_a, stream)
@@ -597,10 +618,15 @@ struct GpuRuntime::Impl {
       linear(l, qkv_slot, L.linear[qkv_slot], xn.ptr, M, rope_in_gemm ? q.ptr : qkv.ptr, norm_out(l, qkv_slot, M).input,
              rope_in_gemm ? &rope_into : nullptr);
       if (folds && l + 1 < cfg.n_layers) fold_layer(l + 1, M);
+      // Decode with key splits before an MX o_proj: the splits merge inside its quantizer.
+      const bool unmerged = s.tokens == 1 && splits > 1 && L.linear[1].mx && M <= kDecodeMaxM &&
+                            decode_merge_quantize_setting();
       if (s.tokens == 1) {  // decode: RoPE inside the attention kernel
         stage("rope + attention", [&] {
-          cuda_check(decode_attention(qkv.ptr, bias, s, rope.ptr, cfg.rope_neox, kc, vc, attn.ptr, splits, attn_ws.ptr,
-                                      stream),
+          cuda_check(unmerged ? decode_attention_unmerged(qkv.ptr, bias, s, rope.ptr, cfg.rope_neox, kc, vc, splits,
+                                                          attn_ws.ptr, stream)
+                              : decode_attention(qkv.ptr, bias, s, rope.ptr, cfg.rope_neox, kc, vc, attn.ptr, splits,
+                                                 attn_ws.ptr, stream),
                      "attention");
         });
       } else {
@@ -610,7 +636,9 @@ struct GpuRuntime::Impl {
           });
         stage("attention", [&] { cuda_check(attention(q.ptr, kc, vc, s, attn.ptr, splits, attn_ws.ptr, stream), "attention"); });
       }
-      linear(l, 1, L.linear[1], attn.ptr, M, y.ptr, Input::Gathered);
+      const SplitsIn splits_in{s, splits};
+      linear(l, 1, L.linear[1], attn.ptr, M, y.ptr, unmerged ? Input::AttentionSplits : Input::Gathered, nullptr,
+             &splits_in);
       const NormOut ffn = norm_out(l, gate_up_slot, M);
       norm(y.ptr, ffn, &L.linear[gate_up_slot], M);
       linear(l, gate_up_slot, L.linear[gate_up_slot], xn.ptr, M, gate_up.ptr, ffn.input);

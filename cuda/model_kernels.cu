@@ -13,6 +13,7 @@
 #include "mx_ptx.cuh"
 #include "bf16_pairs.cuh"
 #include "warp_sum.cuh"
+#include "attention_splits.cuh"
 
 namespace micromix::cuda {
 
@@ -639,35 +640,25 @@ __global__ void attention_merge_kernel(const float* part_o, const float* part_ls
                                        uint16_t* out) {
   __shared__ float lse_s[kMaxAttnSplits];
   const int row = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, d = threadIdx.x;
-  const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group;
-  const int64_t stride = static_cast<int64_t>(s.batch) * s.n_kv_heads * rows;
-  const int64_t slot0 = (static_cast<int64_t>(b) * s.n_kv_heads + kvh) * rows + row;
-  const float* o = part_o + slot0 * s.head_dim + d;
-  const int64_t o_stride = stride * s.head_dim;
+  const int group = s.n_heads / s.n_kv_heads;
+  const SplitSlots slots = SplitSlots::of(s, b, kvh, row);
+  const float* o = part_o + slots.first * s.head_dim + d;
+  const int64_t o_stride = slots.stride * s.head_dim;
   ptx::chain_enter();
-  for (int sp = d; sp < splits; sp += blockDim.x) lse_s[sp] = part_lse[slot0 + sp * stride];
+  for (int sp = d; sp < splits; sp += blockDim.x) lse_s[sp] = part_lse[slots.first + sp * slots.stride];
   float held[kHeld > 0 ? kHeld : 1];
 #pragma unroll
   for (int sp = 0; sp < kHeld; ++sp) held[sp] = sp < splits ? o[sp * o_stride] : 0.0f;
   __syncthreads();
-  float top = -INFINITY;
-  for (int sp = 0; sp < splits; ++sp) top = fmaxf(top, lse_s[sp]);
-  float num = 0.0f, den = 0.0f;
-  auto add = [&](int sp, float v) {
-    const float lse = lse_s[sp];
-    if (lse == -INFINITY) return;
-    const float w = exp2f(lse - top);
-    num += w * v;
-    den += w;
-  };
+  SplitMerge merge;
+  for (int sp = 0; sp < splits; ++sp) merge.top = fmaxf(merge.top, lse_s[sp]);
 #pragma unroll
   for (int sp = 0; sp < kHeld; ++sp)
-    if (sp < splits) add(sp, held[sp]);
+    if (sp < splits) merge.add(lse_s[sp], held[sp]);
 #pragma unroll 8
-  for (int sp = kHeld; sp < splits; ++sp) add(sp, o[sp * o_stride]);  // loaded for empty splits too: no branch
+  for (int sp = kHeld; sp < splits; ++sp) merge.add(lse_s[sp], o[sp * o_stride]);  // loaded for empty splits too: no branch
   const int qi = row / group, head = kvh * group + row % group;
-  out[(static_cast<int64_t>(b) * s.tokens + qi) * s.q_dim() + head * s.head_dim + d] =
-      float_to_bf16_bits(den > 0.0f ? num / den : 0.0f);
+  out[(static_cast<int64_t>(b) * s.tokens + qi) * s.q_dim() + head * s.head_dim + d] = float_to_bf16_bits(merge.value());
 }
 
 // Pairs of elements, grid-strided over the whole [M, ffn] output (ffn is even).
@@ -808,7 +799,7 @@ bool attention_shape_ok(const AttentionShape& s, int splits, const float* worksp
 template <bool kRope>
 cudaError_t launch_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                              const AttentionShape& s, uint16_t* out, int splits, float* workspace, DecodeRope rope,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, bool merge = true) {
   static const cudaError_t attr = [] {
     cudaError_t e = cudaFuncSetAttribute(attention_kernel<64, kRope>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          attention_smem_bytes<64, kRope>());
@@ -822,15 +813,14 @@ cudaError_t launch_attention(const uint16_t* q, const uint16_t* k_cache, const u
   const dim3 grid(static_cast<unsigned>((group_rows + kAttnRows - 1) / kAttnRows), static_cast<unsigned>(s.n_kv_heads),
                   static_cast<unsigned>(s.batch * splits));
   float* part_o = workspace;
-  float* part_lse = splits > 1 ? workspace + static_cast<size_t>(splits) * s.batch * s.n_kv_heads * group_rows * s.head_dim
-                               : nullptr;
+  float* part_lse = splits > 1 ? workspace + split_lse_offset(s, splits) : nullptr;
   const cudaError_t e =
       s.head_dim == 64
           ? ptx::launch_chained(attention_kernel<64, kRope>, grid, kAttnThreads, attention_smem_bytes<64, kRope>(), stream, q,
                                 k_cache, v_cache, s, splits, out, part_o, part_lse, rope)
           : ptx::launch_chained(attention_kernel<128, kRope>, grid, kAttnThreads, attention_smem_bytes<128, kRope>(), stream, q,
                                 k_cache, v_cache, s, splits, out, part_o, part_lse, rope);
-  if (e != cudaSuccess || splits == 1) return e;
+  if (e != cudaSuccess || splits == 1 || !merge) return e;
   return ptx::launch_chained(splits > kMergeHeldFrom ? attention_merge_kernel<kMergeHeld> : attention_merge_kernel<0>,
                              dim3(static_cast<unsigned>(group_rows), static_cast<unsigned>(s.n_kv_heads),
                                   static_cast<unsigned>(s.batch)),
@@ -861,6 +851,14 @@ cudaError_t decode_attention(const uint16_t* qkv, const float* bias, const Atten
   if (s.tokens != 1 || !attention_shape_ok(s, splits, workspace)) return cudaErrorInvalidValue;
   return launch_attention<true>(nullptr, k_cache, v_cache, s, out, splits, workspace,
                                 DecodeRope{qkv, bias, rope, neox, k_cache, v_cache}, stream);
+}
+
+cudaError_t decode_attention_unmerged(const uint16_t* qkv, const float* bias, const AttentionShape& s,
+                                      const float2* rope, bool neox, uint16_t* k_cache, uint16_t* v_cache, int splits,
+                                      float* workspace, cudaStream_t stream) {
+  if (s.tokens != 1 || splits < 2 || !attention_shape_ok(s, splits, workspace)) return cudaErrorInvalidValue;
+  return launch_attention<true>(nullptr, k_cache, v_cache, s, nullptr, splits, workspace,
+                                DecodeRope{qkv, bias, rope, neox, k_cache, v_cache}, stream, false);
 }
 
 cudaError_t swiglu(const uint16_t* gate_up, int64_t M, int ffn, uint16_t* out, cudaStream_t stream) {

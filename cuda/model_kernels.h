@@ -92,6 +92,17 @@ size_t attention_workspace_floats(const AttentionShape& s, int splits);
 cudaError_t decode_attention(const uint16_t* qkv, const float* bias, const AttentionShape& s, const float2* rope,
                              bool neox, uint16_t* k_cache, uint16_t* v_cache, uint16_t* out, int splits,
                              float* workspace, cudaStream_t stream);
+// decode_attention with its key splits (splits > 1) left unmerged in `workspace`, for
+// quantize_attention_splits to merge as it quantizes: one launch fewer per layer.
+cudaError_t decode_attention_unmerged(const uint16_t* qkv, const float* bias, const AttentionShape& s,
+                                      const float2* rope, bool neox, uint16_t* k_cache, uint16_t* v_cache, int splits,
+                                      float* workspace, cudaStream_t stream);
+// quantize_activations (packed output, s.rows() <= kDecodeMaxM, plan.k() == q_dim, gathered
+// through perm) of the attention output that the merge of decode_attention_unmerged's splits
+// would store: the same codes and scales as decode_attention followed by quantize_activations.
+cudaError_t quantize_attention_splits(const float* workspace, const AttentionShape& s, int splits,
+                                      const int32_t* perm, MixPlan plan, mx::ScaleRule rule, MxSegments packed,
+                                      cudaStream_t stream);
 // A split count that fills the GPU for this shape (1 when the query tiles already do). With
 // position_ptr set, pass the largest position it may hold: splits past the keys stay idle.
 int attention_splits(const AttentionShape& s);

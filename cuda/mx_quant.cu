@@ -13,6 +13,7 @@
 #include "mx_ptx.cuh"
 #include "bf16_pairs.cuh"
 #include "warp_sum.cuh"
+#include "attention_splits.cuh"
 
 namespace micromix::cuda {
 
@@ -521,6 +522,40 @@ struct SwigluSource {
   }
 };
 
+// Decode's o_proj input as the attention's unmerged key splits (decode_attention_unmerged):
+// channel c of token m is what attention_merge_kernel would store there (SplitMerge, rounded to
+// bf16), its first kHeld splits' loads in flight together.
+template <int kHeld>
+struct AttentionSplitsSource {
+  const float* __restrict__ part_o;
+  const float* __restrict__ part_lse;
+  AttentionShape s;
+  int splits;
+  __device__ float channel(int64_t m, int c) const {
+    const int group = s.n_heads / s.n_kv_heads, head = c / s.head_dim, d = c % s.head_dim;
+    const int b = static_cast<int>(m / s.tokens), qi = static_cast<int>(m % s.tokens);
+    const SplitSlots slots = SplitSlots::of(s, b, head / group, qi * group + head % group);
+    const float* lse_at = part_lse + slots.first;
+    const float* o_at = part_o + slots.first * s.head_dim + d;
+    const int64_t o_stride = slots.stride * s.head_dim;
+    float lse[kHeld], part[kHeld];
+#pragma unroll
+    for (int sp = 0; sp < kHeld; ++sp) {
+      lse[sp] = sp < splits ? lse_at[sp * slots.stride] : -INFINITY;
+      part[sp] = sp < splits ? o_at[sp * o_stride] : 0.0f;
+    }
+    SplitMerge merge;
+#pragma unroll
+    for (int sp = 0; sp < kHeld; ++sp) merge.top = fmaxf(merge.top, lse[sp]);
+    for (int sp = kHeld; sp < splits; ++sp) merge.top = fmaxf(merge.top, lse_at[sp * slots.stride]);
+#pragma unroll
+    for (int sp = 0; sp < kHeld; ++sp)
+      if (sp < splits) merge.add(lse[sp], part[sp]);
+    for (int sp = kHeld; sp < splits; ++sp) merge.add(lse_at[sp * slots.stride], o_at[sp * o_stride]);
+    return bf16f(float_to_bf16_bits(merge.value()));
+  }
+};
+
 template <class Source>
 __global__ void __launch_bounds__(128) act_quant_lanes_kernel(Source src, int64_t M, const int32_t* __restrict__ perm,
                                                               MixPlan plan, ScaleRule rule, MxSegments packed) {
@@ -971,6 +1006,21 @@ cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int 
   if (M == 0) return cudaSuccess;
   if (folded_only) return launch_ordered(SwigluSource{gate_up, ffn}, M, plan, rule, folded, lossy_count, stream);
   return launch_lanes(SwigluSource{gate_up, ffn}, M, perm, plan, rule, packed, stream);
+}
+
+cudaError_t quantize_attention_splits(const float* workspace, const AttentionShape& s, int splits,
+                                      const int32_t* perm, MixPlan plan, ScaleRule rule, MxSegments packed,
+                                      cudaStream_t stream) {
+  const int64_t M = s.rows();
+  if (!plan.valid() || plan.k() != s.q_dim() || M < 1 || M > kDecodeMaxM || splits < 2 || splits > kMaxAttnSplits ||
+      workspace == nullptr || perm == nullptr || packed.row_tile != 1 || s.n_kv_heads <= 0 ||
+      s.n_heads % s.n_kv_heads != 0)
+    return cudaErrorInvalidValue;
+  const float* lse = workspace + split_lse_offset(s, splits);
+  // As many held loads as batch-1 decode has splits (17 on 132 multiprocessors); fewer for the
+  // two or so of a batch of 16, whose quantizer has 16 times the threads.
+  if (splits <= 4) return launch_lanes(AttentionSplitsSource<4>{workspace, lse, s, splits}, M, perm, plan, rule, packed, stream);
+  return launch_lanes(AttentionSplitsSource<32>{workspace, lse, s, splits}, M, perm, plan, rule, packed, stream);
 }
 
 // Every add_rmsnorm CTA (at most 1024 threads) fits in one CTA's virtual threads.

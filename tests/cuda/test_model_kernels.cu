@@ -7,7 +7,9 @@
 //   2^-9 max|v| in all) and the output to bf16 (2^-9 |out|); the bound is twice that.
 //   A key masked wrongly moves the output by about max|v| / keys, well beyond it.
 // - decode_attention (RoPE inside the attention): the same cache and the same output bits as
-//   rope_and_cache followed by attention, for every split count tried.
+//   rope_and_cache followed by attention, for every split count tried; with the splits left
+//   unmerged (decode_attention_unmerged), quantize_attention_splits gives the codes and scales
+//   quantize_activations gives for that output.
 // - add_rmsnorm, swiglu, embed_tokens: element-wise against float64 (one bf16 rounding).
 // - token_logprobs: log-softmax against float64 and first-maximum argmax with ties.
 // - mx_gemm_fp8_rope_and_cache: the bits of mx_gemm_fp8 followed by rope_and_cache.
@@ -188,6 +190,34 @@ void rope_attention_case(int head_dim, int n_heads, int n_kv_heads, int batch, i
       EXPECT_EQ(kc3.download(), c.kc);
       EXPECT_EQ(vc3.download(), c.vc);
       EXPECT_EQ(out.download(), want);
+      if (splits < 2) return;
+      // The splits left unmerged and merged by o_proj's quantizer as it reads: the codes and
+      // scales quantize_activations gives for the merged output (and the same cache).
+      const int K = s.q_dim();
+      const MixPlan plan{K / 2, K / 4, K / 4};
+      std::vector<int32_t> perm(K);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng());
+      DeviceBuffer<int32_t> dperm(K);
+      dperm.upload(perm);
+      const int64_t M = shape.rows();
+      DeviceMx merged(plan, M, false), fused(plan, M, false);
+      for (DeviceMx* d : {&merged, &fused}) poison_packed(*d);
+      CK(quantize_activations(out.ptr, M, K, dperm.ptr, plan, mx::ScaleRule::Ceil, merged.segments(), FoldedOperand{},
+                              nullptr, nullptr));
+      kc3.upload(kc_before);
+      vc3.upload(vc_before);
+      CK(cudaMemset(ws.ptr, 0xFF, ws.count * sizeof(float)));
+      CK(decode_attention_unmerged(d_qkv.ptr, d_bias.ptr, shape, d_rope.ptr, neox, kc3.ptr, vc3.ptr, splits, ws.ptr,
+                                   nullptr));
+      CK(quantize_attention_splits(ws.ptr, shape, splits, dperm.ptr, plan, mx::ScaleRule::Ceil, fused.segments(),
+                                   nullptr));
+      CK(cudaDeviceSynchronize());
+      EXPECT_EQ(kc3.download(), c.kc) << "unmerged";
+      EXPECT_EQ(vc3.download(), c.vc) << "unmerged";
+      const HostMx a = merged.download(), b = fused.download();
+      for (int seg = 0; seg < 3; ++seg) EXPECT_EQ(a.q[seg], b.q[seg]) << "merged in the quantizer, segment " << seg;
+      EXPECT_EQ(a.scales, b.scales) << "merged in the quantizer";
     };
     std::vector<int> split_counts = {1, attention_splits(s)};
     if (tokens == 1) split_counts.push_back(3);
@@ -259,6 +289,34 @@ TEST(ModelKernels, RejectsUnsupportedShapes) {
   EXPECT_EQ(rope_and_cache(nullptr, nullptr, s, nullptr, true, nullptr, nullptr, nullptr, nullptr), cudaErrorInvalidValue);
   s.position = 0;
   EXPECT_EQ(attention(nullptr, nullptr, nullptr, s, nullptr, 2, nullptr, nullptr), cudaErrorInvalidValue);  // no workspace
+}
+
+// Unmerged splits: decode steps only, at least two splits; their quantizer takes decode-sized
+// batches of q_dim channels.
+TEST(ModelKernels, UnmergedSplitsRejectWhatTheyCannotTake) {
+  REQUIRE_GPU();
+  AttentionShape s;
+  s.batch = 1;
+  s.tokens = 1;
+  s.n_heads = 4;
+  s.n_kv_heads = 2;
+  s.head_dim = 64;
+  s.max_context = 8;
+  DeviceBuffer<float> ws(attention_workspace_floats(s, 2));
+  EXPECT_EQ(decode_attention_unmerged(nullptr, nullptr, s, nullptr, true, nullptr, nullptr, 1, ws.ptr, nullptr),
+            cudaErrorInvalidValue);
+  const MixPlan plan{128, 64, 64};  // K = q_dim = 256
+  DeviceMx packed(plan, kDecodeMaxM + 1, false);
+  DeviceBuffer<int32_t> perm(plan.k());
+  EXPECT_EQ(quantize_attention_splits(ws.ptr, s, 1, perm.ptr, plan, mx::ScaleRule::Ceil, packed.segments(), nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(quantize_attention_splits(ws.ptr, s, 2, perm.ptr, MixPlan{128, 64, 32}, mx::ScaleRule::Ceil,
+                                      packed.segments(), nullptr),
+            cudaErrorInvalidValue);
+  AttentionShape big = s;
+  big.batch = kDecodeMaxM + 1;
+  EXPECT_EQ(quantize_attention_splits(ws.ptr, big, 2, perm.ptr, plan, mx::ScaleRule::Ceil, packed.segments(), nullptr),
+            cudaErrorInvalidValue);
 }
 
 // add_rmsnorm on M rows of H, plain and in a random channel order.
