@@ -47,6 +47,14 @@ bool decode_norm_quantize_setting() {
   return on;
 }
 
+// MICROMIX_SWIGLU_EPILOGUE=0: prefill's gate_up GEMM stores its rows and SwiGLU runs inside the
+// down projection's quantizer (swiglu_quantize_activations), instead of SwiGLU in the GEMM's
+// epilogue (mx_gemm_fp8_swiglu) and the plain quantizer after it, for comparison.
+bool swiglu_epilogue_setting() {
+  static const bool on = env_switch("MICROMIX_SWIGLU_EPILOGUE");
+  return on;
+}
+
 // MICROMIX_DECODE_MERGE_QUANTIZE=0: a decode step merges the attention's key splits in their own
 // kernel and quantizes o_proj's input after it, instead of merging them inside that quantizer
 // (decode_attention_unmerged + quantize_attention_splits), for comparison.
@@ -127,6 +135,9 @@ struct GpuRuntime::Impl {
   model::ModelConfig cfg;
   bool mx = false;
   mx::ScaleRule rule = mx::ScaleRule::Ceil;
+  // MX gate_up rows in pairs of 64 gate and 64 up channels (down's order inside), so that
+  // prefill's GEMM runs SwiGLU in its epilogue; Halves for bf16 weights.
+  SwigluLayout swiglu_layout = SwigluLayout::Halves;
   int max_context = 0, max_batch = 1, position = 0;
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
@@ -369,6 +380,11 @@ struct GpuRuntime::Impl {
 
   void note_peak() { peak = std::max(peak, held_bytes()); }
 
+  // Whether prefill's gate_up GEMM of M rows runs SwiGLU in its epilogue.
+  bool swiglu_in_gemm(int64_t M) const {
+    return mx && M > kDecodeMaxM && swiglu_layout == SwigluLayout::Pairs && swiglu_epilogue_setting();
+  }
+
   void ensure_tokens(int64_t M) {
     if (M <= capacity) return;
     const int64_t H = cfg.hidden, F = cfg.ffn, qd = cfg.q_dim(), qkvd = qd + 2 * cfg.kv_dim();
@@ -378,8 +394,10 @@ struct GpuRuntime::Impl {
     reserve(q, M * qd);
     reserve(attn, M * qd);
     reserve(y, M * H);
-    reserve(gate_up, M * 2 * F);
-    if (!mx) reserve(act, M * F);  // MX: SwiGLU runs inside the down projection's quantizer
+    // MX: SwiGLU runs in prefill's gate_up GEMM (act) or inside the down projection's quantizer
+    // (gate_up), and inside decode's (gate_up).
+    reserve(gate_up, (swiglu_in_gemm(M) ? std::min<int64_t>(M, kDecodeMaxM) : M) * 2 * F);
+    if (!mx || swiglu_in_gemm(M)) reserve(act, M * F);
     if (mx) {
       const int64_t kmax = std::max<int64_t>({H, F, qd});
       for (auto& p : packed_a) reserve(p, kDecodeMaxM * kmax);
@@ -490,8 +508,10 @@ struct GpuRuntime::Impl {
     int splits;
   };
 
+  // rope_into: prefill's qkv GEMM with RoPE and the cache write in its epilogue; swiglu: prefill's
+  // gate_up GEMM with SwiGLU in its epilogue (out is then act).
   void linear(int layer, int slot, const DeviceLinear& L, const uint16_t* in, int64_t M, uint16_t* out, Input how,
-              const RopeInto* rope_into = nullptr, const SplitsIn* splits_in = nullptr) {
+              const RopeInto* rope_into = nullptr, const SplitsIn* splits_in = nullptr, bool swiglu = false) {
     const std::string name = model::linear_slot_name(static_cast<LinearSlot>(slot));
     if (!L.mx) {
       stage("gemm " + name, [&] {
@@ -519,7 +539,7 @@ struct GpuRuntime::Impl {
     else if (how != Input::Quantized)
       stage(swiglu_in ? "swiglu + activation quant" : "activation quant", [&] {
         cuda_check(swiglu_in ? swiglu_quantize_activations(in, M, static_cast<int>(L.in), nullptr, L.plan, rule, packed,
-                                                           a, lossy_a, stream)
+                                                           a, lossy_a, stream, swiglu_layout)
                              : quantize_activations(in, M, L.in, perm, L.plan, rule, packed, a, lossy_a, stream),
                    "quantize");
       });
@@ -537,6 +557,12 @@ struct GpuRuntime::Impl {
         cuda_check(mx_gemm_fp8_rope_and_cache(a, w, L.plan, L.bias.ptr, rope_into->s, rope.ptr, cfg.rope_neox, out,
                                               rope_into->k_cache, rope_into->v_cache, stream),
                    "MX GEMM + rope");
+      });
+      return;
+    }
+    if (swiglu) {
+      stage("gemm " + name + " + swiglu", [&] {
+        cuda_check(mx_gemm_fp8_swiglu(a, w, M, cfg.ffn, L.plan, out, stream), "MX GEMM + swiglu");
       });
       return;
     }
@@ -641,9 +667,13 @@ struct GpuRuntime::Impl {
              &splits_in);
       const NormOut ffn = norm_out(l, gate_up_slot, M);
       norm(y.ptr, ffn, &L.linear[gate_up_slot], M);
-      linear(l, gate_up_slot, L.linear[gate_up_slot], xn.ptr, M, gate_up.ptr, ffn.input);
+      const bool swiglu_epilogue = swiglu_in_gemm(M);
+      linear(l, gate_up_slot, L.linear[gate_up_slot], xn.ptr, M, swiglu_epilogue ? act.ptr : gate_up.ptr, ffn.input,
+             nullptr, nullptr, swiglu_epilogue);
       const DeviceLinear& down = L.linear[3];
-      if (down.mx) {
+      if (swiglu_epilogue) {
+        linear(l, 3, down, act.ptr, M, y.ptr, Input::Ordered);
+      } else if (down.mx) {
         linear(l, 3, down, gate_up.ptr, M, y.ptr, Input::SwigluOrdered);
       } else {
         stage("swiglu", [&] { cuda_check(swiglu(gate_up.ptr, M, cfg.ffn, act.ptr, stream), "swiglu"); });
@@ -746,6 +776,7 @@ GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spe
   if (static_cast<int>(w.layers.size()) != c.n_layers) throw std::invalid_argument("layer count does not match the config");
   I.mx = mx;
   I.rule = spec.rule;
+  if (mx && c.ffn % kSwigluPairCols == 0) I.swiglu_layout = SwigluLayout::Pairs;
   I.embedding = to_device(to_bf16(w.token_embedding.data(), w.token_embedding.size()));
   if (!w.lm_head.empty()) I.lm_head = to_device(to_bf16(w.lm_head.data(), w.lm_head.size()));
   I.output_norm = to_device(w.output_norm);
@@ -783,17 +814,20 @@ GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spe
       if (!plan.valid() || plan.k() != L.in || static_cast<int64_t>(order.size()) != L.in)
         throw std::invalid_argument(std::string("layer ") + std::to_string(l) + " " + model::linear_slot_name(slot) +
                                     ": the plan does not fit (K must be a multiple of 32)");
-      // gate_up's rows (both halves) in the down projection's channel order, so that SwiGLU's
-      // output comes in the order down's quantizer reads (Input::SwigluOrdered).
+      // gate_up's rows (gate and up alike) in the down projection's channel order, so that
+      // SwiGLU's output comes in the order down's quantizer reads, laid out as I.swiglu_layout.
       std::vector<int32_t> rows(L.out);
       std::iota(rows.begin(), rows.end(), 0);
-      if (slot == LinearSlot::GateUp && spec.mode == QuantMode::MicroMix) {
-        const std::vector<int32_t>& down_order = spec.plan->at(l, LinearSlot::Down).order;
+      if (slot == LinearSlot::GateUp) {
+        std::vector<int32_t> down_order(c.ffn);
+        std::iota(down_order.begin(), down_order.end(), 0);
+        if (spec.mode == QuantMode::MicroMix) down_order = spec.plan->at(l, LinearSlot::Down).order;
         if (static_cast<int64_t>(down_order.size()) != c.ffn)
           throw std::invalid_argument("layer " + std::to_string(l) + " down: the plan does not fit");
+        const SwigluColumns cols{I.swiglu_layout, c.ffn};
         for (int64_t r = 0; r < c.ffn; ++r) {
-          rows[r] = down_order[r];
-          rows[c.ffn + r] = static_cast<int32_t>(c.ffn) + down_order[r];
+          rows[cols.gate(r)] = down_order[r];
+          rows[cols.up(r)] = static_cast<int32_t>(c.ffn) + down_order[r];
         }
       }
       std::vector<float> reordered(static_cast<size_t>(L.out) * L.in);
@@ -820,6 +854,8 @@ std::unique_ptr<GpuRuntime> GpuRuntime::synthetic(const model::ModelConfig& conf
   Impl& I = *impl;
   const auto& c = I.cfg;
   I.mx = plans != nullptr;
+  // Random weights: their rows mean nothing, but the kernels run as for a real model.
+  if (I.mx && c.ffn % kSwigluPairCols == 0) I.swiglu_layout = SwigluLayout::Pairs;
   I.rule = rule;
   I.embedding = DeviceBuffer<uint16_t>(static_cast<size_t>(c.vocab) * c.hidden);
   fill_random(I.embedding.ptr, I.embedding.count, seed, 2, 0, 1.0f, I.stream);

@@ -76,6 +76,13 @@ cudaError_t mx_gemm_fp8_rope_and_cache(FoldedOperand A, FoldedOperand W, MixPlan
                                        uint16_t* k_cache, uint16_t* v_cache, cudaStream_t stream,
                                        Fp8Schedule schedule = Fp8Schedule::Auto);
 
+// The gate_up projection's MX GEMM (mx_gemm_fp8 on weights folded in row groups, 2 ffn rows in
+// SwigluLayout::Pairs) with SwiGLU in its epilogue: act bf16 [M, ffn] gets the values
+// swiglu_quantize_activations would read from the GEMM's rows (each operand rounded to bf16,
+// model::swiglu, rounded again), and no gate_up rows are stored.
+cudaError_t mx_gemm_fp8_swiglu(FoldedOperand A, FoldedOperand W, int64_t M, int ffn, MixPlan plan, uint16_t* act,
+                               cudaStream_t stream, Fp8Schedule schedule = Fp8Schedule::Auto);
+
 // Causal attention of q [rows, q_dim] over cache positions [0, position + t] for token t;
 // out bf16 [rows, q_dim]. Heads that share a KV head are scored together. head_dim 64 or
 // 128. `splits` > 1 (at most kMaxAttnSplits) divides each query tile's keys over that many

@@ -24,6 +24,7 @@
 #include "model_kernels.h"
 #include "mx_ptx.cuh"
 #include "bf16_pairs.cuh"
+#include "micromix/model/swiglu.h"
 
 namespace micromix::cuda {
 
@@ -366,6 +367,39 @@ struct QkvRopeOut {
   }
 };
 
+// SwiGLU in the epilogue (mx_gemm_fp8_swiglu): the weight rows in SwigluLayout::Pairs, so
+// each 128-column half of a tile is 64 gate and the same 64 up channels, and a thread holds both
+// operands of its outputs (accumulators jj and jj + 8). Each is rounded to bf16 as the GEMM's
+// rows would be stored, then model::swiglu, rounded again: the values swiglu_quantize_activations
+// reads from the GEMM's rows. act [M, ffn], 64 columns per half.
+struct SwigluOut {
+  uint16_t* __restrict__ act;
+  int ffn;
+  __device__ __forceinline__ int context() const { return 0; }
+  template <int kBN>
+  __device__ __forceinline__ void store(int, const float* acc, int m0, int n0, int row0, int lane, int M, int N) const {
+#pragma unroll
+    for (int half = 0; half < kBN / 128; ++half) {
+      if (n0 + 128 * half >= N) continue;
+      const float* a = acc + 64 * half;
+      const int col = (n0 + 128 * half) / 2 + 2 * (lane % 4);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = m0 + row0 + 8 * i;
+        if (row >= M) continue;
+        uint16_t* dst = act + static_cast<int64_t>(row) * ffn + col;
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          const uint32_t g = pack_bf16x2(a[4 * jj + 2 * i], a[4 * jj + 2 * i + 1]);
+          const uint32_t u = pack_bf16x2(a[4 * (jj + 8) + 2 * i], a[4 * (jj + 8) + 2 * i + 1]);
+          *reinterpret_cast<uint32_t*>(dst + 8 * jj) = pack_bf16x2(model::swiglu(bf16_low(g), bf16_low(u)),
+                                                                   model::swiglu(bf16_high(g), bf16_high(u)));
+        }
+      }
+    }
+  }
+};
+
 template <bool kAlternate, bool kGroupedW, int kBN, class Out>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_fp8_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
@@ -669,6 +703,12 @@ cudaError_t mx_gemm_fp8(FoldedOperand A, FoldedOperand W, int64_t M, int64_t N, 
 
 bool qkv_rope_fusable(const AttentionShape& s) {
   return s.head_dim == QkvRopeOut::kHeadDim && s.rows() > 0 && s.position + s.tokens <= s.max_context;
+}
+
+cudaError_t mx_gemm_fp8_swiglu(FoldedOperand A, FoldedOperand W, int64_t M, int ffn, MixPlan plan, uint16_t* act,
+                               cudaStream_t stream, Fp8Schedule schedule) {
+  if (ffn <= 0 || ffn % kSwigluPairCols != 0) return cudaErrorInvalidValue;
+  return run_fp8(A, W, M, 2 * static_cast<int64_t>(ffn), plan, SwigluOut{act, ffn}, stream, schedule);
 }
 
 cudaError_t mx_gemm_fp8_rope_and_cache(FoldedOperand A, FoldedOperand W, MixPlan plan, const float* bias,

@@ -91,14 +91,29 @@ cudaError_t quantize_activations(const uint16_t* x, int64_t M, int64_t ldx, cons
                                  ScaleRule rule, MxSegments packed, FoldedOperand folded,
                                  unsigned long long* lossy_count, cudaStream_t stream);
 
-// SwiGLU of gate_up bf16 [M, 2 * ffn] (gate half first) rounded to bf16, then reorder and
-// quantize as above (K = ffn): bit-identical to swiglu() followed by quantize_activations(),
-// one launch instead of two. Two forms: packed output only for M <= kDecodeMaxM (decode),
-// and the folded operand only with perm == nullptr (gate_up's channels already in the
-// plan's order), any M.
+// Where a gate_up row [2 ffn] holds SwiGLU's gate and up channels. Halves: gate channels
+// 0 .. ffn-1, then the up channels. Pairs (ffn % kSwigluPairCols == 0): each 128 columns hold
+// 64 gate channels, then the same 64 up channels, so that a 128-column GEMM tile has both
+// operands of 64 outputs (mx_gemm_fp8_swiglu).
+enum class SwigluLayout { Halves, Pairs };
+inline constexpr int kSwigluPairCols = 64;
+struct SwigluColumns {
+  SwigluLayout layout;
+  int64_t ffn;
+  MICROMIX_HD int64_t gate(int64_t c) const {
+    return layout == SwigluLayout::Halves ? c : c / kSwigluPairCols * 2 * kSwigluPairCols + c % kSwigluPairCols;
+  }
+  MICROMIX_HD int64_t up(int64_t c) const { return gate(c) + (layout == SwigluLayout::Halves ? ffn : kSwigluPairCols); }
+};
+
+// SwiGLU of gate_up bf16 [M, 2 * ffn] (in `layout`) rounded to bf16, then reorder and quantize
+// as above (K = ffn): bit-identical to swiglu() followed by quantize_activations(), one launch
+// instead of two. Two forms: packed output only for M <= kDecodeMaxM (decode), and the folded
+// operand only with perm == nullptr (gate_up's channels already in the plan's order), any M.
 cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int ffn, const int32_t* perm, MixPlan plan,
                                         ScaleRule rule, MxSegments packed, FoldedOperand folded,
-                                        unsigned long long* lossy_count, cudaStream_t stream);
+                                        unsigned long long* lossy_count, cudaStream_t stream,
+                                        SwigluLayout layout = SwigluLayout::Halves);
 
 // Fused RMSNorm: y = (x * inv_rms) * gamma, inv_rms = rsqrtf(mean(x^2) + eps) in fp32,
 // gamma bf16 [K] in the original channel order; then reorder and quantize as above.

@@ -496,15 +496,16 @@ struct RowsSource {
 };
 struct SwigluSource {
   const uint16_t* __restrict__ gate_up;
-  int ffn;
+  SwigluColumns cols;  // a 32-block's gate and up channels are contiguous in either layout
   __device__ static float value(float g, float u) { return bf16f(float_to_bf16_bits(model::swiglu(g, u))); }
   __device__ float channel(int64_t m, int c) const {
-    const uint16_t* row = gate_up + m * 2 * ffn;
-    return value(bf16f(row[c]), bf16f(row[ffn + c]));
+    const uint16_t* row = gate_up + m * 2 * cols.ffn;
+    return value(bf16f(row[cols.gate(c)]), bf16f(row[cols.up(c)]));
   }
   __device__ __forceinline__ void block(int64_t m, int b, float* v) const {
-    const uint4* g = reinterpret_cast<const uint4*>(gate_up + m * 2 * ffn + b * kBlockSize);
-    const uint4* u = reinterpret_cast<const uint4*>(gate_up + m * 2 * ffn + ffn + b * kBlockSize);
+    const uint16_t* row = gate_up + m * 2 * cols.ffn;
+    const uint4* g = reinterpret_cast<const uint4*>(row + cols.gate(b * kBlockSize));
+    const uint4* u = reinterpret_cast<const uint4*>(row + cols.up(b * kBlockSize));
     uint4 wg[kBlockSize / 8], wu[kBlockSize / 8];
 #pragma unroll
     for (int i = 0; i < kBlockSize / 8; ++i) {
@@ -997,15 +998,17 @@ cudaError_t rmsnorm_quantize_activations(const uint16_t* x, int64_t M, int64_t l
 
 cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int ffn, const int32_t* perm, MixPlan plan,
                                         ScaleRule rule, MxSegments packed, FoldedOperand folded,
-                                        unsigned long long* lossy_count, cudaStream_t stream) {
+                                        unsigned long long* lossy_count, cudaStream_t stream, SwigluLayout layout) {
   if (!plan.valid() || plan.k() != ffn || M < 0 || packed.row_tile != 1) return cudaErrorInvalidValue;
+  if (layout == SwigluLayout::Pairs && ffn % kSwigluPairCols != 0) return cudaErrorInvalidValue;
+  const SwigluColumns cols{layout, ffn};
   const bool folded_only = is_folded_only(packed, folded);
   // Packed output for decode-sized M (any order), or the folded operand of inputs already in
   // the plan's order (any M).
   if (folded_only ? perm != nullptr : folded.q != nullptr || M > kDecodeMaxM) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
-  if (folded_only) return launch_ordered(SwigluSource{gate_up, ffn}, M, plan, rule, folded, lossy_count, stream);
-  return launch_lanes(SwigluSource{gate_up, ffn}, M, perm, plan, rule, packed, stream);
+  if (folded_only) return launch_ordered(SwigluSource{gate_up, cols}, M, plan, rule, folded, lossy_count, stream);
+  return launch_lanes(SwigluSource{gate_up, cols}, M, perm, plan, rule, packed, stream);
 }
 
 cudaError_t quantize_attention_splits(const float* workspace, const AttentionShape& s, int splits,

@@ -419,37 +419,56 @@ TEST(ModelKernels, SwigluQuantizeMatchesSeparateKernels) {
     dgu.upload(gu);
     dgo.upload(gu_ordered);
     CK(swiglu(dgu.ptr, M, F, dact.ptr, nullptr));
-    if (M <= kDecodeMaxM) {
-      DeviceMx separate(plan, M, false), fused(plan, M, false), fused_ordered(plan, M, false);
-      for (DeviceMx* d : {&separate, &fused, &fused_ordered}) poison_packed(*d);
-      CK(quantize_activations(dact.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, separate.segments(), FoldedOperand{},
-                              nullptr, nullptr));
-      CK(swiglu_quantize_activations(dgu.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, fused.segments(),
-                                     FoldedOperand{}, nullptr, nullptr));
-      CK(swiglu_quantize_activations(dgo.ptr, M, F, nullptr, plan, mx::ScaleRule::Ceil, fused_ordered.segments(),
-                                     FoldedOperand{}, nullptr, nullptr));
-      CK(cudaDeviceSynchronize());
-      const HostMx a = separate.download();
-      for (const DeviceMx* d : {&fused, &fused_ordered}) {
-        const HostMx b = d->download();
-        for (int s = 0; s < 3; ++s) EXPECT_EQ(a.q[s], b.q[s]) << "segment " << s << ", M " << M;
-        EXPECT_EQ(a.scales, b.scales) << "M " << M;
+    // The same rows in SwigluLayout::Pairs (64 gate channels, then their 64 up channels).
+    auto to_pairs = [&](const std::vector<uint16_t>& halves) {
+      std::vector<uint16_t> pairs(halves.size());
+      for (int64_t m = 0; m < M; ++m)
+        for (int c = 0; c < F; ++c) {
+          pairs[m * 2 * F + c / 64 * 128 + c % 64] = halves[m * 2 * F + c];
+          pairs[m * 2 * F + c / 64 * 128 + 64 + c % 64] = halves[m * 2 * F + F + c];
+        }
+      return pairs;
+    };
+    DeviceBuffer<uint16_t> dgu_pairs(gu.size()), dgo_pairs(gu.size());
+    dgu_pairs.upload(to_pairs(gu));
+    dgo_pairs.upload(to_pairs(gu_ordered));
+    for (const SwigluLayout layout : {SwigluLayout::Halves, SwigluLayout::Pairs}) {
+      const bool pairs = layout == SwigluLayout::Pairs;
+      SCOPED_TRACE(pairs ? "gate and up in pairs of 64" : "gate and up in halves");
+      const uint16_t* in = pairs ? dgu_pairs.ptr : dgu.ptr;
+      const uint16_t* in_ordered = pairs ? dgo_pairs.ptr : dgo.ptr;
+      if (M <= kDecodeMaxM) {
+        DeviceMx separate(plan, M, false), fused(plan, M, false), fused_ordered(plan, M, false);
+        for (DeviceMx* d : {&separate, &fused, &fused_ordered}) poison_packed(*d);
+        CK(quantize_activations(dact.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, separate.segments(),
+                                FoldedOperand{}, nullptr, nullptr));
+        CK(swiglu_quantize_activations(in, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, fused.segments(), FoldedOperand{},
+                                       nullptr, nullptr, layout));
+        CK(swiglu_quantize_activations(in_ordered, M, F, nullptr, plan, mx::ScaleRule::Ceil, fused_ordered.segments(),
+                                       FoldedOperand{}, nullptr, nullptr, layout));
+        CK(cudaDeviceSynchronize());
+        const HostMx a = separate.download();
+        for (const DeviceMx* d : {&fused, &fused_ordered}) {
+          const HostMx b = d->download();
+          for (int s = 0; s < 3; ++s) EXPECT_EQ(a.q[s], b.q[s]) << "segment " << s << ", M " << M;
+          EXPECT_EQ(a.scales, b.scales) << "M " << M;
+        }
+        EXPECT_NE(std::find(a.scales.begin(), a.scales.end(), mx::kScaleNaN), a.scales.end()) << "M " << M;
       }
-      EXPECT_NE(std::find(a.scales.begin(), a.scales.end(), mx::kScaleNaN), a.scales.end()) << "M " << M;
+      DeviceMx separate(plan, M, true), fused(plan, M, true);
+      for (DeviceMx* d : {&separate, &fused}) poison_folded(*d);
+      CK(quantize_activations(dact.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, MxSegments{}, separate.folded(),
+                              nullptr, nullptr));
+      CK(swiglu_quantize_activations(in_ordered, M, F, nullptr, plan, mx::ScaleRule::Ceil, MxSegments{},
+                                     fused.folded(), nullptr, nullptr, layout));
+      CK(cudaDeviceSynchronize());
+      EXPECT_EQ(separate.fq.download(), fused.fq.download()) << "folded payloads, M " << M;
+      const auto fa = separate.ff.download(), fb = fused.ff.download();
+      ASSERT_EQ(fa.size(), fb.size());
+      EXPECT_EQ(0, std::memcmp(fa.data(), fb.data(), fa.size() * sizeof(float))) << "folded factors, M " << M;
+      EXPECT_EQ(separate.f8.download(), fused.f8.download()) << "bf16 MXFP8 part, M " << M;
+      EXPECT_TRUE(std::any_of(fb.begin(), fb.end(), [](float f) { return std::isnan(f); })) << "the NaN block, M " << M;
     }
-    DeviceMx separate(plan, M, true), fused(plan, M, true);
-    for (DeviceMx* d : {&separate, &fused}) poison_folded(*d);
-    CK(quantize_activations(dact.ptr, M, F, dp.ptr, plan, mx::ScaleRule::Ceil, MxSegments{}, separate.folded(), nullptr,
-                            nullptr));
-    CK(swiglu_quantize_activations(dgo.ptr, M, F, nullptr, plan, mx::ScaleRule::Ceil, MxSegments{}, fused.folded(),
-                                   nullptr, nullptr));
-    CK(cudaDeviceSynchronize());
-    EXPECT_EQ(separate.fq.download(), fused.fq.download()) << "folded payloads, M " << M;
-    const auto fa = separate.ff.download(), fb = fused.ff.download();
-    ASSERT_EQ(fa.size(), fb.size());
-    EXPECT_EQ(0, std::memcmp(fa.data(), fb.data(), fa.size() * sizeof(float))) << "folded factors, M " << M;
-    EXPECT_EQ(separate.f8.download(), fused.f8.download()) << "bf16 MXFP8 part, M " << M;
-    EXPECT_TRUE(std::any_of(fb.begin(), fb.end(), [](float f) { return std::isnan(f); })) << "the NaN block, M " << M;
   }
   DeviceMx out(plan, 17, false), folded(plan, 17, true);
   EXPECT_EQ(swiglu_quantize_activations(nullptr, kDecodeMaxM + 1, F, dp.ptr, plan, mx::ScaleRule::Ceil, out.segments(),
@@ -457,6 +476,10 @@ TEST(ModelKernels, SwigluQuantizeMatchesSeparateKernels) {
             cudaErrorInvalidValue);
   EXPECT_EQ(swiglu_quantize_activations(nullptr, 1, F + 32, dp.ptr, plan, mx::ScaleRule::Ceil, out.segments(),
                                         FoldedOperand{}, nullptr, nullptr),
+            cudaErrorInvalidValue);
+  const MixPlan odd{96, 64, 64};  // ffn 224: not pairs of 64
+  EXPECT_EQ(swiglu_quantize_activations(nullptr, 1, odd.k(), dp.ptr, odd, mx::ScaleRule::Ceil, out.segments(),
+                                        FoldedOperand{}, nullptr, nullptr, SwigluLayout::Pairs),
             cudaErrorInvalidValue);
   // The folded form reads gate_up in the plan's order only, and writes the folded operand alone.
   EXPECT_EQ(swiglu_quantize_activations(nullptr, 17, F, dp.ptr, plan, mx::ScaleRule::Ceil, MxSegments{},
@@ -531,6 +554,71 @@ TEST(ModelKernels, DecodeNormQuantizeMatchesSeparateKernels) {
   EXPECT_EQ(add_rmsnorm_quantize_packed(buf.ptr, nullptr, nullptr, kDecodeMaxM + 1, nullptr, 1e-5f, perm.ptr, plan,
                                         mx::ScaleRule::Ceil, packed.segments(), nullptr),
             cudaErrorInvalidValue);  // more rows than a decode step
+}
+
+// The gate_up GEMM with SwiGLU in its epilogue (weights in SwigluLayout::Pairs): the values
+// swiglu_quantize_activations reads from mx_gemm_fp8's rows, so the same folded operand for the
+// down projection, bit for bit, through the plain quantizer; each value within one bf16 step of
+// the float64 SwiGLU of the stored gate and up values. Both tile widths, 300 rows (a partial row
+// tile), an odd count of 128-column halves (ffn 320), bf16 MXFP8 part or not.
+TEST(ModelKernels, SwigluGemmMatchesSeparateKernels) {
+  REQUIRE_GPU();
+  const MixPlan plan{128, 64, 64}, down{160, 96, 64};
+  const int K = plan.k(), F = down.k(), N = 2 * F;
+  const int64_t M = 300;
+  std::vector<int32_t> perm(K);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng());
+  DeviceBuffer<uint16_t> dx(static_cast<size_t>(M) * K);
+  DeviceBuffer<int32_t> dp(K);
+  dx.upload(random_bf16(static_cast<size_t>(M) * K, 1.0f));
+  dp.upload(perm);
+  DeviceMx A(plan, M, true), W(plan, N, true);
+  CK(quantize_activations(dx.ptr, M, K, dp.ptr, plan, mx::ScaleRule::Ceil, A.segments(), A.folded(), nullptr, nullptr));
+  std::vector<float> w(static_cast<size_t>(N) * K);
+  for (auto& x : w) x = std::normal_distribution<float>(0.0f, 0.1f)(rng());
+  W.upload(mx::quantize_segments(w, N, plan, mx::ScaleRule::Ceil));
+  const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr};
+  CK(fold_operand(W.segments(), N, plan, wg, nullptr, nullptr));
+  DeviceBuffer<uint16_t> rows(static_cast<size_t>(M) * N), act(static_cast<size_t>(M) * F);
+  for (const Fp8Schedule schedule : {Fp8Schedule::Pipelined, Fp8Schedule::Alternating})
+    for (const bool wide : {true, false}) {
+      SCOPED_TRACE(std::string(schedule == Fp8Schedule::Pipelined ? "128" : "256") + "-wide tiles" +
+                   (wide ? "" : ", MXFP8 blocks promoted one by one"));
+      const FoldedOperand a = wide ? A.folded() : FoldedOperand{A.fq.ptr, A.ff.ptr, 1, nullptr};
+      const FoldedOperand b = wide ? wg : FoldedOperand{W.fq.ptr, W.ff.ptr, kWeightRowGroup, nullptr};
+      CK(cudaMemset(act.ptr, 0xFF, act.count * 2));
+      CK(mx_gemm_fp8(a, b, M, N, plan, rows.ptr, nullptr, schedule));
+      CK(mx_gemm_fp8_swiglu(a, b, M, F, plan, act.ptr, nullptr, schedule));
+      DeviceMx separate(down, M, true), fused(down, M, true);
+      for (DeviceMx* d : {&separate, &fused}) poison_folded(*d);
+      CK(swiglu_quantize_activations(rows.ptr, M, F, nullptr, down, mx::ScaleRule::Ceil, MxSegments{},
+                                     separate.folded(), nullptr, nullptr, SwigluLayout::Pairs));
+      CK(quantize_activations(act.ptr, M, F, nullptr, down, mx::ScaleRule::Ceil, MxSegments{}, fused.folded(), nullptr,
+                              nullptr));
+      CK(cudaDeviceSynchronize());
+      EXPECT_EQ(separate.fq.download(), fused.fq.download()) << "folded payloads";
+      const auto fa = separate.ff.download(), fb = fused.ff.download();
+      EXPECT_EQ(0, std::memcmp(fa.data(), fb.data(), fa.size() * sizeof(float))) << "folded factors";
+      EXPECT_EQ(separate.f8.download(), fused.f8.download()) << "bf16 MXFP8 part";
+      const auto y = rows.download(), v = act.download();
+      size_t far = 0, exact = 0;
+      for (int64_t m = 0; m < M; ++m)
+        for (int c = 0; c < F; ++c) {
+          const int64_t at = m * N + c / 64 * 128 + c % 64;  // gate; up 64 columns on
+          const double g = bf(y[at]), u = bf(y[at + 64]);
+          const double want = g / (1.0 + std::exp(-g)) * u, got = bf(v[m * F + c]);
+          exact += mx::float_to_bf16_bits(static_cast<float>(want)) == v[m * F + c];
+          far += !(std::abs(got - want) <= 0x1p-7 * std::abs(want) + 1e-30);
+        }
+      EXPECT_EQ(far, 0u) << "outputs more than one bf16 step from the float64 SwiGLU";
+      EXPECT_GE(exact, static_cast<size_t>(M) * F * 99 / 100) << "outputs that are the rounded float64 SwiGLU";
+    }
+  EXPECT_EQ(mx_gemm_fp8_swiglu(A.folded(), wg, M, 224, MixPlan{96, 64, 64}, act.ptr, nullptr), cudaErrorInvalidValue)
+      << "ffn not in pairs of 64";
+  const FoldedOperand ungrouped{W.fq.ptr, W.ff.ptr, 1, W.f8.ptr};
+  EXPECT_EQ(mx_gemm_fp8_swiglu(A.folded(), ungrouped, M, F, plan, act.ptr, nullptr), cudaErrorInvalidValue)
+      << "weights folded row by row";
 }
 
 // The qkv GEMM with RoPE and the cache write in its epilogue writes the bits of mx_gemm_fp8
