@@ -295,13 +295,7 @@ TEST(ModelKernels, RejectsUnsupportedShapes) {
 // batches of q_dim channels.
 TEST(ModelKernels, UnmergedSplitsRejectWhatTheyCannotTake) {
   REQUIRE_GPU();
-  AttentionShape s;
-  s.batch = 1;
-  s.tokens = 1;
-  s.n_heads = 4;
-  s.n_kv_heads = 2;
-  s.head_dim = 64;
-  s.max_context = 8;
+  const AttentionShape s{.batch = 1, .tokens = 1, .n_heads = 4, .n_kv_heads = 2, .head_dim = 64, .max_context = 8};
   DeviceBuffer<float> ws(attention_workspace_floats(s, 2));
   EXPECT_EQ(decode_attention_unmerged(nullptr, nullptr, s, nullptr, true, nullptr, nullptr, 1, ws.ptr, nullptr),
             cudaErrorInvalidValue);
@@ -556,6 +550,29 @@ TEST(ModelKernels, DecodeNormQuantizeMatchesSeparateKernels) {
             cudaErrorInvalidValue);  // more rows than a decode step
 }
 
+// W's folded operand as weights are folded, in row groups.
+FoldedOperand grouped(const DeviceMx& W) { return {W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr}; }
+
+// The operands of the GEMM epilogue tests: A from random activations through a random channel
+// order (the GPU quantizer), W from normal weights of deviation w_sigma (quantized on the host)
+// folded in row groups (grouped(W)).
+void epilogue_operands(const MixPlan& plan, int64_t M, int64_t N, float w_sigma, DeviceMx& A, DeviceMx& W) {
+  const int K = plan.k();
+  std::vector<int32_t> perm(K);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng());
+  DeviceBuffer<uint16_t> dx(static_cast<size_t>(M) * K);
+  DeviceBuffer<int32_t> dp(K);
+  dx.upload(random_bf16(static_cast<size_t>(M) * K, 1.0f));
+  dp.upload(perm);
+  CK(quantize_activations(dx.ptr, M, K, dp.ptr, plan, mx::ScaleRule::Ceil, A.segments(), A.folded(), nullptr, nullptr));
+  std::vector<float> w(static_cast<size_t>(N) * K);
+  for (auto& x : w) x = std::normal_distribution<float>(0.0f, w_sigma)(rng());
+  W.upload(mx::quantize_segments(w, N, plan, mx::ScaleRule::Ceil));
+  CK(fold_operand(W.segments(), N, plan, grouped(W), nullptr, nullptr));
+  CK(cudaDeviceSynchronize());
+}
+
 // The gate_up GEMM with SwiGLU in its epilogue (weights in SwigluLayout::Pairs): the values
 // swiglu_quantize_activations reads from mx_gemm_fp8's rows, so the same folded operand for the
 // down projection, bit for bit, through the plain quantizer; each value within one bf16 step of
@@ -564,22 +581,11 @@ TEST(ModelKernels, DecodeNormQuantizeMatchesSeparateKernels) {
 TEST(ModelKernels, SwigluGemmMatchesSeparateKernels) {
   REQUIRE_GPU();
   const MixPlan plan{128, 64, 64}, down{160, 96, 64};
-  const int K = plan.k(), F = down.k(), N = 2 * F;
+  const int F = down.k(), N = 2 * F;
   const int64_t M = 300;
-  std::vector<int32_t> perm(K);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), rng());
-  DeviceBuffer<uint16_t> dx(static_cast<size_t>(M) * K);
-  DeviceBuffer<int32_t> dp(K);
-  dx.upload(random_bf16(static_cast<size_t>(M) * K, 1.0f));
-  dp.upload(perm);
   DeviceMx A(plan, M, true), W(plan, N, true);
-  CK(quantize_activations(dx.ptr, M, K, dp.ptr, plan, mx::ScaleRule::Ceil, A.segments(), A.folded(), nullptr, nullptr));
-  std::vector<float> w(static_cast<size_t>(N) * K);
-  for (auto& x : w) x = std::normal_distribution<float>(0.0f, 0.1f)(rng());
-  W.upload(mx::quantize_segments(w, N, plan, mx::ScaleRule::Ceil));
-  const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr};
-  CK(fold_operand(W.segments(), N, plan, wg, nullptr, nullptr));
+  epilogue_operands(plan, M, N, 0.1f, A, W);
+  const FoldedOperand wg = grouped(W);
   DeviceBuffer<uint16_t> rows(static_cast<size_t>(M) * N), act(static_cast<size_t>(M) * F);
   for (const Fp8Schedule schedule : {Fp8Schedule::Pipelined, Fp8Schedule::Alternating})
     for (const bool wide : {true, false}) {
@@ -630,24 +636,11 @@ TEST(ModelKernels, QkvGemmRopeMatchesSeparateKernels) {
   const MixPlan plan{128, 64, 64};
   const AttentionShape s{.batch = 2, .tokens = 70, .position = 5, .n_heads = 4, .n_kv_heads = 2, .head_dim = 128,
                          .max_context = 96};
-  const int K = plan.k(), N = s.q_dim() + 2 * s.kv_dim();
+  const int N = s.q_dim() + 2 * s.kv_dim();
   const int64_t M = s.rows();
-  std::vector<int32_t> perm(K);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), rng());
-  DeviceBuffer<uint16_t> dx(static_cast<size_t>(M) * K);
-  DeviceBuffer<int32_t> dp(K);
-  dx.upload(random_bf16(static_cast<size_t>(M) * K, 1.0f));
-  dp.upload(perm);
   DeviceMx A(plan, M, true), W(plan, N, true);
-  DeviceBuffer<unsigned long long> lossy(1);
-  CK(cudaMemset(lossy.ptr, 0, 8));
-  CK(quantize_activations(dx.ptr, M, K, dp.ptr, plan, mx::ScaleRule::Ceil, A.segments(), A.folded(), lossy.ptr, nullptr));
-  std::vector<float> w(static_cast<size_t>(N) * K);
-  for (auto& x : w) x = std::normal_distribution<float>(0.0f, 0.05f)(rng());
-  W.upload(mx::quantize_segments(w, N, plan, mx::ScaleRule::Ceil));
-  const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr};
-  CK(fold_operand(W.segments(), N, plan, wg, lossy.ptr, nullptr));
+  epilogue_operands(plan, M, N, 0.05f, A, W);
+  const FoldedOperand wg = grouped(W);
 
   const std::vector<float2> rope = rope_table(s.max_context, s.head_dim);
   const std::vector<float> bias = random_bias(N);
