@@ -237,11 +237,42 @@ __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, u
 // Where the FP8 GEMM's output tiles go: bf16 rows of Y, each thread storing its accumulators
 // (rows m0 + row0 and + 8 of the CTA tile; columns n0 + 8 jj + 2 (lane % 4) + {0, 1}, the
 // 128-column halves back to back).
+// A quad's bf16 pairs of one row and four consecutive 8-column groups (word j of lane t: columns
+// 8j + 2t, + 1) transposed among its four lanes by two xor exchanges, so that lane t holds the
+// 16 bytes of group t: then a warp stores 64 whole bytes per row instead of 16 (a quarter of the
+// store instructions, no partial sectors). Every lane of the warp must call it.
+__device__ __forceinline__ uint4 quad_transpose(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3, int lane) {
+  const bool hi = lane & 2, odd = lane & 1;
+  uint32_t r0 = __shfl_xor_sync(0xFFFFFFFFu, hi ? w0 : w2, 2), r1 = __shfl_xor_sync(0xFFFFFFFFu, hi ? w1 : w3, 2);
+  if (hi) w0 = r0, w1 = r1;
+  else w2 = r0, w3 = r1;
+  r0 = __shfl_xor_sync(0xFFFFFFFFu, odd ? w0 : w1, 1);
+  r1 = __shfl_xor_sync(0xFFFFFFFFu, odd ? w2 : w3, 1);
+  if (odd) w0 = r0, w2 = r1;
+  else w1 = r0, w3 = r1;
+  return make_uint4(w0, w1, w2, w3);
+}
+
 struct RowsOut {
   uint16_t* __restrict__ y;
   __device__ __forceinline__ int context() const { return 0; }
   template <int kBN>
   __device__ __forceinline__ void store(int, const float* acc, int m0, int n0, int row0, int lane, int M, int N) const {
+    if (N % 8 == 0 && n0 + kBN <= N) {  // whole 16-byte groups: transposed within each quad
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + row0 + 8 * h;
+#pragma unroll
+        for (int jb = 0; jb < kBN / 32; ++jb) {
+          uint32_t w[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) w[j] = pack_bf16x2(acc[4 * (4 * jb + j) + 2 * h], acc[4 * (4 * jb + j) + 2 * h + 1]);
+          const uint4 group = quad_transpose(w[0], w[1], w[2], w[3], lane);
+          if (row < M) *reinterpret_cast<uint4*>(y + static_cast<int64_t>(row) * N + n0 + 8 * (4 * jb + lane % 4)) = group;
+        }
+      }
+      return;
+    }
     const bool pair_ok = (N % 2) == 0;
 #pragma unroll
     for (int jj = 0; jj < kBN / 8; ++jj) {
@@ -382,18 +413,23 @@ struct SwigluOut {
     for (int half = 0; half < kBN / 128; ++half) {
       if (n0 + 128 * half >= N) continue;
       const float* a = acc + 64 * half;
-      const int col = (n0 + 128 * half) / 2 + 2 * (lane % 4);
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int row = m0 + row0 + 8 * i;
-        if (row >= M) continue;
-        uint16_t* dst = act + static_cast<int64_t>(row) * ffn + col;
 #pragma unroll
-        for (int jj = 0; jj < 8; ++jj) {
-          const uint32_t g = pack_bf16x2(a[4 * jj + 2 * i], a[4 * jj + 2 * i + 1]);
-          const uint32_t u = pack_bf16x2(a[4 * (jj + 8) + 2 * i], a[4 * (jj + 8) + 2 * i + 1]);
-          *reinterpret_cast<uint32_t*>(dst + 8 * jj) = pack_bf16x2(model::swiglu(bf16_low(g), bf16_low(u)),
-                                                                   model::swiglu(bf16_high(g), bf16_high(u)));
+        for (int jb = 0; jb < 2; ++jb) {  // act columns in 16-byte groups, as RowsOut stores
+          uint32_t w[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int jj = 4 * jb + j;
+            const uint32_t g = pack_bf16x2(a[4 * jj + 2 * i], a[4 * jj + 2 * i + 1]);
+            const uint32_t u = pack_bf16x2(a[4 * (jj + 8) + 2 * i], a[4 * (jj + 8) + 2 * i + 1]);
+            w[j] = pack_bf16x2(model::swiglu(bf16_low(g), bf16_low(u)), model::swiglu(bf16_high(g), bf16_high(u)));
+          }
+          const uint4 group = quad_transpose(w[0], w[1], w[2], w[3], lane);
+          if (row < M)
+            *reinterpret_cast<uint4*>(act + static_cast<int64_t>(row) * ffn + (n0 + 128 * half) / 2 +
+                                      8 * (4 * jb + lane % 4)) = group;
         }
       }
     }
