@@ -328,8 +328,8 @@ struct QkvRopeOut {
       const bool rotate = head < s.n_heads + s.n_kv_heads;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        if (row[i] >= M) continue;
-        // The row's angles first, their loads in flight together: (cos, sin) of pairs d and
+        // Rows past M work on row M - 1's position and store nothing (every lane takes part in
+        // the quads' exchanges). The row's angles first, their loads in flight together: (cos, sin) of pairs d and
         // d + 1 (neox) or of pair d / 2, d = c0 + 8 jj.
         float2 cs[16];
         if (rotate) {
@@ -366,31 +366,42 @@ struct QkvRopeOut {
           dst = (key ? k_cache : v_cache) +
                 ((static_cast<int64_t>(b[i]) * s.n_kv_heads + kvh) * s.max_context + pos[i]) * kHeadDim;
         }
-        if (!rotate) {  // v: copied
+        // Word jj: columns 8 jj + c0, + 1 of the head's row, stored by quads as 16-byte groups
+        // (quad_transpose, as RowsOut).
+        const bool in_range = row[i] < M;
+        auto store4 = [&](int jb, const uint32_t* w) {
+          const uint4 group = quad_transpose(w[0], w[1], w[2], w[3], lane);
+          if (in_range) *reinterpret_cast<uint4*>(dst + 8 * (4 * jb + lane % 4)) = group;
+        };
+        if (rotate && neox) {  // pairs (d, d + 64): words jj and jj + 8 come together
 #pragma unroll
-          for (int jj = 0; jj < 16; ++jj) {
-            float x[2];
-            values(jj, x);
-            *reinterpret_cast<uint32_t*>(dst + c0 + 8 * jj) = pack_bf16x2(x[0], x[1]);
+          for (int jb = 0; jb < 2; ++jb) {
+            uint32_t lo[4], hi[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const int jj = 4 * jb + j;
+              float x0[2], x1[2];
+              values(jj, x0);
+              values(jj + 8, x1);
+              const uint32_t y0 = rope_rotate_bf16x2(x0[0], x1[0], cs[2 * jj]);
+              const uint32_t y1 = rope_rotate_bf16x2(x0[1], x1[1], cs[2 * jj + 1]);
+              lo[j] = (y0 & 0xFFFFu) | (y1 << 16);
+              hi[j] = (y0 >> 16) | (y1 & 0xFFFF0000u);
+            }
+            store4(jb, lo);
+            store4(jb + 2, hi);
           }
-        } else if (neox) {
+        } else {  // v copied, or interleaved pairs (2i, 2i + 1) inside a word
 #pragma unroll
-          for (int jj = 0; jj < 8; ++jj) {
-            const int d = c0 + 8 * jj;
-            float x0[2], x1[2];
-            values(jj, x0);
-            values(jj + 8, x1);
-            const uint32_t y0 = rope_rotate_bf16x2(x0[0], x1[0], cs[2 * jj]);
-            const uint32_t y1 = rope_rotate_bf16x2(x0[1], x1[1], cs[2 * jj + 1]);
-            *reinterpret_cast<uint32_t*>(dst + d) = (y0 & 0xFFFFu) | (y1 << 16);
-            *reinterpret_cast<uint32_t*>(dst + d + kHeadDim / 2) = (y0 >> 16) | (y1 & 0xFFFF0000u);
-          }
-        } else {
+          for (int jb = 0; jb < 4; ++jb) {
+            uint32_t w[4];
 #pragma unroll
-          for (int jj = 0; jj < 16; ++jj) {
-            float x[2];
-            values(jj, x);
-            *reinterpret_cast<uint32_t*>(dst + c0 + 8 * jj) = rope_rotate_bf16x2(x[0], x[1], cs[jj]);
+            for (int j = 0; j < 4; ++j) {
+              float x[2];
+              values(4 * jb + j, x);
+              w[j] = rotate ? rope_rotate_bf16x2(x[0], x[1], cs[4 * jb + j]) : pack_bf16x2(x[0], x[1]);
+            }
+            store4(jb, w);
           }
         }
       }
