@@ -21,9 +21,10 @@ struct SplitSlots {
             static_cast<int64_t>(s.batch) * s.n_kv_heads * rows};
   }
 };
-inline size_t split_lse_offset(const AttentionShape& s, int splits) {
-  return static_cast<size_t>(splits) * s.batch * s.n_kv_heads * s.tokens * (s.n_heads / s.n_kv_heads) * s.head_dim;
+inline size_t split_slot_count(const AttentionShape& s, int splits) {
+  return static_cast<size_t>(splits) * s.batch * s.n_kv_heads * s.tokens * (s.n_heads / s.n_kv_heads);
 }
+inline size_t split_lse_offset(const AttentionShape& s, int splits) { return split_slot_count(s, splits) * s.head_dim; }
 
 // The merged value of one output element: the splits' partial outputs weighted by
 // 2^(lse - top), top the largest log2-sum-exp (set before the adds), added in split order;

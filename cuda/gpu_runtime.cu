@@ -135,9 +135,6 @@ struct GpuRuntime::Impl {
   model::ModelConfig cfg;
   bool mx = false;
   mx::ScaleRule rule = mx::ScaleRule::Ceil;
-  // MX gate_up rows in pairs of 64 gate and 64 up channels (down's order inside), so that
-  // prefill's GEMM runs SwiGLU in its epilogue; Halves for bf16 weights.
-  SwigluLayout swiglu_layout = SwigluLayout::Halves;
   int max_context = 0, max_batch = 1, position = 0;
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
@@ -380,9 +377,15 @@ struct GpuRuntime::Impl {
 
   void note_peak() { peak = std::max(peak, held_bytes()); }
 
+  // MX gate_up rows in pairs of 64 gate and 64 up channels (down's order inside), so that
+  // prefill's GEMM runs SwiGLU in its epilogue; Halves for bf16 weights.
+  SwigluLayout swiglu_layout() const {
+    return mx && cfg.ffn % kSwigluPairCols == 0 ? SwigluLayout::Pairs : SwigluLayout::Halves;
+  }
+
   // Whether prefill's gate_up GEMM of M rows runs SwiGLU in its epilogue.
   bool swiglu_in_gemm(int64_t M) const {
-    return mx && M > kDecodeMaxM && swiglu_layout == SwigluLayout::Pairs && swiglu_epilogue_setting();
+    return M > kDecodeMaxM && swiglu_layout() == SwigluLayout::Pairs && swiglu_epilogue_setting();
   }
 
   void ensure_tokens(int64_t M) {
@@ -539,7 +542,7 @@ struct GpuRuntime::Impl {
     else if (how != Input::Quantized)
       stage(swiglu_in ? "swiglu + activation quant" : "activation quant", [&] {
         cuda_check(swiglu_in ? swiglu_quantize_activations(in, M, static_cast<int>(L.in), nullptr, L.plan, rule, packed,
-                                                           a, lossy_a, stream, swiglu_layout)
+                                                           a, lossy_a, stream, swiglu_layout())
                              : quantize_activations(in, M, L.in, perm, L.plan, rule, packed, a, lossy_a, stream),
                    "quantize");
       });
@@ -776,7 +779,6 @@ GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spe
   if (static_cast<int>(w.layers.size()) != c.n_layers) throw std::invalid_argument("layer count does not match the config");
   I.mx = mx;
   I.rule = spec.rule;
-  if (mx && c.ffn % kSwigluPairCols == 0) I.swiglu_layout = SwigluLayout::Pairs;
   I.embedding = to_device(to_bf16(w.token_embedding.data(), w.token_embedding.size()));
   if (!w.lm_head.empty()) I.lm_head = to_device(to_bf16(w.lm_head.data(), w.lm_head.size()));
   I.output_norm = to_device(w.output_norm);
@@ -815,7 +817,7 @@ GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spe
         throw std::invalid_argument(std::string("layer ") + std::to_string(l) + " " + model::linear_slot_name(slot) +
                                     ": the plan does not fit (K must be a multiple of 32)");
       // gate_up's rows (gate and up alike) in the down projection's channel order, so that
-      // SwiGLU's output comes in the order down's quantizer reads, laid out as I.swiglu_layout.
+      // SwiGLU's output comes in the order down's quantizer reads, laid out as I.swiglu_layout().
       std::vector<int32_t> rows(L.out);
       std::iota(rows.begin(), rows.end(), 0);
       if (slot == LinearSlot::GateUp) {
@@ -824,7 +826,7 @@ GpuRuntime::GpuRuntime(const model::ModelWeights& w, const quant::QuantSpec& spe
         if (spec.mode == QuantMode::MicroMix) down_order = spec.plan->at(l, LinearSlot::Down).order;
         if (static_cast<int64_t>(down_order.size()) != c.ffn)
           throw std::invalid_argument("layer " + std::to_string(l) + " down: the plan does not fit");
-        const SwigluColumns cols{I.swiglu_layout, c.ffn};
+        const SwigluColumns cols{I.swiglu_layout(), c.ffn};
         for (int64_t r = 0; r < c.ffn; ++r) {
           rows[cols.gate(r)] = down_order[r];
           rows[cols.up(r)] = static_cast<int32_t>(c.ffn) + down_order[r];
@@ -854,8 +856,6 @@ std::unique_ptr<GpuRuntime> GpuRuntime::synthetic(const model::ModelConfig& conf
   Impl& I = *impl;
   const auto& c = I.cfg;
   I.mx = plans != nullptr;
-  // Random weights: their rows mean nothing, but the kernels run as for a real model.
-  if (I.mx && c.ffn % kSwigluPairCols == 0) I.swiglu_layout = SwigluLayout::Pairs;
   I.rule = rule;
   I.embedding = DeviceBuffer<uint16_t>(static_cast<size_t>(c.vocab) * c.hidden);
   fill_random(I.embedding.ptr, I.embedding.count, seed, 2, 0, 1.0f, I.stream);

@@ -770,8 +770,7 @@ bool uses_wgmma_attention(const AttentionShape& s, int splits) {
 
 size_t attention_workspace_floats(const AttentionShape& s, int splits) {
   if (splits <= 1) return 0;
-  const size_t slots = static_cast<size_t>(splits) * s.batch * s.n_kv_heads * s.tokens * (s.n_heads / s.n_kv_heads);
-  return slots * (s.head_dim + 1);
+  return split_slot_count(s, splits) * (s.head_dim + 1);
 }
 
 // Key splits: enough CTAs for one per multiprocessor. Measured on the H200 (docs/kernels.md,

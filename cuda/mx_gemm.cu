@@ -234,9 +234,6 @@ __device__ __forceinline__ void run_group(float* acc, float* tmp, uint64_t da, u
   promote<kSharedW>(acc, tmp, fa, fw, j0, row0, lane);
 }
 
-// Where the FP8 GEMM's output tiles go: bf16 rows of Y, each thread storing its accumulators
-// (rows m0 + row0 and + 8 of the CTA tile; columns n0 + 8 jj + 2 (lane % 4) + {0, 1}, the
-// 128-column halves back to back).
 // A quad's bf16 pairs of one row and four consecutive 8-column groups (word j of lane t: columns
 // 8j + 2t, + 1) transposed among its four lanes by two xor exchanges, so that lane t holds the
 // 16 bytes of group t: then a warp stores 64 whole bytes per row instead of 16 (a quarter of the
@@ -253,6 +250,18 @@ __device__ __forceinline__ uint4 quad_transpose(uint32_t w0, uint32_t w1, uint32
   return make_uint4(w0, w1, w2, w3);
 }
 
+// Groups 4 jb .. 4 jb + 3 of one output row (w: this lane's words of them), transposed and
+// stored 16 bytes a lane from `row` (the row's first column); `store` false (rows past M) only
+// takes part in the exchanges. The epilogues below all store through it.
+__device__ __forceinline__ void store_row_groups(uint16_t* row, int jb, const uint32_t* w, int lane, bool store) {
+  const uint4 group = quad_transpose(w[0], w[1], w[2], w[3], lane);
+  if (store) *reinterpret_cast<uint4*>(row + 8 * (4 * jb + lane % 4)) = group;
+}
+
+// Where the FP8 GEMM's output tiles go: bf16 rows of Y, each thread storing its accumulators
+// (rows m0 + row0 and + 8 of the CTA tile; columns n0 + 8 jj + 2 (lane % 4) + {0, 1}, the
+// 128-column halves back to back).
+
 struct RowsOut {
   uint16_t* __restrict__ y;
   __device__ __forceinline__ int context() const { return 0; }
@@ -267,8 +276,7 @@ struct RowsOut {
           uint32_t w[4];
 #pragma unroll
           for (int j = 0; j < 4; ++j) w[j] = pack_bf16x2(acc[4 * (4 * jb + j) + 2 * h], acc[4 * (4 * jb + j) + 2 * h + 1]);
-          const uint4 group = quad_transpose(w[0], w[1], w[2], w[3], lane);
-          if (row < M) *reinterpret_cast<uint4*>(y + static_cast<int64_t>(row) * N + n0 + 8 * (4 * jb + lane % 4)) = group;
+          store_row_groups(y + static_cast<int64_t>(row) * N + n0, jb, w, lane, row < M);
         }
       }
       return;
@@ -366,13 +374,8 @@ struct QkvRopeOut {
           dst = (key ? k_cache : v_cache) +
                 ((static_cast<int64_t>(b[i]) * s.n_kv_heads + kvh) * s.max_context + pos[i]) * kHeadDim;
         }
-        // Word jj: columns 8 jj + c0, + 1 of the head's row, stored by quads as 16-byte groups
-        // (quad_transpose, as RowsOut).
+        // Word jj: columns 8 jj + c0, + 1 of the head's row (store_row_groups, as RowsOut).
         const bool in_range = row[i] < M;
-        auto store4 = [&](int jb, const uint32_t* w) {
-          const uint4 group = quad_transpose(w[0], w[1], w[2], w[3], lane);
-          if (in_range) *reinterpret_cast<uint4*>(dst + 8 * (4 * jb + lane % 4)) = group;
-        };
         if (rotate && neox) {  // pairs (d, d + 64): words jj and jj + 8 come together
 #pragma unroll
           for (int jb = 0; jb < 2; ++jb) {
@@ -388,8 +391,8 @@ struct QkvRopeOut {
               lo[j] = (y0 & 0xFFFFu) | (y1 << 16);
               hi[j] = (y0 >> 16) | (y1 & 0xFFFF0000u);
             }
-            store4(jb, lo);
-            store4(jb + 2, hi);
+            store_row_groups(dst, jb, lo, lane, in_range);
+            store_row_groups(dst, jb + 2, hi, lane, in_range);
           }
         } else {  // v copied, or interleaved pairs (2i, 2i + 1) inside a word
 #pragma unroll
@@ -401,7 +404,7 @@ struct QkvRopeOut {
               values(4 * jb + j, x);
               w[j] = rotate ? rope_rotate_bf16x2(x[0], x[1], cs[4 * jb + j]) : pack_bf16x2(x[0], x[1]);
             }
-            store4(jb, w);
+            store_row_groups(dst, jb, w, lane, in_range);
           }
         }
       }
@@ -414,6 +417,7 @@ struct QkvRopeOut {
 // operands of its outputs (accumulators jj and jj + 8). Each is rounded to bf16 as the GEMM's
 // rows would be stored, then model::swiglu, rounded again: the values swiglu_quantize_activations
 // reads from the GEMM's rows. act [M, ffn], 64 columns per half.
+static_assert(2 * kSwigluPairCols == 128, "a 128-column tile half is one pair of gate and up columns");
 struct SwigluOut {
   uint16_t* __restrict__ act;
   int ffn;
@@ -437,10 +441,7 @@ struct SwigluOut {
             const uint32_t u = pack_bf16x2(a[4 * (jj + 8) + 2 * i], a[4 * (jj + 8) + 2 * i + 1]);
             w[j] = pack_bf16x2(model::swiglu(bf16_low(g), bf16_low(u)), model::swiglu(bf16_high(g), bf16_high(u)));
           }
-          const uint4 group = quad_transpose(w[0], w[1], w[2], w[3], lane);
-          if (row < M)
-            *reinterpret_cast<uint4*>(act + static_cast<int64_t>(row) * ffn + (n0 + 128 * half) / 2 +
-                                      8 * (4 * jb + lane % 4)) = group;
+          store_row_groups(act + static_cast<int64_t>(row) * ffn + (n0 + 128 * half) / 2, jb, w, lane, row < M);
         }
       }
     }

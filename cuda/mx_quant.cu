@@ -598,7 +598,7 @@ __global__ void __launch_bounds__(kOrderedThreads) act_quant_ordered_kernel(Sour
   const int64_t m = in_range ? u / fstride : 0;
   const int b = in_range ? static_cast<int>(u % fstride) : fstride;
   const bool valid = b < nblk;
-  const int seg = b < plan.first_fp6_block() ? 0 : b < plan.first_fp8_block() ? 1 : 2;
+  const int seg = segment_of_block(plan, b);
   float v[kBlockSize];
   if (valid) src.block(m, b, v);
   unsigned lossy = 0;
@@ -607,7 +607,7 @@ __global__ void __launch_bounds__(kOrderedThreads) act_quant_ordered_kernel(Sour
 }
 
 // Prefill's quantizer for rows in the stored channel order (the attention output that feeds
-// o_proj), folded output only. A CTA copies kGatherRows rows into shared memory, and the plan's
+// o_proj), folded output only. A CTA copies up to kGatherRows rows into shared memory, and the plan's
 // permutation as 16-bit channel pairs, then each warp takes 128-wide K tiles of all those rows:
 // lane = 4 x row + block of the tile, so the four lanes of a tile are one row's (the shuffles
 // of fold_block_values) and the eight rows reading the same channel of a block fall in eight
@@ -662,7 +662,7 @@ __global__ void __launch_bounds__(kOrderedThreads, 3) act_quant_gathered_kernel(
   for (int tile = warp; tile < fstride / 4; tile += blockDim.x / 32) {
     const int b = row_ok ? 4 * tile + lane % 4 : fstride;  // lanes of missing rows: shuffles only
     const bool valid = b < nblk;
-    const int seg = b < plan.first_fp6_block() ? 0 : b < plan.first_fp8_block() ? 1 : 2;
+    const int seg = segment_of_block(plan, b);
     float v[kBlockSize];
     if (valid) {
       const uint32_t* pp = perm_s + b * 17;
