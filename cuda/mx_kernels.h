@@ -82,7 +82,8 @@ struct FoldedOperand {
 
 // ---- activation quantization -------------------------------------------------
 // x: bf16 [M, ldx] (ldx >= K, ldx % 8 == 0, 16-byte aligned). perm[j] is the original
-// channel of reordered channel j (a permutation of 0..K-1); perm == nullptr: x already holds
+// channel of reordered channel j (a permutation of 0..K-1, 16-byte aligned: prefill's gathering
+// quantizer reads it in vector loads); perm == nullptr: x already holds
 // the channels in the plan's order (the identity), which for the folded operand alone takes
 // a kernel without the gather. Writes `packed` (when its pointers are set) and/or `folded`
 // (when folded.q is set). `lossy_count`, when set, receives (atomically added) the number of
