@@ -147,7 +147,7 @@ __device__ __forceinline__ void emit_folded(int seg, bool valid, const uint8_t* 
 // The folded operand straight from a block's 32 values (no packed output wanted), in two
 // steps around the tile's key reduction. fold_scale_and_key: the scale and fold key from the
 // block maximum. fold_values: where the block's shift lies inside its window (every block of
-// ordinary data), the payload bytes from fold_element_value and the E4M3 conversion, without
+// ordinary data), the payload bytes from FoldRounding and the E4M3 conversion, without
 // element codes: a fraction of the instructions of quantize_block and the table lookups.
 // Other blocks (NaN, shifts below the window) go through the codes. Same bytes either way.
 template <ElemFormat F>
@@ -160,8 +160,11 @@ __device__ __forceinline__ FoldKey fold_scale_and_key(const float* v, ScaleRule 
   *scale = sb;
   constexpr uint8_t mag_mask = static_cast<uint8_t>(sign_mask(F) - 1u);
   if constexpr (!is_folded_format(F)) return FoldKey{};
-  // The block is nonzero when its largest element does not round to a zero code.
-  return fold_key_of<F>(sb != kScaleNaN && (encode_scaled(F, amax, sb) & mag_mask) != 0, sb);
+  // The block is nonzero when its largest element does not round to a zero code. Above the
+  // smallest scale byte, block_scale put that element at 2^(emax - 1) or more, so any nonzero
+  // one does; at scale byte 0 (a block below 2^(emax - 127)) it may not, and is encoded.
+  const bool nonzero = sb != kScaleNaN && amax_bits != 0 && (sb != 0 || (encode_scaled(F, amax, sb) & mag_mask) != 0);
+  return fold_key_of<F>(nonzero, sb);
 }
 
 // The rare blocks (NaN, shifts outside the window) through their element codes, out of line so
@@ -184,7 +187,9 @@ __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint
   const int s = static_cast<int>(sb) - kScaleBias;
   const int e = fold_exponent(group.key);
   bool fast = sb != kScaleNaN;
-  if constexpr (is_folded_format(F)) fast = fast && !group.nan && group.key != INT_MIN && fold_shift_exact<F>(s, e);
+  if constexpr (is_folded_format(F))
+    fast = fast && !group.nan && group.key != INT_MIN && fold_shift_exact<F>(s, e) &&
+           FoldRounding<F>::applies(sb, s - e);
   if (!fast) {
     float copy[kBlockSize];
 #pragma unroll
@@ -192,20 +197,25 @@ __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint
     fold_values_by_codes<F>(seg, copy, rule, sb, group, m, b, rows, plan, folded, lossy, table);
     return;
   }
-  const float y_scale = exp2i(kScaleBias - static_cast<int>(sb));  // encode_scaled's product
-  const int d = is_folded_format(F) ? s - e : 0;
-  const float lim = elem_traits(F).max * exp2i(d);
   uint32_t words[kBlockSize / 4];
+  if constexpr (is_folded_format(F)) {
+    const FoldRounding<F> round(sb, s - e);
 #pragma unroll
-  for (int i = 0; i < kBlockSize / 4; ++i) {
-    float p[4];
+    for (int i = 0; i < kBlockSize / 4; ++i) {
+      float p[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float y = v[4 * i + j] * y_scale;
-      if constexpr (is_folded_format(F)) p[j] = fold_element_value<F>(y, d, lim);
-      else p[j] = y;  // MXFP8: the payload is the element code itself
+      for (int j = 0; j < 4; ++j) p[j] = round(v[4 * i + j]);
+      words[i] = e4m3x2_rn(p[0], p[1]) | (static_cast<uint32_t>(e4m3x2_rn(p[2], p[3])) << 16);
     }
-    words[i] = e4m3x2_rn(p[0], p[1]) | (static_cast<uint32_t>(e4m3x2_rn(p[2], p[3])) << 16);
+  } else {
+    const float y_scale = exp2i(kScaleBias - static_cast<int>(sb));  // encode_scaled's product
+#pragma unroll
+    for (int i = 0; i < kBlockSize / 4; ++i) {  // MXFP8: the payload is the element code itself
+      float p[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) p[j] = v[4 * i + j] * y_scale;
+      words[i] = e4m3x2_rn(p[0], p[1]) | (static_cast<uint32_t>(e4m3x2_rn(p[2], p[3])) << 16);
+    }
   }
   uint4* dst = reinterpret_cast<uint4*>(folded.q + m * plan.k() + static_cast<int64_t>(b) * kBlockSize);
   dst[0] = make_uint4(words[0], words[1], words[2], words[3]);

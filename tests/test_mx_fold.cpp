@@ -74,11 +74,13 @@ TEST(MxFold, TableMatchesComputedPayloads) {
   }
 }
 
-// The quantizer's arithmetic shortcut (value -> folded payload without the element code)
-// against encode_elem then the fold table: every grid point of the format, the midpoints
-// between neighbours (ties), one ulp either side of each, values past the max and tiny ones,
-// both signs, every shift of the window; then the E4M3 bytes.
-TEST(MxFold, ElementValueMatchesEncodeThenFold) {
+// FoldRounding, the fold's payload of one element straight from its value, against encode_elem
+// and the fold table: every grid point of F, the midpoints between neighbours (ties to even) and
+// the floats next to both, values past F's max (saturation), zeros and underflows, both signs,
+// every shift of the window, at scale bytes from 2^-121 (the smallest that serves every shift)
+// up to 2^70, the value handed over as x = y 2^(sb - 127) as the block holds it (fp32 subnormals
+// included); then the E4M3 bytes. And where it does not apply.
+TEST(MxFold, RoundingMatchesEncodeThenFold) {
   FoldTable table;
   for (int i = 0; i < kFoldTableEntries; ++i) fold_table_fill(table, i);
   auto check = [&](auto format_tag) {
@@ -96,18 +98,25 @@ TEST(MxFold, ElementValueMatchesEncodeThenFold) {
       ys.push_back(std::nextafter(ys[i], 100.0f));
     }
     int checked = 0;
-    for (float y0 : ys)
-      for (float y : {y0, -y0})
-        for (int d = fold_window_bottom(F); d <= fold_window_top(F); ++d) {
-          const uint8_t code = encode_elem(F, y);
-          const uint8_t want = F == ElemFormat::E2M1 ? table.fp4[d - fold_window_bottom(F)][code]
-                                                     : table.fp6[d - fold_window_bottom(F)][code];
-          const float v = fold_element_value<F>(y, d, t.max * exp2i(d));
-          ASSERT_EQ(static_cast<uint8_t>(e4m3x2_rn(v, 0.0f)), want) << t.name << " y=" << y << " d=" << d;
-          ASSERT_EQ(static_cast<uint8_t>(e4m3x2_rn(0.0f, v) >> 8), want);
-          ++checked;
-        }
-    EXPECT_GT(checked, 1000);
+    for (const int sb : {6, 7, 60, 127, 128, 150, 197})
+      for (float y0 : ys)
+        for (float y : {y0, -y0})
+          for (int d = fold_window_bottom(F); d <= fold_window_top(F); ++d) {
+            const uint8_t scale = static_cast<uint8_t>(sb);
+            ASSERT_TRUE(FoldRounding<F>::applies(scale, d)) << t.name << " sb=" << sb << " d=" << d;
+            const float x = y * exp2i(sb - kScaleBias);
+            const uint8_t code = encode_scaled(F, x, scale);
+            const uint8_t want = F == ElemFormat::E2M1 ? table.fp4[d - fold_window_bottom(F)][code]
+                                                       : table.fp6[d - fold_window_bottom(F)][code];
+            const float v = FoldRounding<F>(scale, d)(x);
+            ASSERT_EQ(static_cast<uint8_t>(e4m3x2_rn(v, 0.0f)), want) << t.name << " y=" << y << " sb=" << sb << " d=" << d;
+            ASSERT_EQ(static_cast<uint8_t>(e4m3x2_rn(0.0f, v) >> 8), want);
+            ++checked;
+          }
+    EXPECT_GT(checked, 5000);
+    EXPECT_FALSE(FoldRounding<F>::applies(static_cast<uint8_t>(t.bias - 1), 0)) << "emin below the normal floats";
+    EXPECT_FALSE(FoldRounding<F>::applies(5, 6)) << "2^(127 - sb + d) past the largest power of two";
+    EXPECT_FALSE(FoldRounding<F>::applies(254, 0)) << "the largest scale";
   };
   check(std::integral_constant<ElemFormat, ElemFormat::E2M1>{});
   check(std::integral_constant<ElemFormat, ElemFormat::E3M2>{});

@@ -56,7 +56,7 @@ void parallel_for(int64_t n, F f) {
 }
 
 // Activations with per-channel magnitudes spread over a few binades and some outliers.
-std::vector<uint16_t> random_activations(int64_t M, int K, int64_t ldx) {
+std::vector<uint16_t> random_activations(int64_t M, int K, int64_t ldx, bool tiny_last_rows = false) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> chan(K);
   for (auto& c : chan) c = std::exp(1.2f * nd(rng()));
@@ -64,6 +64,14 @@ std::vector<uint16_t> random_activations(int64_t M, int K, int64_t ldx) {
   std::vector<uint16_t> x(static_cast<size_t>(M) * ldx, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int k = 0; k < K; ++k) x[m * ldx + k] = mx::float_to_bf16_bits(nd(rng()) * chan[k]);
+  // tiny_last_rows: the last row 2^-126 as large and the one before 2^-133 (with three rows or
+  // more): bf16 subnormals, blocks at the smallest scale byte, blocks whose largest element rounds
+  // to a zero code.
+  auto shrink = [&](int64_t m, float f) {
+    for (int k = 0; k < K; ++k) x[m * ldx + k] = mx::float_to_bf16_bits(mx::bf16_bits_to_float(x[m * ldx + k]) * f);
+  };
+  if (tiny_last_rows && M >= 2) shrink(M - 1, 0x1p-126f);
+  if (tiny_last_rows && M >= 3) shrink(M - 2, 0x1p-133f);
   return x;
 }
 
@@ -205,7 +213,7 @@ struct ActCase {
 void run_act_case(const ActCase& c, bool norm) {
   const int K = c.plan.k();
   const int64_t ldx = K + 8 * static_cast<int>(rng()() % 3);
-  auto x = random_activations(c.M, K, ldx);
+  auto x = random_activations(c.M, K, ldx, true);
   auto perm = random_perm(K);
   std::vector<uint16_t> gamma(K);
   std::uniform_real_distribution<float> ud(0.5f, 2.0f);

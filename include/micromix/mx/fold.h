@@ -144,22 +144,39 @@ MICROMIX_HD uint16_t e4m3x2_rn(float lo, float hi) {
 #endif
 }
 
-// The folded payload value of one element straight from its value, without the element code:
-// y = x * 2^(127 - scale byte) (as encode_scaled forms it), rounded onto F's grid (RNE,
-// saturating), times 2^d. Equal to decode_elem(F, encode_elem(F, y)) * 2^d, and therefore an
-// exact E4M3 value, when d lies inside F's window and y is finite. lim = F's max * 2^d.
-// A handful of float and integer operations: the exponent field gives the grid spacing.
+// The folded payload values of one block straight from its values x, without element codes:
+// y = x * 2^(127 - sb) (as encode_scaled forms it) rounded onto F's grid (RNE, saturating),
+// times 2^d. Equal to decode_elem(F, encode_elem(F, y)) * 2^d, and therefore an exact E4M3 value,
+// when d lies inside F's window and x is finite. |x| is rounded in its own scale: F's grid
+// spacing there is 2^(max(e_x, 1 - bias - 127 + sb) - mbits), and (|x| + c) - c with
+// c = 1.5 * 2^(23 + that exponent) rounds to it (to nearest even: |x| lies far below 2^22
+// spacings), then one exact product by 2^(127 - sb + d), the clamp, and x's sign (zeros keep
+// theirs). Two additions, a product and a few integer operations per element; applies() says
+// for which scale bytes and shifts its constants are normal floats.
 template <ElemFormat F>
-MICROMIX_HD float fold_element_value(float y, int d, float lim) {
-  constexpr ElemTraits t = elem_traits(F);
-  constexpr uint32_t kMinField = static_cast<uint32_t>(127 + 1 - t.bias) << 23;  // emin's exponent field
-  uint32_t u = float_to_bits(y) & 0x7F800000u;
-  u = u > kMinField ? u : kMinField;
-  const float up = bits_to_float((static_cast<uint32_t>(254 + t.mbits) << 23) - u);                   // 2^(mbits - e)
-  const float down = bits_to_float(u + (static_cast<uint32_t>(d - t.mbits) << 23));                    // 2^(e - mbits + d)
-  const float v = rintf(y * up) * down;
-  return v > lim ? lim : v < -lim ? -lim : v;
-}
+struct FoldRounding {
+  static constexpr ElemTraits kTraits = elem_traits(F);
+  uint32_t min_u;      // F's emin as an exponent field of x
+  uint32_t magic_add;  // from x's exponent field to c's bits
+  float out_scale;     // 2^(127 - sb + d)
+  float lim;           // F's max * 2^d
+  MICROMIX_HD static bool applies(uint8_t sb, int d) {
+    const int min_field = 1 - kTraits.bias + sb, out_exp = kScaleBias - sb + d;
+    return min_field >= 1 && sb + kTraits.emax + 23 - kTraits.mbits <= 254 && out_exp >= -126 && out_exp <= 127;
+  }
+  MICROMIX_HD FoldRounding(uint8_t sb, int d)
+      : min_u(static_cast<uint32_t>(1 - kTraits.bias + sb) << 23),
+        magic_add((static_cast<uint32_t>(23 - kTraits.mbits) << 23) | 0x400000u),
+        out_scale(exp2i(kScaleBias - sb + d)),
+        lim(kTraits.max * exp2i(d)) {}
+  MICROMIX_HD float operator()(float x) const {
+    const uint32_t e = float_to_bits(x) & 0x7F800000u;
+    const float c = bits_to_float((e > min_u ? e : min_u) + magic_add);
+    const float r = (fabsf(x) + c) - c;
+    const float q = r * out_scale;
+    return bits_to_float(float_to_bits(q < lim ? q : lim) | (float_to_bits(x) & 0x80000000u));
+  }
+};
 
 // Runtime-format wrappers (host code, tests).
 inline FoldKey fold_key_rt(ElemFormat f, const uint8_t* codes, uint8_t scale) {
