@@ -1011,8 +1011,7 @@ auto pick_decode_tc(bool two_per_sm, int M) {
 
 // The stream kernel needs W in row tiles of kTcRows and 16-byte aligned arrays (bulk copies).
 bool stream_ready(const MxSegments& W) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return W.row_tile == kTcRows && aligned(W.q4) && aligned(W.q6) && aligned(W.q8) && aligned(W.scales);
+  return W.row_tile == kTcRows && aligned16(W.q4) && aligned16(W.q6) && aligned16(W.q8) && aligned16(W.scales);
 }
 
 // Shared memory of the stream kernel for this plan; more than a multiprocessor offers for

@@ -80,14 +80,17 @@ struct FoldedOperand {
   uint16_t* mx8 = nullptr;
 };
 
+// Whether p (null included) is 16-byte aligned, as the kernels' vector loads need.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // ---- activation quantization -------------------------------------------------
 // x: bf16 [M, ldx] (ldx >= K, ldx % 8 == 0, 16-byte aligned). perm[j] is the original
 // channel of reordered channel j (a permutation of 0..K-1, 16-byte aligned: prefill's gathering
-// quantizer reads it in vector loads); perm == nullptr: x already holds
-// the channels in the plan's order (the identity), which for the folded operand alone takes
-// a kernel without the gather. Writes `packed` (when its pointers are set) and/or `folded`
-// (when folded.q is set). `lossy_count`, when set, receives (atomically added) the number of
-// folded elements that are not exact.
+// quantizer reads it in vector loads; x or perm misaligned: cudaErrorInvalidValue); perm ==
+// nullptr: x already holds the channels in the plan's order (the identity), which for the folded
+// operand alone takes a kernel without the gather. Writes `packed` (when its pointers are set)
+// and/or `folded` (when folded.q is set). `lossy_count`, when set, receives (atomically added)
+// the number of folded elements that are not exact.
 cudaError_t quantize_activations(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* perm, MixPlan plan,
                                  ScaleRule rule, MxSegments packed, FoldedOperand folded,
                                  unsigned long long* lossy_count, cudaStream_t stream);

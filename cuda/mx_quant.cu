@@ -948,8 +948,9 @@ template <bool kNorm>
 cudaError_t launch_act(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* gamma, float eps,
                        const int32_t* perm, MixPlan plan, ScaleRule rule, MxSegments packed, FoldedOperand folded,
                        float* inv_rms, unsigned long long* lossy, cudaStream_t stream) {
-  // The packed output is written row-major.
+  // The packed output is written row-major; rows and the permutation are read in vector loads.
   if (!plan.valid() || ldx < plan.k() || ldx % 8 != 0 || packed.row_tile != 1) return cudaErrorInvalidValue;
+  if (!aligned16(x) || !aligned16(perm)) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
   if (!kNorm && folded.q == nullptr && M <= kDecodeMaxM)
     return launch_lanes(RowsSource{x, ldx}, M, perm, plan, rule, packed, stream);
@@ -1011,6 +1012,7 @@ cudaError_t swiglu_quantize_activations(const uint16_t* gate_up, int64_t M, int 
                                         unsigned long long* lossy_count, cudaStream_t stream, SwigluLayout layout) {
   if (!plan.valid() || plan.k() != ffn || M < 0 || packed.row_tile != 1) return cudaErrorInvalidValue;
   if (layout == SwigluLayout::Pairs && ffn % kSwigluPairCols != 0) return cudaErrorInvalidValue;
+  if (!aligned16(gate_up) || !aligned16(perm)) return cudaErrorInvalidValue;  // vector loads
   const SwigluColumns cols{layout, ffn};
   const bool folded_only = is_folded_only(packed, folded);
   // Packed output for decode-sized M (any order), or the folded operand of inputs already in

@@ -644,6 +644,21 @@ TEST(MxGemm, SmallRejectsRowTilesItCannotUse) {
   EXPECT_EQ(swiglu_quantize_activations(x.ptr, 1, plan.k(), perm.ptr, plan, mx::ScaleRule::Ceil,
                                         a_tiled.segments(), FoldedOperand{}, nullptr, nullptr),
             cudaErrorInvalidValue);
+  // Rows and permutations off their 16-byte alignment (read in vector loads) are refused too.
+  DeviceBuffer<uint16_t> rows(8 + 300 * plan.k());
+  DeviceBuffer<int32_t> perm_room(plan.k() + 4);
+  DeviceMx folded(plan, 300, true);
+  for (const int64_t m : {int64_t{1}, int64_t{300}}) {
+    EXPECT_EQ(quantize_activations(rows.ptr + 4, m, plan.k(), nullptr, plan, mx::ScaleRule::Ceil, MxSegments{},
+                                   folded.folded(), nullptr, nullptr),
+              cudaErrorInvalidValue);
+    EXPECT_EQ(quantize_activations(rows.ptr, m, plan.k(), perm_room.ptr + 1, plan, mx::ScaleRule::Ceil, MxSegments{},
+                                   folded.folded(), nullptr, nullptr),
+              cudaErrorInvalidValue);
+  }
+  EXPECT_EQ(swiglu_quantize_activations(rows.ptr + 4, 1, plan.k(), perm.ptr, plan, mx::ScaleRule::Ceil, a.segments(),
+                                        FoldedOperand{}, nullptr, nullptr),
+            cudaErrorInvalidValue);
 }
 
 // K so long that the streamed decode kernel's per-block token factors would not fit in shared
