@@ -160,14 +160,16 @@ struct FoldRounding {
   uint32_t magic_add;  // from x's exponent field to c's bits
   float out_scale;     // 2^(127 - sb + d)
   float lim;           // F's max * 2^d
+  MICROMIX_HD static constexpr int min_field(uint8_t sb) { return 1 - kTraits.bias + sb; }
+  MICROMIX_HD static constexpr int out_exp(uint8_t sb, int d) { return kScaleBias - sb + d; }
   MICROMIX_HD static bool applies(uint8_t sb, int d) {
-    const int min_field = 1 - kTraits.bias + sb, out_exp = kScaleBias - sb + d;
-    return min_field >= 1 && sb + kTraits.emax + 23 - kTraits.mbits <= 254 && out_exp >= -126 && out_exp <= 127;
+    return min_field(sb) >= 1 && sb + kTraits.emax + 23 - kTraits.mbits <= 254 && out_exp(sb, d) >= -126 &&
+           out_exp(sb, d) <= 127;
   }
   MICROMIX_HD FoldRounding(uint8_t sb, int d)
-      : min_u(static_cast<uint32_t>(1 - kTraits.bias + sb) << 23),
+      : min_u(static_cast<uint32_t>(min_field(sb)) << 23),
         magic_add((static_cast<uint32_t>(23 - kTraits.mbits) << 23) | 0x400000u),
-        out_scale(exp2i(kScaleBias - sb + d)),
+        out_scale(exp2i(out_exp(sb, d))),
         lim(kTraits.max * exp2i(d)) {}
   MICROMIX_HD float operator()(float x) const {
     const uint32_t e = float_to_bits(x) & 0x7F800000u;
