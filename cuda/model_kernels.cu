@@ -739,6 +739,7 @@ cudaError_t embed_tokens(const int32_t* tokens, int64_t M, const uint16_t* table
 cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, const float* gamma, float eps,
                         const int32_t* order, uint16_t* out, cudaStream_t stream) {
   if (M <= 0 || hidden % 4 != 0) return M == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  if (!aligned16(order)) return cudaErrorInvalidValue;  // read in 16-byte loads
   const bool few_rows = M < device_sm_count();
   if (order == nullptr)
     return ptx::launch_chained(few_rows ? add_rmsnorm_kernel<false, true> : add_rmsnorm_kernel<false, false>,

@@ -21,9 +21,9 @@ cudaError_t embed_tokens(const int32_t* tokens, int64_t M, const uint16_t* table
 
 // x += y (when y is set; y bf16), then out = bf16(x / rms(x) * gamma), rms in fp32:
 // sqrt(mean(x^2) + eps). x fp32 [M, hidden], hidden % 4 == 0. With `order` (a permutation
-// of 0..hidden-1, 16-byte aligned) out[:, j] is channel order[j], and gamma is given in that
-// order (gamma[j] weighs channel order[j]): the next MX layer's input already in its plan's
-// order, so that its quantizer needs no gather.
+// of 0..hidden-1, 16-byte aligned, else cudaErrorInvalidValue) out[:, j] is channel order[j],
+// and gamma is given in that order (gamma[j] weighs channel order[j]): the next MX layer's input
+// already in its plan's order, so that its quantizer needs no gather.
 cudaError_t add_rmsnorm(float* x, const uint16_t* y, int64_t M, int hidden, const float* gamma, float eps,
                         const int32_t* order, uint16_t* out, cudaStream_t stream);
 

@@ -351,6 +351,8 @@ void check_add_rmsnorm(int M, int H) {
   dgo.upload(gamma_ordered);
   dx.upload(x);
   CK(add_rmsnorm(dx.ptr, dy.ptr, M, H, dgo.ptr, 1e-5f, dorder.ptr, dout.ptr, nullptr));
+  EXPECT_EQ(add_rmsnorm(dx.ptr, dy.ptr, M, H, dgo.ptr, 1e-5f, dorder.ptr + 1, dout.ptr, nullptr), cudaErrorInvalidValue)
+      << "an order off its 16-byte alignment";
   EXPECT_EQ(dx.download(), x2);
   const auto ordered = dout.download();
   for (int r = 0; r < M; ++r)
