@@ -156,6 +156,10 @@ struct GpuRuntime::Impl {
   DeviceBuffer<float> folded_a_f;  // M x fstride, tile-major
   DeviceBuffer<uint16_t> folded_a_8;  // the MXFP8 part as bf16 (FoldedOperand::mx8)
   DeviceBuffer<uint8_t> packed_a[3], packed_a_scales;  // decode-path activations, kDecodeMaxM rows
+  // The decode GEMMs' K split (MICROMIX_DECODE_SPLIT_K=1): partial sums and per-tile arrival
+  // counts, zero between calls.
+  DeviceBuffer<float> split_partials;
+  DeviceBuffer<unsigned> split_arrivals;
   DeviceBuffer<float> attn_ws, logits;
   DeviceBuffer<int32_t> tokens, targets;
   DeviceBuffer<double> logprob;
@@ -370,7 +374,7 @@ struct GpuRuntime::Impl {
         add(f.q); add(f.f); add(f.mx8);
       }
     for (const auto& p : packed_a) add(p);
-    add(packed_a_scales); add(attn_ws); add(logits); add(tokens); add(targets); add(logprob); add(greedy); add(lossy); add(lossy_w);
+    add(packed_a_scales); add(split_partials); add(split_arrivals); add(attn_ws); add(logits); add(tokens); add(targets); add(logprob); add(greedy); add(lossy); add(lossy_w);
     add(position_dev); add(blas_workspace);
     return b;
   }
@@ -406,6 +410,17 @@ struct GpuRuntime::Impl {
       for (auto& p : packed_a) reserve(p, kDecodeMaxM * kmax);
       reserve(packed_a_scales, kDecodeMaxM * kmax / 32);
       reserve(x_decode_alt, kDecodeMaxM * H);
+      if (decode_split_setting()) {
+        int64_t nmax = 0;
+        for (const auto& l : layers)
+          for (const auto& L : l.linear) nmax = std::max<int64_t>(nmax, L.out);
+        const size_t tiles = static_cast<size_t>(decode_split_row_tiles(nmax));
+        if (split_arrivals.count < tiles) {
+          reserve(split_arrivals, tiles);
+          cuda_check(cudaMemset(split_arrivals.ptr, 0, tiles * sizeof(unsigned)), "cudaMemset");
+        }
+        reserve(split_partials, static_cast<size_t>(decode_split_partial_floats(nmax)));
+      }
       if (M > kDecodeMaxM) {
         reserve(folded_a, M * kmax);
         reserve(folded_a_f, M * folded_fstride(static_cast<int>(kmax)));
@@ -427,7 +442,10 @@ struct GpuRuntime::Impl {
   }
   void decode_gemm(int slot, const DeviceLinear& L, int64_t M, uint16_t* out) {
     stage("gemm " + std::string(model::linear_slot_name(static_cast<LinearSlot>(slot))), [&] {
-      cuda_check(mx_gemm_decode(decode_operand(), L.w.segments(), M, L.out, L.plan, out, nullptr, stream), "decode GEMM");
+      const DecodeSplitScratch split{split_partials.ptr, split_arrivals.ptr, static_cast<int64_t>(split_arrivals.count)};
+      cuda_check(mx_gemm_decode(decode_operand(), L.w.segments(), M, L.out, L.plan, out, nullptr, stream,
+                                DecodeKernel::Auto, split_arrivals.ptr ? &split : nullptr),
+                 "decode GEMM");
     });
   }
 
