@@ -1167,12 +1167,13 @@ int split_cut(const MixPlan& plan) {
 // them and (Auto) where the CTAs' longest share shrinks, ceil(2 T / C) halves against
 // ceil(T / C) whole tiles (qkv at T = 192, C = 132: 3 halves against 2 tiles).
 KSplit choose_split(const MixPlan& plan, int tiles, int ctas, const DecodeSplitScratch* scratch) {
-  if (scratch == nullptr || scratch->partials == nullptr || scratch->arrivals == nullptr || scratch->row_tiles < tiles)
+  if (scratch == nullptr || scratch->mode == DecodeSplit::Off || scratch->partials == nullptr ||
+      scratch->arrivals == nullptr || scratch->row_tiles < tiles)
     return {};
   const int cut = split_cut(plan);
   if (cut == 0) return {};
   const bool pays = (2 * tiles + ctas - 1) / ctas < 2 * ((tiles + ctas - 1) / ctas);
-  if (scratch->mode == DecodeSplitScratch::Mode::Auto && !pays) return {};
+  if (scratch->mode == DecodeSplit::Auto && !pays) return {};
   return {2, cut};
 }
 
@@ -1219,10 +1220,12 @@ cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan p
 int64_t decode_split_row_tiles(int64_t N) { return (N + kTcRows - 1) / kTcRows; }
 int64_t decode_split_partial_floats(int64_t N) { return decode_split_row_tiles(N) * 2 * kTcRows * 4; }
 
-bool decode_split_setting() {
-  static const bool on = env_choice("MICROMIX_DECODE_SPLIT_K", {std::pair{"1", true}, std::pair{"0", false}}, false,
-                                    "decode K split");
-  return on;
+DecodeSplit decode_split_setting() {
+  static const DecodeSplit setting = env_choice("MICROMIX_DECODE_SPLIT_K",
+                                                {std::pair{"0", DecodeSplit::Off}, std::pair{"1", DecodeSplit::Auto},
+                                                 std::pair{"always", DecodeSplit::Always}},
+                                                DecodeSplit::Off, "decode K split");
+  return setting;
 }
 
 DecodeKernel decode_kernel_setting() {

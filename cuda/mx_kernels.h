@@ -186,18 +186,20 @@ DecodeKernel decode_kernel_setting();  // MICROMIX_DECODE_KERNEL, read once (Aut
 // halves of each tile's K (in bytes), and the second of them to finish adds the halves' sums,
 // part 0's first, so that the result does not depend on which one that is. `arrivals` must be zero
 // before the first call; every completed call leaves it zero. Calls sharing a scratch must not
-// overlap. mode: Auto splits where it shortens the longest CTA's work, Always wherever the
-// kernel runs (for tests).
+// overlap. Auto splits where it shortens the longest CTA's work, Always wherever the kernel runs
+// (for tests), Off nowhere.
+enum class DecodeSplit { Off, Auto, Always };
 struct DecodeSplitScratch {
-  enum class Mode { Auto, Always };
   float* partials = nullptr;     // decode_split_partial_floats(N)
   unsigned* arrivals = nullptr;  // decode_split_row_tiles(N) words
   int64_t row_tiles = 0;         // what partials and arrivals hold: up to this many row tiles
-  Mode mode = Mode::Auto;
+  DecodeSplit mode = DecodeSplit::Auto;
 };
 int64_t decode_split_row_tiles(int64_t N);
 int64_t decode_split_partial_floats(int64_t N);
-bool decode_split_setting();  // MICROMIX_DECODE_SPLIT_K=1 (read once): the runtime passes a split scratch
+// MICROMIX_DECODE_SPLIT_K (read once): 1 gives Auto, always Always; unset or 0 Off, the runtime's
+// default until the split is timed on a GPU.
+DecodeSplit decode_split_setting();
 
 // split: nullptr, or a scratch the streamed kernel may use for a K split (above).
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,

@@ -441,8 +441,7 @@ bool is_decode(Path p) {
 cudaError_t run_streamed_split(const DeviceMx& A, const DeviceMx& W, int64_t M, int64_t N, uint16_t* y, float* ws) {
   DeviceBuffer<float> partials(decode_split_partial_floats(N));
   DeviceBuffer<unsigned> arrivals(decode_split_row_tiles(N));
-  const DecodeSplitScratch scratch{partials.ptr, arrivals.ptr, decode_split_row_tiles(N),
-                                   DecodeSplitScratch::Mode::Always};
+  const DecodeSplitScratch scratch{partials.ptr, arrivals.ptr, decode_split_row_tiles(N), DecodeSplit::Always};
   for (cudaError_t e : {cudaMemset(partials.ptr, 0xFF, partials.count * sizeof(float)),
                         cudaMemset(arrivals.ptr, 0, arrivals.count * sizeof(unsigned)),
                         mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::Streamed,
