@@ -719,8 +719,8 @@ __host__ __device__ constexpr int total_pairs(const MixPlan& plan) {
   return pair_base(plan, 2) + segment_pairs(plan, 2);
 }
 
-// Followed in shared memory by the tokens' factors [blocks][kTok] and the pair tiles (which
-// wgmma's descriptors address in 16-byte units, hence the alignment).
+// After the pair tiles in shared memory (wg_smem_bytes), followed by the tokens' factors
+// [blocks][kTok].
 template <int kTok>
 struct alignas(16) WgStreamSmem {
   uint8_t codes[kStreamStages][kStreamCodeBytes];
@@ -735,9 +735,15 @@ __host__ __device__ constexpr int wg_factor_bytes(const MixPlan& plan) {
   return plan.blocks() * kTok * 4;
 }
 template <int kTok>
+__host__ __device__ constexpr int wg_tile_bytes(const MixPlan& plan) {
+  return total_pairs(plan) * pair_tile_bytes(kTok);
+}
+// Shared memory: the pair tiles first (a stage's slots past its last pair read the tiles after
+// it, or past the last the ring's first bytes: products nobody promotes), then WgStreamSmem,
+// then the tokens' factors.
+template <int kTok>
 __host__ __device__ constexpr int wg_smem_bytes(const MixPlan& plan) {
-  return static_cast<int>(sizeof(WgStreamSmem<kTok>)) + wg_factor_bytes<kTok>(plan) +
-         total_pairs(plan) * pair_tile_bytes(kTok);
+  return wg_tile_bytes<kTok>(plan) + static_cast<int>(sizeof(WgStreamSmem<kTok>)) + wg_factor_bytes<kTok>(plan);
 }
 
 // One item of the tokens' pass: token m's block b (absolute) as lane t would hold it, bound for
@@ -865,8 +871,15 @@ __device__ __forceinline__ void wg_stage(const WgLane& L, const uint8_t* codes, 
   }
   __syncwarp();
   if (L.lane == 0) ptx::mbar_arrive(empty);  // the stage is in registers: the producer may refill it
-  // a pair past the stage's last reads that pair's tile: its products are not promoted
-  const int last_pair = (count + 1) / 2 - 1;
+  // Slot u's pair tile, kWgGroups u pairs after this warpgroup's first: past the stage's last
+  // pair it is the next segment's, or bytes of the ring after the last (wg_smem_bytes), whose
+  // products are not promoted.
+  // The descriptor's start address (16-byte units, its low 14 bits, which a shared-memory
+  // address never overflows) moves by a constant per slot: a 32-bit add to its low word.
+  const uint64_t desc0 = ptx::smem_desc_plain(tiles + L.wg * pair_tile_bytes(kTok), kTileKHalfBytes, kTileGroupBytes);
+  const uint32_t desc_lo = static_cast<uint32_t>(desc0);
+  const uint64_t desc_hi = desc0 & ~uint64_t{0xFFFFFFFFu};
+  constexpr uint32_t kSlotDesc = kWgGroups * pair_tile_bytes(kTok) / 16;
   // The wgmma of kBatch slots at a time: 16 token columns hold 16 outputs per slot, and a
   // multiprocessor's quarter of the register file holds five warps of at most 102 registers.
   constexpr int kBatch = kTok == 16 && kPerWg > 2 ? 2 : kPerWg;
@@ -882,9 +895,7 @@ __device__ __forceinline__ void wg_stage(const WgLane& L, const uint8_t* codes, 
     ptx::wgmma_fence();
 #pragma unroll
     for (int v = 0; v < kBatch; ++v) {
-      const int p = min(L.wg + kWgGroups * (u0 + v), last_pair);
-      ptx::wgmma_m64nNk32_e4m3_rs<2 * kTok>(
-          d[v], a[u0 + v], ptx::smem_desc_plain(tiles + p * pair_tile_bytes(kTok), kTileKHalfBytes, kTileGroupBytes));
+      ptx::wgmma_m64nNk32_e4m3_rs<2 * kTok>(d[v], a[u0 + v], desc_hi | (desc_lo + (u0 + v) * kSlotDesc));
     }
     ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
@@ -930,16 +941,16 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
                                DecodeSplitScratch scratch) {
   constexpr int kThreads = kWgConsumerWarps * 32;
   extern __shared__ __align__(128) uint8_t stream_smem[];
-  WgStreamSmem<kTok>& sm = *reinterpret_cast<WgStreamSmem<kTok>*>(stream_smem);
-  float* factors = reinterpret_cast<float*>(stream_smem + sizeof(WgStreamSmem<kTok>));
-  uint8_t* tiles = stream_smem + sizeof(WgStreamSmem<kTok>) + wg_factor_bytes<kTok>(plan);
+  uint8_t* tiles = stream_smem;  // wg_tile_bytes, a multiple of 256: the ring after it stays aligned
+  WgStreamSmem<kTok>& sm = *reinterpret_cast<WgStreamSmem<kTok>*>(stream_smem + wg_tile_bytes<kTok>(plan));
+  float* factors = reinterpret_cast<float*>(stream_smem + wg_tile_bytes<kTok>(plan) + sizeof(WgStreamSmem<kTok>));
   const int warp = threadIdx.x / 32;
   const int tiles_n = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
   if (!start_ring<kSplit>(sm, W, plan, tiles_n, kWgConsumerWarps, split)) return;
   fill_scale_lut(sm.lut, threadIdx.x, kThreads);
   // Absent tokens stay zero; zeroing before the wait overlaps the kernel before.
   uint32_t* tile_words = reinterpret_cast<uint32_t*>(tiles);
-  for (int i = threadIdx.x; i < total_pairs(plan) * pair_tile_bytes(kTok) / 4; i += kThreads) tile_words[i] = 0u;
+  for (int i = threadIdx.x; i < wg_tile_bytes<kTok>(plan) / 4; i += kThreads) tile_words[i] = 0u;
   for (int i = threadIdx.x; i < nblk * kTok; i += kThreads) factors[i] = 0.0f;
   ptx::named_bar_sync<1, kThreads>();
   // The tokens' pass walks items i = threadIdx.x, + kThreads, ...: lane t = i % 4 of token
