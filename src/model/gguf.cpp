@@ -604,13 +604,10 @@ void GgufFile::Impl::parse() {
            " bytes) extends past the end of the data section (" + std::to_string(data_size) + " bytes)");
     t.data = data + data_offset + t.offset;
   }
-  std::vector<const GgufTensorInfo*> order;
-  order.reserve(tensors.size());
-  for (const auto& t : tensors) order.push_back(&t);
-  std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->offset < b->offset; });
-  for (size_t i = 1; i < order.size(); ++i)
-    if (order[i - 1]->offset + order[i - 1]->nbytes > order[i]->offset)
-      fail("tensors '" + order[i - 1]->name + "' and '" + order[i]->name + "' overlap");
+  std::vector<NamedRange> ranges;
+  ranges.reserve(tensors.size());
+  for (const auto& t : tensors) ranges.push_back({t.offset, t.offset + t.nbytes, &t.name});
+  if (std::string overlap = overlap_message(std::move(ranges)); !overlap.empty()) fail(overlap);
 }
 
 GgufFile::GgufFile(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
@@ -59,6 +60,16 @@ void MappedFile::reset() {
   if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
   data_ = nullptr;
   size_ = 0;
+}
+
+std::string overlap_message(std::vector<NamedRange> ranges) {
+  std::sort(ranges.begin(), ranges.end(),
+            [](const NamedRange& a, const NamedRange& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
+  // sorted by start, two ranges overlap only if some neighbours do
+  for (size_t i = 1; i < ranges.size(); ++i)
+    if (ranges[i - 1].end > ranges[i].begin)
+      return "tensors '" + *ranges[i - 1].name + "' and '" + *ranges[i].name + "' overlap";
+  return {};
 }
 
 }  // namespace micromix::model

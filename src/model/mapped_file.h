@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace micromix::model {
 
@@ -27,5 +28,14 @@ class MappedFile {
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
 };
+
+// A tensor's bytes [begin, end) in a model file.
+struct NamedRange {
+  uint64_t begin, end;
+  const std::string* name;
+};
+// "tensors 'a' and 'b' overlap" for the first two of `ranges` in file order that share bytes;
+// empty when none do.
+std::string overlap_message(std::vector<NamedRange> ranges);
 
 }  // namespace micromix::model

@@ -187,14 +187,10 @@ void SafetensorsFile::Impl::parse() {
     index.emplace(t.name, tensors.size());
     tensors.push_back(std::move(t));
   }
-  std::vector<const SafetensorsTensorInfo*> order;
-  order.reserve(tensors.size());
-  for (const auto& t : tensors) order.push_back(&t);
-  std::sort(order.begin(), order.end(),
-            [](auto* a, auto* b) { return a->begin != b->begin ? a->begin < b->begin : a->end < b->end; });
-  for (size_t i = 1; i < order.size(); ++i)
-    if (order[i - 1]->end > order[i]->begin)
-      fail("tensors '" + order[i - 1]->name + "' and '" + order[i]->name + "' overlap");
+  std::vector<NamedRange> ranges;
+  ranges.reserve(tensors.size());
+  for (const auto& t : tensors) ranges.push_back({t.begin, t.end, &t.name});
+  if (std::string overlap = overlap_message(std::move(ranges)); !overlap.empty()) fail(overlap);
 }
 
 SafetensorsFile::SafetensorsFile(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
