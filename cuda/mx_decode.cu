@@ -477,7 +477,7 @@ __host__ __device__ constexpr int stream_factor_bytes(int blocks, int nt) { retu
 // The stream of one row tile in the order producer and consumers walk it: segment s, blocks
 // [first, first + count) (segment-local), one stage each.
 template <typename Visit>
-__device__ __forceinline__ void for_each_chunk(const MixPlan& plan, Visit visit) {
+__host__ __device__ __forceinline__ void for_each_chunk(const MixPlan& plan, Visit visit) {
 #pragma unroll
   for (int s = 0; s < 3; ++s) {
     const SegmentSpan span = segment_span(plan, s);
@@ -1147,25 +1147,19 @@ int wg_token_columns(const MixPlan& plan, int M, int N) {
 // The chunk where a K split cuts a row tile: the halves' bytes (codes and scales) as even as
 // whole chunks allow; 0 where the tile is a single chunk.
 int split_cut(const MixPlan& plan) {
-  auto each_chunk = [&](auto visit) {
-    for (int s = 0; s < 3; ++s) {
-      const SegmentSpan span = segment_span(plan, s);
-      for (int first = 0; first < span.blocks; first += stream_chunk_blocks(s))
-        visit(int64_t{std::min(stream_chunk_blocks(s), span.blocks - first)} * kTcRows * (span.block_bytes + 1));
-    }
-  };
+  auto bytes = [](const SegmentSpan& span, int count) { return int64_t{count} * kTcRows * (span.block_bytes + 1); };
   int64_t total = 0;
   int chunks = 0;
-  each_chunk([&](int64_t bytes) {
-    total += bytes;
+  for_each_chunk(plan, [&](int, const SegmentSpan& span, int, int count) {
+    total += bytes(span, count);
     ++chunks;
   });
   if (chunks < 2) return 0;
   // the cut c in [1, chunks) whose first part's bytes come nearest half the total
   int c = 0, cut = 1;
   int64_t before = 0, best = total;
-  each_chunk([&](int64_t bytes) {
-    before += bytes;
+  for_each_chunk(plan, [&](int, const SegmentSpan& span, int, int count) {
+    before += bytes(span, count);
     if (++c < chunks && std::llabs(total - 2 * before) < best) {
       best = std::llabs(total - 2 * before);
       cut = c;
@@ -1181,10 +1175,10 @@ KSplit choose_split(const MixPlan& plan, int tiles, int ctas, const DecodeSplitS
   if (scratch == nullptr || scratch->mode == DecodeSplit::Off || scratch->partials == nullptr ||
       scratch->arrivals == nullptr || scratch->row_tiles < tiles)
     return {};
-  const int cut = split_cut(plan);
-  if (cut == 0) return {};
   const bool pays = (2 * tiles + ctas - 1) / ctas < 2 * ((tiles + ctas - 1) / ctas);
   if (scratch->mode == DecodeSplit::Auto && !pays) return {};
+  const int cut = split_cut(plan);
+  if (cut == 0) return {};
   return {2, cut};
 }
 
