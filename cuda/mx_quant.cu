@@ -198,24 +198,20 @@ __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint
     return;
   }
   uint32_t words[kBlockSize / 4];
-  if constexpr (is_folded_format(F)) {
-    const FoldRounding<F> round(sb, s - e);
+  auto pack = [&](auto payload) {
 #pragma unroll
     for (int i = 0; i < kBlockSize / 4; ++i) {
       float p[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) p[j] = round(v[4 * i + j]);
+      for (int j = 0; j < 4; ++j) p[j] = payload(v[4 * i + j]);
       words[i] = e4m3x2_rn(p[0], p[1]) | (static_cast<uint32_t>(e4m3x2_rn(p[2], p[3])) << 16);
     }
-  } else {
-    const float y_scale = exp2i(kScaleBias - static_cast<int>(sb));  // encode_scaled's product
-#pragma unroll
-    for (int i = 0; i < kBlockSize / 4; ++i) {  // MXFP8: the payload is the element code itself
-      float p[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) p[j] = v[4 * i + j] * y_scale;
-      words[i] = e4m3x2_rn(p[0], p[1]) | (static_cast<uint32_t>(e4m3x2_rn(p[2], p[3])) << 16);
-    }
+  };
+  if constexpr (is_folded_format(F)) {
+    pack(FoldRounding<F>(sb, s - e));
+  } else {  // MXFP8: the payload is the element code itself, x times encode_scaled's product
+    const float y_scale = exp2i(kScaleBias - static_cast<int>(sb));
+    pack([y_scale](float x) { return x * y_scale; });
   }
   uint4* dst = reinterpret_cast<uint4*>(folded.q + m * plan.k() + static_cast<int64_t>(b) * kBlockSize);
   dst[0] = make_uint4(words[0], words[1], words[2], words[3]);

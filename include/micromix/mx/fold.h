@@ -156,10 +156,11 @@ MICROMIX_HD uint16_t e4m3x2_rn(float lo, float hi) {
 template <ElemFormat F>
 struct FoldRounding {
   static constexpr ElemTraits kTraits = elem_traits(F);
-  uint32_t min_u;      // F's emin as an exponent field of x
-  uint32_t magic_add;  // from x's exponent field to c's bits
-  float out_scale;     // 2^(127 - sb + d)
-  float lim;           // F's max * 2^d
+  // added to x's exponent field, c's bits: 1.5 * 2^(e_x + 23 - mbits)
+  static constexpr uint32_t kMagicAdd = (static_cast<uint32_t>(23 - kTraits.mbits) << 23) | 0x400000u;
+  uint32_t min_u;   // F's emin as an exponent field of x
+  float out_scale;  // 2^(127 - sb + d)
+  float lim;        // F's max * 2^d
   MICROMIX_HD static constexpr int min_field(uint8_t sb) { return 1 - kTraits.bias + sb; }
   MICROMIX_HD static constexpr int out_exp(uint8_t sb, int d) { return kScaleBias - sb + d; }
   MICROMIX_HD static bool applies(uint8_t sb, int d) {
@@ -168,12 +169,11 @@ struct FoldRounding {
   }
   MICROMIX_HD FoldRounding(uint8_t sb, int d)
       : min_u(static_cast<uint32_t>(min_field(sb)) << 23),
-        magic_add((static_cast<uint32_t>(23 - kTraits.mbits) << 23) | 0x400000u),
         out_scale(exp2i(out_exp(sb, d))),
         lim(kTraits.max * exp2i(d)) {}
   MICROMIX_HD float operator()(float x) const {
     const uint32_t e = float_to_bits(x) & 0x7F800000u;
-    const float c = bits_to_float((e > min_u ? e : min_u) + magic_add);
+    const float c = bits_to_float((e > min_u ? e : min_u) + kMagicAdd);
     const float r = (fabsf(x) + c) - c;
     const float q = r * out_scale;
     return bits_to_float(float_to_bits(q < lim ? q : lim) | (float_to_bits(x) & 0x80000000u));
