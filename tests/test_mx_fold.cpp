@@ -79,7 +79,8 @@ TEST(MxFold, TableMatchesComputedPayloads) {
 // the floats next to both, values past F's max (saturation), zeros and underflows, both signs,
 // every shift of the window, at scale bytes from 2^-121 (the smallest that serves every shift)
 // up to 2^70, the value handed over as x = y 2^(sb - 127) as the block holds it (fp32 subnormals
-// included); then the E4M3 bytes. And where it does not apply.
+// included); then the E4M3 bytes. The form without the clamp likewise on every |y| up to F's max.
+// And where it does not apply.
 TEST(MxFold, RoundingMatchesEncodeThenFold) {
   FoldTable table;
   for (int i = 0; i < kFoldTableEntries; ++i) fold_table_fill(table, i);
@@ -97,7 +98,7 @@ TEST(MxFold, RoundingMatchesEncodeThenFold) {
       ys.push_back(std::nextafter(ys[i], 0.0f));
       ys.push_back(std::nextafter(ys[i], 100.0f));
     }
-    int checked = 0;
+    int checked = 0, unclamped = 0;
     for (const int sb : {6, 7, 60, 127, 128, 150, 197})
       for (float y0 : ys)
         for (float y : {y0, -y0})
@@ -111,9 +112,15 @@ TEST(MxFold, RoundingMatchesEncodeThenFold) {
             const float v = FoldRounding<F>(scale, d)(x);
             ASSERT_EQ(static_cast<uint8_t>(e4m3x2_rn(v, 0.0f)), want) << t.name << " y=" << y << " sb=" << sb << " d=" << d;
             ASSERT_EQ(static_cast<uint8_t>(e4m3x2_rn(0.0f, v) >> 8), want);
+            if (std::fabs(y) <= t.max) {  // ScaleRule::Ceil's blocks: the form without the clamp
+              const float u = FoldRounding<F, false>(scale, d)(x);
+              ASSERT_EQ(static_cast<uint8_t>(e4m3x2_rn(u, 0.0f)), want) << t.name << " y=" << y << " sb=" << sb << " d=" << d;
+              ++unclamped;
+            }
             ++checked;
           }
     EXPECT_GT(checked, 5000);
+    EXPECT_GT(unclamped, checked / 2);
     EXPECT_FALSE(FoldRounding<F>::applies(static_cast<uint8_t>(t.bias - 1), 0)) << "emin below the normal floats";
     EXPECT_FALSE(FoldRounding<F>::applies(5, 6)) << "2^(127 - sb + d) past the largest power of two";
     EXPECT_FALSE(FoldRounding<F>::applies(254, 0)) << "the largest scale";

@@ -150,17 +150,22 @@ MICROMIX_HD uint16_t e4m3x2_rn(float lo, float hi) {
 // when d lies inside F's window and x is finite. |x| is rounded in its own scale: F's grid
 // spacing there is 2^(max(e_x, 1 - bias - 127 + sb) - mbits), and (|x| + c) - c with
 // c = 1.5 * 2^(23 + that exponent) rounds to it (to nearest even: |x| lies far below 2^22
-// spacings), then one exact product by 2^(127 - sb + d), the clamp, and x's sign (zeros keep
-// theirs). Two additions, a product and a few integer operations per element; applies() says
-// for which scale bytes and shifts its constants are normal floats.
-template <ElemFormat F>
+// spacings). The same rounding happens in the payload's scale, 2^(127 - sb + d) times larger
+// (a power of two, and every intermediate a normal float, so it commutes with the rounding):
+// one fused multiply-add |x| * 2^(127 - sb + d) + c', one subtraction of c', the clamp and x's
+// sign (zeros keep theirs). c' comes from x's exponent field by one add-and-max (signed: the
+// added offset is negative for large scales). applies() says for which scale bytes and shifts
+// these constants are normal floats.
+// kSaturate = false drops the clamp, for blocks whose |y| are all at most F's max: those of
+// ScaleRule::Ceil (block_scale's guarantee; its scale byte 254, where it may not hold, is
+// outside applies()).
+template <ElemFormat F, bool kSaturate = true>
 struct FoldRounding {
   static constexpr ElemTraits kTraits = elem_traits(F);
-  // added to x's exponent field, c's bits: 1.5 * 2^(e_x + 23 - mbits)
-  static constexpr uint32_t kMagicAdd = (static_cast<uint32_t>(23 - kTraits.mbits) << 23) | 0x400000u;
-  uint32_t min_u;   // F's emin as an exponent field of x
-  float out_scale;  // 2^(127 - sb + d)
-  float lim;        // F's max * 2^d
+  int32_t c_offset;  // added to x's exponent field: c' = 1.5 * 2^(e_x + 23 - mbits + 127 - sb + d)
+  int32_t c_least;   // c' for x's exponents up to F's emin
+  float out_scale;   // 2^(127 - sb + d)
+  float lim;         // F's max * 2^d
   MICROMIX_HD static constexpr int min_field(uint8_t sb) { return 1 - kTraits.bias + sb; }
   MICROMIX_HD static constexpr int out_exp(uint8_t sb, int d) { return kScaleBias - sb + d; }
   MICROMIX_HD static bool applies(uint8_t sb, int d) {
@@ -168,15 +173,18 @@ struct FoldRounding {
            out_exp(sb, d) <= 127;
   }
   MICROMIX_HD FoldRounding(uint8_t sb, int d)
-      : min_u(static_cast<uint32_t>(min_field(sb)) << 23),
+      : c_offset(static_cast<int32_t>((23 - kTraits.mbits + out_exp(sb, d)) * (1 << 23) + 0x400000)),
+        c_least(min_field(sb) * (1 << 23) + c_offset),
         out_scale(exp2i(out_exp(sb, d))),
         lim(kTraits.max * exp2i(d)) {}
   MICROMIX_HD float operator()(float x) const {
-    const uint32_t e = float_to_bits(x) & 0x7F800000u;
-    const float c = bits_to_float((e > min_u ? e : min_u) + kMagicAdd);
-    const float r = (fabsf(x) + c) - c;
-    const float q = r * out_scale;
-    return bits_to_float(float_to_bits(q < lim ? q : lim) | (float_to_bits(x) & 0x80000000u));
+    // x's exponent field plus the offset, in modular arithmetic (no overflow for the finite x
+    // of a block applies() admits; compared as signed)
+    const int32_t c_x = static_cast<int32_t>((float_to_bits(x) & 0x7F800000u) + static_cast<uint32_t>(c_offset));
+    const float c = bits_to_float(static_cast<uint32_t>(c_x > c_least ? c_x : c_least));
+    float r = fmaf(fabsf(x), out_scale, c) - c;
+    if constexpr (kSaturate) r = fminf(r, lim);
+    return bits_to_float(float_to_bits(r) | (float_to_bits(x) & 0x80000000u));
   }
 };
 
