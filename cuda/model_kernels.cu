@@ -14,6 +14,7 @@
 #include "bf16_pairs.cuh"
 #include "warp_sum.cuh"
 #include "attention_splits.cuh"
+#include "env_choice.h"
 
 namespace micromix::cuda {
 
@@ -214,13 +215,13 @@ __device__ __forceinline__ uint32_t load_u32(const uint16_t* p) { return *reinte
 // warp's 16). Scores in the mma C-fragment layout, which wgmma's accumulators share:
 // sc[4j + 2i + e] is row i, key key0 + 8j + 2 t4 + e. Masks keys past visible[i] and replaces
 // each score by 2^(score * scale - m), m the row's running maximum in the log2 domain (one FFMA
-// and one ex2 per score), and rescales the row's outputs o (same layout, kOut of them) and its
-// running sum l (this thread's share of the quad's).
+// and one ex2 per score), and updates the row's running sum l (this thread's share of the
+// quad's); alpha[i] is the factor by which the row's outputs must be rescaled.
 // `may_mask` (uniform over the CTA) is false for tiles wholly below the CTA's diagonal, which
 // then skip the per-score compares.
-template <int kKeys, int kOut>
-__device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* m, float* l, int key0,
-                                                    bool may_mask, const int* visible, int t4, float scale) {
+template <int kKeys>
+__device__ __forceinline__ void softmax_scores_step(float* sc, float* m, float* l, float* alpha, int key0, bool may_mask,
+                                                    const int* visible, int t4, float scale) {
   if (may_mask) {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -241,7 +242,7 @@ __device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* 
     mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
     const float m_new = fmaxf(m[i], mx * scale);          // scale > 0: the maximum commutes with it
     const float base = m_new == -INFINITY ? 0.0f : m_new;  // a row with no visible key yet
-    const float alpha = ptx::fast_exp2(m[i] - base);
+    alpha[i] = ptx::fast_exp2(m[i] - base);
     m[i] = m_new;
     float sum = 0.0f;
 #pragma unroll
@@ -252,13 +253,28 @@ __device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* 
         v = ptx::fast_exp2(fmaf(v, scale, -base));
         sum += v;
       }
-    l[i] = l[i] * alpha + sum;  // this thread's share; the quad is summed at the end
+    l[i] = l[i] * alpha[i] + sum;
+  }
+}
+
+// The outputs o of a thread's two rows (same layout, kOut of them) times the rows' alpha.
+template <int kOut>
+__device__ __forceinline__ void rescale_outputs(float* o, const float* alpha) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int j = 0; j < kOut / 4; ++j) {
-      o[4 * j + 2 * i] *= alpha;
-      o[4 * j + 2 * i + 1] *= alpha;
+      o[4 * j + 2 * i] *= alpha[i];
+      o[4 * j + 2 * i + 1] *= alpha[i];
     }
-  }
+}
+
+template <int kKeys, int kOut>
+__device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* m, float* l, int key0,
+                                                    bool may_mask, const int* visible, int t4, float scale) {
+  float alpha[2];
+  softmax_scores_step<kKeys>(sc, m, l, alpha, key0, may_mask, visible, t4, scale);
+  rescale_outputs<kOut>(o, alpha);
 }
 
 // Keys 16c .. 16c+15 of the probabilities as the A fragment of P.V (bf16).
@@ -492,37 +508,44 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
   store_attention_rows<D>(o, m, l, row, qrow, head, rows, b, kvh, split, splits, s, t4, out, part_o, part_lse);
 }
 
-// Prefill attention for head_dim 128 on wgmma (splits == 1). Two warpgroups of a CTA take 64
-// rows each of a 128-row tile; per 64-key tile S = Q.K^T is eight m64n64k16 wgmma with both
-// operands in shared memory, the online softmax runs on S in registers (the accumulators have
-// mma.sync's C layout, so online_softmax_step serves both kernels), and O += P.V is four
+// Prefill attention for head_dim 128 on wgmma (splits == 1). kGroups warpgroups of a CTA take
+// 64 rows each of a 64 kGroups-row tile; per 64-key tile S = Q.K^T is eight m64n64k16 wgmma with
+// both operands in shared memory, the online softmax runs on S in registers (the accumulators
+// have mma.sync's C layout, so online_softmax_step serves both kernels), and O += P.V is four
 // m64n128k16 wgmma with P from registers and V read MN-major where it lies. A tile's keys
 // are read from shared memory once per warpgroup instead of once per warp. Q, K and V sit in
 // shared memory as the 128-byte-swizzled rows wgmma reads: [64-column half][row][128 bytes],
 // chunk c of row r at chunk c ^ (r % 8), written by cp.async (zeros past the last key).
-constexpr int kWgAttnRows = 128;
-constexpr int kWgAttnThreads = 256;
 constexpr int kWgAttnD = 128;
-constexpr int kWgQBytes = kWgAttnRows * kWgAttnD * 2;        // 32 KB
 constexpr int kWgKvTileBytes = kAttnKeys * kWgAttnD * 2;     // 16 KB, K or V
 constexpr int kWgHalfRow = 128;                              // bytes of a 64-column half row
-constexpr int kWgAttnSmemBytes = kWgQBytes + 2 * 2 * kWgKvTileBytes + 1024;  // two stages, alignment slack
+template <int kGroups>
+struct WgAttnTile {
+  static constexpr int kRows = 64 * kGroups;
+  static constexpr int kThreads = 128 * kGroups;
+  static constexpr int kRowsPerPass = kThreads / 16;  // a thread copies one 16-byte chunk of a row
+  static constexpr int kQBytes = kRows * kWgAttnD * 2;
+  static constexpr int kSmemBytes = kQBytes + 2 * 2 * kWgKvTileBytes + 1024;  // two stages, alignment slack
+  static_assert(kRowsPerPass % 8 == 0, "every pass at the same swizzle phase");
+};
 
 // Byte offset of 16-byte chunk `c` (0..15) of row `r` in a [half][rows][128 B] swizzled tile.
 __device__ __forceinline__ int swizzled_chunk(int r, int c, int rows) {
   return (c / 8) * rows * kWgHalfRow + r * kWgHalfRow + (((c % 8) ^ (r % 8)) << 4);
 }
 
-__global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(const uint16_t* __restrict__ q,
+template <int kGroups, bool kOverlap>
+__global__ void __launch_bounds__(WgAttnTile<kGroups>::kThreads, kOverlap ? 1 : 2) attention_wgmma_kernel(const uint16_t* __restrict__ q,
                                                                           const uint16_t* __restrict__ k_cache,
                                                                           const uint16_t* __restrict__ v_cache,
                                                                           AttentionShape s, uint16_t* out) {
   constexpr int D = kWgAttnD;
+  using Tile = WgAttnTile<kGroups>;
   extern __shared__ __align__(16) uint8_t wg_attn_smem[];
   ptx::chain_enter();
   uint8_t* smem = wg_attn_smem + ((1024 - (ptx::smem_u32(wg_attn_smem) & 1023)) & 1023);  // swizzle atoms
   uint8_t* q_s = smem;
-  auto k_s = [&](int stage) { return smem + kWgQBytes + stage * 2 * kWgKvTileBytes; };
+  auto k_s = [&](int stage) { return smem + Tile::kQBytes + stage * 2 * kWgKvTileBytes; };
   auto v_s = [&](int stage) { return k_s(stage) + kWgKvTileBytes; };
 
   const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4,
@@ -535,41 +558,49 @@ __global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(cons
   const int tile = gridDim.x - 1 - dispatch / heads;
   const int kvh = dispatch % heads % gridDim.y, b = dispatch % heads / gridDim.y;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group, q_dim = s.q_dim();
-  const int r0 = tile * kWgAttnRows, position = current_position(s);
+  const int r0 = tile * Tile::kRows, position = current_position(s);
   // This thread's two rows (query, head) and the last key each may see; the rest of the row's
   // coordinates are worked out again for the store, to keep registers for the loop.
   const int row0 = r0 + wg * 64 + warp * 16 + g;
   int visible[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) visible[i] = position + min(row0 + 8 * i, rows - 1) / group;
-  // Loads: thread t copies 16-byte chunk t % 16 of rows t / 16, + 16, ... (the same swizzle
-  // phase in every pass). Q rows past the end repeat the last one; their outputs are not stored.
-  static_assert(kWgAttnThreads == 16 * 16, "16 rows of 16 chunks per pass");
+  // Loads: thread t copies 16-byte chunk t % 16 of rows t / 16, + kRowsPerPass, ... (the same
+  // swizzle phase in every pass). Q rows past the end repeat the last one; their outputs are
+  // not stored.
   const int chunk = threadIdx.x % 16, row_in_pass = threadIdx.x / 16;
+  static_assert(Tile::kRows % Tile::kRowsPerPass == 0);
 #pragma unroll
-  for (int r = row_in_pass; r < kWgAttnRows; r += 16) {
+  for (int r = row_in_pass; r < Tile::kRows; r += Tile::kRowsPerPass) {
     const int rr = min(r0 + r, rows - 1);
     const uint16_t* src = q + (static_cast<int64_t>(b) * s.tokens + rr / group) * q_dim + (kvh * group + rr % group) * D;
-    cp_async_16(q_s + swizzled_chunk(r, chunk, kWgAttnRows), src + 8 * chunk, true);
+    cp_async_16(q_s + swizzled_chunk(r, chunk, Tile::kRows), src + 8 * chunk, true);
   }
 
   const int first_visible = position + r0 / group;  // the CTA's first row sees the fewest keys
-  const int last_row = min(r0 + kWgAttnRows, rows) - 1;
+  const int last_row = min(r0 + Tile::kRows, rows) - 1;
   const int key_end = position + last_row / group + 1;
   const int blocks = (key_end + kAttnKeys - 1) / kAttnKeys;
   const int64_t cache_base = (static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context * D;
   const float scale = kLog2e / sqrtf(static_cast<float>(D));
-  auto load_tile = [&](int blk, int stage) {
+  // Key tile blk of the K or V cache into its stage (tiles alternate between two), not committed.
+  auto load_rows = [&](const uint16_t* cache, uint8_t* tile, int blk) {
     const int key0 = blk * kAttnKeys;
     const int first = swizzled_chunk(row_in_pass, chunk, kAttnKeys);
 #pragma unroll
-    for (int pass = 0; pass < kAttnKeys / 16; ++pass) {
-      const int key = row_in_pass + 16 * pass;
+    for (int pass = 0; pass < (kAttnKeys + Tile::kRowsPerPass - 1) / Tile::kRowsPerPass; ++pass) {
+      const int key = row_in_pass + Tile::kRowsPerPass * pass;
+      if (kAttnKeys % Tile::kRowsPerPass != 0 && key >= kAttnKeys) break;
       const bool valid = key0 + key < key_end;  // zeros past the end: no NaN from 0 * garbage
       const int64_t at = cache_base + static_cast<int64_t>(valid ? key0 + key : 0) * D + 8 * chunk;
-      cp_async_16(k_s(stage) + first + pass * 16 * kWgHalfRow, k_cache + at, valid);
-      cp_async_16(v_s(stage) + first + pass * 16 * kWgHalfRow, v_cache + at, valid);
+      cp_async_16(tile + first + pass * Tile::kRowsPerPass * kWgHalfRow, cache + at, valid);
     }
+  };
+  auto load_keys = [&](int blk) { load_rows(k_cache, k_s(blk & 1), blk); };
+  auto load_values = [&](int blk) { load_rows(v_cache, v_s(blk & 1), blk); };
+  auto load_tile = [&](int blk) {
+    load_keys(blk);
+    load_values(blk);
     cp_async_commit();
   };
 
@@ -578,44 +609,102 @@ __global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(cons
   for (int j = 0; j < D / 2; ++j) o[j] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const uint8_t* q_wg = q_s + wg * 64 * kWgHalfRow;  // this warpgroup's 64 rows in each half
-
-  load_tile(0, 0);  // with Q in the same group
-  for (int blk = 0; blk < blocks; ++blk) {
-    const int stage = blk & 1;
-    if (blk + 1 < blocks) {
-      load_tile(blk + 1, stage ^ 1);  // released by the barrier ending the last iteration
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    ptx::fence_proxy_async();
-    __syncthreads();
-    float sc[kAttnKeys / 2];
+  auto issue_scores = [&](float* sc, int blk) {  // S = Q.K^T of key tile blk, one wgmma batch
     ptx::wgmma_fence();
     ptx::fence_operands<kAttnKeys / 2>(sc);
 #pragma unroll
     for (int c = 0; c < D / 16; ++c)  // k16 steps: 32 bytes on within a half, then the other half
-      ptx::wgmma_m64n64k16_bf16(sc, ptx::smem_desc(q_wg + (c / 4) * kWgAttnRows * kWgHalfRow + (c % 4) * 32),
-                                ptx::smem_desc(k_s(stage) + (c / 4) * kAttnKeys * kWgHalfRow + (c % 4) * 32), c > 0);
+      ptx::wgmma_m64n64k16_bf16(sc, ptx::smem_desc(q_wg + (c / 4) * Tile::kRows * kWgHalfRow + (c % 4) * 32),
+                                ptx::smem_desc(k_s(blk & 1) + (c / 4) * kAttnKeys * kWgHalfRow + (c % 4) * 32), c > 0);
     ptx::wgmma_commit();
-    ptx::wgmma_wait<0>();
-    ptx::fence_operands<kAttnKeys / 2>(sc);
-    const int key0 = blk * kAttnKeys;
-    online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, key0, key0 + kAttnKeys - 1 > first_visible, visible, t4, scale);
-    uint32_t pa[kAttnKeys / 16][4];
-#pragma unroll
-    for (int c = 0; c < kAttnKeys / 16; ++c) pack_probabilities(sc, c, pa[c]);
+  };
+  auto issue_values = [&](uint32_t (*pa)[4], int blk) {  // O += P.V of key tile blk, one wgmma batch
     ptx::wgmma_fence();
     ptx::fence_operands<D / 2>(o);
 #pragma unroll
     for (int c = 0; c < kAttnKeys / 16; ++c)  // keys 16c..16c+15: two 8-key groups 1 KB apart; d halves 8 KB apart
       ptx::wgmma_m64n128k16_bf16_rs_bmn(o, pa[c],
-                                        ptx::smem_desc_mn(v_s(stage) + c * 16 * kWgHalfRow, kAttnKeys * kWgHalfRow,
+                                        ptx::smem_desc_mn(v_s(blk & 1) + c * 16 * kWgHalfRow, kAttnKeys * kWgHalfRow,
                                                           8 * kWgHalfRow));
     ptx::wgmma_commit();
+  };
+  auto may_mask = [&](int key0) { return key0 + kAttnKeys - 1 > first_visible; };
+
+  if constexpr (!kOverlap) {
+    static_assert(kGroups == 2);
+    load_tile(0);  // with Q in the same group
+    for (int blk = 0; blk < blocks; ++blk) {
+      if (blk + 1 < blocks) {
+        load_tile(blk + 1);  // into the stage released by the barrier ending the last iteration
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      ptx::fence_proxy_async();
+      __syncthreads();
+      float sc[kAttnKeys / 2];
+      issue_scores(sc, blk);
+      ptx::wgmma_wait<0>();
+      ptx::fence_operands<kAttnKeys / 2>(sc);
+      const int key0 = blk * kAttnKeys;
+      online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, key0, may_mask(key0), visible, t4, scale);
+      uint32_t pa[kAttnKeys / 16][4];
+#pragma unroll
+      for (int c = 0; c < kAttnKeys / 16; ++c) pack_probabilities(sc, c, pa[c]);
+      issue_values(pa, blk);
+      ptx::wgmma_wait<0>();
+      ptx::fence_operands<D / 2>(o);
+      __syncthreads();  // this stage is refilled two iterations on
+    }
+  } else {
+    // Tile t + 1's scores and tile t's P.V go out as two batches; the softmax of tile t + 1
+    // runs while P.V does, and the outputs are rescaled once it is done: the same operations
+    // in the same order on every value as above. K of a tile is loaded two tiles ahead of its
+    // P.V, V one: the loads of tile t + 1's V and tile t + 2's K go out together.
+    load_keys(0);  // with Q
+    cp_async_commit();
+    load_values(0);
+    if (blocks > 1) load_keys(1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    ptx::fence_proxy_async();
+    __syncthreads();
+    float sc[kAttnKeys / 2], alpha[2];
+    issue_scores(sc, 0);
+    ptx::wgmma_wait<0>();
+    ptx::fence_operands<kAttnKeys / 2>(sc);
+    softmax_scores_step<kAttnKeys>(sc, m, l, alpha, 0, may_mask(0), visible, t4, scale);
+    rescale_outputs<D / 2>(o, alpha);
+    uint32_t pa[kAttnKeys / 16][4];
+#pragma unroll
+    for (int c = 0; c < kAttnKeys / 16; ++c) pack_probabilities(sc, c, pa[c]);
+    for (int blk = 0; blk + 1 < blocks; ++blk) {
+      cp_async_wait<0>();  // tile blk's V and tile blk + 1's K
+      ptx::fence_proxy_async();
+      __syncthreads();  // every warp is past tile blk - 1's P.V and tile blk's S: their stages are free
+      load_values(blk + 1);
+      if (blk + 2 < blocks) load_keys(blk + 2);
+      cp_async_commit();
+      issue_scores(sc, blk + 1);
+      ptx::fence_operands<kAttnKeys / 4 * 4>(&pa[0][0]);
+      issue_values(pa, blk);
+      ptx::wgmma_wait<1>();  // the scores
+      ptx::fence_operands<kAttnKeys / 2>(sc);
+      const int key0 = (blk + 1) * kAttnKeys;
+      softmax_scores_step<kAttnKeys>(sc, m, l, alpha, key0, may_mask(key0), visible, t4, scale);
+      ptx::wgmma_wait<0>();  // P.V: the outputs and the probabilities' registers are free again
+      ptx::fence_operands<D / 2>(o);
+      ptx::fence_operands<kAttnKeys / 4 * 4>(&pa[0][0]);
+      rescale_outputs<D / 2>(o, alpha);
+#pragma unroll
+      for (int c = 0; c < kAttnKeys / 16; ++c) pack_probabilities(sc, c, pa[c]);
+    }
+    cp_async_wait<0>();  // the last tile's V
+    ptx::fence_proxy_async();
+    __syncthreads();
+    issue_values(pa, blocks - 1);
     ptx::wgmma_wait<0>();
     ptx::fence_operands<D / 2>(o);
-    __syncthreads();  // this stage is refilled two iterations on
   }
   int row[2], qrow[2], head[2];
 #pragma unroll
@@ -829,18 +918,51 @@ cudaError_t launch_attention(const uint16_t* q, const uint16_t* k_cache, const u
 
 }  // namespace
 
+constexpr std::pair<const char*, AttentionSchedule> kAttentionSchedules[] = {
+    {"serial", AttentionSchedule::Serial},
+    {"overlapped", AttentionSchedule::Overlapped},
+    {"overlapped-3", AttentionSchedule::OverlappedThreeGroups}};
+
+AttentionSchedule attention_schedule_setting() {
+  static const AttentionSchedule setting =
+      env_choice("MICROMIX_ATTENTION_SCHEDULE", kAttentionSchedules, AttentionSchedule::Serial, "prefill attention schedule");
+  return setting;
+}
+
+const char* attention_schedule_name(AttentionSchedule schedule) {
+  for (const auto& [name, value] : kAttentionSchedules)
+    if (value == schedule) return name;
+  return "?";
+}
+
+namespace {
+
+template <int kGroups, bool kOverlap>
+cudaError_t launch_wgmma_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                                   const AttentionShape& s, uint16_t* out, cudaStream_t stream) {
+  using Tile = WgAttnTile<kGroups>;
+  static const cudaError_t attr = cudaFuncSetAttribute(attention_wgmma_kernel<kGroups, kOverlap>,
+                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
+  if (attr != cudaSuccess) return attr;
+  const int group_rows = s.tokens * (s.n_heads / s.n_kv_heads);
+  return ptx::launch_chained(attention_wgmma_kernel<kGroups, kOverlap>,
+                             dim3(static_cast<unsigned>((group_rows + Tile::kRows - 1) / Tile::kRows),
+                                  static_cast<unsigned>(s.n_kv_heads), static_cast<unsigned>(s.batch)),
+                             Tile::kThreads, Tile::kSmemBytes, stream, q, k_cache, v_cache, s, out);
+}
+
+}  // namespace
+
 cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const AttentionShape& s,
-                      uint16_t* out, int splits, float* workspace, cudaStream_t stream) {
+                      uint16_t* out, int splits, float* workspace, cudaStream_t stream, AttentionSchedule schedule) {
   if (!attention_shape_ok(s, splits, workspace)) return cudaErrorInvalidValue;
   if (uses_wgmma_attention(s, splits)) {
-    static const cudaError_t attr = cudaFuncSetAttribute(
-        attention_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgAttnSmemBytes);
-    if (attr != cudaSuccess) return attr;
-    const int group_rows = s.tokens * (s.n_heads / s.n_kv_heads);
-    return ptx::launch_chained(attention_wgmma_kernel,
-                               dim3(static_cast<unsigned>((group_rows + kWgAttnRows - 1) / kWgAttnRows),
-                                    static_cast<unsigned>(s.n_kv_heads), static_cast<unsigned>(s.batch)),
-                               kWgAttnThreads, kWgAttnSmemBytes, stream, q, k_cache, v_cache, s, out);
+    switch (schedule) {
+      case AttentionSchedule::Overlapped: return launch_wgmma_attention<2, true>(q, k_cache, v_cache, s, out, stream);
+      case AttentionSchedule::OverlappedThreeGroups:
+        return launch_wgmma_attention<3, true>(q, k_cache, v_cache, s, out, stream);
+      default: return launch_wgmma_attention<2, false>(q, k_cache, v_cache, s, out, stream);
+    }
   }
   return launch_attention<false>(q, k_cache, v_cache, s, out, splits, workspace, DecodeRope{}, stream);
 }

@@ -18,6 +18,7 @@
 
 #include "gpu_runtime.h"
 #include "mx_host.h"
+#include "model_kernels.h"
 #include "mx_kernels.h"
 #endif
 
@@ -233,6 +234,7 @@ int run_bench(const ParsedArgs& args) {
                         {"decode_split_k", cuda::decode_split_setting() == cuda::DecodeSplit::Off    ? "off"
                                            : cuda::decode_split_setting() == cuda::DecodeSplit::Auto ? "auto"
                                                                                                      : "always"},
+                        {"attention_schedule", cuda::attention_schedule_name(cuda::attention_schedule_setting())},
                         {"resident_folded_weights", args.flag("resident-folded-weights")},
                         {"modes", nlohmann::json::array()}};
   for (const auto& mode : modes) {
