@@ -634,14 +634,10 @@ __global__ void __launch_bounds__(WgAttnTile<kGroups>::kThreads, kOverlap ? 1 : 
     static_assert(kGroups == 2);
     load_tile(0);  // with Q in the same group
     for (int blk = 0; blk < blocks; ++blk) {
-      if (blk + 1 < blocks) {
-        load_tile(blk + 1);  // into the stage released by the barrier ending the last iteration
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
+      cp_async_wait<0>();
       ptx::fence_proxy_async();
-      __syncthreads();
+      __syncthreads();  // tile blk is in, and every warp is past tile blk - 1, whose stage is refilled
+      if (blk + 1 < blocks) load_tile(blk + 1);
       float sc[kAttnKeys / 2];
       issue_scores(sc, blk);
       ptx::wgmma_wait<0>();
@@ -654,7 +650,6 @@ __global__ void __launch_bounds__(WgAttnTile<kGroups>::kThreads, kOverlap ? 1 : 
       issue_values(pa, blk);
       ptx::wgmma_wait<0>();
       ptx::fence_operands<D / 2>(o);
-      __syncthreads();  // this stage is refilled two iterations on
     }
   } else {
     // Tile t + 1's scores and tile t's P.V go out as two batches; the softmax of tile t + 1

@@ -88,4 +88,31 @@ __device__ __forceinline__ uint32_t e4m3x4_times_pow2(uint32_t e, int k) {
 #endif
 }
 
+// Four E4M3 codes (none of them NaN) as the bf16 values code x 2^s (mx::mx8_as_bf16_exact's), for
+// scale_value = 2^s with s in mx::mx8_exact_scale's range: through f16, which holds every E4M3
+// value, one exact fp32 product each, and the bf16 pair conversion (exact: the products are
+// bf16 numbers). Codes 0, 1 in the first word, 2, 3 in the second.
+__device__ __forceinline__ uint2 e4m3x4_as_bf16(uint32_t e, float scale_value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t h0, h1;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h0) : "h"(static_cast<uint16_t>(e)));
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h1) : "h"(static_cast<uint16_t>(e >> 16)));
+  float v[4];
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v[0]) : "h"(static_cast<uint16_t>(h0)));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v[1]) : "h"(static_cast<uint16_t>(h0 >> 16)));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v[2]) : "h"(static_cast<uint16_t>(h1)));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v[3]) : "h"(static_cast<uint16_t>(h1 >> 16)));
+  uint2 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r.x) : "f"(v[1] * scale_value), "f"(v[0] * scale_value));
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r.y) : "f"(v[3] * scale_value), "f"(v[2] * scale_value));
+  return r;
+#else
+  uint32_t w[2];
+  for (int i = 0; i < 2; ++i)
+    w[i] = mx::mx8_as_bf16_exact(static_cast<uint8_t>(e >> (16 * i)), scale_value) |
+           (static_cast<uint32_t>(mx::mx8_as_bf16_exact(static_cast<uint8_t>(e >> (16 * i + 8)), scale_value)) << 16);
+  return make_uint2(w[0], w[1]);
+#endif
+}
+
 }  // namespace micromix::cuda

@@ -69,8 +69,8 @@ __device__ __forceinline__ uint8_t emit_packed(const float* v, ScaleRule rule, i
   return sb;
 }
 
-// Out of line, and fed by value (a pointer would put the codes on the stack): rare scales
-// outside 2^-124 ... 2^119, written straight to the destination.
+// Out of line, and fed by value (a pointer would put the codes on the stack): the rare blocks
+// with a scale outside 2^-124 ... 2^119 or a NaN code, written straight to the destination.
 __device__ __noinline__ void mx8_block_rounded(uint4 c0, uint4 c1, uint8_t scale, uint4* dst) {
   const uint32_t words[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
   for (int i = 0; i < kBlockSize / 8; ++i) {
@@ -84,17 +84,26 @@ __device__ __noinline__ void mx8_block_rounded(uint4 c0, uint4 c1, uint8_t scale
   }
 }
 
-// The MXFP8 block b of row m as bf16 values (FoldedOperand::mx8), when that part is wanted.
-__device__ __forceinline__ void store_mx8(const uint8_t* codes, uint8_t scale, int64_t m, int b, const MixPlan& plan,
-                                          const FoldedOperand& folded) {
+// Whether any of four E4M3 codes is NaN: its magnitude bits all set, so adding one carries into
+// the byte's top bit (no carry crosses bytes: the magnitudes are at most 0x7F).
+__device__ __forceinline__ bool e4m3x4_has_nan(uint32_t w) {
+  return (((w & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u) != 0;
+}
+
+// The MXFP8 block b of row m as bf16 values (FoldedOperand::mx8), when that part is wanted,
+// from its codes as eight words of four (element order). Quantized activations have no NaN
+// codes under a finite scale (a block with a NaN or an Inf has the NaN scale); a checkpoint's
+// weights may (codes_may_be_nan), and such blocks take the code-by-code path.
+__device__ __forceinline__ void store_mx8(const uint32_t* words, uint8_t scale, int64_t m, int b, const MixPlan& plan,
+                                          const FoldedOperand& folded, bool codes_may_be_nan = false) {
   if (folded.mx8 == nullptr) return;
   uint4* dst = reinterpret_cast<uint4*>(folded.mx8 + m * plan.p8 +
                                         static_cast<int64_t>(b - plan.first_fp8_block()) * kBlockSize);
-  if (!mx8_exact_scale(scale)) {
-    uint32_t words[8];
+  bool nan_code = false;
+  if (codes_may_be_nan)
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
-      words[i] = codes[4 * i] | (codes[4 * i + 1] << 8) | (codes[4 * i + 2] << 16) | (static_cast<uint32_t>(codes[4 * i + 3]) << 24);
+    for (int i = 0; i < kBlockSize / 4; ++i) nan_code |= e4m3x4_has_nan(words[i]);
+  if (!mx8_exact_scale(scale) || nan_code) {
     mx8_block_rounded(make_uint4(words[0], words[1], words[2], words[3]),
                       make_uint4(words[4], words[5], words[6], words[7]), scale, dst);
     return;
@@ -102,12 +111,8 @@ __device__ __forceinline__ void store_mx8(const uint8_t* codes, uint8_t scale, i
   const float sv = decode_scale(scale);
 #pragma unroll
   for (int i = 0; i < kBlockSize / 8; ++i) {  // 16-byte stores, 16-byte aligned (p8 is a multiple of 32)
-    uint32_t w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      w[j] = mx8_as_bf16_exact(codes[8 * i + 2 * j], sv) |
-             (static_cast<uint32_t>(mx8_as_bf16_exact(codes[8 * i + 2 * j + 1], sv)) << 16);
-    dst[i] = make_uint4(w[0], w[1], w[2], w[3]);
+    const uint2 lo = e4m3x4_as_bf16(words[2 * i], sv), hi = e4m3x4_as_bf16(words[2 * i + 1], sv);
+    dst[i] = make_uint4(lo.x, lo.y, hi.x, hi.y);
   }
 }
 
@@ -123,7 +128,11 @@ __device__ __forceinline__ void store_folded(int seg, const uint8_t* codes, uint
   else factor = fold_payload<ElemFormat::E4M3>(codes, sb, group, payload, lossy);
   store_bytes(folded.q + m * plan.k() + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
   folded.f[folded_factor_index(m, b, rows)] = factor;
-  if (seg == 2) store_mx8(codes, sb, m, b, plan, folded);
+  if (seg == 2) {
+    uint32_t words[kBlockSize / 4];
+    memcpy(words, codes, kBlockSize);
+    store_mx8(words, sb, m, b, plan, folded);
+  }
 }
 
 // Fold block b (format index seg: 0 FP4, 1 FP6, 2 FP8; valid == false past K) from its
@@ -198,6 +207,34 @@ __device__ __noinline__ void fold_values_by_codes(int seg, const float* v, Scale
   store_folded(seg, codes, sb, group, m, b, rows, plan, folded, lossy, table);
 }
 
+// MXFP6 payloads through E5M2, whose mantissa is E3M2's: times 2^-12, E3M2's smallest normal
+// exponent (-2) and subnormal spacing (2^-4) land on E5M2's (-14, 2^-16), so that the hardware's
+// rounding to E5M2 (round to nearest even) is the rounding of y = x 2^(127 - sb) onto E3M2's
+// grid, for |y| up to E3M2's max 28 (ScaleRule::Ceil's blocks; E5M2 would round past it). Two
+// values lo, hi already times 2^(115 - sb) become their payload bytes for shift d: E5M2, then
+// f16 (exact), times 2^8 and step2 = 2^(4 + d) (two f16 pairs; each product exact, since the
+// last one is an E4M3 value), then E4M3 (exact).
+constexpr int kE3m2InE5m2Shift = 12;
+__device__ __forceinline__ uint16_t e3m2_payload_pair(float lo, float hi, uint32_t step2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint16_t e5, q;
+  uint32_t h;
+  asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(e5) : "f"(hi), "f"(lo));
+  asm("cvt.rn.f16x2.e5m2x2 %0, %1;" : "=r"(h) : "h"(e5));
+  asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h) : "r"(0x5C005C00u));  // 2^8
+  asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(h) : "r"(step2));
+  asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;" : "=h"(q) : "r"(h));
+  return q;
+#else
+  const float step = exp2i(static_cast<int>((step2 >> 10) & 0x1F) - 15) * 0x1p8f;
+  auto one = [step](float y) {
+    const float r = decode_elem(ElemFormat::E5M2, encode_elem(ElemFormat::E5M2, y));
+    return encode_elem(ElemFormat::E4M3, r * step);
+  };
+  return static_cast<uint16_t>(one(lo) | (one(hi) << 8));
+#endif
+}
+
 template <ElemFormat F>
 __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint8_t sb, FoldKey group, int64_t m, int b,
                                             int64_t rows, const MixPlan& plan, const FoldedOperand& folded,
@@ -217,31 +254,34 @@ __device__ __forceinline__ void fold_values(const float* v, ScaleRule rule, uint
     return;
   }
   uint32_t words[kBlockSize / 4];
-  auto pack = [&](auto payload) {
+  auto pack = [&](auto payload_pair) {  // two values to their two payload bytes
 #pragma unroll
-    for (int i = 0; i < kBlockSize / 4; ++i) {
-      float p[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) p[j] = payload(v[4 * i + j]);
-      words[i] = e4m3x2_rn(p[0], p[1]) | (static_cast<uint32_t>(e4m3x2_rn(p[2], p[3])) << 16);
-    }
+    for (int i = 0; i < kBlockSize / 4; ++i)
+      words[i] = payload_pair(v[4 * i], v[4 * i + 1]) | (static_cast<uint32_t>(payload_pair(v[4 * i + 2], v[4 * i + 3])) << 16);
   };
-  if constexpr (is_folded_format(F)) {
-    if (rule == ScaleRule::Ceil) pack(FoldRounding<F, false>(sb, s - e));  // no element past F's max
-    else pack(FoldRounding<F>(sb, s - e));
+  auto rounded = [&](auto rounding) {
+    pack([rounding](float a, float b) { return e4m3x2_rn(rounding(a), rounding(b)); });
+  };
+  if constexpr (F == ElemFormat::E3M2) {
+    if (rule == ScaleRule::Ceil) {  // no element past F's max: E5M2's rounding in the hardware
+      const float pre = exp2i(kScaleBias - static_cast<int>(sb) - kE3m2InE5m2Shift);
+      const uint32_t step = static_cast<uint32_t>(4 + s - e + 15) << 10;  // 2^(4 + d) as f16
+      pack([pre, step](float a, float b) { return e3m2_payload_pair(a * pre, b * pre, step | (step << 16)); });
+    } else {
+      rounded(FoldRounding<F>(sb, s - e));
+    }
+  } else if constexpr (is_folded_format(F)) {
+    if (rule == ScaleRule::Ceil) rounded(FoldRounding<F, false>(sb, s - e));  // no element past F's max
+    else rounded(FoldRounding<F>(sb, s - e));
   } else {  // MXFP8: the payload is the element code itself, x times encode_scaled's product
     const float y_scale = exp2i(kScaleBias - static_cast<int>(sb));
-    pack([y_scale](float x) { return x * y_scale; });
+    pack([y_scale](float a, float b) { return e4m3x2_rn(a * y_scale, b * y_scale); });
   }
   uint4* dst = reinterpret_cast<uint4*>(folded.q + m * plan.k() + static_cast<int64_t>(b) * kBlockSize);
   dst[0] = make_uint4(words[0], words[1], words[2], words[3]);
   dst[1] = make_uint4(words[4], words[5], words[6], words[7]);
   folded.f[folded_factor_index(m, b, rows)] = exp2i(is_folded_format(F) ? e : s);
-  if constexpr (seg == 2) {
-    uint8_t codes[kBlockSize];
-    memcpy(codes, words, kBlockSize);
-    store_mx8(codes, sb, m, b, plan, folded);
-  }
+  if constexpr (seg == 2) store_mx8(words, sb, m, b, plan, folded);
 }
 
 __device__ __forceinline__ float bf16f(uint16_t h) { return bf16_bits_to_float(h); }
@@ -900,8 +940,7 @@ __global__ void __launch_bounds__(kFoldThreads) fold_grouped_kernel(MxSegments i
       dst[0] = make_uint4(raw[pass][0], raw[pass][1], raw[pass][2], raw[pass][3]);
       dst[1] = make_uint4(raw[pass][4], raw[pass][5], raw[pass][6], raw[pass][7]);
       out.f[folded_factor_index(m, b, rows)] = exp2i(s);
-      memcpy(codes, raw[pass], kBlockSize);
-      store_mx8(codes, scale, m, b, plan, out);
+      store_mx8(raw[pass], scale, m, b, plan, out, true);
       continue;
     }
     codes_from_raw(seg, raw[pass], codes);
@@ -914,7 +953,7 @@ __global__ void __launch_bounds__(kFoldThreads) fold_grouped_kernel(MxSegments i
     if (seg < 2 && factor != factor) factor = exp2i(fold_exponent(group_key));  // NaN rides on the payload
     store_bytes(out.q + m * k + static_cast<int64_t>(b) * kBlockSize, payload, kBlockSize);
     out.f[folded_factor_index(m, b, rows)] = factor;
-    if (seg == 2) store_mx8(codes, scale, m, b, plan, out);
+    if (seg == 2) store_mx8(raw[pass], scale, m, b, plan, out, true);
   }
   if (lossy_count != nullptr && lossy != 0) atomicAdd(lossy_count, static_cast<unsigned long long>(lossy));
 }

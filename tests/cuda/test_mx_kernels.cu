@@ -793,7 +793,8 @@ TEST(MxGemm, SmallWeightGroupsOfDifferentScales) {
 // must not set their group's exponent, byte for byte against the host fold: blocks whose
 // codes are all (signed) zeros under a scale far above their group's (no exponent from them),
 // a block far below its group (rounded, lossy), NaN blocks in the folded and the MXFP8 parts,
-// in row-major and row-tiled W, in one kernel and from the fold's group keys.
+// NaN codes in MXFP8 blocks of finite scale, in row-major and row-tiled W, in one kernel and
+// from the fold's group keys.
 TEST(MxGemm, SmallGroupedFoldEdgeBlocks) {
   REQUIRE_GPU();
   const MixPlan plan{128, 96, 64};  // blocks 0-3 FP4, 4-6 FP6, 7-8 FP8; tiles of 4, 4 and 1 blocks
@@ -811,6 +812,8 @@ TEST(MxGemm, SmallGroupedFoldEdgeBlocks) {
   hw.scales[130 * nblk + 4] = 127 + 40;
   hw.scales[200 * nblk + 5] = mx::kScaleNaN;  // NaN: FP6 block of row 200
   hw.scales[201 * nblk + 8] = mx::kScaleNaN;  // and an MXFP8 block of row 201
+  hw.q[2][202 * plan.p8 + 3] = 0x7F;          // NaN codes under a finite scale (a crafted checkpoint):
+  hw.q[2][202 * plan.p8 + 40] = 0xFF;         // MXFP8 blocks 7 and 8 of row 202
   const mx::FoldedMx ref = mx::fold_rows(hw, kWeightRowGroup);
   EXPECT_GT(ref.lossy, 0u) << "the blocks far below their group should fold lossy";
   for (const int tile : {1, kDecodeRowTile}) {
