@@ -14,7 +14,6 @@
 #include "bf16_pairs.cuh"
 #include "warp_sum.cuh"
 #include "attention_splits.cuh"
-#include "env_choice.h"
 
 namespace micromix::cuda {
 
@@ -508,44 +507,37 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const uint16_t*
   store_attention_rows<D>(o, m, l, row, qrow, head, rows, b, kvh, split, splits, s, t4, out, part_o, part_lse);
 }
 
-// Prefill attention for head_dim 128 on wgmma (splits == 1). kGroups warpgroups of a CTA take
-// 64 rows each of a 64 kGroups-row tile; per 64-key tile S = Q.K^T is eight m64n64k16 wgmma with
-// both operands in shared memory, the online softmax runs on S in registers (the accumulators
-// have mma.sync's C layout, so online_softmax_step serves both kernels), and O += P.V is four
+// Prefill attention for head_dim 128 on wgmma (splits == 1). Two warpgroups of a CTA take 64
+// rows each of a 128-row tile; per 64-key tile S = Q.K^T is eight m64n64k16 wgmma with both
+// operands in shared memory, the online softmax runs on S in registers (the accumulators have
+// mma.sync's C layout, so online_softmax_step serves both kernels), and O += P.V is four
 // m64n128k16 wgmma with P from registers and V read MN-major where it lies. A tile's keys
 // are read from shared memory once per warpgroup instead of once per warp. Q, K and V sit in
 // shared memory as the 128-byte-swizzled rows wgmma reads: [64-column half][row][128 bytes],
 // chunk c of row r at chunk c ^ (r % 8), written by cp.async (zeros past the last key).
+constexpr int kWgAttnRows = 128;
+constexpr int kWgAttnThreads = 256;
 constexpr int kWgAttnD = 128;
+constexpr int kWgQBytes = kWgAttnRows * kWgAttnD * 2;        // 32 KB
 constexpr int kWgKvTileBytes = kAttnKeys * kWgAttnD * 2;     // 16 KB, K or V
 constexpr int kWgHalfRow = 128;                              // bytes of a 64-column half row
-template <int kGroups>
-struct WgAttnTile {
-  static constexpr int kRows = 64 * kGroups;
-  static constexpr int kThreads = 128 * kGroups;
-  static constexpr int kRowsPerPass = kThreads / 16;  // a thread copies one 16-byte chunk of a row
-  static constexpr int kQBytes = kRows * kWgAttnD * 2;
-  static constexpr int kSmemBytes = kQBytes + 2 * 2 * kWgKvTileBytes + 1024;  // two stages, alignment slack
-  static_assert(kRowsPerPass % 8 == 0, "every pass at the same swizzle phase");
-};
+constexpr int kWgAttnSmemBytes = kWgQBytes + 2 * 2 * kWgKvTileBytes + 1024;  // two stages, alignment slack
 
 // Byte offset of 16-byte chunk `c` (0..15) of row `r` in a [half][rows][128 B] swizzled tile.
 __device__ __forceinline__ int swizzled_chunk(int r, int c, int rows) {
   return (c / 8) * rows * kWgHalfRow + r * kWgHalfRow + (((c % 8) ^ (r % 8)) << 4);
 }
 
-template <int kGroups, bool kOverlap>
-__global__ void __launch_bounds__(WgAttnTile<kGroups>::kThreads, kOverlap ? 1 : 2) attention_wgmma_kernel(const uint16_t* __restrict__ q,
+__global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(const uint16_t* __restrict__ q,
                                                                           const uint16_t* __restrict__ k_cache,
                                                                           const uint16_t* __restrict__ v_cache,
                                                                           AttentionShape s, uint16_t* out) {
   constexpr int D = kWgAttnD;
-  using Tile = WgAttnTile<kGroups>;
   extern __shared__ __align__(16) uint8_t wg_attn_smem[];
   ptx::chain_enter();
   uint8_t* smem = wg_attn_smem + ((1024 - (ptx::smem_u32(wg_attn_smem) & 1023)) & 1023);  // swizzle atoms
   uint8_t* q_s = smem;
-  auto k_s = [&](int stage) { return smem + Tile::kQBytes + stage * 2 * kWgKvTileBytes; };
+  auto k_s = [&](int stage) { return smem + kWgQBytes + stage * 2 * kWgKvTileBytes; };
   auto v_s = [&](int stage) { return k_s(stage) + kWgKvTileBytes; };
 
   const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4,
@@ -558,27 +550,26 @@ __global__ void __launch_bounds__(WgAttnTile<kGroups>::kThreads, kOverlap ? 1 : 
   const int tile = gridDim.x - 1 - dispatch / heads;
   const int kvh = dispatch % heads % gridDim.y, b = dispatch % heads / gridDim.y;
   const int group = s.n_heads / s.n_kv_heads, rows = s.tokens * group, q_dim = s.q_dim();
-  const int r0 = tile * Tile::kRows, position = current_position(s);
+  const int r0 = tile * kWgAttnRows, position = current_position(s);
   // This thread's two rows (query, head) and the last key each may see; the rest of the row's
   // coordinates are worked out again for the store, to keep registers for the loop.
   const int row0 = r0 + wg * 64 + warp * 16 + g;
   int visible[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) visible[i] = position + min(row0 + 8 * i, rows - 1) / group;
-  // Loads: thread t copies 16-byte chunk t % 16 of rows t / 16, + kRowsPerPass, ... (the same
-  // swizzle phase in every pass). Q rows past the end repeat the last one; their outputs are
-  // not stored.
+  // Loads: thread t copies 16-byte chunk t % 16 of rows t / 16, + 16, ... (the same swizzle
+  // phase in every pass). Q rows past the end repeat the last one; their outputs are not stored.
+  static_assert(kWgAttnThreads == 16 * 16, "16 rows of 16 chunks per pass");
   const int chunk = threadIdx.x % 16, row_in_pass = threadIdx.x / 16;
-  static_assert(Tile::kRows % Tile::kRowsPerPass == 0);
 #pragma unroll
-  for (int r = row_in_pass; r < Tile::kRows; r += Tile::kRowsPerPass) {
+  for (int r = row_in_pass; r < kWgAttnRows; r += 16) {
     const int rr = min(r0 + r, rows - 1);
     const uint16_t* src = q + (static_cast<int64_t>(b) * s.tokens + rr / group) * q_dim + (kvh * group + rr % group) * D;
-    cp_async_16(q_s + swizzled_chunk(r, chunk, Tile::kRows), src + 8 * chunk, true);
+    cp_async_16(q_s + swizzled_chunk(r, chunk, kWgAttnRows), src + 8 * chunk, true);
   }
 
   const int first_visible = position + r0 / group;  // the CTA's first row sees the fewest keys
-  const int last_row = min(r0 + Tile::kRows, rows) - 1;
+  const int last_row = min(r0 + kWgAttnRows, rows) - 1;
   const int key_end = position + last_row / group + 1;
   const int blocks = (key_end + kAttnKeys - 1) / kAttnKeys;
   const int64_t cache_base = (static_cast<int64_t>(b) * s.n_kv_heads + kvh) * s.max_context * D;
@@ -588,19 +579,16 @@ __global__ void __launch_bounds__(WgAttnTile<kGroups>::kThreads, kOverlap ? 1 : 
     const int key0 = blk * kAttnKeys;
     const int first = swizzled_chunk(row_in_pass, chunk, kAttnKeys);
 #pragma unroll
-    for (int pass = 0; pass < (kAttnKeys + Tile::kRowsPerPass - 1) / Tile::kRowsPerPass; ++pass) {
-      const int key = row_in_pass + Tile::kRowsPerPass * pass;
-      if (kAttnKeys % Tile::kRowsPerPass != 0 && key >= kAttnKeys) break;
+    for (int pass = 0; pass < kAttnKeys / 16; ++pass) {
+      const int key = row_in_pass + 16 * pass;
       const bool valid = key0 + key < key_end;  // zeros past the end: no NaN from 0 * garbage
       const int64_t at = cache_base + static_cast<int64_t>(valid ? key0 + key : 0) * D + 8 * chunk;
-      cp_async_16(tile + first + pass * Tile::kRowsPerPass * kWgHalfRow, cache + at, valid);
+      cp_async_16(tile + first + pass * 16 * kWgHalfRow, cache + at, valid);
     }
   };
-  auto load_keys = [&](int blk) { load_rows(k_cache, k_s(blk & 1), blk); };
-  auto load_values = [&](int blk) { load_rows(v_cache, v_s(blk & 1), blk); };
   auto load_tile = [&](int blk) {
-    load_keys(blk);
-    load_values(blk);
+    load_rows(k_cache, k_s(blk & 1), blk);
+    load_rows(v_cache, v_s(blk & 1), blk);
     cp_async_commit();
   };
 
@@ -614,7 +602,7 @@ __global__ void __launch_bounds__(WgAttnTile<kGroups>::kThreads, kOverlap ? 1 : 
     ptx::fence_operands<kAttnKeys / 2>(sc);
 #pragma unroll
     for (int c = 0; c < D / 16; ++c)  // k16 steps: 32 bytes on within a half, then the other half
-      ptx::wgmma_m64n64k16_bf16(sc, ptx::smem_desc(q_wg + (c / 4) * Tile::kRows * kWgHalfRow + (c % 4) * 32),
+      ptx::wgmma_m64n64k16_bf16(sc, ptx::smem_desc(q_wg + (c / 4) * kWgAttnRows * kWgHalfRow + (c % 4) * 32),
                                 ptx::smem_desc(k_s(blk & 1) + (c / 4) * kAttnKeys * kWgHalfRow + (c % 4) * 32), c > 0);
     ptx::wgmma_commit();
   };
@@ -630,74 +618,22 @@ __global__ void __launch_bounds__(WgAttnTile<kGroups>::kThreads, kOverlap ? 1 : 
   };
   auto may_mask = [&](int key0) { return key0 + kAttnKeys - 1 > first_visible; };
 
-  if constexpr (!kOverlap) {
-    static_assert(kGroups == 2);
-    load_tile(0);  // with Q in the same group
-    for (int blk = 0; blk < blocks; ++blk) {
-      cp_async_wait<0>();
-      ptx::fence_proxy_async();
-      __syncthreads();  // tile blk is in, and every warp is past tile blk - 1, whose stage is refilled
-      if (blk + 1 < blocks) load_tile(blk + 1);
-      float sc[kAttnKeys / 2];
-      issue_scores(sc, blk);
-      ptx::wgmma_wait<0>();
-      ptx::fence_operands<kAttnKeys / 2>(sc);
-      const int key0 = blk * kAttnKeys;
-      online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, key0, may_mask(key0), visible, t4, scale);
-      uint32_t pa[kAttnKeys / 16][4];
-#pragma unroll
-      for (int c = 0; c < kAttnKeys / 16; ++c) pack_probabilities(sc, c, pa[c]);
-      issue_values(pa, blk);
-      ptx::wgmma_wait<0>();
-      ptx::fence_operands<D / 2>(o);
-    }
-  } else {
-    // Tile t + 1's scores and tile t's P.V go out as two batches; the softmax of tile t + 1
-    // runs while P.V does, and the outputs are rescaled once it is done: the same operations
-    // in the same order on every value as above. K of a tile is loaded two tiles ahead of its
-    // P.V, V one: the loads of tile t + 1's V and tile t + 2's K go out together.
-    load_keys(0);  // with Q
-    cp_async_commit();
-    load_values(0);
-    if (blocks > 1) load_keys(1);
-    cp_async_commit();
-    cp_async_wait<1>();
+  load_tile(0);  // with Q in the same group
+  for (int blk = 0; blk < blocks; ++blk) {
+    cp_async_wait<0>();
     ptx::fence_proxy_async();
-    __syncthreads();
-    float sc[kAttnKeys / 2], alpha[2];
-    issue_scores(sc, 0);
+    __syncthreads();  // tile blk is in, and every warp is past tile blk - 1, whose stage is refilled
+    if (blk + 1 < blocks) load_tile(blk + 1);
+    float sc[kAttnKeys / 2];
+    issue_scores(sc, blk);
     ptx::wgmma_wait<0>();
     ptx::fence_operands<kAttnKeys / 2>(sc);
-    softmax_scores_step<kAttnKeys>(sc, m, l, alpha, 0, may_mask(0), visible, t4, scale);
-    rescale_outputs<D / 2>(o, alpha);
+    const int key0 = blk * kAttnKeys;
+    online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, key0, may_mask(key0), visible, t4, scale);
     uint32_t pa[kAttnKeys / 16][4];
 #pragma unroll
     for (int c = 0; c < kAttnKeys / 16; ++c) pack_probabilities(sc, c, pa[c]);
-    for (int blk = 0; blk + 1 < blocks; ++blk) {
-      cp_async_wait<0>();  // tile blk's V and tile blk + 1's K
-      ptx::fence_proxy_async();
-      __syncthreads();  // every warp is past tile blk - 1's P.V and tile blk's S: their stages are free
-      load_values(blk + 1);
-      if (blk + 2 < blocks) load_keys(blk + 2);
-      cp_async_commit();
-      issue_scores(sc, blk + 1);
-      ptx::fence_operands<kAttnKeys / 4 * 4>(&pa[0][0]);
-      issue_values(pa, blk);
-      ptx::wgmma_wait<1>();  // the scores
-      ptx::fence_operands<kAttnKeys / 2>(sc);
-      const int key0 = (blk + 1) * kAttnKeys;
-      softmax_scores_step<kAttnKeys>(sc, m, l, alpha, key0, may_mask(key0), visible, t4, scale);
-      ptx::wgmma_wait<0>();  // P.V: the outputs and the probabilities' registers are free again
-      ptx::fence_operands<D / 2>(o);
-      ptx::fence_operands<kAttnKeys / 4 * 4>(&pa[0][0]);
-      rescale_outputs<D / 2>(o, alpha);
-#pragma unroll
-      for (int c = 0; c < kAttnKeys / 16; ++c) pack_probabilities(sc, c, pa[c]);
-    }
-    cp_async_wait<0>();  // the last tile's V
-    ptx::fence_proxy_async();
-    __syncthreads();
-    issue_values(pa, blocks - 1);
+    issue_values(pa, blk);
     ptx::wgmma_wait<0>();
     ptx::fence_operands<D / 2>(o);
   }
@@ -913,51 +849,18 @@ cudaError_t launch_attention(const uint16_t* q, const uint16_t* k_cache, const u
 
 }  // namespace
 
-constexpr std::pair<const char*, AttentionSchedule> kAttentionSchedules[] = {
-    {"serial", AttentionSchedule::Serial},
-    {"overlapped", AttentionSchedule::Overlapped},
-    {"overlapped-3", AttentionSchedule::OverlappedThreeGroups}};
-
-AttentionSchedule attention_schedule_setting() {
-  static const AttentionSchedule setting =
-      env_choice("MICROMIX_ATTENTION_SCHEDULE", kAttentionSchedules, AttentionSchedule::Serial, "prefill attention schedule");
-  return setting;
-}
-
-const char* attention_schedule_name(AttentionSchedule schedule) {
-  for (const auto& [name, value] : kAttentionSchedules)
-    if (value == schedule) return name;
-  return "?";
-}
-
-namespace {
-
-template <int kGroups, bool kOverlap>
-cudaError_t launch_wgmma_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
-                                   const AttentionShape& s, uint16_t* out, cudaStream_t stream) {
-  using Tile = WgAttnTile<kGroups>;
-  static const cudaError_t attr = cudaFuncSetAttribute(attention_wgmma_kernel<kGroups, kOverlap>,
-                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
-  if (attr != cudaSuccess) return attr;
-  const int group_rows = s.tokens * (s.n_heads / s.n_kv_heads);
-  return ptx::launch_chained(attention_wgmma_kernel<kGroups, kOverlap>,
-                             dim3(static_cast<unsigned>((group_rows + Tile::kRows - 1) / Tile::kRows),
-                                  static_cast<unsigned>(s.n_kv_heads), static_cast<unsigned>(s.batch)),
-                             Tile::kThreads, Tile::kSmemBytes, stream, q, k_cache, v_cache, s, out);
-}
-
-}  // namespace
-
 cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const AttentionShape& s,
-                      uint16_t* out, int splits, float* workspace, cudaStream_t stream, AttentionSchedule schedule) {
+                      uint16_t* out, int splits, float* workspace, cudaStream_t stream) {
   if (!attention_shape_ok(s, splits, workspace)) return cudaErrorInvalidValue;
   if (uses_wgmma_attention(s, splits)) {
-    switch (schedule) {
-      case AttentionSchedule::Overlapped: return launch_wgmma_attention<2, true>(q, k_cache, v_cache, s, out, stream);
-      case AttentionSchedule::OverlappedThreeGroups:
-        return launch_wgmma_attention<3, true>(q, k_cache, v_cache, s, out, stream);
-      default: return launch_wgmma_attention<2, false>(q, k_cache, v_cache, s, out, stream);
-    }
+    static const cudaError_t attr = cudaFuncSetAttribute(
+        attention_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgAttnSmemBytes);
+    if (attr != cudaSuccess) return attr;
+    const int group_rows = s.tokens * (s.n_heads / s.n_kv_heads);
+    return ptx::launch_chained(attention_wgmma_kernel,
+                               dim3(static_cast<unsigned>((group_rows + kWgAttnRows - 1) / kWgAttnRows),
+                                    static_cast<unsigned>(s.n_kv_heads), static_cast<unsigned>(s.batch)),
+                               kWgAttnThreads, kWgAttnSmemBytes, stream, q, k_cache, v_cache, s, out);
   }
   return launch_attention<false>(q, k_cache, v_cache, s, out, splits, workspace, DecodeRope{}, stream);
 }

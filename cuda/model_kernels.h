@@ -88,20 +88,9 @@ cudaError_t mx_gemm_fp8_swiglu(FoldedOperand A, FoldedOperand W, int64_t M, int 
 // 128. `splits` > 1 (at most kMaxAttnSplits) divides each query tile's keys over that many
 // CTAs and merges them after (flash decoding); workspace then holds
 // attention_workspace_floats(s, splits).
-// `schedule` orders a key tile's work in the prefill wgmma kernel (uses_wgmma_attention):
-// Serial runs its scores, softmax and P.V one after the other (two warpgroups of 64 rows, two
-// CTAs per multiprocessor); Overlapped issues the next tile's scores together with this tile's
-// P.V and runs the next softmax while P.V does (157 registers: one CTA per multiprocessor, of
-// two warpgroups, or three with OverlappedThreeGroups). The same operations on every value:
-// the same bits.
 inline constexpr int kMaxAttnSplits = 64;
-enum class AttentionSchedule { Serial, Overlapped, OverlappedThreeGroups };
-// MICROMIX_ATTENTION_SCHEDULE=serial|overlapped|overlapped-3, read once (serial when unset or unknown)
-AttentionSchedule attention_schedule_setting();
-const char* attention_schedule_name(AttentionSchedule schedule);
 cudaError_t attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const AttentionShape& s,
-                      uint16_t* out, int splits, float* workspace, cudaStream_t stream,
-                      AttentionSchedule schedule = attention_schedule_setting());
+                      uint16_t* out, int splits, float* workspace, cudaStream_t stream);
 size_t attention_workspace_floats(const AttentionShape& s, int splits);
 // A decode step's rope_and_cache and attention in one kernel (s.tokens == 1): the same
 // cache writes and the same output bits, with q read from qkv (+ bias) and rotated on load.

@@ -18,7 +18,6 @@
 
 #include "gpu_runtime.h"
 #include "mx_host.h"
-#include "model_kernels.h"
 #include "mx_kernels.h"
 #endif
 
@@ -234,7 +233,6 @@ int run_bench(const ParsedArgs& args) {
                         {"decode_split_k", cuda::decode_split_setting() == cuda::DecodeSplit::Off    ? "off"
                                            : cuda::decode_split_setting() == cuda::DecodeSplit::Auto ? "auto"
                                                                                                      : "always"},
-                        {"attention_schedule", cuda::attention_schedule_name(cuda::attention_schedule_setting())},
                         {"resident_folded_weights", args.flag("resident-folded-weights")},
                         {"modes", nlohmann::json::array()}};
   for (const auto& mode : modes) {
