@@ -156,11 +156,6 @@ struct GpuRuntime::Impl {
   DeviceBuffer<float> folded_a_f;  // M x fstride, tile-major
   DeviceBuffer<uint16_t> folded_a_8;  // the MXFP8 part as bf16 (FoldedOperand::mx8)
   DeviceBuffer<uint8_t> packed_a[3], packed_a_scales;  // decode-path activations, kDecodeMaxM rows
-  // The decode GEMMs' K split (set_decode_split): partial sums and per-tile arrival counts, zero
-  // between calls; allocated once the split is on.
-  DecodeSplit split = decode_split_setting();
-  DeviceBuffer<float> split_partials;
-  DeviceBuffer<unsigned> split_arrivals;
   DeviceBuffer<float> attn_ws, logits;
   DeviceBuffer<int32_t> tokens, targets;
   DeviceBuffer<double> logprob;
@@ -375,7 +370,7 @@ struct GpuRuntime::Impl {
         add(f.q); add(f.f); add(f.mx8);
       }
     for (const auto& p : packed_a) add(p);
-    add(packed_a_scales); add(split_partials); add(split_arrivals); add(attn_ws); add(logits); add(tokens); add(targets); add(logprob); add(greedy); add(lossy); add(lossy_w);
+    add(packed_a_scales); add(attn_ws); add(logits); add(tokens); add(targets); add(logprob); add(greedy); add(lossy); add(lossy_w);
     add(position_dev); add(blas_workspace);
     return b;
   }
@@ -411,7 +406,6 @@ struct GpuRuntime::Impl {
       for (auto& p : packed_a) reserve(p, kDecodeMaxM * kmax);
       reserve(packed_a_scales, kDecodeMaxM * kmax / 32);
       reserve(x_decode_alt, kDecodeMaxM * H);
-      reserve_split_scratch();
       if (M > kDecodeMaxM) {
         reserve(folded_a, M * kmax);
         reserve(folded_a_f, M * folded_fstride(static_cast<int>(kmax)));
@@ -426,19 +420,6 @@ struct GpuRuntime::Impl {
     note_peak();
   }
 
-  void reserve_split_scratch() {
-    if (!mx || split == DecodeSplit::Off) return;
-    int64_t nmax = 0;
-    for (const auto& l : layers)
-      for (const auto& L : l.linear) nmax = std::max<int64_t>(nmax, L.out);
-    const size_t tiles = static_cast<size_t>(decode_split_row_tiles(nmax));
-    if (split_arrivals.count < tiles) {
-      reserve(split_arrivals, tiles);
-      cuda_check(cudaMemset(split_arrivals.ptr, 0, tiles * sizeof(unsigned)), "cudaMemset");
-    }
-    reserve(split_partials, static_cast<size_t>(decode_split_partial_floats(nmax)));
-  }
-
   // Decode (M <= kDecodeMaxM): the packed activation operand, written by the quantizer, and
   // the GEMM that reads it.
   MxSegments decode_operand() const {
@@ -446,11 +427,7 @@ struct GpuRuntime::Impl {
   }
   void decode_gemm(int slot, const DeviceLinear& L, int64_t M, uint16_t* out) {
     stage("gemm " + std::string(model::linear_slot_name(static_cast<LinearSlot>(slot))), [&] {
-      const DecodeSplitScratch scratch{split_partials.ptr, split_arrivals.ptr,
-                                       static_cast<int64_t>(split_arrivals.count), split};
-      cuda_check(mx_gemm_decode(decode_operand(), L.w.segments(), M, L.out, L.plan, out, nullptr, stream,
-                                DecodeKernel::Auto, &scratch),
-                 "decode GEMM");
+      cuda_check(mx_gemm_decode(decode_operand(), L.w.segments(), M, L.out, L.plan, out, nullptr, stream), "decode GEMM");
     });
   }
 
@@ -1022,14 +999,6 @@ void GpuRuntime::set_profiling(bool on) {
 void GpuRuntime::set_cuda_graphs(bool on) {
   impl_->use_graphs = on;
   if (!on) impl_->drop_graphs();
-}
-
-void GpuRuntime::set_decode_split(DecodeSplit mode) {
-  Impl& I = *impl_;
-  I.drop_graphs();  // recorded with the split before
-  I.split = mode;
-  if (I.capacity > 0) I.reserve_split_scratch();  // else at the first forward
-  I.note_peak();
 }
 
 void GpuRuntime::set_resident_folded_weights(bool on) {

@@ -21,8 +21,6 @@
 
 namespace micromix::cuda {
 
-enum class DecodeSplit;  // mx_kernels.h
-
 // Device memory held by a runtime, in bytes.
 struct GpuMemory {
   size_t linear_weights = 0;  // linear layers as the kernels read them (MX: packed codes + scales)
@@ -78,9 +76,6 @@ class GpuRuntime : public model::Runtime {
   // Decode steps (one token per sequence) replay a recorded CUDA graph (on by default;
   // profiling runs launch by launch).
   void set_cuda_graphs(bool on);
-  // The decode GEMMs' K split (mx_kernels.h, DecodeSplit): MICROMIX_DECODE_SPLIT_K's setting
-  // (Off unless set) until this is called.
-  void set_decode_split(DecodeSplit mode);
   // Prefill folds each layer's packed MX weights into scratch buffers, a layer ahead of its
   // GEMMs (off, the default: the least memory). On: every MX layer keeps its folded copy, made
   // once here (about 1.4 bytes per weight more: E4M3 payloads, factors, the MXFP8 part as

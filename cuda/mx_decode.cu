@@ -20,8 +20,6 @@
 // With several K chunks the partial sums go through fp32 atomics into `workspace`, then a
 // small kernel writes bf16.
 #include <algorithm>
-#include <climits>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -477,7 +475,7 @@ __host__ __device__ constexpr int stream_factor_bytes(int blocks, int nt) { retu
 // The stream of one row tile in the order producer and consumers walk it: segment s, blocks
 // [first, first + count) (segment-local), one stage each.
 template <typename Visit>
-__host__ __device__ __forceinline__ void for_each_chunk(const MixPlan& plan, Visit visit) {
+__device__ __forceinline__ void for_each_chunk(const MixPlan& plan, Visit visit) {
 #pragma unroll
   for (int s = 0; s < 3; ++s) {
     const SegmentSpan span = segment_span(plan, s);
@@ -485,33 +483,6 @@ __host__ __device__ __forceinline__ void for_each_chunk(const MixPlan& plan, Vis
       visit(s, span, first, min(stream_chunk_blocks(s), span.blocks - first));
   }
 }
-
-// Chunks [c0, c1) of for_each_chunk's order: one part of a row tile under a K split. The range
-// becomes each segment's bounds before its loop, which stays as for_each_chunk's.
-template <typename Visit>
-__device__ __forceinline__ void for_each_chunk_in(const MixPlan& plan, int c0, int c1, Visit visit) {
-  int base = 0;  // chunks of the segments before s
-#pragma unroll
-  for (int s = 0; s < 3; ++s) {
-    const SegmentSpan span = segment_span(plan, s);
-    const int chunk = stream_chunk_blocks(s), chunks = (span.blocks + chunk - 1) / chunk;
-    const int end = min(span.blocks, (min(c1 - base, chunks)) * chunk);
-    for (int first = max(c0 - base, 0) * chunk; first < end; first += chunk)
-      visit(s, span, first, min(chunk, span.blocks - first));
-    base += chunks;
-  }
-}
-
-// The work items of a persistent streamed kernel: item i is row tile i / parts, and under a
-// K split (parts == 2) its chunks [0, cut) for i even, [cut, end) for i odd.
-struct KSplit {
-  int parts = 1, cut = 0;
-  __host__ __device__ constexpr int items(int tiles) const { return tiles * parts; }
-  __device__ __forceinline__ int tile(int item) const { return item / parts; }
-  __device__ __forceinline__ int part(int item) const { return item % parts; }
-  __device__ __forceinline__ int chunk_begin(int item) const { return part(item) == 0 ? 0 : cut; }
-  __device__ __forceinline__ int chunk_end(int item) const { return parts == 1 || part(item) == 1 ? INT_MAX : cut; }
-};
 
 struct RingPosition {
   int stage = 0;
@@ -534,17 +505,14 @@ __device__ __forceinline__ void init_ring(Smem& sm, int consumer_warps) {
   ptx::mbar_fence_init();
 }
 
-// Producer (one thread): the CTA's work items as stages of codes and scales, in for_each_chunk's
+// Producer (one thread): the CTA's row tiles as stages of codes and scales, in for_each_chunk's
 // order. It reads weights only, so it starts before the kernel before has finished.
-template <bool kSplit, typename Smem>
-__device__ __forceinline__ void stream_weights(Smem& sm, const MxSegments& W, const MixPlan& plan, int tiles,
-                                               KSplit split) {
+template <typename Smem>
+__device__ __forceinline__ void stream_weights(Smem& sm, const MxSegments& W, const MixPlan& plan, int tiles) {
   const int nblk = plan.blocks();
   RingPosition ring;
-  const int items = kSplit ? split.items(tiles) : tiles;
-  for (int item = blockIdx.x; item < items; item += gridDim.x) {
-    const int tile = kSplit ? split.tile(item) : item;
-    auto copy = [&](int s, const SegmentSpan& span, int first, int count) {
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
+    for_each_chunk(plan, [&](int s, const SegmentSpan& span, int first, int count) {
       const uint8_t* q = s == 0 ? W.q4 : s == 1 ? W.q6 : W.q8;
       const int64_t row = static_cast<int64_t>(tile) * kTcRows;
       const uint32_t code_bytes = static_cast<uint32_t>(count * kTcRows * span.block_bytes);
@@ -556,20 +524,17 @@ __device__ __forceinline__ void stream_weights(Smem& sm, const MxSegments& W, co
       ptx::bulk_load(sm.scales[ring.stage], W.scales + row_tiled_offset(row, span.first + first, nblk, 1, kTcRows),
                      scale_bytes, &sm.full[ring.stage]);
       ring.advance();
-    };
-    if constexpr (kSplit) for_each_chunk_in(plan, split.chunk_begin(item), split.chunk_end(item), copy);
-    else for_each_chunk(plan, copy);
-  }
+    });
 }
 
 // Sets up the ring; the warp after the consumers streams the weights (its lane 0) and gets false.
-template <bool kSplit = false, typename Smem>
+template <typename Smem>
 __device__ __forceinline__ bool start_ring(Smem& sm, const MxSegments& W, const MixPlan& plan, int tiles,
-                                           int consumer_warps, KSplit split = {}) {
+                                           int consumer_warps) {
   if (threadIdx.x == 0) init_ring(sm, consumer_warps);
   __syncthreads();
   if (static_cast<int>(threadIdx.x / 32) != consumer_warps) return true;
-  if (threadIdx.x % 32 == 0) stream_weights<kSplit>(sm, W, plan, tiles, split);
+  if (threadIdx.x % 32 == 0) stream_weights(sm, W, plan, tiles);
   return false;
 }
 
@@ -720,7 +685,7 @@ __host__ __device__ constexpr int total_pairs(const MixPlan& plan) {
 }
 
 // After the pair tiles in shared memory (wg_smem_bytes), followed by the tokens' factors
-// [blocks][kTok].
+// [blocks][kTok] (16-byte aligned: the struct's size a multiple of 16).
 template <int kTok>
 struct alignas(16) WgStreamSmem {
   uint8_t codes[kStreamStages][kStreamCodeBytes];
@@ -728,7 +693,6 @@ struct alignas(16) WgStreamSmem {
   uint64_t full[kStreamStages], empty[kStreamStages];
   float partial[kWgConsumerWarps][16][kTok];  // each warp's sums of its 16 rows
   float lut[256];
-  unsigned arrival;  // under a K split: how many parts of this tile had finished before this one
 };
 template <int kTok>
 __host__ __device__ constexpr int wg_factor_bytes(const MixPlan& plan) {
@@ -908,37 +872,9 @@ __device__ __forceinline__ void wg_stage(const WgLane& L, const uint8_t* codes, 
   }
 }
 
-// Under a K split: this half's row sums (row_sum(o) for outputs o = r kTok + m, o = threadIdx.x,
-// + kThreads, ...) go to the scratch, and whichever of the tile's two CTAs finishes second adds
-// the two and stores them, half 0 + half 1 in that order, so that the result does not depend on
-// which one it is.
-template <int kTok, int kThreads, typename RowSum>
-__device__ __forceinline__ void store_split_tile(RowSum row_sum, int item, int n0, int M, int N, KSplit split,
-                                                 const DecodeSplitScratch& scratch, unsigned* arrival, uint16_t* Y) {
-  constexpr int kOuts = kTcRows * kTok;
-  const int tile = split.tile(item), part = split.part(item);
-  float* mine = scratch.partials + (static_cast<int64_t>(tile) * 2 + part) * kOuts;
-  for (int o = threadIdx.x; o < kOuts; o += kThreads) mine[o] = row_sum(o);
-  __threadfence();  // this half's sums reach L2 before its arrival is counted
-  ptx::named_bar_sync<1, kThreads>();
-  if (threadIdx.x == 0) *arrival = atomicAdd(scratch.arrivals + tile, 1u);
-  ptx::named_bar_sync<1, kThreads>();
-  if (*arrival == 0) return;  // the tile's other CTA adds the two
-  __threadfence();
-  for (int o = threadIdx.x; o < kOuts; o += kThreads) {
-    const int m = o % kTok, n = n0 + o / kTok;
-    const float a = __ldcg(scratch.partials + static_cast<int64_t>(tile) * 2 * kOuts + o);
-    const float b = __ldcg(scratch.partials + (static_cast<int64_t>(tile) * 2 + 1) * kOuts + o);
-    if (m < M && n < N) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(a + b);
-  }
-  if (threadIdx.x == 0) scratch.arrivals[tile] = 0u;  // ready for the next call
-}
-
-// kSplit: the work items of `split` (two per row tile); otherwise one per row tile.
-template <int kTok, bool kOneToken, bool kSplit>
+template <int kTok, bool kOneToken>
 __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
-    decode_stream_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, KSplit split,
-                               DecodeSplitScratch scratch) {
+    decode_stream_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y) {
   constexpr int kThreads = kWgConsumerWarps * 32;
   extern __shared__ __align__(128) uint8_t stream_smem[];
   uint8_t* tiles = stream_smem;  // wg_tile_bytes, a multiple of 256: the ring after it stays aligned
@@ -946,7 +882,7 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
   float* factors = reinterpret_cast<float*>(stream_smem + wg_tile_bytes<kTok>(plan) + sizeof(WgStreamSmem<kTok>));
   const int warp = threadIdx.x / 32;
   const int tiles_n = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
-  if (!start_ring<kSplit>(sm, W, plan, tiles_n, kWgConsumerWarps, split)) return;
+  if (!start_ring(sm, W, plan, tiles_n, kWgConsumerWarps)) return;
   fill_scale_lut(sm.lut, threadIdx.x, kThreads);
   // Absent tokens stay zero; zeroing before the wait overlaps the kernel before.
   uint32_t* tile_words = reinterpret_cast<uint32_t*>(tiles);
@@ -996,11 +932,10 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
   const WgLane L(threadIdx.x);
   const int g = L.g, t = L.t;
   RingPosition ring;
-  const int items = kSplit ? split.items(tiles_n) : tiles_n;
-  for (int item = blockIdx.x; item < items; item += gridDim.x) {
-    const int n0 = (kSplit ? split.tile(item) : item) * kTcRows;
+  for (int tile = blockIdx.x; tile < tiles_n; tile += gridDim.x) {
+    const int n0 = tile * kTcRows;
     float acc[kWgAcc<kTok>] = {};
-    auto stage = [&](int s, const SegmentSpan& span, int first, int count) {
+    for_each_chunk(plan, [&](int s, const SegmentSpan& span, int first, int count) {
       ptx::mbar_wait(&sm.full[ring.stage], ring.phase);
       const uint8_t* codes = sm.codes[ring.stage];
       const uint8_t* scales = sm.scales[ring.stage];
@@ -1011,9 +946,7 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
       else if (s == 1) wg_stage<ElemFormat::E3M2, kTok, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
       else wg_stage<ElemFormat::E4M3, kTok, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
       ring.advance();
-    };
-    if constexpr (kSplit) for_each_chunk_in(plan, split.chunk_begin(item), split.chunk_end(item), stage);
-    else for_each_chunk(plan, stage);
+    });
     if constexpr (kTok == 4) {
       if (t / 2 == L.j) {
         const int m0 = 2 * (t % 2);
@@ -1033,21 +966,12 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
     }
     ptx::named_bar_sync<1, kThreads>();
     // Row r is rows r % 16 of the warps w with w % 2 == r / 16 (both blocks of every pair), summed in warp order.
-    auto row_sum = [&](int o) {
-      const int r = o / kTok, m = o % kTok;
+    for (int o = threadIdx.x; o < kTcRows * kTok; o += kThreads) {
+      const int r = o / kTok, m = o % kTok, n = n0 + r;
       float v = 0.0f;
 #pragma unroll
       for (int w = r / 16; w < kWgConsumerWarps; w += 2) v += sm.partial[w][r % 16][m];
-      return v;
-    };
-    if constexpr (kSplit) {
-      store_split_tile<kTok, kThreads>(row_sum, item, n0, M, N, split, scratch, &sm.arrival, Y);
-    } else {
-      for (int o = threadIdx.x; o < kTcRows * kTok; o += kThreads) {
-        const int m = o % kTok, n = n0 + o / kTok;
-        const float v = row_sum(o);
-        if (m < M && n < N) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
-      }
+      if (m < M && n < N) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
     }
     ptx::named_bar_sync<1, kThreads>();  // partials read before the next tile's are written
   }
@@ -1144,68 +1068,24 @@ int wg_token_columns(const MixPlan& plan, int M, int N) {
   return pays && wg_smem_bytes<16>(plan) <= kStreamSmemLimit ? 16 : 0;
 }
 
-// The chunk where a K split cuts a row tile: the halves' bytes (codes and scales) as even as
-// whole chunks allow; 0 where the tile is a single chunk.
-int split_cut(const MixPlan& plan) {
-  auto bytes = [](const SegmentSpan& span, int count) { return int64_t{count} * kTcRows * (span.block_bytes + 1); };
-  int64_t total = 0;
-  int chunks = 0;
-  for_each_chunk(plan, [&](int, const SegmentSpan& span, int, int count) {
-    total += bytes(span, count);
-    ++chunks;
-  });
-  if (chunks < 2) return 0;
-  // the cut c in [1, chunks) whose first part's bytes come nearest half the total
-  int c = 0, cut = 1;
-  int64_t before = 0, best = total;
-  for_each_chunk(plan, [&](int, const SegmentSpan& span, int, int count) {
-    before += bytes(span, count);
-    if (++c < chunks && std::llabs(total - 2 * before) < best) {
-      best = std::llabs(total - 2 * before);
-      cut = c;
-    }
-  });
-  return cut;
-}
-
-// The K split for `tiles` row tiles on `ctas` persistent CTAs: halves where the scratch holds
-// them and (Auto) where the CTAs' longest share shrinks, ceil(2 T / C) halves against
-// ceil(T / C) whole tiles (qkv at T = 192, C = 132: 3 halves against 2 tiles).
-KSplit choose_split(const MixPlan& plan, int tiles, int ctas, const DecodeSplitScratch* scratch) {
-  if (scratch == nullptr || scratch->mode == DecodeSplit::Off || scratch->partials == nullptr ||
-      scratch->arrivals == nullptr || scratch->row_tiles < tiles)
-    return {};
-  const bool pays = (2 * tiles + ctas - 1) / ctas < 2 * ((tiles + ctas - 1) / ctas);
-  if (scratch->mode == DecodeSplit::Auto && !pays) return {};
-  const int cut = split_cut(plan);
-  if (cut == 0) return {};
-  return {2, cut};
-}
-
-template <int kTok, bool kOneToken, bool kSplit>
-cudaError_t launch_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, KSplit split,
-                                DecodeSplitScratch scratch, cudaStream_t stream) {
-  auto kernel = decode_stream_wgmma_kernel<kTok, kOneToken, kSplit>;
+template <int kTok, bool kOneToken>
+cudaError_t launch_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
+                                cudaStream_t stream) {
+  auto kernel = decode_stream_wgmma_kernel<kTok, kOneToken>;
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
   if (attr != cudaSuccess) return attr;
-  const int grid = std::min(split.items((N + kTcRows - 1) / kTcRows), device_sm_count());  // one CTA per multiprocessor
+  const int grid = std::min((N + kTcRows - 1) / kTcRows, device_sm_count());  // one CTA per multiprocessor
   return ptx::launch_chained(kernel, dim3(grid), dim3((kWgConsumerWarps + 1) * 32), wg_smem_bytes<kTok>(plan), stream,
-                             A, W, M, N, plan, Y, split, scratch);
+                             A, W, M, N, plan, Y);
 }
 
 // With the token columns wg_token_columns gives (4 or 16).
 cudaError_t launch_decode_stream_wgmma(int tok, MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
-                                       const DecodeSplitScratch* scratch, cudaStream_t stream) {
-  if (tok == 16) return launch_wgmma_kernel<16, false, false>(A, W, M, N, plan, Y, {}, {}, stream);
-  // only the four-column kernel splits: the scratch's partials hold four token columns
-  const int tiles = (N + kTcRows - 1) / kTcRows;
-  const KSplit split = choose_split(plan, tiles, std::min(tiles, device_sm_count()), scratch);
-  if (split.parts > 1)
-    return M == 1 ? launch_wgmma_kernel<4, true, true>(A, W, M, N, plan, Y, split, *scratch, stream)
-                  : launch_wgmma_kernel<4, false, true>(A, W, M, N, plan, Y, split, *scratch, stream);
-  return M == 1 ? launch_wgmma_kernel<4, true, false>(A, W, M, N, plan, Y, {}, {}, stream)
-                : launch_wgmma_kernel<4, false, false>(A, W, M, N, plan, Y, {}, {}, stream);
+                                       cudaStream_t stream) {
+  if (tok == 16) return launch_wgmma_kernel<16, false>(A, W, M, N, plan, Y, stream);
+  return M == 1 ? launch_wgmma_kernel<4, true>(A, W, M, N, plan, Y, stream)
+                : launch_wgmma_kernel<4, false>(A, W, M, N, plan, Y, stream);
 }
 
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {
@@ -1222,17 +1102,6 @@ cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan p
 
 }  // namespace
 
-int64_t decode_split_row_tiles(int64_t N) { return (N + kTcRows - 1) / kTcRows; }
-int64_t decode_split_partial_floats(int64_t N) { return decode_split_row_tiles(N) * 2 * kTcRows * 4; }
-
-DecodeSplit decode_split_setting() {
-  static const DecodeSplit setting = env_choice("MICROMIX_DECODE_SPLIT_K",
-                                                {std::pair{"0", DecodeSplit::Off}, std::pair{"1", DecodeSplit::Auto},
-                                                 std::pair{"always", DecodeSplit::Always}},
-                                                DecodeSplit::Off, "decode K split");
-  return setting;
-}
-
 DecodeKernel decode_kernel_setting() {
   static const DecodeKernel setting = env_choice("MICROMIX_DECODE_KERNEL",
                                                  {std::pair{"streamed", DecodeKernel::Streamed},
@@ -1243,7 +1112,7 @@ DecodeKernel decode_kernel_setting() {
 }
 
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
-                           float* workspace, cudaStream_t stream, DecodeKernel kernel, const DecodeSplitScratch* split) {
+                           float* workspace, cudaStream_t stream, DecodeKernel kernel) {
   // The activations are the quantizer's row-major output; the weights may be row-tiled.
   if (!plan.valid() || M > kDecodeMaxM || N > INT32_MAX || A.row_tile != 1 || W.row_tile < 1)
     return cudaErrorInvalidValue;
@@ -1261,7 +1130,7 @@ cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, Mix
   if (kernel == DecodeKernel::Streamed) {
     if (!stream_ready(W)) return cudaErrorInvalidValue;
     if (const int tok = wg_token_columns(plan, m, n); tok > 0)
-      return launch_decode_stream_wgmma(tok, A, W, m, n, plan, Y, split, stream);
+      return launch_decode_stream_wgmma(tok, A, W, m, n, plan, Y, stream);
     if (m == 1) return launch_decode_stream<1, true>(A, W, m, n, plan, Y, stream);
     return m <= 8 ? launch_decode_stream<1, false>(A, W, m, n, plan, Y, stream)
                   : launch_decode_stream<2, false>(A, W, m, n, plan, Y, stream);

@@ -179,32 +179,8 @@ bool chained_launches();
 // either M <= 8 or N has a 32-row tile for every multiprocessor, TensorCores otherwise.
 enum class DecodeKernel { Auto, CudaCores, TensorCores, Streamed };
 DecodeKernel decode_kernel_setting();  // MICROMIX_DECODE_KERNEL, read once (Auto when unset or unknown)
-
-// K split of the streamed decode kernel for one to four tokens. Where a GEMM's 32-row tiles
-// leave its last wave of CTAs partly idle (qkv of Llama-3.1-8B: 192 tiles on 132
-// multiprocessors, so 60 CTAs stream two tiles while 72 stream one), two CTAs stream the two
-// halves of each tile's K (in bytes), and the second of them to finish adds the halves' sums,
-// part 0's first, so that the result does not depend on which one that is. `arrivals` must be zero
-// before the first call; every completed call leaves it zero. Calls sharing a scratch must not
-// overlap. Auto splits where it shortens the longest CTA's work, Always wherever the kernel runs
-// (for tests), Off nowhere.
-enum class DecodeSplit { Off, Auto, Always };
-struct DecodeSplitScratch {
-  float* partials = nullptr;     // decode_split_partial_floats(N)
-  unsigned* arrivals = nullptr;  // decode_split_row_tiles(N) words
-  int64_t row_tiles = 0;         // what partials and arrivals hold: up to this many row tiles
-  DecodeSplit mode = DecodeSplit::Auto;
-};
-int64_t decode_split_row_tiles(int64_t N);
-int64_t decode_split_partial_floats(int64_t N);
-// MICROMIX_DECODE_SPLIT_K (read once): 1 gives Auto, always Always; unset or 0 Off, the runtime's
-// default until the split is timed on a GPU.
-DecodeSplit decode_split_setting();
-
-// split: nullptr, or a scratch the streamed kernel may use for a K split (above).
 cudaError_t mx_gemm_decode(MxSegments A, MxSegments W, int64_t M, int64_t N, MixPlan plan, uint16_t* Y,
-                           float* workspace, cudaStream_t stream, DecodeKernel kernel = DecodeKernel::Auto,
-                           const DecodeSplitScratch* split = nullptr);
+                           float* workspace, cudaStream_t stream, DecodeKernel kernel = DecodeKernel::Auto);
 inline constexpr int kDecodeMaxM = 16;
 // Weight row tile (MxSegments::row_tile) that the decode GEMM reads best: its CTAs own 32 rows.
 inline constexpr int kDecodeRowTile = 32;

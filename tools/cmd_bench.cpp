@@ -230,9 +230,6 @@ int run_bench(const ParsedArgs& args) {
                         {"copy_bandwidth_gbs", bandwidth / 1e9},
                         {"decode_cuda_graphs", !args.flag("no-cuda-graphs")},
                         {"chained_launches", !args.flag("no-chained-launch")},
-                        {"decode_split_k", cuda::decode_split_setting() == cuda::DecodeSplit::Off    ? "off"
-                                           : cuda::decode_split_setting() == cuda::DecodeSplit::Auto ? "auto"
-                                                                                                     : "always"},
                         {"resident_folded_weights", args.flag("resident-folded-weights")},
                         {"modes", nlohmann::json::array()}};
   for (const auto& mode : modes) {

@@ -26,7 +26,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
-#include <string>
 #include <thread>
 #include <vector>
 
@@ -411,8 +410,7 @@ GemmResult compare(const std::vector<uint16_t>& y, const std::vector<double>& r,
 // runtime does); Fp8PerBlock promotes each MXFP8 block on its own.
 // Fp8Pipelined: 128 x 128 tiles, the next K tile's MMAs issued before this one's promotion.
 enum class Path {
-  Reference, Fp8, Fp8Concurrent, Fp8Pipelined, Fp8PerBlock, Decode, DecodeCudaCores, DecodeTensorCores, DecodeStreamed,
-  DecodeStreamedSplit
+  Reference, Fp8, Fp8Concurrent, Fp8Pipelined, Fp8PerBlock, Decode, DecodeCudaCores, DecodeTensorCores, DecodeStreamed
 };
 const char* path_name(Path p) {
   switch (p) {
@@ -424,44 +422,11 @@ const char* path_name(Path p) {
     case Path::Decode: return "decode";
     case Path::DecodeCudaCores: return "decode-cuda-cores";
     case Path::DecodeStreamed: return "decode-streamed";
-    case Path::DecodeStreamedSplit: return "decode-streamed, K split";
     default: return "decode-tensor-cores";
   }
 }
 bool is_decode(Path p) {
-  return p == Path::Decode || p == Path::DecodeCudaCores || p == Path::DecodeTensorCores ||
-         p == Path::DecodeStreamed || p == Path::DecodeStreamedSplit;
-}
-
-// The streamed decode kernel with every row tile's K split over two CTAs (up to four tokens;
-// more take the kernels without a split). A fresh scratch each call: arrivals zeroed,
-// partials NaN-poisoned. Afterwards the arrivals must be zero again (the next call's
-// precondition), and with four tokens or fewer every partial sum written, so that the split
-// is known to have run.
-cudaError_t run_streamed_split(const DeviceMx& A, const DeviceMx& W, int64_t M, int64_t N, uint16_t* y, float* ws) {
-  DeviceBuffer<float> partials(decode_split_partial_floats(N));
-  DeviceBuffer<unsigned> arrivals(decode_split_row_tiles(N));
-  const DecodeSplitScratch scratch{partials.ptr, arrivals.ptr, decode_split_row_tiles(N), DecodeSplit::Always};
-  for (cudaError_t e : {cudaMemset(partials.ptr, 0xFF, partials.count * sizeof(float)),
-                        cudaMemset(arrivals.ptr, 0, arrivals.count * sizeof(unsigned)),
-                        mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::Streamed,
-                                       &scratch),
-                        cudaDeviceSynchronize()})
-    if (e != cudaSuccess) return e;
-  const auto left = arrivals.download();
-  EXPECT_EQ(std::count(left.begin(), left.end(), 0u), static_cast<std::ptrdiff_t>(left.size()))
-      << "K split: arrivals not reset";
-  if (M <= 4) {
-    const auto part = partials.download();
-    size_t unwritten = 0;
-    for (float v : part) {
-      uint32_t bits;
-      std::memcpy(&bits, &v, 4);
-      unwritten += bits == 0xFFFFFFFFu;
-    }
-    EXPECT_EQ(unwritten, 0u) << "K split: partial sums not written (the split did not run)";
-  }
-  return cudaSuccess;
+  return p == Path::Decode || p == Path::DecodeCudaCores || p == Path::DecodeTensorCores || p == Path::DecodeStreamed;
 }
 
 cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, int64_t N, uint16_t* y, float* ws) {
@@ -479,7 +444,6 @@ cudaError_t run_path(Path p, const DeviceMx& A, const DeviceMx& W, int64_t M, in
       return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::CudaCores);
     case Path::DecodeStreamed:
       return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::Streamed);
-    case Path::DecodeStreamedSplit: return run_streamed_split(A, W, M, N, y, ws);
     default:
       return mx_gemm_decode(A.segments(), W.segments(), M, N, A.plan, y, ws, nullptr, DecodeKernel::TensorCores);
   }
@@ -585,12 +549,12 @@ void run_gemm_case(const GemmCase& c, bool spread = false, bool group_scales = f
     CK(fold_operand(wt.segments(), N, c.plan, wt.folded(), nullptr, nullptr));
     CK(cudaDeviceSynchronize());
     expect_same_fold(wt, mx::fold_rows(hw, kWeightRowGroup), "grouped GPU fold of row-tiled W");
-    for (Path p : {Path::Reference, Path::DecodeTensorCores, Path::DecodeCudaCores, Path::DecodeStreamed,
-                   Path::DecodeStreamedSplit, Path::Decode}) {
+    for (Path p :
+         {Path::Reference, Path::DecodeTensorCores, Path::DecodeCudaCores, Path::DecodeStreamed, Path::Decode}) {
       if (is_decode(p) && M > kDecodeMaxM) continue;
       std::vector<uint16_t> out[2];
       for (int tiled = 0; tiled < 2; ++tiled) {
-        if ((p == Path::DecodeStreamed || p == Path::DecodeStreamedSplit) && !tiled) {
+        if (p == Path::DecodeStreamed && !tiled) {
           EXPECT_EQ(run_path(p, A, W, M, N, y.ptr, ws.ptr), cudaErrorInvalidValue) << "streamed decode, untiled W";
           continue;
         }
@@ -601,12 +565,6 @@ void run_gemm_case(const GemmCase& c, bool spread = false, bool group_scales = f
       }
       if (p == Path::Reference || p == Path::DecodeTensorCores)
         EXPECT_EQ(out[1], out[0]) << path_name(p) << " with row-tiled W";
-      if (p == Path::DecodeStreamedSplit) {  // the halves are added in a fixed order: the same bits again
-        CK(cudaMemset(y.ptr, 0xFF, y.count * 2));
-        CK(run_path(p, A, wt, M, N, y.ptr, ws.ptr));
-        CK(cudaDeviceSynchronize());
-        EXPECT_EQ(y.download(), out[1]) << path_name(p) << ": a second call gave other bits";
-      }
       const GemmResult g = compare(out[1], r, s, std::ldexp(1.0, -10), nullptr);
       std::printf("  [%s, row-tiled W] M=%lld N=%lld: max err/bound %.3g, rel norm err %.3g\n", path_name(p),
                   static_cast<long long>(M), static_cast<long long>(N), g.max_ratio, g.rel_norm);
@@ -886,13 +844,12 @@ void check_nan_propagation(const MixPlan& plan, int64_t M, int64_t nan_row, int 
     CK(cudaDeviceSynchronize());
     check(path_name(p));
   }
-  if (M <= kDecodeMaxM)
-    for (Path p : {Path::DecodeStreamed, Path::DecodeStreamedSplit}) {
-      CK(cudaMemset(y.ptr, 0, y.count * 2));
-      CK(run_path(p, A, wt, M, N, y.ptr, ws.ptr));
-      CK(cudaDeviceSynchronize());
-      check((std::string(path_name(p)) + ", row-tiled W").c_str());
-    }
+  if (M <= kDecodeMaxM) {
+    CK(cudaMemset(y.ptr, 0, y.count * 2));
+    CK(run_path(Path::DecodeStreamed, A, wt, M, N, y.ptr, ws.ptr));
+    CK(cudaDeviceSynchronize());
+    check("decode-streamed, row-tiled W");
+  }
   if (!grouped_fp8) return;
   // Grouped W: the NaN rows stay NaN through their payloads and poison no other column.
   const FoldedOperand wg{W.fq.ptr, W.ff.ptr, kWeightRowGroup, W.f8.ptr};

@@ -103,8 +103,6 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   return r;
 }
 template <typename T> T __ldcs(const T* p) { return *p; }
-template <typename T> T __ldcg(const T* p) { return *p; }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <typename T> T __ldg(const T* p) { return *p; }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
