@@ -6,6 +6,8 @@
 #include <cstdint>
 
 #include "micromix/mx/format.h"
+#include "micromix/mx/fold.h"
+#include "bf16_pairs.cuh"
 
 namespace micromix::cuda {
 
@@ -102,10 +104,7 @@ __device__ __forceinline__ uint2 e4m3x4_as_bf16(uint32_t e, float scale_value) {
   asm("cvt.f32.f16 %0, %1;" : "=f"(v[1]) : "h"(static_cast<uint16_t>(h0 >> 16)));
   asm("cvt.f32.f16 %0, %1;" : "=f"(v[2]) : "h"(static_cast<uint16_t>(h1)));
   asm("cvt.f32.f16 %0, %1;" : "=f"(v[3]) : "h"(static_cast<uint16_t>(h1 >> 16)));
-  uint2 r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r.x) : "f"(v[1] * scale_value), "f"(v[0] * scale_value));
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r.y) : "f"(v[3] * scale_value), "f"(v[2] * scale_value));
-  return r;
+  return make_uint2(pack_bf16x2(v[0] * scale_value, v[1] * scale_value), pack_bf16x2(v[2] * scale_value, v[3] * scale_value));
 #else
   uint32_t w[2];
   for (int i = 0; i < 2; ++i)
