@@ -214,13 +214,13 @@ __device__ __forceinline__ uint32_t load_u32(const uint16_t* p) { return *reinte
 // warp's 16). Scores in the mma C-fragment layout, which wgmma's accumulators share:
 // sc[4j + 2i + e] is row i, key key0 + 8j + 2 t4 + e. Masks keys past visible[i] and replaces
 // each score by 2^(score * scale - m), m the row's running maximum in the log2 domain (one FFMA
-// and one ex2 per score), and updates the row's running sum l (this thread's share of the
-// quad's); alpha[i] is the factor by which the row's outputs must be rescaled.
+// and one ex2 per score), and rescales the row's outputs o (same layout, kOut of them) and its
+// running sum l (this thread's share of the quad's).
 // `may_mask` (uniform over the CTA) is false for tiles wholly below the CTA's diagonal, which
 // then skip the per-score compares.
-template <int kKeys>
-__device__ __forceinline__ void softmax_scores_step(float* sc, float* m, float* l, float* alpha, int key0, bool may_mask,
-                                                    const int* visible, int t4, float scale) {
+template <int kKeys, int kOut>
+__device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* m, float* l, int key0,
+                                                    bool may_mask, const int* visible, int t4, float scale) {
   if (may_mask) {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -230,6 +230,7 @@ __device__ __forceinline__ void softmax_scores_step(float* sc, float* m, float* 
         for (int e = 0; e < 2; ++e)
           if (key0 + 8 * j + 2 * t4 + e > visible[i]) sc[4 * j + 2 * i + e] = -INFINITY;
   }
+  float alpha[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float mx = -INFINITY;
@@ -252,13 +253,8 @@ __device__ __forceinline__ void softmax_scores_step(float* sc, float* m, float* 
         v = ptx::fast_exp2(fmaf(v, scale, -base));
         sum += v;
       }
-    l[i] = l[i] * alpha[i] + sum;
+    l[i] = l[i] * alpha[i] + sum;  // this thread's share; the quad is summed at the end
   }
-}
-
-// The outputs o of a thread's two rows (same layout, kOut of them) times the rows' alpha.
-template <int kOut>
-__device__ __forceinline__ void rescale_outputs(float* o, const float* alpha) {
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -268,20 +264,12 @@ __device__ __forceinline__ void rescale_outputs(float* o, const float* alpha) {
     }
 }
 
-template <int kKeys, int kOut>
-__device__ __forceinline__ void online_softmax_step(float* sc, float* o, float* m, float* l, int key0,
-                                                    bool may_mask, const int* visible, int t4, float scale) {
-  float alpha[2];
-  softmax_scores_step<kKeys>(sc, m, l, alpha, key0, may_mask, visible, t4, scale);
-  rescale_outputs<kOut>(o, alpha);
-}
-
 // Keys 16c .. 16c+15 of the probabilities as the A fragment of P.V (bf16).
 __device__ __forceinline__ void pack_probabilities(const float* sc, int c, uint32_t* pa) {
-  pa[0] = ptx::cvt_bf16x2(sc[8 * c], sc[8 * c + 1]);
-  pa[1] = ptx::cvt_bf16x2(sc[8 * c + 2], sc[8 * c + 3]);
-  pa[2] = ptx::cvt_bf16x2(sc[8 * c + 4], sc[8 * c + 5]);
-  pa[3] = ptx::cvt_bf16x2(sc[8 * c + 6], sc[8 * c + 7]);
+  pa[0] = pack_bf16x2(sc[8 * c], sc[8 * c + 1]);
+  pa[1] = pack_bf16x2(sc[8 * c + 2], sc[8 * c + 3]);
+  pa[2] = pack_bf16x2(sc[8 * c + 4], sc[8 * c + 5]);
+  pa[3] = pack_bf16x2(sc[8 * c + 6], sc[8 * c + 7]);
 }
 
 // The normalized outputs of a thread's two rows: bf16 into out (splits == 1) or fp32 partials
@@ -303,7 +291,7 @@ __device__ __forceinline__ void store_attention_rows(const float* o, const float
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
         *reinterpret_cast<uint32_t*>(dst + 8 * j + 2 * t4) =
-            ptx::cvt_bf16x2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+            pack_bf16x2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
     } else {
       const int64_t slot = ((static_cast<int64_t>(split) * s.batch + b) * s.n_kv_heads + kvh) * rows + row[i];
       float* dst = part_o + slot * D;
@@ -597,43 +585,36 @@ __global__ void __launch_bounds__(kWgAttnThreads, 2) attention_wgmma_kernel(cons
   for (int j = 0; j < D / 2; ++j) o[j] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const uint8_t* q_wg = q_s + wg * 64 * kWgHalfRow;  // this warpgroup's 64 rows in each half
-  auto issue_scores = [&](float* sc, int blk) {  // S = Q.K^T of key tile blk, one wgmma batch
-    ptx::wgmma_fence();
-    ptx::fence_operands<kAttnKeys / 2>(sc);
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c)  // k16 steps: 32 bytes on within a half, then the other half
-      ptx::wgmma_m64n64k16_bf16(sc, ptx::smem_desc(q_wg + (c / 4) * kWgAttnRows * kWgHalfRow + (c % 4) * 32),
-                                ptx::smem_desc(k_s(blk & 1) + (c / 4) * kAttnKeys * kWgHalfRow + (c % 4) * 32), c > 0);
-    ptx::wgmma_commit();
-  };
-  auto issue_values = [&](uint32_t (*pa)[4], int blk) {  // O += P.V of key tile blk, one wgmma batch
-    ptx::wgmma_fence();
-    ptx::fence_operands<D / 2>(o);
-#pragma unroll
-    for (int c = 0; c < kAttnKeys / 16; ++c)  // keys 16c..16c+15: two 8-key groups 1 KB apart; d halves 8 KB apart
-      ptx::wgmma_m64n128k16_bf16_rs_bmn(o, pa[c],
-                                        ptx::smem_desc_mn(v_s(blk & 1) + c * 16 * kWgHalfRow, kAttnKeys * kWgHalfRow,
-                                                          8 * kWgHalfRow));
-    ptx::wgmma_commit();
-  };
-  auto may_mask = [&](int key0) { return key0 + kAttnKeys - 1 > first_visible; };
-
   load_tile(0);  // with Q in the same group
   for (int blk = 0; blk < blocks; ++blk) {
+    const int stage = blk & 1;
     cp_async_wait<0>();
     ptx::fence_proxy_async();
     __syncthreads();  // tile blk is in, and every warp is past tile blk - 1, whose stage is refilled
     if (blk + 1 < blocks) load_tile(blk + 1);
     float sc[kAttnKeys / 2];
-    issue_scores(sc, blk);
+    ptx::wgmma_fence();
+    ptx::fence_operands<kAttnKeys / 2>(sc);
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c)  // k16 steps: 32 bytes on within a half, then the other half
+      ptx::wgmma_m64n64k16_bf16(sc, ptx::smem_desc(q_wg + (c / 4) * kWgAttnRows * kWgHalfRow + (c % 4) * 32),
+                                ptx::smem_desc(k_s(stage) + (c / 4) * kAttnKeys * kWgHalfRow + (c % 4) * 32), c > 0);
+    ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
     ptx::fence_operands<kAttnKeys / 2>(sc);
     const int key0 = blk * kAttnKeys;
-    online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, key0, may_mask(key0), visible, t4, scale);
+    online_softmax_step<kAttnKeys, D / 2>(sc, o, m, l, key0, key0 + kAttnKeys - 1 > first_visible, visible, t4, scale);
     uint32_t pa[kAttnKeys / 16][4];
 #pragma unroll
     for (int c = 0; c < kAttnKeys / 16; ++c) pack_probabilities(sc, c, pa[c]);
-    issue_values(pa, blk);
+    ptx::wgmma_fence();
+    ptx::fence_operands<D / 2>(o);
+#pragma unroll
+    for (int c = 0; c < kAttnKeys / 16; ++c)  // keys 16c..16c+15: two 8-key groups 1 KB apart; d halves 8 KB apart
+      ptx::wgmma_m64n128k16_bf16_rs_bmn(o, pa[c],
+                                        ptx::smem_desc_mn(v_s(stage) + c * 16 * kWgHalfRow, kAttnKeys * kWgHalfRow,
+                                                          8 * kWgHalfRow));
+    ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
     ptx::fence_operands<D / 2>(o);
   }

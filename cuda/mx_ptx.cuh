@@ -251,14 +251,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Two floats as bf16x2, round to nearest even, lo in the low half: one cvt (NaN becomes the
-// canonical NaN).
-__device__ __forceinline__ uint32_t cvt_bf16x2(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
 // 16-byte asynchronous global -> shared copy; !valid writes zeros (src is not read).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0)

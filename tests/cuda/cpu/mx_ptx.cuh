@@ -310,9 +310,6 @@ inline float fast_exp2(float x) {
   const float r = std::exp2(x);
   return std::fpclassify(r) == FP_SUBNORMAL ? 0.0f : r;
 }
-inline uint32_t cvt_bf16x2(float lo, float hi) {
-  return micromix::mx::float_to_bf16_bits(lo) | static_cast<uint32_t>(micromix::mx::float_to_bf16_bits(hi)) << 16;
-}
 inline void cp_async_16(void* dst, const void* src, bool valid) {
   if (valid) std::memcpy(dst, src, 16);
   else std::memset(dst, 0, 16);
