@@ -691,6 +691,7 @@ struct alignas(16) WgStreamSmem {
   uint8_t codes[kStreamStages][kStreamCodeBytes];
   uint8_t scales[kStreamStages][kStreamScaleBytes];
   uint64_t full[kStreamStages], empty[kStreamStages];
+  uint64_t sums_full, sums_empty;  // partial: written by the consumer warps, read by the sums warp
   float partial[kWgConsumerWarps][16][kTok];  // each warp's sums of its 16 rows
   float lut[256];
 };
@@ -872,8 +873,32 @@ __device__ __forceinline__ void wg_stage(const WgLane& L, const uint8_t* codes, 
   }
 }
 
+// The sums warp: each row tile's outputs from the consumer warps' partial sums, row r being
+// rows r % 16 of the warps w with w % 2 == r / 16 (both blocks of every pair), summed in warp
+// order. The consumers hand a tile over and go on to the next without waiting for each other.
+template <int kTok>
+__device__ __forceinline__ void sum_row_tiles(WgStreamSmem<kTok>& sm, int tiles_n, int M, int N, uint16_t* Y) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  uint32_t phase = 0;
+  for (int tile = blockIdx.x; tile < tiles_n; tile += gridDim.x) {
+    ptx::mbar_wait(&sm.sums_full, phase);
+    const int n0 = tile * kTcRows;
+    for (int o = lane; o < kTcRows * kTok; o += 32) {
+      const int r = o / kTok, m = o % kTok, n = n0 + r;
+      float v = 0.0f;
+#pragma unroll
+      for (int w = r / 16; w < kWgConsumerWarps; w += 2) v += sm.partial[w][r % 16][m];
+      if (m < M && n < N) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
+    }
+    __syncwarp();
+    if (lane == 0) ptx::mbar_arrive(&sm.sums_empty);  // partial read: the consumers may write the next tile's
+    phase ^= 1;
+  }
+}
+
+// Warps: kWgConsumerWarps consumers, then the producer (stream_weights), then the sums warp.
 template <int kTok, bool kOneToken>
-__global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
+__global__ void __launch_bounds__((kWgConsumerWarps + 2) * 32, 1)
     decode_stream_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y) {
   constexpr int kThreads = kWgConsumerWarps * 32;
   extern __shared__ __align__(128) uint8_t stream_smem[];
@@ -882,7 +907,15 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
   float* factors = reinterpret_cast<float*>(stream_smem + wg_tile_bytes<kTok>(plan) + sizeof(WgStreamSmem<kTok>));
   const int warp = threadIdx.x / 32;
   const int tiles_n = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
+  if (threadIdx.x == 0) {  // fenced with the ring's barriers in start_ring
+    ptx::mbar_init(&sm.sums_full, kWgConsumerWarps);
+    ptx::mbar_init(&sm.sums_empty, 1);
+  }
   if (!start_ring(sm, W, plan, tiles_n, kWgConsumerWarps)) return;
+  if (warp == kWgConsumerWarps + 1) {
+    sum_row_tiles(sm, tiles_n, M, N, Y);  // writes Y after the consumers' chained wait, through sums_full
+    return;
+  }
   fill_scale_lut(sm.lut, threadIdx.x, kThreads);
   // Absent tokens stay zero; zeroing before the wait overlaps the kernel before.
   uint32_t* tile_words = reinterpret_cast<uint32_t*>(tiles);
@@ -932,8 +965,8 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
   const WgLane L(threadIdx.x);
   const int g = L.g, t = L.t;
   RingPosition ring;
+  uint32_t sums_phase = 0;
   for (int tile = blockIdx.x; tile < tiles_n; tile += gridDim.x) {
-    const int n0 = tile * kTcRows;
     float acc[kWgAcc<kTok>] = {};
     for_each_chunk(plan, [&](int s, const SegmentSpan& span, int first, int count) {
       ptx::mbar_wait(&sm.full[ring.stage], ring.phase);
@@ -947,6 +980,7 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
       else wg_stage<ElemFormat::E4M3, kTok, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
       ring.advance();
     });
+    ptx::mbar_wait(&sm.sums_empty, sums_phase ^ 1);  // the sums warp has read the last tile's
     if constexpr (kTok == 4) {
       if (t / 2 == L.j) {
         const int m0 = 2 * (t % 2);
@@ -964,16 +998,9 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 1) * 32, 1)
           sm.partial[warp][g + 8 * r][8 * h + 2 * t + 1] = acc[4 * r + 2 * h + 1];
         }
     }
-    ptx::named_bar_sync<1, kThreads>();
-    // Row r is rows r % 16 of the warps w with w % 2 == r / 16 (both blocks of every pair), summed in warp order.
-    for (int o = threadIdx.x; o < kTcRows * kTok; o += kThreads) {
-      const int r = o / kTok, m = o % kTok, n = n0 + r;
-      float v = 0.0f;
-#pragma unroll
-      for (int w = r / 16; w < kWgConsumerWarps; w += 2) v += sm.partial[w][r % 16][m];
-      if (m < M && n < N) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
-    }
-    ptx::named_bar_sync<1, kThreads>();  // partials read before the next tile's are written
+    __syncwarp();
+    if (L.lane == 0) ptx::mbar_arrive(&sm.sums_full);
+    sums_phase ^= 1;
   }
 }
 
@@ -1076,7 +1103,7 @@ cudaError_t launch_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPla
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
   if (attr != cudaSuccess) return attr;
   const int grid = std::min((N + kTcRows - 1) / kTcRows, device_sm_count());  // one CTA per multiprocessor
-  return ptx::launch_chained(kernel, dim3(grid), dim3((kWgConsumerWarps + 1) * 32), wg_smem_bytes<kTok>(plan), stream,
+  return ptx::launch_chained(kernel, dim3(grid), dim3((kWgConsumerWarps + 2) * 32), wg_smem_bytes<kTok>(plan), stream,
                              A, W, M, N, plan, Y);
 }
 
