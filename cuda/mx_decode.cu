@@ -873,31 +873,39 @@ __device__ __forceinline__ void wg_stage(const WgLane& L, const uint8_t* codes, 
   }
 }
 
-// The sums warp: each row tile's outputs from the consumer warps' partial sums, row r being
-// rows r % 16 of the warps w with w % 2 == r / 16 (both blocks of every pair), summed in warp
-// order. The consumers hand a tile over and go on to the next without waiting for each other.
+// A row tile's outputs o = first, first + stride, ... from the consumer warps' partial sums:
+// row r is rows r % 16 of the warps w with w % 2 == r / 16 (both blocks of every pair), summed
+// in warp order.
 template <int kTok>
-__device__ __forceinline__ void sum_row_tiles(WgStreamSmem<kTok>& sm, int tiles_n, int M, int N, uint16_t* Y) {
+__device__ __forceinline__ void wg_store_tile_sums(const WgStreamSmem<kTok>& sm, int n0, int first, int stride, int M,
+                                                   int N, uint16_t* Y) {
+  for (int o = first; o < kTcRows * kTok; o += stride) {
+    const int r = o / kTok, m = o % kTok, n = n0 + r;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = r / 16; w < kWgConsumerWarps; w += 2) v += sm.partial[w][r % 16][m];
+    if (m < M && n < N) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
+  }
+}
+
+// The sums warp (kSumsWarp): the row tiles' outputs, handed over through sums_full, so that the
+// consumers go on to their next tile without waiting for each other at its end.
+template <int kTok>
+__device__ __forceinline__ void sums_warp(WgStreamSmem<kTok>& sm, int tiles_n, int M, int N, uint16_t* Y) {
   const int lane = static_cast<int>(threadIdx.x % 32);
   uint32_t phase = 0;
   for (int tile = blockIdx.x; tile < tiles_n; tile += gridDim.x) {
     ptx::mbar_wait(&sm.sums_full, phase);
-    const int n0 = tile * kTcRows;
-    for (int o = lane; o < kTcRows * kTok; o += 32) {
-      const int r = o / kTok, m = o % kTok, n = n0 + r;
-      float v = 0.0f;
-#pragma unroll
-      for (int w = r / 16; w < kWgConsumerWarps; w += 2) v += sm.partial[w][r % 16][m];
-      if (m < M && n < N) Y[static_cast<int64_t>(m) * N + n] = float_to_bf16_bits(v);
-    }
+    wg_store_tile_sums(sm, tile * kTcRows, lane, 32, M, N, Y);
     __syncwarp();
     if (lane == 0) ptx::mbar_arrive(&sm.sums_empty);  // partial read: the consumers may write the next tile's
     phase ^= 1;
   }
 }
 
-// Warps: kWgConsumerWarps consumers, then the producer (stream_weights), then the sums warp.
-template <int kTok, bool kOneToken>
+// Warps: kWgConsumerWarps consumers, then the producer (stream_weights), then with kSumsWarp
+// the sums warp; without it the consumers sum each tile between two barriers.
+template <int kTok, bool kOneToken, bool kSumsWarp>
 __global__ void __launch_bounds__((kWgConsumerWarps + 2) * 32, 1)
     decode_stream_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y) {
   constexpr int kThreads = kWgConsumerWarps * 32;
@@ -907,13 +915,13 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 2) * 32, 1)
   float* factors = reinterpret_cast<float*>(stream_smem + wg_tile_bytes<kTok>(plan) + sizeof(WgStreamSmem<kTok>));
   const int warp = threadIdx.x / 32;
   const int tiles_n = (N + kTcRows - 1) / kTcRows, nblk = plan.blocks();
-  if (threadIdx.x == 0) {  // fenced with the ring's barriers in start_ring
+  if (kSumsWarp && threadIdx.x == 0) {  // fenced with the ring's barriers in start_ring
     ptx::mbar_init(&sm.sums_full, kWgConsumerWarps);
     ptx::mbar_init(&sm.sums_empty, 1);
   }
   if (!start_ring(sm, W, plan, tiles_n, kWgConsumerWarps)) return;
-  if (warp == kWgConsumerWarps + 1) {
-    sum_row_tiles(sm, tiles_n, M, N, Y);  // writes Y after the consumers' chained wait, through sums_full
+  if (kSumsWarp && warp == kWgConsumerWarps + 1) {
+    sums_warp(sm, tiles_n, M, N, Y);  // writes Y after the consumers' chained wait, through sums_full
     return;
   }
   fill_scale_lut(sm.lut, threadIdx.x, kThreads);
@@ -967,6 +975,7 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 2) * 32, 1)
   RingPosition ring;
   uint32_t sums_phase = 0;
   for (int tile = blockIdx.x; tile < tiles_n; tile += gridDim.x) {
+    const int n0 = tile * kTcRows;
     float acc[kWgAcc<kTok>] = {};
     for_each_chunk(plan, [&](int s, const SegmentSpan& span, int first, int count) {
       ptx::mbar_wait(&sm.full[ring.stage], ring.phase);
@@ -980,7 +989,7 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 2) * 32, 1)
       else wg_stage<ElemFormat::E4M3, kTok, kOneToken>(L, codes, scales, sm.lut, f, pt, count, empty, acc);
       ring.advance();
     });
-    ptx::mbar_wait(&sm.sums_empty, sums_phase ^ 1);  // the sums warp has read the last tile's
+    if constexpr (kSumsWarp) ptx::mbar_wait(&sm.sums_empty, sums_phase ^ 1);  // the sums warp has read the last tile's
     if constexpr (kTok == 4) {
       if (t / 2 == L.j) {
         const int m0 = 2 * (t % 2);
@@ -998,9 +1007,15 @@ __global__ void __launch_bounds__((kWgConsumerWarps + 2) * 32, 1)
           sm.partial[warp][g + 8 * r][8 * h + 2 * t + 1] = acc[4 * r + 2 * h + 1];
         }
     }
-    __syncwarp();
-    if (L.lane == 0) ptx::mbar_arrive(&sm.sums_full);
-    sums_phase ^= 1;
+    if constexpr (kSumsWarp) {
+      __syncwarp();
+      if (L.lane == 0) ptx::mbar_arrive(&sm.sums_full);
+      sums_phase ^= 1;
+    } else {
+      ptx::named_bar_sync<1, kThreads>();
+      wg_store_tile_sums(sm, n0, threadIdx.x, kThreads, M, N, Y);
+      ptx::named_bar_sync<1, kThreads>();  // partials read before the next tile's are written
+    }
   }
 }
 
@@ -1095,24 +1110,32 @@ int wg_token_columns(const MixPlan& plan, int M, int N) {
   return pays && wg_smem_bytes<16>(plan) <= kStreamSmemLimit ? 16 : 0;
 }
 
-template <int kTok, bool kOneToken>
+template <int kTok, bool kOneToken, bool kSumsWarp>
 cudaError_t launch_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
                                 cudaStream_t stream) {
-  auto kernel = decode_stream_wgmma_kernel<kTok, kOneToken>;
+  auto kernel = decode_stream_wgmma_kernel<kTok, kOneToken, kSumsWarp>;
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamSmemLimit);
   if (attr != cudaSuccess) return attr;
   const int grid = std::min((N + kTcRows - 1) / kTcRows, device_sm_count());  // one CTA per multiprocessor
-  return ptx::launch_chained(kernel, dim3(grid), dim3((kWgConsumerWarps + 2) * 32), wg_smem_bytes<kTok>(plan), stream,
-                             A, W, M, N, plan, Y);
+  return ptx::launch_chained(kernel, dim3(grid), dim3((kWgConsumerWarps + (kSumsWarp ? 2 : 1)) * 32),
+                             wg_smem_bytes<kTok>(plan), stream, A, W, M, N, plan, Y);
 }
 
-// With the token columns wg_token_columns gives (4 or 16).
+// With the token columns wg_token_columns gives (4 or 16). The sums warp pays where each CTA
+// streams several row tiles, and only with four token columns (H200, 2026-12-05, docs/kernels.md):
+// gate_up (7 row tiles per CTA) 24.9 -> 23.6 us at one token, but o and down (one tile per CTA,
+// whose sums then trail the stream in one warp) 6-10 % slower, and gate_up at 16 tokens 44.1 ->
+// 49.4 us.
 cudaError_t launch_decode_stream_wgmma(int tok, MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
                                        cudaStream_t stream) {
-  if (tok == 16) return launch_wgmma_kernel<16, false>(A, W, M, N, plan, Y, stream);
-  return M == 1 ? launch_wgmma_kernel<4, true>(A, W, M, N, plan, Y, stream)
-                : launch_wgmma_kernel<4, false>(A, W, M, N, plan, Y, stream);
+  if (tok == 16) return launch_wgmma_kernel<16, false, false>(A, W, M, N, plan, Y, stream);
+  const bool sums_warp = (N + kTcRows - 1) / kTcRows >= 4 * device_sm_count();
+  if (M == 1)
+    return sums_warp ? launch_wgmma_kernel<4, true, true>(A, W, M, N, plan, Y, stream)
+                     : launch_wgmma_kernel<4, true, false>(A, W, M, N, plan, Y, stream);
+  return sums_warp ? launch_wgmma_kernel<4, false, true>(A, W, M, N, plan, Y, stream)
+                   : launch_wgmma_kernel<4, false, false>(A, W, M, N, plan, Y, stream);
 }
 
 cudaError_t launch_decode_tc(MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y, cudaStream_t stream) {

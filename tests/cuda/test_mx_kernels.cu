@@ -709,6 +709,9 @@ TEST(MxGemm, SmallShapes) {
       // at most two multiprocessors (the CPU execution of the kernels), the streamed mma.sync one
       // elsewhere
       {16, 264, {96, 32, 160}},
+      // up to 4 tokens over four row tiles per multiprocessor where a device has at most two (the
+      // CPU execution of the kernels): the 4-column wgmma decode kernel with its sums warp
+      {1, 264, {96, 32, 160}}, {3, 264, {2048, 1120, 32}},
       // odd N with an odd number of FP6 blocks (rows 8 bytes off 16-byte alignment), partial
       // last row tiles
       {6, 41, {2048, 1120, 32}}, {12, 23, {0, 96, 0}},
@@ -729,8 +732,11 @@ TEST(MxGemm, LargeShapes) {
       {12, 4256, {4096 - 1024 - 640, 1024, 640}},
       // K past what the 16-column wgmma decode kernel holds: the streamed mma.sync kernel, two token tiles
       {12, 4256, {4608 - 1024 - 640, 1024, 640}},
-      // four row tiles per multiprocessor of a 132-multiprocessor GPU: the 16-column wgmma kernel
+      // four row tiles per multiprocessor of a 132-multiprocessor GPU: the 16-column wgmma kernel,
+      // and the 4-column one with its sums warp
       {16, 16896, {4096 - 1024 - 640, 1024, 640}},
+      {1, 16896, {4096 - 1248 - 640, 1248, 640}},
+      {4, 16896, {4096 - 1248 - 640, 1248, 640}},
   };
   for (const auto& c : cases) run_gemm_case(c);
 }
