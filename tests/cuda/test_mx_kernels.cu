@@ -711,7 +711,7 @@ TEST(MxGemm, SmallShapes) {
       {16, 264, {96, 32, 160}},
       // up to 4 tokens over four row tiles per multiprocessor where a device has at most two (the
       // CPU execution of the kernels): the 4-column wgmma decode kernel with its sums warp
-      {1, 264, {96, 32, 160}}, {3, 264, {2048, 1120, 32}},
+      {1, 264, {96, 32, 160}}, {3, 264, {128, 64, 64}},
       // odd N with an odd number of FP6 blocks (rows 8 bytes off 16-byte alignment), partial
       // last row tiles
       {6, 41, {2048, 1120, 32}}, {12, 23, {0, 96, 0}},
