@@ -1103,10 +1103,13 @@ cudaError_t launch_decode_stream(MxSegments A, MxSegments W, int M, int N, MixPl
 // needs two token tiles (more than 8 tokens) and each CTA has several row tiles to spread its
 // tokens' pass over (every token's K in every CTA): at 16 tokens gate_up (7 row tiles per
 // CTA) 53.6 -> 47.4 us, but qkv 17.1 -> 21.6 and o 10.2 -> 16.8; at 8 tokens all three slower.
+// At least four row tiles of N output rows per multiprocessor: each persistent CTA streams
+// several, over which the 16-column kernel's tokens' pass and the sums warp pay.
+bool four_row_tiles_per_sm(int N) { return (N + kTcRows - 1) / kTcRows >= 4 * device_sm_count(); }
+
 int wg_token_columns(const MixPlan& plan, int M, int N) {
   if (M <= 4) return wg_smem_bytes<4>(plan) <= kStreamSmemLimit ? 4 : 0;
-  const int row_tiles = (N + kTcRows - 1) / kTcRows;
-  const bool pays = M > 8 && M <= 16 && row_tiles >= 4 * device_sm_count();
+  const bool pays = M > 8 && M <= 16 && four_row_tiles_per_sm(N);
   return pays && wg_smem_bytes<16>(plan) <= kStreamSmemLimit ? 16 : 0;
 }
 
@@ -1130,7 +1133,7 @@ cudaError_t launch_wgmma_kernel(MxSegments A, MxSegments W, int M, int N, MixPla
 cudaError_t launch_decode_stream_wgmma(int tok, MxSegments A, MxSegments W, int M, int N, MixPlan plan, uint16_t* Y,
                                        cudaStream_t stream) {
   if (tok == 16) return launch_wgmma_kernel<16, false, false>(A, W, M, N, plan, Y, stream);
-  const bool sums_warp = (N + kTcRows - 1) / kTcRows >= 4 * device_sm_count();
+  const bool sums_warp = four_row_tiles_per_sm(N);
   if (M == 1)
     return sums_warp ? launch_wgmma_kernel<4, true, true>(A, W, M, N, plan, Y, stream)
                      : launch_wgmma_kernel<4, true, false>(A, W, M, N, plan, Y, stream);
