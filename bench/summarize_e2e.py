@@ -44,11 +44,22 @@ def main():
 
     print(f"**Prefill**, {ours['prompt_tokens']} tokens per sequence: median ms (peak GiB)\n")
     table("prefill", lambda r: f"{r['ms']:.1f} ({r['peak_memory_gib']:.1f})", lambda base, mm: base["ms"] / mm["ms"])
-    print(f"\n**Decode** after {ours['prompt_tokens']} prompt tokens: tokens/s (ms per step)\n")
+    warmup = f", timed after {ours['decode_warmup_s']:g} s of untimed steps" if "decode_warmup_s" in ours else ""
+    print(f"\n**Decode** after {ours['prompt_tokens']} prompt tokens{warmup}: tokens/s (ms per step)\n")
     table("decode", lambda r: f"{r['tokens_per_second']:.1f} ({r['ms_per_step']:.2f})",
           lambda base, mm: mm["tokens_per_second"] / base["tokens_per_second"],
           ("MicroMix bytes read per step / time", "of copy bandwidth"),
           lambda mm: [f"{mm['gb_per_second']:.0f} GB/s", f"{100 * mm['fraction_of_copy_bandwidth']:.0f}%"])
+
+    # Drift across the timed steps: the median of their first and of their last quarter.
+    for m in order:
+        for r in modes[m]["decode"]:
+            steps = r.get("step_ms", [])
+            if len(steps) >= 8:
+                q = len(steps) // 4
+                first, last = sorted(steps[:q])[q // 2], sorted(steps[-q:])[q // 2]
+                print(f"\n{names[m]} decode batch {r['batch']}: {first:.3f} ms per step in the first quarter of the "
+                      f"timed steps, {last:.3f} in the last ({r.get('warmup_steps', '?')} untimed steps before)")
 
     print("\n**Linear-layer weights** (bytes the kernels read; MX codes with their scales)\n")
     print("| | " + " | ".join(names[m] for m in order) + " |")

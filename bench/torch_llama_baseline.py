@@ -9,10 +9,12 @@
 
 Prefill: median wall time of model(ids, logits_to_keep=1) over batch x prompt tokens after
 a warm-up run, peak memory from torch.cuda.max_memory_allocated. Decode: median step of one
-token per sequence through the KV cache after the prompt, logits brought to the host.
+token per sequence through the KV cache after the prompt and --decode-warmup seconds of
+untimed steps (the cache cropped back to the prompt), logits brought to the host.
 
     python3 bench/torch_llama_baseline.py --out DIR [--modes torch_bf16,torch_fp8]
-        [--batches 1,8,16] [--prompt 2048] [--decode-batches 1,16] [--decode-tokens 32] [--repeats 3]
+        [--batches 1,8,16] [--prompt 2048] [--decode-batches 1,16] [--decode-tokens 32]
+        [--decode-warmup 1] [--repeats 3]
 
 Writes DIR/torch_llama_baseline.json (the same layout as `micromix bench --output`).
 """
@@ -142,18 +144,32 @@ def run(model, mode, args, vocab):
             ids = torch.randint(0, vocab, (b, args.prompt), device="cuda")
             out = model(ids, use_cache=True, logits_to_keep=1)
             pkv = out.past_key_values
-            times = []
-            for s in range(args.decode_tokens + 2):
+
+            def step():
                 nxt = torch.randint(0, vocab, (b, 1), device="cuda")
                 t, out = sync_time(lambda: model(nxt, past_key_values=pkv, use_cache=True))
                 out.logits[:, -1].float().cpu()
-                pkv = out.past_key_values
-                if s >= 2:
-                    times.append(t)
-            step = statistics.median(times)
-            res["decode"].append({"batch": b, "context": args.prompt, "ms_per_step": step * 1e3,
-                                  "tokens_per_second": b / step})
-            print(f"{mode:10s} decode  {b:2d}: {step * 1e3:8.3f} ms/step  {b / step:8.1f} tok/s", flush=True)
+                return t
+
+            # Untimed steps for --decode-warmup seconds (at least two), then the cache cropped
+            # back to the prompt: the same protocol as micromix bench.
+            def crop_to_prompt():  # a negative count removes that many tokens in every transformers version
+                if pkv.get_seq_length() > args.prompt:
+                    pkv.crop(args.prompt - pkv.get_seq_length())
+
+            warmup_steps, w0 = 0, time.perf_counter()
+            while warmup_steps < 2 or time.perf_counter() - w0 < args.decode_warmup:
+                if pkv.get_seq_length() >= args.prompt + args.decode_tokens:
+                    crop_to_prompt()
+                step()
+                warmup_steps += 1
+            crop_to_prompt()
+            times = [step() for _ in range(args.decode_tokens)]
+            step_s = statistics.median(times)
+            res["decode"].append({"batch": b, "context": args.prompt, "ms_per_step": step_s * 1e3,
+                                  "step_ms": [round(x * 1e3, 3) for x in times], "warmup_steps": warmup_steps,
+                                  "tokens_per_second": b / step_s})
+            print(f"{mode:10s} decode  {b:2d}: {step_s * 1e3:8.3f} ms/step  {b / step_s:8.1f} tok/s", flush=True)
             del pkv, out
             torch.cuda.empty_cache()
     res["linear_weight_bytes"] = linear_weight_bytes(model)
@@ -168,6 +184,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--decode-batches", default="1,16")
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-warmup", type=float, default=1.0, help="seconds of untimed decode steps before the timed ones")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     args.batches = sorted({int(x) for x in args.batches.split(",")})
@@ -187,7 +204,8 @@ def main():
            "command": " ".join(["python3"] + sys.argv), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "transformers": transformers.__version__,
            "model": "Llama-3.1-8B (shape), random weights", "prompt_tokens": args.prompt,
-           "decode_tokens": args.decode_tokens, "repeats": args.repeats, "modes": results}
+           "decode_tokens": args.decode_tokens, "decode_warmup_s": args.decode_warmup, "repeats": args.repeats,
+           "modes": results}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "torch_llama_baseline.json")
     with open(path + ".tmp", "w") as f:

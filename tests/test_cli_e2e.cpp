@@ -106,6 +106,10 @@ TEST(CliEndToEnd, DeviceOptionErrors) {
   EXPECT_NE(r.out.find("--device cuda"), std::string::npos) << r.out;
   r = run("bench --device cuda --quant bf16");
   EXPECT_EQ(r.status, 2) << r.out;
+  r = run("bench --device cuda --synthetic llama-3.1-8b --decode-warmup -1");  // refused before any GPU work
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_TRUE(r.out.find("--decode-warmup must be") != std::string::npos || r.out.find("without CUDA") != std::string::npos)
+      << r.out;
   // Without a Hopper GPU (or without CUDA in the build) --device cuda fails with a message
   // that says so; with one, this text is too short for a single window.
   if (!std::filesystem::exists(micromix::model::default_model_path())) return;

@@ -2,6 +2,7 @@
 // the GPU runtime, on a loaded model or on a synthetic Llama-3.1-8B-shaped one.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <ctime>
 #include <iostream>
@@ -63,6 +64,13 @@ int extra_steps(int decode_tokens) { return std::max(4, decode_tokens / 4); }
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
+// The timed steps in the order they ran (ms, three decimals), so that drift shows.
+nlohmann::json steps_ms(const std::vector<double>& seconds) {
+  nlohmann::json v = nlohmann::json::array();
+  for (const double x : seconds) v.push_back(std::round(x * 1e6) / 1e3);
+  return v;
+}
+
 // Device-to-device copy bandwidth (bytes read + written per second), the ceiling that
 // decode is held against.
 double copy_bandwidth() {
@@ -85,7 +93,7 @@ double copy_bandwidth() {
 
 nlohmann::json run_mode(cuda::GpuRuntime& rt, const std::string& mode, const std::vector<int>& batches,
                         const std::vector<int>& decode_batches, int prompt, int decode_tokens, int repeats,
-                        double bandwidth) {
+                        double decode_warmup_s, double bandwidth) {
   const auto& c = rt.config();
   std::mt19937 rng(1234);
   std::uniform_int_distribution<int32_t> tok(0, c.vocab - 1);
@@ -130,16 +138,27 @@ nlohmann::json run_mode(cuda::GpuRuntime& rt, const std::string& mode, const std
     logits.resize(static_cast<size_t>(b) * c.vocab);
     rt.reset();
     rt.forward_batch(random_tokens(static_cast<size_t>(b) * prompt), b, prompt, logits.data());
-    // A step up to its logits on the device, as the PyTorch baseline times its steps; then
-    // a few with the logits copied to the host as well.
-    std::vector<double> t, t_host;
-    for (int s = 0; s < decode_tokens + 2; ++s) {
+    auto decode_step = [&] {
       const auto next = random_tokens(b);
       const auto t0 = Clock::now();
       rt.forward_batch_on_device(next, b, 1);
       rt.synchronize();
-      if (s >= 2) t.push_back(seconds_since(t0));
+      return seconds_since(t0);
+    };
+    // Untimed steps first, for at least `decode_warmup_s` (the first records the step's
+    // graph): right after the large prefills the first decode steps ran slower than later
+    // ones. The cache goes back to the prompt whenever the timed steps would need its room,
+    // and before them, so the timed steps see the same context whatever the warm-up did.
+    int warmup_steps = 0;
+    for (const auto w0 = Clock::now(); warmup_steps < 2 || seconds_since(w0) < decode_warmup_s; ++warmup_steps) {
+      if (rt.position() >= prompt + decode_tokens) rt.truncate(prompt);
+      decode_step();
     }
+    rt.truncate(prompt);
+    // A step up to its logits on the device, as the PyTorch baseline times its steps; then
+    // a few with the logits copied to the host as well.
+    std::vector<double> t, t_host;
+    for (int s = 0; s < decode_tokens; ++s) t.push_back(decode_step());
     for (int s = 0; s < extra_steps(decode_tokens); ++s) {
       const auto next = random_tokens(b);
       const auto t0 = Clock::now();
@@ -167,13 +186,15 @@ nlohmann::json run_mode(cuda::GpuRuntime& rt, const std::string& mode, const std
     const auto mem = rt.memory();
     // Bytes one decode step must read: every linear weight (codes and scales), the
     // lm_head, the KV cache of every sequence at the mean context, the norms.
-    const double ctx = prompt + decode_tokens / 2.0 + 1;
+    const double ctx = prompt + (decode_tokens + 1) / 2.0;  // the timed steps' mean count of keys
     const double kv = 2.0 * c.n_layers * c.kv_dim() * 2.0 * ctx * b;
     const double lm_head = 2.0 * c.vocab * c.hidden;
     const double bytes = double(mem.linear_weights) + lm_head + kv;
     out["decode"].push_back({{"batch", b},
                              {"context", prompt},
                              {"ms_per_step", step * 1e3},
+                             {"step_ms", steps_ms(t)},
+                             {"warmup_steps", warmup_steps},
                              {"ms_per_step_with_logits_to_host", median(t_host) * 1e3},
                              {"host_issue_ms_per_step", median(issue) * 1e3},
                              {"tokens_per_second", b / step},
@@ -206,6 +227,8 @@ int run_bench(const ParsedArgs& args) {
   if (prompt < 1 || prompt > 1 << 17) throw UsageError("--prompt must be between 1 and 131072");
   if (decode_tokens < 1 || decode_tokens > 4096) throw UsageError("--decode-tokens must be between 1 and 4096");
   if (repeats < 1 || repeats > 100) throw UsageError("--repeats must be between 1 and 100");
+  const double decode_warmup_s = args.number("decode-warmup");
+  if (!(decode_warmup_s >= 0 && decode_warmup_s <= 600)) throw UsageError("--decode-warmup must be between 0 and 600 seconds");
   const std::vector<std::string> modes = split_list(args.str("modes"));
   if (modes.empty()) throw UsageError("--modes is empty");
   for (const auto& mode : modes) {  // all checked before any model is built
@@ -215,8 +238,8 @@ int run_bench(const ParsedArgs& args) {
   }
   if (!cuda::gpu_available()) throw std::runtime_error("no Hopper (compute capability 9.0) GPU found");
   const int max_batch = std::max(batches.back(), decode_batches.back());
-  // + 2 warm-up steps, the steps with the logits to the host, the host-issue steps, 1 profiled step
-  const int context = static_cast<int>(prompt + decode_tokens + 2 * extra_steps(static_cast<int>(decode_tokens)) + 3);
+  // The timed steps, the steps with the logits to the host, the host-issue steps, 1 profiled step
+  const int context = static_cast<int>(prompt + decode_tokens + 2 * extra_steps(static_cast<int>(decode_tokens)) + 1);
   const bool synthetic = args.given("synthetic");
   if (synthetic && args.str("synthetic") != "llama-3.1-8b")
     throw UsageError("--synthetic: the known shape is llama-3.1-8b");
@@ -227,6 +250,7 @@ int run_bench(const ParsedArgs& args) {
                         {"prompt_tokens", prompt},
                         {"decode_tokens", decode_tokens},
                         {"repeats", repeats},
+                        {"decode_warmup_s", decode_warmup_s},
                         {"copy_bandwidth_gbs", bandwidth / 1e9},
                         {"decode_cuda_graphs", !args.flag("no-cuda-graphs")},
                         {"chained_launches", !args.flag("no-chained-launch")},
@@ -258,7 +282,7 @@ int run_bench(const ParsedArgs& args) {
     rt->set_cuda_graphs(!args.flag("no-cuda-graphs"));
     rt->set_resident_folded_weights(args.flag("resident-folded-weights"));
     nlohmann::json r = run_mode(*rt, mode, batches, decode_batches, static_cast<int>(prompt),
-                                static_cast<int>(decode_tokens), static_cast<int>(repeats), bandwidth);
+                                static_cast<int>(decode_tokens), static_cast<int>(repeats), decode_warmup_s, bandwidth);
     progress_done();
     for (const auto& p : r["prefill"])
       std::fprintf(stderr, "%-9s prefill %2d x %lld: %9.2f ms  %8.0f tok/s  peak %.2f GiB\n", mode.c_str(),
@@ -304,6 +328,7 @@ std::vector<OptionSpec> bench_options() {
                      {"prompt", "N", "2048", "prompt tokens per sequence"},
                      {"decode-batches", "LIST", "1,16", "decode batch sizes (after a prompt of --prompt tokens)"},
                      {"decode-tokens", "N", "32", "timed decode steps"},
+                     {"decode-warmup", "SECONDS", "1", "untimed decode steps for this long before the timed ones"},
                      {"repeats", "N", "3", "timed prefill runs per batch (median; one more warms up)"},
                      {"no-cuda-graphs", "", "", "launch each decode step's kernels one by one (no graph replay)"},
                      {"no-chained-launch", "", "", "start each kernel only when the previous one has ended"},
@@ -317,7 +342,8 @@ const RegisterCommand register_bench(
      "--device cuda [--synthetic llama-3.1-8b | --model M] [--modes micromix,bf16] [--batches 1,8,16] [--json]",
      "Prefill: median wall time of a forward over batch x prompt tokens with the last\n"
      "token's logits on the host. Decode: median step of batch sequences one token each\n"
-     "after the prompt, up to its logits on the device (the JSON also has the step with\n"
+     "after the prompt and --decode-warmup seconds of untimed steps, up to its logits on\n"
+     "the device (the JSON also has every timed step in order, and the step with\n"
      "them copied to the host), against the bytes a step must read (weights, lm_head, KV\n"
      "cache).",
      bench_options(), run_bench});
