@@ -2,11 +2,13 @@
 // quantization applied in memory, bit for bit; corrupt files give clear errors.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
 #include "micromix/common/error.h"
 #include "micromix/common/io.h"
+#include "micromix/model/loader.h"
 #include "micromix/quant/calibrate.h"
 #include "micromix/quant/checkpoint.h"
 #include "micromix/quant/scheme.h"
@@ -116,4 +118,24 @@ TEST(Checkpoint, CorruptOrMismatchedFilesGiveClearErrors) {
   write_file_atomic(path, crafted);
   EXPECT_THROW(load_checkpoint(path), FormatError);
   EXPECT_THROW(load_checkpoint(testing::TempDir() + "/absent.safetensors"), std::runtime_error);
+  // A tensor entry whose shape no longer matches its bytes: the file is not taken for a
+  // checkpoint any more, and the model loader (the command line's next try) names the fault
+  // rather than asking for a config.json that a checkpoint never has.
+  crafted = bytes;
+  const std::string shape = "\"shape\":[";
+  const size_t at = crafted.find(shape, crafted.find("\"output_norm\""));
+  ASSERT_NE(at, std::string::npos);
+  crafted.insert(at + shape.size(), "2,");
+  uint64_t header_size = 0;
+  std::memcpy(&header_size, crafted.data(), 8);
+  header_size += 2;
+  std::memcpy(crafted.data(), &header_size, 8);
+  write_file_atomic(path, crafted);
+  EXPECT_FALSE(is_checkpoint(path));
+  try {
+    model::load_model(path);
+    ADD_FAILURE() << "a damaged checkpoint loaded";
+  } catch (const FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("output_norm"), std::string::npos) << e.what();
+  }
 }

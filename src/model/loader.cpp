@@ -73,6 +73,9 @@ ModelConfig config_from_hf_json(const nlohmann::json& j, const std::string& wher
 
 ModelWeights load_safetensors_model(const std::string& path) {
   const std::string file = safetensors_file(path);
+  // The file's own faults first: a damaged checkpoint (whose header no longer parses, so it is
+  // not recognised as one) should hear what is wrong with it, not that config.json is missing.
+  const SafetensorsFile st = SafetensorsFile::open(file);
   const fs::path config_path = fs::path(file).parent_path() / "config.json";
   if (!fs::exists(config_path)) throw std::runtime_error(file + ": no config.json beside it");
   nlohmann::json cj;
@@ -81,7 +84,6 @@ ModelWeights load_safetensors_model(const std::string& path) {
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(config_path.string() + ": " + e.what());
   }
-  const SafetensorsFile st = SafetensorsFile::open(file);
   ModelWeights w;
   w.config = config_from_hf_json(cj, config_path.string());
   const ModelConfig& c = w.config;
