@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "micromix/common/error.h"
 #include "micromix/model/llama.h"
 #include "model_test_util.h"
 
@@ -174,6 +175,36 @@ TEST(CpuRuntime, RejectsContextOverflowAndBadTokens) {
   ModelConfig c = small_config();
   c.n_kv_heads = 3;
   EXPECT_ANY_THROW(c.validate());
+}
+
+// Values that would divide by zero or leave a silent no-op in RoPE are refused by name.
+TEST(ModelConfigCheck, RejectsContextAndRopeScalingThatCannotWork) {
+  ModelConfig ok = small_config();
+  ok.rope_scaling = {"llama3", 8.0f, 1.0f, 4.0f, 64};
+  EXPECT_NO_THROW(ok.validate());
+  auto refused = [&](auto change, const char* says) {
+    ModelConfig c = ok;
+    change(c);
+    try {
+      c.validate();
+      ADD_FAILURE() << "accepted: " << says;
+    } catch (const micromix::FormatError& e) {
+      EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << e.what();
+    }
+  };
+  refused([](ModelConfig& c) { c.context = 0; }, "context length 0");
+  refused([](ModelConfig& c) { c.context = -5; }, "context length -5");
+  refused([](ModelConfig& c) { c.rope_theta = INFINITY; }, "rope theta");
+  refused([](ModelConfig& c) { c.rope_scaling.low_freq_factor = 0; }, "llama3 rope scaling");
+  refused([](ModelConfig& c) { c.rope_scaling.high_freq_factor = 1.0f; }, "llama3 rope scaling");
+  refused([](ModelConfig& c) { c.rope_scaling.factor = 0; }, "llama3 rope scaling");
+  refused([](ModelConfig& c) { c.rope_scaling.factor = NAN; }, "llama3 rope scaling");
+  refused([](ModelConfig& c) { c.rope_scaling.original_context = 0; }, "llama3 rope scaling");
+  refused([](ModelConfig& c) { c.rope_scaling.type = "yarn"; }, "rope scaling 'yarn'");
+  // Without scaling its parameters are not used, whatever they hold.
+  ModelConfig plain = ok;
+  plain.rope_scaling = {"", 0.0f, 0.0f, 0.0f, 0};
+  EXPECT_NO_THROW(plain.validate());
 }
 
 TEST(CpuRuntime, LinearInputHookSeesEveryGroupAndCanRewriteIt) {

@@ -32,7 +32,17 @@ void ModelConfig::validate() const {
   if (head_dim <= 0 || head_dim % 2 != 0 || head_dim > 1024) fail("head dim " + std::to_string(head_dim) + " invalid");
   if (vocab <= 0 || vocab > 1 << 22) fail("vocabulary size " + std::to_string(vocab) + " out of range");
   if (!(rms_eps > 0 && rms_eps < 1)) fail("rms epsilon out of range");
-  if (!(rope_theta > 0)) fail("rope theta must be positive");
+  if (!(rope_theta > 0) || !std::isfinite(rope_theta)) fail("rope theta must be positive and finite");
+  if (context <= 0 || context > 1 << 24) fail("context length " + std::to_string(context) + " out of range");
+  const RopeScaling& s = rope_scaling;
+  if (s.type == "llama3") {
+    // rope_inv_frequencies divides by each of these and by high - low.
+    if (!(s.factor > 0) || !std::isfinite(s.factor) || !(s.low_freq_factor > 0) ||
+        !(s.high_freq_factor > s.low_freq_factor) || !std::isfinite(s.high_freq_factor) || s.original_context <= 0)
+      fail("llama3 rope scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and original context > 0");
+  } else if (!s.type.empty()) {
+    fail("rope scaling '" + s.type + "' is not supported (llama3)");
+  }
 }
 
 int64_t ModelWeights::parameter_count() const {
