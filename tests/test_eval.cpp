@@ -173,10 +173,12 @@ TEST(EvalTasks, MakeDocEdgeCases) {
   expect_request(w.requests[0], "X A", " went_home.");
   expect_request(w.requests[1], "X B", " went_home.");
   EXPECT_EQ(w.gold, 1);
-  // an answer key absent from the labels scores as wrong
+  // an answer key absent from the labels is refused (lm-eval's label.index raises too)
   nlohmann::json arc = nlohmann::json::parse(
       R"({"question":{"stem":"Q?","choices":[{"text":"x","label":"A"},{"text":"y","label":"B"}]},"answerKey":"E"})");
-  EXPECT_EQ(make_doc("arc_easy", arc).gold, -1);
+  EXPECT_THROW(make_doc("arc_easy", arc), std::runtime_error);
+  arc["answerKey"] = "B";
+  EXPECT_EQ(make_doc("arc_easy", arc).gold, 1);
   EXPECT_THROW(make_doc("piqa", nlohmann::json{{"goal", "g"}, {"sol1", "a"}, {"sol2", "b"}}, "2"),
                std::runtime_error);
 }

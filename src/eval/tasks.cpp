@@ -196,6 +196,8 @@ TaskDoc make_doc(const std::string& task, const nlohmann::json& record, const st
       if (get_string(c, "label") == key && doc.gold < 0) doc.gold = static_cast<int>(doc.choices.size());
       doc.choices.push_back(get_string(c, "text"));
     }
+    // lm-eval's choices.label.index(answerKey) raises here too: no right answer to score.
+    if (doc.gold < 0) throw std::runtime_error("ARC answerKey \"" + key + "\" is not one of the choices' labels");
     for (const auto& c : doc.choices) doc.requests.push_back({context, " " + c});
   } else if (task == kWinogrande) {
     // partial scoring: contexts sentence[:idx] + option, continuation ' ' + the rest of

@@ -28,7 +28,7 @@ enum class TaskOutput {
 struct TaskDoc {
   std::vector<LoglikelihoodRequest> requests;
   std::vector<std::string> choices;  // the doc's choices as lm-eval lists them (acc_norm lengths)
-  int gold = -1;                     // index of the right choice; -1: none (scores as wrong)
+  int gold = -1;                     // index of the right choice (-1 only before make_doc sets it)
 };
 
 struct Task {
