@@ -128,6 +128,19 @@ TEST(Plan, SaveLoadRoundTripAndCorruptFiles) {
   };
   EXPECT_THROW(QuantPlan::load(write("{not json")), FormatError);
   EXPECT_THROW(QuantPlan::load(write("{\"format\":\"other\"}")), FormatError);
+  {  // another version, or none, is refused before its entries are read
+    plan.save(path);
+    std::ifstream in(path);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string tag = "\"version\":1";
+    ASSERT_NE(text.find(tag), std::string::npos) << text.substr(0, 200);
+    std::string other = text, none = text;
+    other.replace(other.find(tag), tag.size(), "\"version\":2");
+    none.replace(none.find(tag), tag.size(), "\"versions\":1");
+    EXPECT_THROW(QuantPlan::load(write(other)), FormatError);
+    EXPECT_THROW(QuantPlan::load(write(none)), FormatError);
+    EXPECT_NO_THROW(QuantPlan::load(write(text)));
+  }
   QuantPlan bad = plan;
   bad.linears[0].order[0] = bad.linears[0].order[1];  // not a permutation
   bad.save(path);
