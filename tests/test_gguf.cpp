@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -11,7 +12,9 @@
 #include <nlohmann/json.hpp>
 
 #include "gguf_test_util.h"
+#include "micromix/common/error.h"
 #include "micromix/model/gguf.h"
+#include "micromix/model/loader.h"
 
 using namespace micromix;
 using namespace micromix::model;
@@ -360,6 +363,39 @@ TEST(GgufModel, MatchesGgufPy) {
     ASSERT_LE(start + count, got.size());
     EXPECT_EQ(first_mismatch(got.data() + start, blob.data() + offset, count), -1);
   }
+}
+
+// A model whose RoPE the loader would not apply is refused, not run as plain RoPE: the real
+// file with one metadata key renamed to the scaling type (same length, so the image stays
+// well-formed), and with one tensor renamed to the per-frequency factors.
+TEST(GgufModel, RopeItCannotApplyIsRefused) {
+  const std::string path = model_path();
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "model not found at " << path << " (set MICROMIX_MODEL)";
+  const std::vector<uint8_t> image = read_bytes(path);
+  auto renamed = [&](const std::string& from, const std::string& to) {
+    EXPECT_EQ(from.size(), to.size());
+    std::vector<uint8_t> b = image;
+    const auto at = std::search(b.begin(), b.end(), from.begin(), from.end());
+    EXPECT_NE(at, b.end()) << from;
+    if (at != b.end()) std::copy(to.begin(), to.end(), at);
+    const std::string out = testing::TempDir() + "/rope_" + to + ".gguf";
+    micromix::test::write_bytes(out, b);
+    return out;
+  };
+  auto refused = [](const std::string& file, const std::string& says) {
+    try {
+      load_model(file);
+      ADD_FAILURE() << file << " loaded";
+    } catch (const FormatError& e) {
+      EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << e.what();
+    }
+    std::filesystem::remove(file);
+  };
+  refused(renamed("tokenizer.chat_template", "llama.rope.scaling.type"), "rope scaling");
+  refused(renamed("token_embd.weight", "rope_freqs.weight"), "rope_freqs.weight");
+  const std::string unrelated = renamed("tokenizer.chat_template", "tokenizer.chat_templatX");
+  EXPECT_NO_THROW(load_model(unrelated));
+  std::filesystem::remove(unrelated);
 }
 
 // ------------------------------------------------------------------------------

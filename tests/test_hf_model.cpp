@@ -119,6 +119,14 @@ TEST(HfModel, LlamaWithLlama3RopeAndQwen2WithBiasesLoadBack) {
   EXPECT_THROW(load_model(write_hf_model(w, "badheads", {{"num_key_value_heads", 3}})), FormatError);
   EXPECT_THROW(load_model(write_hf_model(w, "badshape", {{"hidden_size", 32}})), FormatError);
   EXPECT_THROW(load_model(write_hf_model(w, "yarn", {{"rope_scaling", {{"rope_type", "yarn"}}}})), FormatError);
+  // llama3 scaling that would divide by zero, and a context length of zero
+  EXPECT_THROW(load_model(write_hf_model(w, "llama3zero", {{"rope_scaling", {{"rope_type", "llama3"}, {"low_freq_factor", 0}}}})),
+               FormatError);
+  EXPECT_THROW(load_model(write_hf_model(w, "nocontext", {{"max_position_embeddings", 0}})), FormatError);
+  // "default" is plain RoPE: the same model as without rope_scaling
+  const ModelWeights plain = load_model(write_hf_model(w, "ropedefault", {{"rope_scaling", {{"rope_type", "default"}}}}));
+  EXPECT_EQ(plain.config.rope_scaling.type, "");
+  EXPECT_EQ(plain.layers[0].linear[0].weight, w.layers[0].linear[0].weight);
 }
 
 TEST(TokenizerJsonFuzz, MutatedDefinitionsFailCleanly) {

@@ -58,9 +58,12 @@ ModelConfig config_from_hf_json(const nlohmann::json& j, const std::string& wher
     if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
       const auto& r = j["rope_scaling"];
       const std::string type = r.value("rope_type", r.value("type", std::string()));
-      if (type != "llama3") throw FormatError(where + ": rope scaling '" + type + "' is not supported (llama3)");
-      c.rope_scaling = {type, r.value("factor", 8.0f), r.value("low_freq_factor", 1.0f), r.value("high_freq_factor", 4.0f),
-                        r.value("original_max_position_embeddings", 8192)};
+      // transformers writes {"rope_type": "default"} for plain RoPE in some configs
+      if (type != "llama3" && type != "default")
+        throw FormatError(where + ": rope scaling '" + type + "' is not supported (llama3)");
+      if (type == "llama3")
+        c.rope_scaling = {type, r.value("factor", 8.0f), r.value("low_freq_factor", 1.0f),
+                          r.value("high_freq_factor", 4.0f), r.value("original_max_position_embeddings", 8192)};
     }
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(where + ": " + e.what());

@@ -45,6 +45,12 @@ ModelWeights load_gguf_model(const std::string& path) {
   c.rms_eps = static_cast<float>(f.find_float(a + "attention.layer_norm_rms_epsilon").value_or(1e-5));
   c.rope_theta = static_cast<float>(f.find_float(a + "rope.freq_base").value_or(10000.0));
   c.rope_neox = c.architecture == "qwen2";  // GGUF Llama q/k weights are permuted for adjacent-pair rotation
+  // RoPE that this loader does not apply is refused rather than run as plain RoPE: scaling
+  // named in the metadata, or per-frequency factors as a tensor (Llama 3.1's conversions).
+  if (const auto t = f.find_string(a + "rope.scaling.type"); t && *t != "none")
+    throw FormatError(path + ": rope scaling '" + *t + "' is not supported");
+  if (f.find_tensor("rope_freqs.weight") != nullptr)
+    throw FormatError(path + ": RoPE frequency factors (rope_freqs.weight) are not supported");
   const GgufTensorInfo& embd = f.tensor("token_embd.weight");
   if (embd.dims.size() != 2) throw FormatError(path + ": token_embd.weight is not a matrix");
   c.vocab = static_cast<int>(embd.dims[1]);
