@@ -119,6 +119,12 @@ TEST(HfModel, LlamaWithLlama3RopeAndQwen2WithBiasesLoadBack) {
   EXPECT_THROW(load_model(write_hf_model(w, "badheads", {{"num_key_value_heads", 3}})), FormatError);
   EXPECT_THROW(load_model(write_hf_model(w, "badshape", {{"hidden_size", 32}})), FormatError);
   EXPECT_THROW(load_model(write_hf_model(w, "yarn", {{"rope_scaling", {{"rope_type", "yarn"}}}})), FormatError);
+  // parts of the architecture the decoder does not have
+  EXPECT_THROW(load_model(write_hf_model(w, "gelu", {{"hidden_act", "gelu"}})), FormatError);
+  EXPECT_THROW(load_model(write_hf_model(w, "mlpbias", {{"mlp_bias", true}})), FormatError);
+  EXPECT_THROW(load_model(write_hf_model(w, "sliding", {{"use_sliding_window", true}})), FormatError);
+  EXPECT_NO_THROW(load_model(write_hf_model(w, "explicit", {{"hidden_act", "silu"}, {"mlp_bias", false},
+                                                             {"use_sliding_window", false}})));
   // llama3 scaling that would divide by zero, and a context length of zero
   EXPECT_THROW(load_model(write_hf_model(w, "llama3zero", {{"rope_scaling", {{"rope_type", "llama3"}, {"low_freq_factor", 0}}}})),
                FormatError);

@@ -55,6 +55,12 @@ ModelConfig config_from_hf_json(const nlohmann::json& j, const std::string& wher
     c.rope_neox = true;
     c.tied_embeddings = j.value("tie_word_embeddings", false);
     c.qkv_bias = c.architecture == "qwen2" || j.value("attention_bias", false);
+    // What the decoder does not implement is refused instead of run as if absent.
+    if (const std::string act = j.value("hidden_act", std::string("silu")); act != "silu")
+      throw FormatError(where + ": hidden_act '" + act + "' is not supported (silu)");
+    if (j.value("mlp_bias", false)) throw FormatError(where + ": MLP biases (mlp_bias) are not supported");
+    if (j.value("use_sliding_window", false))
+      throw FormatError(where + ": sliding-window attention (use_sliding_window) is not supported");
     if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
       const auto& r = j["rope_scaling"];
       const std::string type = r.value("rope_type", r.value("type", std::string()));
