@@ -9,6 +9,7 @@
 #include "micromix/common/error.h"
 #include "micromix/common/io.h"
 #include "micromix/model/loader.h"
+#include "micromix/model/safetensors.h"
 #include "micromix/quant/calibrate.h"
 #include "micromix/quant/checkpoint.h"
 #include "micromix/quant/scheme.h"
@@ -137,5 +138,20 @@ TEST(Checkpoint, CorruptOrMismatchedFilesGiveClearErrors) {
     ADD_FAILURE() << "a damaged checkpoint loaded";
   } catch (const FormatError& e) {
     EXPECT_NE(std::string(e.what()).find("output_norm"), std::string::npos) << e.what();
+  }
+  // A block scale of 0xFF (NaN, which quantizing finite weights never writes) in one
+  // layer's scales: refused when loading, naming the layer, not NaN logits later.
+  crafted = bytes;
+  {
+    const auto st = model::SafetensorsFile::parse(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+    const auto& scales = st.tensor("blk.1.down.scales");
+    crafted[st.data_offset() + scales.begin + 3] = static_cast<char>(0xFF);
+  }
+  write_file_atomic(path, crafted);
+  try {
+    load_checkpoint(path);
+    ADD_FAILURE() << "a checkpoint with a NaN block scale loaded";
+  } catch (const FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("layer 1 down weight"), std::string::npos) << e.what();
   }
 }

@@ -14,7 +14,9 @@
 #include <vector>
 
 #include "model_test_util.h"
+#include "micromix/common/error.h"
 #include "micromix/eval/harness.h"
+#include "micromix/eval/perplexity.h"
 #include "micromix/eval/tasks.h"
 #include "micromix/model/llama.h"
 
@@ -470,6 +472,26 @@ TEST(EvalCpuModel, PrefixSharingEqualsScoringFromScratch) {
   EXPECT_NEAR(a[0].logprob, a[10].logprob, 1e-5);
   EXPECT_GE(greedy_count, 1);
   EXPECT_LT(shared.last_tokens_run(), scratch.last_tokens_run());
+}
+
+// NaN in the model (here put in after any load-time check) makes perplexity and the
+// log-likelihoods stop with a message instead of reporting NaN or accuracies of NaN logits.
+TEST(EvalCpuModel, NonFiniteLogitsAreAnErrorNotAScore) {
+  ModelWeights w = random_model(9);
+  EXPECT_NO_THROW(w.check_finite("model"));
+  w.layers[1].slot(LinearSlot::Down).weight[5] = NAN;
+  EXPECT_THROW(w.check_finite("model"), FormatError);
+  std::vector<int32_t> text;
+  for (int i = 0; i < 64; ++i) text.push_back(3 + (i * 7) % 90);
+  model::CpuRuntime rt(w, 32);
+  try {
+    perplexity(rt, text, 16, 0, {});
+    ADD_FAILURE() << "perplexity of a NaN model";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("not finite"), std::string::npos) << e.what();
+  }
+  CpuLanguageModel lm(w, char_encode, 1, {}, 32);
+  EXPECT_THROW(lm.loglikelihood({{"Question: 2+2\nAnswer:", " 4"}}, {}), std::runtime_error);
 }
 
 TEST(EvalCpuModel, ActivationHookAppliesToEveryRequest) {

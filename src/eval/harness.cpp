@@ -170,6 +170,9 @@ std::vector<LoglikelihoodResult> RuntimeLanguageModel::loglikelihood_tokens(
     last_tokens_run_ += static_cast<int64_t>(suffix.size());
     cached = p.inp;
     const double total = std::accumulate(logprob.begin(), logprob.end(), 0.0);
+    if (!std::isfinite(total))
+      throw std::runtime_error("request " + std::to_string(idx) +
+                               ": its log-likelihood is not finite (the model's logits hold NaN or infinity)");
     const bool all_greedy = std::all_of(greedy.get(), greedy.get() + n_scored, [](bool g) { return g; });
     results[idx] = {total, all_greedy};
     ++done;

@@ -27,7 +27,12 @@ PerplexityResult perplexity(model::Runtime& runtime, const std::vector<int32_t>&
     const size_t n = static_cast<size_t>(seqlen) - 1;
     runtime.score(std::span<const int32_t>(window, n), std::span<const int32_t>(window + 1, n), logprob.data(),
                   greedy.get());
-    for (const double lp : logprob) r.nll_sum -= lp;
+    for (const double lp : logprob) {
+      if (!std::isfinite(lp))
+        throw std::runtime_error("window " + std::to_string(w + 1) +
+                                 ": a log-probability is not finite (the model's logits hold NaN or infinity)");
+      r.nll_sum -= lp;
+    }
     r.predicted_tokens += seqlen - 1;
     r.windows = w + 1;
     r.ppl = std::exp(r.nll_sum / double(r.predicted_tokens));

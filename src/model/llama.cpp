@@ -45,6 +45,28 @@ void ModelConfig::validate() const {
   }
 }
 
+void ModelWeights::check_finite(const std::string& where) const {
+  auto check = [&](const std::vector<float>& v, const std::string& name) {
+    bool finite = true;
+#pragma omp parallel for reduction(&& : finite) schedule(static) if (v.size() >= (1 << 20))
+    for (size_t i = 0; i < v.size(); ++i) finite = finite && std::isfinite(v[i]);
+    if (!finite) throw FormatError(where + ": " + name + " holds NaN or infinity");
+  };
+  check(token_embedding, "the token embedding");
+  check(output_norm, "the output norm");
+  check(lm_head, "the lm_head");
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const std::string layer = "layer " + std::to_string(l) + " ";
+    check(layers[l].attn_norm, layer + "attention norm");
+    check(layers[l].ffn_norm, layer + "FFN norm");
+    for (int s = 0; s < kNumLinearSlots; ++s) {
+      const Linear& lin = layers[l].linear[s];
+      check(lin.weight, layer + linear_slot_name(LinearSlot(s)) + " weight");
+      check(lin.bias, layer + linear_slot_name(LinearSlot(s)) + " bias");
+    }
+  }
+}
+
 int64_t ModelWeights::parameter_count() const {
   int64_t n = static_cast<int64_t>(token_embedding.size() + output_norm.size() + lm_head.size());
   for (const auto& l : layers) {

@@ -133,6 +133,7 @@ ModelWeights load_safetensors_model(const std::string& path) {
     d.in = F, d.out = H;
     d.weight = load(p + "mlp.down_proj.weight", {H, F});
   }
+  w.check_finite(file);
   return w;
 }
 

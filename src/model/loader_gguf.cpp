@@ -93,6 +93,7 @@ ModelWeights load_gguf_model(const std::string& path) {
     d.out = H;
     d.weight = load_tensor(f, p + "ffn_down.weight", {F, H});
   }
+  w.check_finite(path);
   return w;
 }
 

@@ -234,6 +234,7 @@ Checkpoint load_checkpoint(const std::string& path) {
       ck.plan.linears.push_back(std::move(p));
     }
   }
+  w.check_finite(path);  // a block scale of 0xFF (NaN) decodes to NaN
   return ck;
 }
 

@@ -71,6 +71,9 @@ struct ModelWeights {
 
   const float* lm_head_data() const { return lm_head.empty() ? token_embedding.data() : lm_head.data(); }
   int64_t parameter_count() const;
+  // FormatError naming the first tensor that holds NaN or infinity (`where`: the file), so
+  // that a damaged model is refused when it loads rather than giving NaN logits later.
+  void check_finite(const std::string& where) const;
 };
 
 // Called on the input of every linear group before its matrix product: observers
