@@ -106,6 +106,13 @@ TEST(CliEndToEnd, DeviceOptionErrors) {
   EXPECT_NE(r.out.find("--device cuda"), std::string::npos) << r.out;
   r = run("bench --device cuda --quant bf16");
   EXPECT_EQ(r.status, 2) << r.out;
+  // numbers that are not finite, and counts below their range, are refused before any work
+  const std::vector<std::string> refused = {"generate --prompt hi --temperature nan", "generate --prompt hi --top-p inf",
+                                            "eval --tasks piqa --limit -5"};
+  for (const std::string& bad : refused) {
+    r = run(bad);
+    EXPECT_EQ(r.status, 2) << bad << "\n" << r.out;
+  }
   r = run("bench --device cuda --synthetic llama-3.1-8b --decode-warmup -1");  // refused before any GPU work
   EXPECT_EQ(r.status, 2) << r.out;
   EXPECT_TRUE(r.out.find("--decode-warmup must be") != std::string::npos || r.out.find("without CUDA") != std::string::npos)

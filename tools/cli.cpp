@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
@@ -50,6 +51,7 @@ double ParsedArgs::number(const std::string& name) const {
   errno = 0;
   const double v = std::strtod(s.c_str(), &end);
   if (s.empty() || *end != '\0' || errno != 0) throw UsageError("--" + name + " expects a number, got '" + s + "'");
+  if (!std::isfinite(v)) throw UsageError("--" + name + " expects a finite number, got '" + s + "'");
   return v;
 }
 

@@ -17,7 +17,7 @@ int run_generate(const ParsedArgs& args) {
   const int64_t max_tokens = args.integer("max-tokens");
   const double temperature = args.number("temperature"), top_p = args.number("top-p");
   if (max_tokens <= 0) throw UsageError("--max-tokens must be positive");
-  if (temperature < 0) throw UsageError("--temperature must be >= 0");
+  if (!(temperature >= 0)) throw UsageError("--temperature must be >= 0");
   if (!(top_p > 0 && top_p <= 1)) throw UsageError("--top-p must be in (0, 1]");
   device_from_args(args);  // a bad --device fails before the model loads
   LoadedModel m = load_model_from_args(args);
