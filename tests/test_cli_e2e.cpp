@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cli_test_util.h"
+#include "micromix/common/io.h"
 #include "micromix/model/loader.h"
 
 namespace {
@@ -95,6 +96,21 @@ TEST(CliEndToEnd, BadInputGivesClearErrors) {
   EXPECT_EQ(r.status, 1) << r.out;
   r = run("nosuchcommand");
   EXPECT_EQ(r.status, 2);
+  // report: a recorded compare file renders; rows it could not draw are refused by file and row
+  const std::string out = testing::TempDir() + "/report_out";
+  r = run("report " + std::string(MICROMIX_SOURCE_DIR) + "/bench/results/cpu/2026-11-23-compare-ceil-16x2048.json -o " + out);
+  EXPECT_EQ(r.status, 0) << r.out;
+  EXPECT_TRUE(std::filesystem::exists(out + "/ppl_vs_bits.svg"));
+  const std::string bad_rows = testing::TempDir() + "/bad_rows.json";
+  for (const char* row : {R"({"mode":"bf16","scale_rule":"ceil","tokens":10,"weight_bits":16,"ppl":0})",
+                          R"({"mode":"bf16","scale_rule":"ceil","tokens":10,"weight_bits":"x","ppl":20})", "5"}) {
+    micromix::write_file_atomic(bad_rows, std::string(R"({"results":[)") + row + "]}");
+    r = run("report " + bad_rows + " -o " + out);
+    EXPECT_EQ(r.status, 1) << row << "\n" << r.out;
+    EXPECT_NE(r.out.find("bad_rows.json: result 0"), std::string::npos) << r.out;
+  }
+  micromix::write_file_atomic(bad_rows, R"({"results":[]})");
+  EXPECT_EQ(run("report " + bad_rows + " -o " + out).status, 1);
 }
 
 TEST(CliEndToEnd, DeviceOptionErrors) {

@@ -120,12 +120,27 @@ int run_report(const ParsedArgs& args) {
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(read_file(f));
-      for (const auto& r : j.at("results")) rows.push_back(r);
+      const nlohmann::json& results = j.at("results");
+      if (!results.is_array()) throw std::runtime_error(f + ": \"results\" is not an array");
+      for (size_t i = 0; i < results.size(); ++i) {
+        const nlohmann::json& r = results[i];
+        const std::string where = f + ": result " + std::to_string(i) + ": ";
+        if (!r.is_object() || !r.value("mode", nlohmann::json()).is_string() ||
+            !r.value("scale_rule", nlohmann::json()).is_string() || !r.value("tokens", nlohmann::json()).is_number_integer())
+          throw std::runtime_error(where + "needs \"mode\", \"scale_rule\" (strings) and \"tokens\" (an integer)");
+        const nlohmann::json bits = r.value("weight_bits", nlohmann::json()), ppl = r.value("ppl", nlohmann::json());
+        if (!bits.is_number() || !(bits.get<double>() > 0 && bits.get<double>() <= 64))
+          throw std::runtime_error(where + "\"weight_bits\" must be a number in (0, 64]");
+        if (!ppl.is_number() || !(ppl.get<double>() > 0) || !std::isfinite(ppl.get<double>()))
+          throw std::runtime_error(where + "\"ppl\" must be a finite positive number");
+        rows.push_back(r);
+      }
     } catch (const nlohmann::json::exception& e) {
       throw std::runtime_error(f + ": not a compare results file (" + e.what() + ")");
     }
     if (first.is_null()) first = j;
   }
+  if (rows.empty()) throw std::runtime_error("the results files hold no results to report");
   std::ostringstream md;
   md << "# micromix report\n\nModel: `" << first.value("model", "") << "`. Perplexity on `" << first.value("text", "")
      << "`, windows of " << first.value("seqlen", 0) << " tokens";
