@@ -94,6 +94,15 @@ TEST(CliEndToEnd, BadInputGivesClearErrors) {
   EXPECT_EQ(r.status, 1) << r.out;
   r = run("quantize --plan /nonexistent.json -o /tmp/x.safetensors");
   EXPECT_EQ(r.status, 1) << r.out;
+  // an output that cannot be written is refused before the model is even looked for
+  r = run("quantize --model /nonexistent.gguf --plan /nonexistent.json -o /nonexistent/dir/x.safetensors");
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("the folder /nonexistent/dir does not exist"), std::string::npos) << r.out;
+  r = run("calibrate --model /nonexistent.gguf -o " + testing::TempDir());
+  EXPECT_NE(r.out.find("it is a folder"), std::string::npos) << r.out;
+  r = run("ppl --text " + testing::TempDir());
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("it is a folder"), std::string::npos) << r.out;
   r = run("nosuchcommand");
   EXPECT_EQ(r.status, 2);
   // report: a recorded compare file renders; rows it could not draw are refused by file and row

@@ -236,6 +236,7 @@ int run_bench(const ParsedArgs& args) {
     if (!q || !(*q == quant::QuantMode::BF16 || *q == quant::QuantMode::MicroMix || cuda::uniform_mix(*q, 0)))
       throw UsageError("unknown mode '" + mode + "' (bf16, micromix, mxfp4, mxfp6, mxfp8)");
   }
+  check_output_file(args);
   if (!cuda::gpu_available()) throw std::runtime_error("no Hopper (compute capability 9.0) GPU found");
   const int max_batch = std::max(batches.back(), decode_batches.back());
   // The timed steps, the steps with the logits to the host, the host-issue steps, 1 profiled step

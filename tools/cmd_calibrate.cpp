@@ -15,6 +15,7 @@ namespace {
 
 int run_calibrate(const ParsedArgs& args) {
   if (!args.given("output")) throw UsageError("-o PLAN is required");
+  check_output_file(args);
   const std::string text_path =
       args.given("text") ? args.str("text") : eval::resolve_data_dir() + "/wikitext-2-raw/wiki.valid.raw";
   if (!args.given("text") && !std::filesystem::exists(text_path))

@@ -25,6 +25,7 @@ int run_compare(const ParsedArgs& args) {
   const int64_t seqlen = args.integer("seqlen"), max_windows = args.integer("max-windows");
   if (seqlen < 2) throw UsageError("--seqlen must be at least 2");
   if (max_windows < 0) throw UsageError("--max-windows must be >= 0");
+  check_output_file(args);
   const auto rule = mx::parse_scale_rule(args.str("scale-rule"));
   if (!rule) throw UsageError("unknown --scale-rule '" + args.str("scale-rule") + "'");
   std::vector<quant::QuantMode> modes;

@@ -26,6 +26,7 @@ int run_eval(const ParsedArgs& args) {
   }
   const int64_t limit = args.integer("limit");
   if (limit < -1) throw UsageError("--limit must be a count of documents, or -1 for all");
+  check_output_file(args);
   const std::string data_dir = eval::resolve_data_dir(args.given("data") ? args.str("data") : "");
   device_from_args(args);  // a bad --device fails before the model loads
   LoadedModel m = load_model_from_args(args);

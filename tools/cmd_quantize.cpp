@@ -14,6 +14,7 @@ namespace {
 int run_quantize(const ParsedArgs& args) {
   if (!args.given("plan")) throw UsageError("--plan PLAN is required (see 'micromix calibrate')");
   if (!args.given("output")) throw UsageError("-o OUT.safetensors is required");
+  check_output_file(args);
   const auto rule = mx::parse_scale_rule(args.str("scale-rule"));
   if (!rule) throw UsageError("unknown --scale-rule '" + args.str("scale-rule") + "' (floor or ceil)");
   const auto start = std::chrono::steady_clock::now();

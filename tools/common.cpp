@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -17,6 +18,17 @@
 #endif
 
 namespace micromix::cli {
+
+void check_output_file(const ParsedArgs& args) {
+  if (!args.given("output")) return;
+  const std::filesystem::path path = args.str("output");
+  const std::filesystem::path dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  if (std::filesystem::is_directory(path)) throw std::runtime_error("cannot write " + path.string() + ": it is a folder");
+  if (!std::filesystem::is_directory(dir))
+    throw std::runtime_error("cannot write " + path.string() + ": the folder " + dir.string() + " does not exist");
+  if (access(dir.c_str(), W_OK) != 0)
+    throw std::runtime_error("cannot write " + path.string() + ": the folder " + dir.string() + " is not writable");
+}
 
 std::vector<OptionSpec> model_options() {
   return {

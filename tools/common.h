@@ -37,6 +37,10 @@ OptionSpec resident_folded_option();
 // "cpu" or "cuda", checked (also that --resident-folded-weights comes with cuda).
 std::string device_from_args(const ParsedArgs& args);
 
+// The -o/--output file, if given, can be written: its folder exists and is writable and
+// the path is not a folder. Checked before any long work, so that it is not lost at the end.
+void check_output_file(const ParsedArgs& args);
+
 // Peak resident memory of this process in MiB.
 double peak_memory_mib();
 
