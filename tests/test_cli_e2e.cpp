@@ -122,6 +122,20 @@ TEST(CliEndToEnd, BadInputGivesClearErrors) {
   EXPECT_EQ(run("report " + bad_rows + " -o " + out).status, 1);
 }
 
+// A context past the model's own (8192 for SmolLM2) would size a KV cache no machine holds.
+TEST(CliEndToEnd, ContextLongerThanTheModelIsRefused) {
+  if (!std::filesystem::exists(micromix::model::default_model_path())) GTEST_SKIP() << "no default model";
+  const std::string text = testing::TempDir() + "/short.txt";
+  micromix::write_file_atomic(text, "A few words of text.");
+  CliResult r = run("ppl --text " + text + " --seqlen 100000");
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("longer than the model's 8192"), std::string::npos) << r.out;
+  if (!std::filesystem::exists(data_dir() + "/piqa")) return;
+  r = run("eval --tasks piqa --limit 1 --data " + data_dir() + " --max-length 99999999");
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("longer than the model's 8192"), std::string::npos) << r.out;
+}
+
 TEST(CliEndToEnd, DeviceOptionErrors) {
   CliResult r = run("ppl --device tpu --text /etc/hostname");
   EXPECT_EQ(r.status, 2) << r.out;

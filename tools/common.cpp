@@ -111,6 +111,11 @@ std::string device_from_args(const ParsedArgs& args) {
 }
 
 std::unique_ptr<model::Runtime> make_runtime(const LoadedModel& m, const ParsedArgs& args, int context) {
+  // The KV cache is sized for `context`: past the model's own length it is both untrained and,
+  // for large values, an allocation no machine has.
+  if (context > m.weights.config.context)
+    throw std::runtime_error("a context of " + std::to_string(context) + " tokens is longer than the model's " +
+                             std::to_string(m.weights.config.context) + " (" + m.path + ")");
   if (device_from_args(args) == "cuda") {
 #ifdef MICROMIX_HAVE_CUDA
     if (!cuda::gpu_available()) throw std::runtime_error("--device cuda: no Hopper (compute capability 9.0) GPU found");

@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <new>
 #include <string>
 
 #include "cli.h"
@@ -36,6 +37,10 @@ int main(int argc, char** argv) {
     } catch (const UsageError& e) {
       std::fprintf(stderr, "micromix %s: %s\n", name.c_str(), e.what());
       return 2;
+    } catch (const std::bad_alloc&) {
+      std::fprintf(stderr, "micromix %s: error: out of memory (the model or the requested context needs more)\n",
+                   name.c_str());
+      return 1;
     } catch (const std::exception& e) {
       std::fprintf(stderr, "micromix %s: error: %s\n", name.c_str(), e.what());
       return 1;
