@@ -122,6 +122,21 @@ TEST(CliEndToEnd, BadInputGivesClearErrors) {
   EXPECT_EQ(run("report " + bad_rows + " -o " + out).status, 1);
 }
 
+// Byte-level tokens can stop inside a character: with one or two tokens, this prompt's greedy
+// answer ends inside an emoji's bytes. The JSON is still written, with U+FFFD in its place.
+TEST(CliEndToEnd, GeneratedTextCutInsideACharacterStillGivesJson) {
+  if (!std::filesystem::exists(micromix::model::default_model_path())) GTEST_SKIP() << "no default model";
+  bool replaced = false;
+  for (const char* n : {"1", "2"}) {
+    const CliResult r = run(std::string("generate --prompt \"Reply with only emoji: \xF0\x9F\x98\x80\" --temperature 0 "
+                                        "--threads 2 --json --max-tokens ") + n);
+    ASSERT_EQ(r.status, 0) << r.out;
+    const nlohmann::json j = last_json(r.out);
+    replaced = replaced || j["text"].get<std::string>().find("\xEF\xBF\xBD") != std::string::npos;
+  }
+  EXPECT_TRUE(replaced) << "no cut character: the case this test is for did not occur";
+}
+
 // A context past the model's own (8192 for SmolLM2) would size a KV cache no machine holds.
 TEST(CliEndToEnd, ContextLongerThanTheModelIsRefused) {
   if (!std::filesystem::exists(micromix::model::default_model_path())) GTEST_SKIP() << "no default model";

@@ -313,8 +313,8 @@ int run_bench(const ParsedArgs& args) {
     if (!r["decode"].empty()) print_stages(r["decode"].front()["stages_ms"]);
     out["modes"].push_back(std::move(r));
   }
-  if (args.given("output")) write_file_atomic(args.str("output"), out.dump(2) + "\n");
-  if (args.flag("json")) std::cout << out.dump(2) << "\n";
+  if (args.given("output")) write_file_atomic(args.str("output"), json_text(out) + "\n");
+  if (args.flag("json")) std::cout << json_text(out) << "\n";
   return 0;
 #endif
 }

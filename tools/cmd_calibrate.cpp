@@ -62,7 +62,7 @@ int run_calibrate(const ParsedArgs& args) {
         {"fp4_share", p4 / k}, {"fp6_share", p6 / k}, {"fp8_share", p8 / k}};
   }
   if (args.flag("json")) {
-    std::cout << summary.dump(2) << "\n";
+    std::cout << json_text(summary) << "\n";
     return 0;
   }
   std::printf("plan written to %s (%d windows of %d tokens from %s)\n", args.str("output").c_str(), plan.samples,

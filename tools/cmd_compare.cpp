@@ -71,9 +71,9 @@ int run_compare(const ParsedArgs& args) {
   const nlohmann::json out = {{"model", model_path}, {"text", text_path},   {"seqlen", seqlen},
                               {"max_windows", max_windows}, {"plan", args.given("plan") ? args.str("plan") : ""},
                               {"results", rows}};
-  if (args.given("output")) write_file_atomic(args.str("output"), out.dump(2) + "\n");
+  if (args.given("output")) write_file_atomic(args.str("output"), json_text(out) + "\n");
   if (args.flag("json")) {
-    std::cout << out.dump(2) << "\n";
+    std::cout << json_text(out) << "\n";
     return 0;
   }
   const double ref = rows.empty() ? 0 : rows[0]["ppl"].get<double>();

@@ -46,9 +46,9 @@ int run_eval(const ParsedArgs& args) {
   out["device"] = args.str("device");
   out["scale_rule"] = mx::scale_rule_name(m.quant.rule);
   out["weight_bits"] = m.weight_bits;
-  if (args.given("output")) write_file_atomic(args.str("output"), out.dump(2) + "\n");
+  if (args.given("output")) write_file_atomic(args.str("output"), json_text(out) + "\n");
   if (args.flag("json")) {
-    std::cout << out.dump(2) << "\n";
+    std::cout << json_text(out) << "\n";
     return 0;
   }
   std::printf("%-16s %-10s %10s %10s %6s\n", "task", "metric", "value", "stderr", "docs");

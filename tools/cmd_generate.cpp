@@ -69,18 +69,17 @@ int run_generate(const ParsedArgs& args) {
   const double decode_s = std::chrono::duration<double>(t2 - t1).count();
   const double tps = out.empty() ? 0 : double(out.size()) / decode_s;
   if (json) {
-    std::cout << nlohmann::json{{"model", m.path},
-                                {"quant", quant::quant_mode_name(m.quant.mode)},
-                                {"device", args.str("device")},
-                                {"prompt", args.str("prompt")},
-                                {"prompt_tokens", prompt_ids.size()},
-                                {"generated_tokens", out.size()},
-                                {"text", text},
-                                {"prefill_seconds", prefill_s},
-                                {"decode_seconds", decode_s},
-                                {"sampling_seconds", sampling_s},
-                                {"tokens_per_second", tps}}
-                     .dump(2)
+    std::cout << json_text(nlohmann::json{{"model", m.path},
+                                          {"quant", quant::quant_mode_name(m.quant.mode)},
+                                          {"device", args.str("device")},
+                                          {"prompt", args.str("prompt")},
+                                          {"prompt_tokens", prompt_ids.size()},
+                                          {"generated_tokens", out.size()},
+                                          {"text", text},
+                                          {"prefill_seconds", prefill_s},
+                                          {"decode_seconds", decode_s},
+                                          {"sampling_seconds", sampling_s},
+                                          {"tokens_per_second", tps}})
               << "\n";
   } else {
     std::fwrite(pending.data(), 1, pending.size(), stdout);

@@ -59,7 +59,7 @@ int run_ppl(const ParsedArgs& args) {
   }
 #endif
   if (json) {
-    std::cout << out.dump(2) << "\n";
+    std::cout << json_text(out) << "\n";
   } else {
     std::printf("perplexity %.4f  (%s on %s, %d windows of %lld tokens, %lld predicted tokens, %.1f s, %.2f bits/weight)\n",
                 r.ppl, quant::quant_mode_name(m.quant.mode), args.str("device").c_str(), r.windows, static_cast<long long>(seqlen),

@@ -30,7 +30,7 @@ int run_quantize(const ParsedArgs& args) {
                               {"scale_rule", args.str("scale-rule")}, {"bytes", bytes},
                               {"average_bits", plan.average_bits(m.weights)}, {"seconds", seconds}};
   if (args.flag("json"))
-    std::cout << out.dump(2) << "\n";
+    std::cout << json_text(out) << "\n";
   else
     std::printf("wrote %s (%.1f MiB, linear layers at %.3f bits per weight, %.1f s)\n", args.str("output").c_str(),
                 double(bytes) / (1 << 20), plan.average_bits(m.weights), seconds);

@@ -19,7 +19,7 @@ int run_tokenize(const ParsedArgs& args) {
   if (args.flag("json")) {
     nlohmann::json pieces = nlohmann::json::array();
     for (int32_t id : ids) pieces.push_back(tok.token_text(id));
-    std::cout << nlohmann::json{{"ids", ids}, {"tokens", pieces}, {"count", ids.size()}}.dump() << "\n";
+    std::cout << json_text(nlohmann::json{{"ids", ids}, {"tokens", pieces}, {"count", ids.size()}}, -1) << "\n";
     return 0;
   }
   for (size_t i = 0; i < ids.size(); ++i) std::printf("%s%d", i ? " " : "", ids[i]);
