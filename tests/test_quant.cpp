@@ -141,6 +141,12 @@ TEST(Plan, SaveLoadRoundTripAndCorruptFiles) {
     EXPECT_THROW(QuantPlan::load(write(none)), FormatError);
     EXPECT_NO_THROW(QuantPlan::load(write(text)));
   }
+  {  // a model path in another encoding than UTF-8 (Latin-1 here) is kept as U+FFFD, not an error
+    QuantPlan latin1 = plan;
+    latin1.model = "/models/caf\xE9.gguf";
+    latin1.save(path);
+    EXPECT_EQ(QuantPlan::load(path).model, "/models/caf\xEF\xBF\xBD.gguf");
+  }
   QuantPlan bad = plan;
   bad.linears[0].order[0] = bad.linears[0].order[1];  // not a permutation
   bad.save(path);

@@ -129,8 +129,9 @@ void save_checkpoint(const std::string& path, const model::ModelWeights& w, cons
   model::write_safetensors(path, tensors,
                            {{"format", kFormat},
                             {"version", "1"},
-                            {"config", config_to_json(c).dump()},
-                            {"quantization", quantization.dump()},
+                            // names and paths in them are descriptive: bytes that are not UTF-8 become U+FFFD
+                            {"config", config_to_json(c).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)},
+                            {"quantization", quantization.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)},
                             {"tokenizer", model::tokenizer_spec_to_json(tokenizer)}});
 }
 

@@ -98,7 +98,8 @@ void QuantPlan::save(const std::string& path) const {
                    {"p6", p.p6}, {"p8", p.p8}, {"r4", p.r4}, {"r6", p.r6}, {"r8", p.r8},
                    {"average_bits", p.average_bits()}, {"order", p.order}, {"channel_stat", p.channel_stat}});
   }
-  write_file_atomic(path, j.dump() + "\n");
+  // the model and text paths are descriptive: bytes that are not UTF-8 become U+FFFD
+  write_file_atomic(path, j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
 }
 
 QuantPlan QuantPlan::load(const std::string& path) {
