@@ -21,7 +21,8 @@ using namespace micromix::model;
 namespace {
 
 // Writes w as a Hugging Face Llama/Qwen2 folder; returns its path.
-std::string write_hf_model(const ModelWeights& w, const std::string& name, const nlohmann::json& extra_config) {
+std::string write_hf_model(const ModelWeights& w, const std::string& name, const nlohmann::json& extra_config,
+                           const std::vector<std::string>& extra_tensors = {}) {
   const auto& c = w.config;
   const std::string dir = testing::TempDir() + "/" + name;
   std::filesystem::create_directories(dir);
@@ -65,6 +66,8 @@ std::string write_hf_model(const ModelWeights& w, const std::string& name, const
     add(p + "mlp.up_proj.weight", L.slot(LinearSlot::GateUp).weight.data() + F * H, {F, H});
     add(p + "mlp.down_proj.weight", L.slot(LinearSlot::Down).weight.data(), {H, F});
   }
+  const std::vector<float> extra(c.hidden, 0.5f);
+  for (const auto& n : extra_tensors) add(n, extra.data(), {c.hidden});
   write_safetensors(dir + "/model.safetensors", tensors);
   return dir;
 }
@@ -125,6 +128,15 @@ TEST(HfModel, LlamaWithLlama3RopeAndQwen2WithBiasesLoadBack) {
   EXPECT_THROW(load_model(write_hf_model(w, "sliding", {{"use_sliding_window", true}})), FormatError);
   EXPECT_NO_THROW(load_model(write_hf_model(w, "explicit", {{"hidden_act", "silu"}, {"mlp_bias", false},
                                                              {"use_sliding_window", false}})));
+  // a tensor the decoder would not read (Llama's o_proj bias under attention_bias) is refused
+  try {
+    load_model(write_hf_model(w, "obias", nlohmann::json::object(), {"model.layers.1.self_attn.o_proj.bias"}));
+    ADD_FAILURE() << "a model with an o_proj bias loaded";
+  } catch (const FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.1.self_attn.o_proj.bias"), std::string::npos) << e.what();
+  }
+  // RoPE's saved inv_freq buffers are recomputed from the config
+  EXPECT_NO_THROW(load_model(write_hf_model(w, "invfreq", nlohmann::json::object(), {"model.layers.0.self_attn.rotary_emb.inv_freq"})));
   // llama3 scaling that would divide by zero, and a context length of zero
   EXPECT_THROW(load_model(write_hf_model(w, "llama3zero", {{"rope_scaling", {{"rope_type", "llama3"}, {"low_freq_factor", 0}}}})),
                FormatError);

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "micromix/common/io.h"
 #include "micromix/model/gguf.h"
@@ -96,9 +97,11 @@ ModelWeights load_safetensors_model(const std::string& path) {
   ModelWeights w;
   w.config = config_from_hf_json(cj, config_path.string());
   const ModelConfig& c = w.config;
+  std::set<std::string> used;
   auto load = [&](const std::string& name, std::vector<int64_t> shape) {
     const SafetensorsTensorInfo& t = st.tensor(name);
     if (t.shape != shape) throw FormatError(file + ": tensor " + name + " has an unexpected shape");
+    used.insert(name);
     return st.to_float(t);
   };
   auto append = [](std::vector<float>& dst, const std::vector<float>& src) { dst.insert(dst.end(), src.begin(), src.end()); };
@@ -132,6 +135,15 @@ ModelWeights load_safetensors_model(const std::string& path) {
     Linear& d = L.slot(LinearSlot::Down);
     d.in = F, d.out = H;
     d.weight = load(p + "mlp.down_proj.weight", {H, F});
+  }
+  // A tensor the decoder does not read is a part of the model it would leave out (an o_proj
+  // or MLP bias, a norm inside attention): refused. RoPE's inv_freq buffers (recomputed from
+  // the config) and a tied model's stored lm_head copy are what transformers saves alongside.
+  for (const auto& t : st.tensors()) {
+    const bool recomputed = t.name.ends_with("rotary_emb.inv_freq") || (c.tied_embeddings && t.name == "lm_head.weight");
+    if (!used.count(t.name) && !recomputed)
+      throw FormatError(file + ": tensor " + t.name + " is not part of the " + c.architecture +
+                        " decoder micromix runs (the model has something it does not support)");
   }
   w.check_finite(file);
   return w;
