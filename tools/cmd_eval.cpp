@@ -31,10 +31,13 @@ int run_eval(const ParsedArgs& args) {
   device_from_args(args);  // a bad --device fails before the model loads
   LoadedModel m = load_model_from_args(args);
   const model::Tokenizer& tok = *m.tokenizer;
+  // lm-eval's default: 2048, or the model's own length where that is shorter
+  const int max_length = static_cast<int>(args.given("max-length") ? args.integer("max-length")
+                                                                    : std::min(2048, m.weights.config.context));
   const int32_t prefix = tok.bos() >= 0 ? tok.bos() : tok.eos();
   eval::RuntimeLanguageModel lm([&](int context) { return make_runtime(m, args, context); },
                                [&](std::string_view text) { return tok.encode(text, false); }, prefix,
-                               static_cast<int>(args.integer("max-length")));
+                               max_length);
   nlohmann::json out = eval::run_tasks(lm, tasks, data_dir, limit, [&](const std::string& task, size_t done, size_t total) {
     char line[160];
     std::snprintf(line, sizeof line, "eval: %-14s %zu/%zu requests", task.c_str(), done, total);
@@ -69,7 +72,7 @@ std::vector<OptionSpec> eval_options() {
   o.insert(o.end(), {{"tasks", "LIST", "lambada_openai,piqa,arc_easy,arc_challenge,winogrande", "comma-separated tasks"},
                      {"limit", "N", "-1", "first N documents per task (-1: all)"},
                      {"data", "DIR", "", "data folder (default: $MICROMIX_DATA or shared/data beside the tree)"},
-                     {"max-length", "N", "2048", "context length; longer requests are cut from the left"},
+                     {"max-length", "N", "", "context length; longer requests are cut from the left (default: 2048, or the model's context if shorter)"},
                      {"output", "FILE", "", "also write the results as JSON to FILE"},
                      {"json", "", "", "print JSON"}});
   return o;
