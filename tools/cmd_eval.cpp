@@ -31,7 +31,7 @@ int run_eval(const ParsedArgs& args) {
   device_from_args(args);  // a bad --device fails before the model loads
   LoadedModel m = load_model_from_args(args);
   const model::Tokenizer& tok = *m.tokenizer;
-  // lm-eval's default: 2048, or the model's own length where that is shorter
+  // 2048, cut to the model's own length where that is shorter (a longer context is refused)
   const int max_length = static_cast<int>(args.given("max-length") ? args.integer("max-length")
                                                                     : std::min(2048, m.weights.config.context));
   const int32_t prefix = tok.bos() >= 0 ? tok.bos() : tok.eos();
