@@ -108,9 +108,9 @@ QuantPlan QuantPlan::load(const std::string& path) {
   QuantPlan plan;
   try {
     const nlohmann::json j = nlohmann::json::parse(in);
-    if (j.value("format", "") != "micromix-plan") throw FormatError(path + " is not a micromix plan");
+    if (j.value("format", "") != "micromix-plan") throw FormatError("not a micromix plan");  // the catch names the file
     if (!j.contains("version") || j.at("version") != 1)
-      throw FormatError(path + ": unsupported plan version " + (j.contains("version") ? j.at("version").dump() : "(none)") +
+      throw FormatError("unsupported plan version " + (j.contains("version") ? j.at("version").dump() : "(none)") +
                         " (this micromix reads version 1)");
     plan.model = j.value("model", "");
     plan.calibration = j.value("calibration", "");
