@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <nlohmann/json.hpp>
 #include <sstream>
 
 namespace micromix::cli {
@@ -44,10 +43,6 @@ int64_t ParsedArgs::integer(const std::string& name) const {
   const long long v = std::strtoll(s.c_str(), &end, 10);
   if (s.empty() || *end != '\0' || errno != 0) throw UsageError("--" + name + " expects an integer, got '" + s + "'");
   return v;
-}
-
-std::string json_text(const nlohmann::json& j, int indent) {
-  return j.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 double ParsedArgs::number(const std::string& name) const {

@@ -4,20 +4,17 @@
 
 #include <cstdint>
 #include <map>
-#include <nlohmann/json_fwd.hpp>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "micromix/common/json_text.h"
 
 namespace micromix::cli {
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
-
-// A command's JSON output. Text that is not valid UTF-8 (generated text cut inside a
-// character, a path's raw bytes) becomes U+FFFD instead of failing the whole output.
-std::string json_text(const nlohmann::json& j, int indent = 2);
 
 struct OptionSpec {
   std::string name;           // without the leading "--"

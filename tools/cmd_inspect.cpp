@@ -39,7 +39,6 @@ std::string human_bytes(uint64_t n) {
   return buf;
 }
 
-std::string dump_json(const ordered_json& j) { return j.dump(2, ' ', false, ordered_json::error_handler_t::replace); }
 
 // ---- GGUF -------------------------------------------------------------------------
 
@@ -125,7 +124,7 @@ int inspect_gguf(const std::string& path, bool json_out, bool full_arrays) {
     for (const auto& [name, cb] : by_type) types[name] = {{"tensors", cb.first}, {"bytes", cb.second}};
     j["totals"] = {{"tensors", f.tensors().size()}, {"elements", total_elements}, {"bytes", total_bytes},
                    {"by_type", types}};
-    std::puts(dump_json(j).c_str());
+    std::puts(micromix::json_text(j).c_str());
     return 0;
   }
 
@@ -217,7 +216,7 @@ int inspect_safetensors(const std::string& path, bool json_out) {
     for (const auto& [name, cb] : by_dtype) types[name] = {{"tensors", cb.first}, {"bytes", cb.second}};
     j["totals"] = {{"tensors", f.tensors().size()}, {"elements", total_elements}, {"bytes", total_bytes},
                    {"by_dtype", types}};
-    std::puts(dump_json(j).c_str());
+    std::puts(micromix::json_text(j).c_str());
     return 0;
   }
   std::printf("file:         %s\n", path.c_str());
@@ -226,7 +225,7 @@ int inspect_safetensors(const std::string& path, bool json_out) {
   if (!config_path.empty()) {
     std::printf("\nhyper-parameters (%s):\n", config_path.c_str());
     for (auto it = hp.begin(); it != hp.end(); ++it)
-      std::printf("  %-24s %s\n", it.key().c_str(), it.value().dump(-1, ' ', false, ordered_json::error_handler_t::replace).c_str());
+      std::printf("  %-24s %s\n", it.key().c_str(), micromix::json_text(it.value(), -1).c_str());
   }
   std::printf("\nmetadata (%zu keys):\n", f.metadata().size());
   for (const auto& [k, v] : f.metadata()) std::printf("  %-32s %s\n", k.c_str(), v.c_str());

@@ -146,7 +146,8 @@ int run_formats(const ParsedArgs& args) {
     out.push_back(row);
   }
   if (args.flag("json")) {
-    std::cout << json_text(nlohmann::json{{"samples", n}, {"distribution", "normal(0,1)"}, {"formats", out}}) << "\n";
+    std::cout << micromix::json_text(nlohmann::json{{"samples", n}, {"distribution", "normal(0,1)"}, {"formats", out}})
+              << "\n";
     return 0;
   }
   std::printf("%-6s %-11s %4s %2s %2s %4s %9s %10s %13s %6s %14s %14s\n", "format", "MX name", "bits", "E", "M",

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "micromix/common/error.h"
+#include "micromix/common/json_text.h"
 #include "micromix/model/safetensors.h"
 #include "micromix/mx/tensor.h"
 
@@ -129,9 +130,9 @@ void save_checkpoint(const std::string& path, const model::ModelWeights& w, cons
   model::write_safetensors(path, tensors,
                            {{"format", kFormat},
                             {"version", "1"},
-                            // names and paths in them are descriptive: bytes that are not UTF-8 become U+FFFD
-                            {"config", config_to_json(c).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)},
-                            {"quantization", quantization.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)},
+                            // descriptive names and paths: bytes that are not UTF-8 become U+FFFD
+                            {"config", json_text(config_to_json(c), -1)},
+                            {"quantization", json_text(quantization, -1)},
                             {"tokenizer", model::tokenizer_spec_to_json(tokenizer)}});
 }
 

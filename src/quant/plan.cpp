@@ -9,6 +9,7 @@
 
 #include "micromix/common/error.h"
 #include "micromix/common/io.h"
+#include "micromix/common/json_text.h"
 
 namespace micromix::quant {
 
@@ -99,7 +100,7 @@ void QuantPlan::save(const std::string& path) const {
                    {"average_bits", p.average_bits()}, {"order", p.order}, {"channel_stat", p.channel_stat}});
   }
   // the model and text paths are descriptive: bytes that are not UTF-8 become U+FFFD
-  write_file_atomic(path, j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
+  write_file_atomic(path, json_text(j, -1) + "\n");
 }
 
 QuantPlan QuantPlan::load(const std::string& path) {
