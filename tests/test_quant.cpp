@@ -10,6 +10,7 @@
 #include <random>
 
 #include "micromix/common/error.h"
+#include "micromix/common/io.h"
 #include "micromix/mx/tensor.h"
 #include "micromix/quant/calibrate.h"
 #include "micromix/quant/scheme.h"
@@ -130,8 +131,7 @@ TEST(Plan, SaveLoadRoundTripAndCorruptFiles) {
   EXPECT_THROW(QuantPlan::load(write("{\"format\":\"other\"}")), FormatError);
   {  // another version, or none, is refused before its entries are read
     plan.save(path);
-    std::ifstream in(path);
-    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string text = read_file(path);
     const std::string tag = "\"version\":1";
     ASSERT_NE(text.find(tag), std::string::npos) << text.substr(0, 200);
     std::string other = text, none = text;
